@@ -1,0 +1,154 @@
+"""Data sets on disk or in object storage: a folder with ``manifest.json`` and JSONL shards.
+
+Every data-producing step (the Beam trace and trajectory pipelines, the pretraining corpus) writes
+this layout, and every consumer (training data loaders, evaluation) reads it through this module,
+so local paths and ``s3://``/``gs://`` URIs behave the same (fsspec)::
+
+    DIR/manifest.json
+    DIR/train-00000-of-00004.jsonl ...
+    DIR/validation-00000-of-00001.jsonl
+    DIR/deadletter-00000-of-00001.jsonl      (records that failed, with a "reason")
+
+``manifest.json``::
+
+    {"format": "cwm-dataset/v1", "kind": "traces",
+     "splits": {"train": [{"path": "train-00000-of-00004.jsonl", "records": 812,
+                           "bytes": 1048576, "sha256": "..."}, ...],
+                "validation": [...], "deadletter": [...]},
+     "stats": {...free-form counters...}}
+
+Record shapes by kind: ``traces`` records carry ``"text"`` (the CWM trace text with special
+tokens written out) plus structured fields; ``trajectories`` records carry ``"messages"``
+(OpenAI-style chat messages with tool calls) and ``"meta"``; ``code`` records carry ``"text"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import fsspec
+
+FORMAT = "cwm-dataset/v1"
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """A data set is missing, malformed or corrupt; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str  # relative to the data set folder
+    records: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    kind: str
+    splits: dict[str, list[Shard]] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def records(self, split: str) -> int:
+        return sum(s.records for s in self.splits.get(split, []))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "kind": self.kind,
+            "splits": {
+                name: [vars(s) for s in shards] for name, shards in sorted(self.splits.items())
+            },
+            "stats": self.stats,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, origin: str) -> "Manifest":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ArtifactError(f"{origin}: not a {FORMAT} manifest")
+        try:
+            splits = {
+                name: [Shard(**shard) for shard in shards]
+                for name, shards in data["splits"].items()
+            }
+            return cls(kind=data["kind"], splits=splits, stats=data.get("stats", {}))
+        except (KeyError, TypeError) as err:
+            raise ArtifactError(f"{origin}: malformed manifest ({err})") from None
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def sha256_file(uri: str) -> str:
+    digest = hashlib.sha256()
+    with fsspec.open(uri, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(dir_uri: str, name: str, records: list[dict[str, Any]]) -> Shard:
+    """Write one JSONL shard and describe it (records, bytes, checksum)."""
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    fs, path = fsspec.core.url_to_fs(join(dir_uri, name))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(payload)
+    return Shard(name, len(records), len(payload), hashlib.sha256(payload).hexdigest())
+
+
+def write_manifest(dir_uri: str, manifest: Manifest) -> None:
+    """Write the manifest last, atomically where the file system allows: its presence marks the
+    data set complete."""
+    fs, path = fsspec.core.url_to_fs(join(dir_uri, MANIFEST))
+    tmp = path + ".tmp"
+    with fs.open(tmp, "w") as f:
+        json.dump(manifest.to_json(), f, indent=1, sort_keys=True)
+    fs.mv(tmp, path)
+
+
+def read_manifest(dir_uri: str) -> Manifest:
+    uri = join(dir_uri, MANIFEST)
+    try:
+        with fsspec.open(uri, "r") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ArtifactError(f"{uri}: no manifest (data set missing or incomplete)") from None
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{uri}: not valid JSON ({err})") from None
+    return Manifest.from_json(data, uri)
+
+
+def verify(dir_uri: str) -> Manifest:
+    """Check that every shard exists with its recorded size and checksum."""
+    manifest = read_manifest(dir_uri)
+    for shards in manifest.splits.values():
+        for shard in shards:
+            uri = join(dir_uri, shard.path)
+            try:
+                actual = sha256_file(uri)
+            except FileNotFoundError:
+                raise ArtifactError(f"{uri}: shard listed in the manifest is missing") from None
+            if actual != shard.sha256:
+                raise ArtifactError(f"{uri}: checksum mismatch (corrupt or modified shard)")
+    return manifest
+
+
+def iter_records(dir_uri: str, split: str = "train") -> Iterator[dict[str, Any]]:
+    """Yield the records of one split in shard order. A line that is not a JSON object is
+    skipped (callers count what they skip by comparing with the manifest)."""
+    manifest = read_manifest(dir_uri)
+    for shard in manifest.splits.get(split, []):
+        with fsspec.open(join(dir_uri, shard.path), "r", encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict):
+                    yield record

@@ -1,0 +1,69 @@
+"""How a step's process learns what to do: one JSON document, the same locally and in a pod.
+
+The plan (``cwm_operator.plan``) renders each step's configuration as JSON into the environment
+variable ``CWM_STEP_CONFIG``; entry points (``python -m cwm_beam.traces``, ``torchrun -m
+cwm_jobs.pretrain`` ...) read it back with :func:`load_step_config`. ``--config FILE`` overrides
+the variable, which is handy when running one step by hand.
+
+The document has this shape (every key present, ``spec`` is the step's own section of the
+CWMPipeline spec, already defaulted and validated)::
+
+    {"apiVersion": "cwm.dev/v1alpha1", "pipeline": "tiny", "step": "pretrain",
+     "kind": "train", "seed": 0, "spec": {...}, "model": {...}, "tokenizer": {...},
+     "inputs": {"tokenizer": "/work/artifacts/tokenizer", ...},
+     "outputs": {"checkpoint": "/work/artifacts/pretrain/checkpoint", ...}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+ENV_VAR = "CWM_STEP_CONFIG"
+REQUIRED_KEYS = ("pipeline", "step", "kind", "spec", "inputs", "outputs")
+
+
+class StepConfigError(ValueError):
+    """The step configuration is missing or malformed; the message says where."""
+
+
+def parse_step_config(text: str, origin: str) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StepConfigError(f"{origin}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise StepConfigError(f"{origin}: expected a JSON object, got {type(config).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing:
+        raise StepConfigError(f"{origin}: missing key(s) {', '.join(missing)}")
+    return config
+
+
+def load_step_config(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Return the step configuration and the command-line arguments left over.
+
+    Reads ``--config FILE`` from ``argv`` if given, else ``$CWM_STEP_CONFIG``.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", default=None)
+    known, rest = parser.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise StepConfigError(f"--config {path}: {err.strerror}") from None
+        return parse_step_config(text, f"--config {path}"), rest
+    text = os.environ.get(ENV_VAR)
+    if text is None:
+        raise StepConfigError(f"no step configuration: pass --config FILE or set ${ENV_VAR}")
+    return parse_step_config(text, f"${ENV_VAR}"), rest
+
+
+def dump_step_config(config: dict[str, Any]) -> str:
+    """Canonical JSON (sorted keys, no spaces) so that hashes of it are stable."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
