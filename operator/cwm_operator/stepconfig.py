@@ -5,13 +5,22 @@ variable ``CWM_STEP_CONFIG``; entry points (``python -m cwm_beam.traces``, ``tor
 cwm_jobs.pretrain`` ...) read it back with :func:`load_step_config`. ``--config FILE`` overrides
 the variable, which is handy when running one step by hand.
 
-The document has this shape (every key present, ``spec`` is the step's own section of the
-CWMPipeline spec, already defaulted and validated)::
+The document has this shape (built by ``cwm_operator.plan``; ``spec`` is the step's own
+section of the CWMPipeline spec, camelCase, defaults filled in and validated — parse it back with
+its model, e.g. ``TraceDataSpec.model_validate(config["spec"])``)::
 
     {"apiVersion": "cwm.dev/v1alpha1", "pipeline": "tiny", "step": "pretrain",
-     "kind": "train", "seed": 0, "spec": {...}, "model": {...}, "tokenizer": {...},
-     "inputs": {"tokenizer": "/work/artifacts/tokenizer", ...},
-     "outputs": {"checkpoint": "/work/artifacts/pretrain/checkpoint", ...}}
+     "kind": "beam" | "job" | "train", "seed": 0,
+     "spec": {...},
+     "sandbox": {...SandboxSpec...},            # beam steps and training stages
+     "model": {...ModelSpec...}, "evaluation": {...EvaluationSpec...},   # training stages
+     "runtime": {"beam": {...BeamSpec...}} | {"resources": {...}},       # not part of the hash
+     "inputs": {"tokenizer": "/work/artifacts/tokenizer/tokenizer", "init": ..., ...},
+     "outputs": {"checkpoint": ".../pretrain/checkpoint", "state": ..., "metrics": ...}}
+
+Beam steps also receive their pipeline options on the command line (``--runner=DirectRunner
+--direct_num_workers=2 ...``): :func:`load_step_config` returns them as the leftover arguments,
+to be handed to ``PipelineOptions`` unchanged.
 """
 
 from __future__ import annotations

@@ -1,0 +1,673 @@
+"""The CWMPipeline API (cwm.dev/v1alpha1): the single source of truth for the spec and status.
+
+Every other part speaks this language: the CRD is generated from these models (``cwm crd``),
+``cwm validate`` and the operator validate with them, the plan is computed from them, and each
+step's entry point parses its own section of them from ``$CWM_STEP_CONFIG``.
+
+YAML uses camelCase (``microBatchSize``); Python attributes are snake_case. Unknown fields are
+errors. Defaults keep a minimal manifest short: ``spec: {stages: [{name: pretrain}]}`` is valid.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+GROUP = "cwm.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "CWMPipeline"
+PLURAL = "cwmpipelines"
+SINGULAR = "cwmpipeline"
+SHORT_NAMES = ["cwmp"]
+
+STAGE_ORDER = ("pretrain", "midtrain", "sft", "rl")
+StageName = Literal["pretrain", "midtrain", "sft", "rl"]
+PRESETS = ("debug", "tiny", "small", "1b", "8b", "cwm-32b")
+MUTATION_FAMILIES = (
+    "body_removal",
+    "parameter_removal",
+    "variable_swap",
+    "import_return_removal",
+    "operator_replacement",
+)
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs", "hdfs")
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+# Child objects are named "<pipeline>-<step>-<attempt>"; the longest step name plus suffix must
+# still fit a 63-character label (Job names become pod label values).
+MAX_NAME_LENGTH = 40
+
+
+class Spec(BaseModel):
+    """Base for all API objects: camelCase in YAML, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    def dump(self) -> dict[str, Any]:
+        """The object as it appears in YAML (camelCase, defaults filled in)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _quantity(value: int | float | str, field: str) -> str:
+    text = str(value)
+    if not _QUANTITY.match(text):
+        raise ValueError(f"{field} {text!r} is not a Kubernetes quantity (e.g. '2', '500m', '8Gi')")
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Model and tokenizer
+
+
+class ModelSpec(Spec):
+    """Which model to train."""
+
+    preset: Literal["debug", "tiny", "small", "1b", "8b", "cwm-32b"] = Field(
+        "tiny",
+        description="Size preset: debug (<1M parameters, tests), tiny (~10M, the local CPU "
+        "default), small (~125M), 1b, 8b, cwm-32b (CWM's exact dimensions).",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Model config fields to override on top of the preset, e.g. {nLayers: 4}.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class TokenizerSpec(Spec):
+    """The tokenizer: trained on pipeline data, or a given Llama-3-compatible tokenizer.json."""
+
+    vocab_size: int = Field(
+        4096,
+        ge=512,
+        le=128000,
+        description="Base byte-level BPE vocabulary size; CWM's 256 special tokens are added "
+        "above it (128000 gives CWM's exact vocabulary of 128,256).",
+    )
+    uri: str | None = Field(
+        None,
+        description="Use this tokenizer.json (path or URI) instead of training one.",
+    )
+    sample_records: int = Field(
+        20000, ge=100, description="How many data records to sample for training the BPE."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Data generation
+
+
+class SandboxSpec(Spec):
+    """Limits for every untrusted program run during data generation and rewards."""
+
+    wall_seconds: float = Field(10.0, gt=0, le=3600, description="Wall-clock timeout per run.")
+    cpu_seconds: float = Field(10.0, gt=0, le=3600, description="CPU-time limit per run.")
+    memory_mb: int = Field(1024, ge=64, le=1048576, description="Address-space limit (MiB).")
+    output_bytes: int = Field(
+        1_000_000, ge=1024, description="Cap on captured stdout+stderr; more is truncated."
+    )
+    processes: int = Field(64, ge=1, le=4096, description="Maximum processes per sandbox.")
+
+
+class BeamSpec(Spec):
+    """How the Beam data pipelines run."""
+
+    runner: str = Field(
+        "DirectRunner",
+        description="Beam runner: DirectRunner (in-process, the local default), FlinkRunner, "
+        "SparkRunner, DataflowRunner, PortableRunner.",
+    )
+    workers: int = Field(
+        2, ge=1, le=1024, description="Parallel workers (processes locally, pods on a cluster)."
+    )
+    options: list[str] = Field(
+        default_factory=list,
+        description="Extra Beam pipeline flags passed through unchanged, e.g. "
+        "['--flink_master=flink:8081'].",
+    )
+
+
+class TraceSource(Spec):
+    """One source of programs to trace."""
+
+    kind: Literal["cruxeval", "jsonl", "functions", "synthetic", "repository"] = Field(
+        description="cruxeval: the bundled 800 CRUXEval functions; jsonl: functions with inputs "
+        "(CRUXEval's code/input format); functions: functions without inputs (fuzzed); "
+        "synthetic: generated small programs; repository: a repo's pytest suite traced."
+    )
+    uri: str | None = Field(None, description="Path or URI (jsonl, functions, repository).")
+    count: int | None = Field(None, ge=1, description="How many programs (synthetic) or a cap.")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "TraceSource":
+        if self.kind in ("jsonl", "functions", "repository") and not self.uri:
+            raise ValueError(f"uri is required for a {self.kind} source")
+        if self.kind == "synthetic" and self.count is None:
+            raise ValueError("count is required for a synthetic source")
+        return self
+
+
+class TraceDataSpec(Spec):
+    """Line-level Python execution traces in CWM's format."""
+
+    enabled: bool = Field(True, description="Generate trace data.")
+    sources: list[TraceSource] = Field(
+        default_factory=lambda: [TraceSource(kind="cruxeval")],
+        min_length=1,
+        description="Where programs come from.",
+    )
+    fuzz_inputs_per_function: int = Field(
+        3, ge=0, le=100, description="Fuzzed inputs generated per function."
+    )
+    exception_share: float = Field(
+        0.1, ge=0, le=1, description="Share of kept fuzzed inputs that raise (exception traces)."
+    )
+    max_events: int = Field(10000, ge=1, description="Drop traces with more line events.")
+    max_bytes: int = Field(1_000_000, ge=1024, description="Drop traces larger than this.")
+    max_repr_chars: int = Field(
+        200, ge=8, description="Cap on each value's repr (a visible marker shows truncation)."
+    )
+    validation_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Held-out share, split deterministically by program hash."
+    )
+    shards: int = Field(4, ge=1, le=100000, description="Output shards per split.")
+    seed: int = Field(0, ge=0, description="Seed for fuzzing and sampling.")
+
+
+class RepositorySource(Spec):
+    """A Python repository for ForagerAgent tasks: exactly one of pypi, path or git."""
+
+    pypi: str | None = Field(
+        None, description="A pinned source distribution on PyPI, 'name==version'."
+    )
+    path: str | None = Field(None, description="A local folder.")
+    git: str | None = Field(None, description="A git URL.")
+    ref: str | None = Field(None, description="Git ref (with git).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "RepositorySource":
+        given = [k for k in ("pypi", "path", "git") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of pypi, path, git")
+        if self.pypi and not re.match(r"^[A-Za-z0-9_.\-]+==[A-Za-z0-9_.\-+]+$", self.pypi):
+            raise ValueError(f"pypi {self.pypi!r} must be pinned as 'name==version'")
+        if self.ref and not self.git:
+            raise ValueError("ref is only meaningful with git")
+        return self
+
+
+class PolicySpec(Spec):
+    """The agent that acts in repository environments."""
+
+    kind: Literal["search", "openai"] = Field(
+        "search",
+        description="search: the built-in search-based repair policy (no model); openai: any "
+        "OpenAI-compatible chat endpoint with tool calling (vLLM, SGLang, cwm serve).",
+    )
+    endpoint: str | None = Field(None, description="Base URL of the endpoint (openai).")
+    model: str | None = Field(None, description="Model name at the endpoint (openai).")
+    api_key_secret: str | None = Field(
+        None, description="Name of a Secret whose 'apiKey' holds the endpoint's key (openai)."
+    )
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature (openai).")
+    max_turns: int = Field(30, ge=1, le=1024, description="Turn budget per episode.")
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> "PolicySpec":
+        if self.kind == "openai" and not (self.endpoint and self.model):
+            raise ValueError("endpoint and model are required for an openai policy")
+        return self
+
+
+class TrajectoryDataSpec(Spec):
+    """ForagerAgent trajectories: an agent fixing synthetic bugs in real repositories."""
+
+    enabled: bool = Field(True, description="Generate trajectory data.")
+    repositories: list[RepositorySource] = Field(
+        default_factory=list,
+        description="Repositories to work in; empty uses the bundled fixture repositories.",
+    )
+    tasks_per_repository: int = Field(20, ge=1, description="Mutate-fix tasks per repository.")
+    mutation_families: list[
+        Literal[
+            "body_removal",
+            "parameter_removal",
+            "variable_swap",
+            "import_return_removal",
+            "operator_replacement",
+        ]
+    ] = Field(
+        default_factory=lambda: list(MUTATION_FAMILIES),
+        min_length=1,
+        description="Mutation families to synthesise bugs from.",
+    )
+    policy: PolicySpec = Field(default_factory=PolicySpec, description="The acting policy.")
+    max_turns: int = Field(128, ge=1, le=1024, description="Hard turn cap (CWM: 128).")
+    max_observation_chars: int = Field(
+        8000, ge=256, description="Observations longer than this are capped."
+    )
+    action_timeout_seconds: float = Field(60, gt=0, description="Timeout per agent action.")
+    dedup_jaccard: float = Field(
+        0.5, gt=0, le=1, description="Drop near-duplicates at or above this MinHash Jaccard."
+    )
+    shards: int = Field(2, ge=1, le=100000, description="Output shards per split.")
+    seed: int = Field(0, ge=0, description="Seed for task synthesis and sampling.")
+
+
+class CorpusSpec(Spec):
+    """The code corpus for pretraining and mid-training rehearsal."""
+
+    uri: str | None = Field(
+        None,
+        description="A data set URI (manifest + JSONL shards); empty builds a local corpus from "
+        "the Python sources of the installed standard library and packages.",
+    )
+    max_files: int = Field(20000, ge=1, description="Cap on source files in the local corpus.")
+    max_bytes: int = Field(50_000_000, ge=1024, description="Cap on corpus bytes.")
+
+
+class DataSpec(Spec):
+    """Mid-training data generation (Beam pipelines)."""
+
+    traces: TraceDataSpec = Field(default_factory=TraceDataSpec, description="Trace data.")
+    trajectories: TrajectoryDataSpec = Field(
+        default_factory=TrajectoryDataSpec, description="ForagerAgent trajectory data."
+    )
+    corpus: CorpusSpec = Field(default_factory=CorpusSpec, description="Code corpus.")
+    sandbox: SandboxSpec = Field(default_factory=SandboxSpec, description="Sandbox limits.")
+    beam: BeamSpec = Field(default_factory=BeamSpec, description="Beam runner settings.")
+    resources: "Resources" = Field(
+        default_factory=lambda: Resources(),
+        description="Resources of each data-generation pod.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Training stages
+
+
+class Toleration(Spec):
+    """A Kubernetes toleration (for tainted GPU node pools)."""
+
+    key: str | None = Field(None, description="Taint key.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value (with Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; empty matches all."
+    )
+    toleration_seconds: int | None = Field(None, ge=0, description="For NoExecute.")
+
+
+class Resources(Spec):
+    """Where and how big a step runs."""
+
+    nodes: int = Field(1, ge=1, le=4096, description="Nodes (PyTorchJob replicas).")
+    gpus_per_node: int = Field(0, ge=0, le=64, description="GPUs per node (0: CPU).")
+    processes_per_node: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Training processes per node; defaults to gpusPerNode, or 1 on the CPU.",
+    )
+    cpu: str = Field(
+        "2",
+        description="CPU request per pod (Kubernetes quantity).",
+        json_schema_extra={"x-kubernetes-int-or-string": True},
+    )
+    memory: str = Field(
+        "8Gi",
+        description="Memory request per pod (Kubernetes quantity).",
+        json_schema_extra={"x-kubernetes-int-or-string": True},
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pods must match (GPU node pool)."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Tolerations for tainted node pools."
+    )
+    image: str | None = Field(
+        None, description="Container image; defaults to spec.images or the operator's default."
+    )
+
+    @field_validator("cpu", "memory", mode="before")
+    @classmethod
+    def _quantity(cls, value: Any, info: Any) -> str:
+        return _quantity(value, info.field_name)
+
+    @property
+    def nproc(self) -> int:
+        return self.processes_per_node or max(self.gpus_per_node, 1)
+
+    @property
+    def is_cluster_sized(self) -> bool:
+        return self.nodes > 1 or self.gpus_per_node > 0
+
+
+class DataMix(Spec):
+    """Sampling weights of the training sources (normalised; zero drops a source)."""
+
+    cwm: float = Field(0.0, ge=0, description="CWM data: execution traces and trajectories.")
+    code: float = Field(0.0, ge=0, description="The code corpus.")
+    rehearsal: float = Field(0.0, ge=0, description="Rehearsal of the pretraining data.")
+
+    @model_validator(mode="after")
+    def _positive(self) -> "DataMix":
+        if self.cwm + self.code + self.rehearsal <= 0:
+            raise ValueError("at least one weight must be positive")
+        return self
+
+
+DEFAULT_MIX = {
+    "pretrain": DataMix(code=1.0),
+    "midtrain": DataMix(cwm=0.3, code=0.4, rehearsal=0.3),
+    "sft": DataMix(cwm=1.0),
+    "rl": DataMix(cwm=1.0),
+}
+
+
+class RLSpec(Spec):
+    """CWM's GRPO variant."""
+
+    group_size: int = Field(8, ge=2, le=1024, description="Samples per prompt.")
+    prompts_per_step: int = Field(4, ge=1, description="Prompts per optimisation step.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation budget per sample.")
+    temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature.")
+    eps_low: float = Field(0.2, ge=0, le=1, description="Lower clip (CWM: 0.2).")
+    eps_high: float = Field(0.25, ge=0, le=1, description="Upper clip, clip-higher (CWM: 0.25).")
+    max_length: int = Field(
+        512, ge=1, description="Fixed divisor of the loss (no length normalisation)."
+    )
+    tasks: list[Literal["output_prediction", "mutate_fix"]] = Field(
+        default_factory=lambda: ["output_prediction"],
+        min_length=1,
+        description="Verifiable task families (rewards by execution).",
+    )
+
+
+class StageSpec(Spec):
+    """One training stage, run as a DeepSpeed job starting from the previous stage."""
+
+    name: StageName = Field(description="pretrain, midtrain, sft or rl (in this order).")
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per process per micro-step.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    sequence_length: int = Field(256, ge=16, description="Tokens per packed sequence.")
+    learning_rate: float = Field(3e-4, gt=0, lt=1, description="Peak learning rate.")
+    min_learning_rate: float = Field(3e-5, ge=0, lt=1, description="Floor of the cosine decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "constant"] | None = Field(
+        None, description="After warmup: cosine decay, or constant (default for sft)."
+    )
+    weight_decay: float = Field(0.1, ge=0, lt=1, description="AdamW weight decay.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    activation_checkpointing: bool = Field(False, description="Recompute activations.")
+    data_mix: DataMix | None = Field(
+        None, description="Source weights; defaults per stage (midtrain: 0.3/0.4/0.3)."
+    )
+    observation_mask_rate: float = Field(
+        0.5, ge=0, le=1, description="Share of environment-turn tokens masked (CWM: 0.5)."
+    )
+    checkpoint_every: int = Field(50, ge=1, description="Save resumable state every N steps.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: at the end only).")
+    init_from: str | None = Field(
+        None, description="Checkpoint to start from (first stage only; later stages chain)."
+    )
+    rl: RLSpec | None = Field(None, description="GRPO settings (rl stage only).")
+    resources: Resources = Field(default_factory=Resources, description="Where it runs.")
+    retries: int = Field(2, ge=0, le=100, description="Retries after a failure.")
+    deadline_seconds: int | None = Field(None, ge=1, description="activeDeadlineSeconds.")
+
+    @model_validator(mode="after")
+    def _fill_stage_defaults(self) -> "StageSpec":
+        if self.rl is not None and self.name != "rl":
+            raise ValueError(f"rl settings are only valid on the rl stage, not {self.name}")
+        if self.name == "rl" and self.rl is None:
+            self.rl = RLSpec()
+        if self.schedule is None:
+            self.schedule = "constant" if self.name == "sft" else "cosine"
+        if self.data_mix is None:
+            self.data_mix = DEFAULT_MIX[self.name].model_copy()
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError("minLearningRate must not exceed learningRate")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmupSteps {self.warmup_steps} exceeds steps {self.steps}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation, storage, images
+
+
+class EvaluationSpec(Spec):
+    """What each stage's evaluation measures."""
+
+    held_out_traces: int = Field(
+        200, ge=0, description="Held-out traces for trace-step exact match."
+    )
+    cruxeval: bool = Field(True, description="Measure CruxEval-O output prediction.")
+    cruxeval_limit: int = Field(800, ge=1, le=800, description="CRUXEval problems to use.")
+    mutate_fix: bool = Field(True, description="Measure mutate-fix solve rate when available.")
+    max_new_tokens: int = Field(128, ge=1, description="Generation budget per answer.")
+
+
+class PVCStorage(Spec):
+    """A PersistentVolumeClaim mounted into every pod."""
+
+    claim_name: str = Field(description="Name of an existing ReadWriteMany claim.")
+
+    @field_validator("claim_name")
+    @classmethod
+    def _dns(cls, value: str) -> str:
+        if not _DNS1123_LABEL.match(value) or len(value) > 253:
+            raise ValueError(f"{value!r} is not a valid claim name (DNS-1123)")
+        return value
+
+
+class StorageSpec(Spec):
+    """Where artifacts (data sets, checkpoints, metrics) live. Empty: the local work directory."""
+
+    uri: str | None = Field(
+        None, description="Object-store or file URI prefix, e.g. s3://bucket/cwm or gs://b/p."
+    )
+    pvc: PVCStorage | None = Field(None, description="A PVC mounted at mountPath in every pod.")
+    mount_path: str = Field("/data", description="Where the PVC is mounted.")
+    secret: str | None = Field(
+        None, description="Secret with object-store credentials, exposed to pods as env."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        match = re.match(r"^([a-z][a-z0-9+.-]*)://(.+)$", value)
+        if not match:
+            raise ValueError(f"{value!r} is not a URI (expected scheme://location, e.g. s3://b/p)")
+        if match.group(1) not in STORAGE_SCHEMES:
+            raise ValueError(
+                f"scheme {match.group(1)!r} is not supported (use one of "
+                f"{', '.join(STORAGE_SCHEMES)})"
+            )
+        return value.rstrip("/")
+
+    @field_validator("mount_path")
+    @classmethod
+    def _abs(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} must be an absolute path")
+        return value.rstrip("/") or "/"
+
+    @model_validator(mode="after")
+    def _one(self) -> "StorageSpec":
+        if self.uri and self.pvc:
+            raise ValueError("give uri or pvc, not both")
+        return self
+
+    @property
+    def is_cluster(self) -> bool:
+        return bool(self.uri or self.pvc)
+
+
+class Images(Spec):
+    """Default container images of the steps (the operator's defaults apply when empty)."""
+
+    beam: str | None = Field(None, description="Image of the Beam data-generation steps.")
+    trainer: str | None = Field(None, description="Image of the training stages.")
+
+
+class CWMPipelineSpec(Spec):
+    """A whole CWM training run: data generation, then pretrain → midtrain → SFT → RL."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The model.")
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="The tokenizer.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Data generation.")
+    stages: list[StageSpec] = Field(
+        min_length=1, description="Training stages in order: pretrain, midtrain, sft, rl."
+    )
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="End-of-stage evaluation."
+    )
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Artifact storage.")
+    images: Images = Field(default_factory=Images, description="Container images.")
+    queue: str | None = Field(
+        None, description="Kueue LocalQueue for the training jobs (kueue.x-k8s.io/queue-name)."
+    )
+    suspend: bool = Field(False, description="Pause: suspend the running step, start nothing.")
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_order(cls, stages: list[StageSpec]) -> list[StageSpec]:
+        names = [s.name for s in stages]
+        for name in set(names):
+            if names.count(name) > 1:
+                raise ValueError(f"stage {name!r} appears {names.count(name)} times")
+        order = [STAGE_ORDER.index(n) for n in names]
+        if order != sorted(order):
+            raise ValueError(f"stages must follow {' → '.join(STAGE_ORDER)}, got {names}")
+        for stage in stages[1:]:
+            if stage.init_from:
+                raise ValueError(
+                    f"initFrom is only allowed on the first stage ({stage.name} starts from "
+                    "the previous stage's checkpoint)"
+                )
+        return stages
+
+    @model_validator(mode="after")
+    def _consistency(self) -> "CWMPipelineSpec":
+        needs_data = any(
+            s.data_mix and s.data_mix.cwm > 0 and s.name in ("midtrain", "sft") for s in self.stages
+        )
+        data = self.data
+        if needs_data and not (data.traces.enabled or data.trajectories.enabled):
+            raise ValueError(
+                "a stage mixes in CWM data (dataMix.cwm > 0) but both data.traces and "
+                "data.trajectories are disabled"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Status
+
+
+StepState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Cached"]
+
+
+class Condition(Spec):
+    """A Kubernetes-convention status condition."""
+
+    type: str = Field(description="Progressing, Succeeded, Failed, Suspended, Stalled.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field("", description="CamelCase machine-readable reason.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str | None = Field(None, description="RFC 3339 time of the change.")
+    observed_generation: int | None = Field(None, description="Spec generation seen.")
+
+
+class StepStatus(Spec):
+    """The record of one step (data generation or a training stage)."""
+
+    name: str = Field(description="Step name (traces, trajectories, corpus, tokenizer, stage).")
+    state: StepState = Field("Pending", description="Pending, Running, Succeeded, Failed...")
+    attempts: int = Field(0, ge=0, description="Attempts started.")
+    child: str | None = Field(None, description="Name of the Job or PyTorchJob running it.")
+    fingerprint: str | None = Field(None, description="Hash of the step's spec and inputs.")
+    start_time: str | None = Field(None, description="When the current attempt started.")
+    finish_time: str | None = Field(None, description="When it finished.")
+    artifacts: dict[str, str] = Field(default_factory=dict, description="Output URIs by name.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Evaluation metrics.")
+    message: str | None = Field(None, description="Last failure or progress message.")
+
+
+class CWMPipelineStatus(Spec):
+    """Observed state of a pipeline."""
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"] = Field(
+        "Pending", description="Summary phase."
+    )
+    current_step: str | None = Field(None, description="The step running now.")
+    progress: str | None = Field(None, description="Steps done / steps in the plan, e.g. 3/8.")
+    steps: list[StepStatus] = Field(default_factory=list, description="Per-step records.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    observed_generation: int | None = Field(None, description="Last spec generation handled.")
+
+
+# --------------------------------------------------------------------------------------------
+# The resource
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata we read; everything else is kept as is."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="Pipeline name (DNS-1123 label, at most 40 characters).")
+    namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _DNS1123_LABEL.match(value):
+            raise ValueError(
+                f"{value!r} must be a DNS-1123 label: lower-case letters, digits and '-', "
+                "starting and ending with a letter or digit"
+            )
+        if len(value) > MAX_NAME_LENGTH:
+            raise ValueError(
+                f"{value!r} is {len(value)} characters; at most {MAX_NAME_LENGTH} so that child "
+                "names fit"
+            )
+        return value
+
+
+class CWMPipeline(BaseModel):
+    """A CWMPipeline object as stored in Kubernetes or read from a manifest file."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    api_version: Literal["cwm.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["CWMPipeline"]
+    metadata: ObjectMeta
+    spec: CWMPipelineSpec
+    status: CWMPipelineStatus | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+DataSpec.model_rebuild()

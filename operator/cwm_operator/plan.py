@@ -1,0 +1,230 @@
+"""One plan, two executors: turn a CWMPipeline into the ordered steps that run it.
+
+A step is a plain command plus its environment — exactly what its container runs — with its
+inputs and outputs (artifact URIs), resources and a fingerprint. The local runner executes the
+commands as subprocesses; the operator wraps the same steps into Jobs and PyTorchJobs. Nothing
+here does I/O.
+
+Order: data generation (``traces``, ``trajectories``, ``corpus``), ``tokenizer``, then each
+training stage in order. A step's fingerprint hashes its own configuration (not where it runs,
+nor its output paths) together with its upstream steps' fingerprints, so changing one section of
+the spec reruns that step and everything downstream of it, and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from cwm_operator import __version__
+from cwm_operator.api import CWMPipeline, Resources, StageSpec
+from cwm_operator.stepconfig import ENV_VAR, dump_step_config
+
+StepKind = Literal["beam", "job", "train"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a plan runs: this machine (artifacts under the work directory) or a cluster."""
+
+    kind: Literal["local", "cluster"]
+    storage_root: str  # artifacts of this pipeline live under here
+    images: Mapping[str, str] = field(default_factory=dict)  # default images: beam, trainer
+    python: str = "python"
+
+    @classmethod
+    def local(cls, artifacts_dir: str) -> "Target":
+        return cls("local", artifacts_dir.rstrip("/"), python=sys.executable)
+
+    @classmethod
+    def cluster(
+        cls, pipeline: CWMPipeline, namespace: str, images: Mapping[str, str] | None = None
+    ) -> "Target":
+        storage = pipeline.spec.storage
+        base = storage.uri if storage.uri else storage.mount_path
+        return cls("cluster", f"{base}/{namespace}/{pipeline.name}", dict(images or {}))
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    kind: StepKind
+    module: str
+    command: tuple[str, ...]
+    env: Mapping[str, str]
+    config: Mapping[str, Any]
+    inputs: Mapping[str, str]
+    outputs: Mapping[str, str]
+    after: tuple[str, ...]
+    resources: Resources
+    image: str | None
+    retries: int
+    deadline_seconds: int | None
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    pipeline: str
+    target: Target
+    steps: tuple[Step, ...]
+
+    def step(self, name: str) -> Step:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(f"no step {name!r} in the plan of {self.pipeline}")
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+
+def fingerprint(config: Mapping[str, Any], upstream: list[str]) -> str:
+    """Hash of what determines a step's result: its configuration, minus where it runs and
+    where it writes, plus the fingerprints of what it reads."""
+    semantic = {k: v for k, v in config.items() if k not in ("inputs", "outputs", "runtime")}
+    payload = dump_step_config({"config": semantic, "upstream": upstream, "version": __version__})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _beam_args(pipeline: CWMPipeline) -> list[str]:
+    """Beam pipeline options, passed through unchanged to the pipeline."""
+    beam = pipeline.spec.data.beam
+    args = [f"--runner={beam.runner}"]
+    if beam.runner == "DirectRunner":
+        args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={beam.workers}"]
+    return args + list(beam.options)
+
+
+def _train_command(target: Target, resources: Resources, module: str) -> list[str]:
+    if target.kind == "cluster":
+        # The Kubeflow training operator sets PET_MASTER_ADDR/PORT and PET_NODE_RANK.
+        return ["torchrun", f"--nnodes={resources.nodes}",
+                f"--nproc-per-node={resources.nproc}", "-m", module]
+    if resources.processes_per_node and resources.processes_per_node > 1:
+        return [target.python, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={resources.processes_per_node}", "-m", module]
+    return [target.python, "-m", module]
+
+
+class _Builder:
+    """Accumulates steps; each added step sees the fingerprints of the steps it reads."""
+
+    def __init__(self, pipeline: CWMPipeline, target: Target):
+        self.pipeline, self.target = pipeline, target
+        self.steps: list[Step] = []
+        self.outputs: dict[str, dict[str, str]] = {}
+        self.prints: dict[str, str] = {}
+
+    def uri(self, step: str, output: str) -> str:
+        return f"{self.target.storage_root}/{step}/{output}"
+
+    def add(
+        self,
+        name: str,
+        kind: StepKind,
+        module: str,
+        spec: Any,
+        inputs: dict[str, tuple[str, str] | str],
+        outputs: list[str],
+        resources: Resources,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        runtime: Mapping[str, Any] | None = None,
+        args: list[str] | None = None,
+        retries: int = 2,
+        deadline: int | None = None,
+    ) -> None:
+        # An input is either (step, output) or a literal URI given in the spec.
+        upstream_steps = sorted({ref[0] for ref in inputs.values() if isinstance(ref, tuple)})
+        resolved = {
+            k: self.outputs[ref[0]][ref[1]] if isinstance(ref, tuple) else ref
+            for k, ref in inputs.items()
+        }
+        outs = {o: self.uri(name, o) for o in outputs}
+        config = {
+            "apiVersion": self.pipeline.api_version,
+            "pipeline": self.pipeline.name,
+            "step": name,
+            "kind": kind,
+            "seed": 0,
+            "spec": spec,
+            **(extra or {}),
+            "runtime": dict(runtime or {}),
+            "inputs": resolved,
+            "outputs": outs,
+        }
+        fp = fingerprint(config, [f"{s}:{self.prints[s]}" for s in upstream_steps])
+        if kind == "train":
+            command = _train_command(self.target, resources, module)
+        else:
+            command = [self.target.python, "-m", module, *(args or [])]
+        image_key = "trainer" if kind == "train" else "beam"
+        images = self.pipeline.spec.images
+        image = resources.image or getattr(images, image_key) or self.target.images.get(image_key)
+        self.steps.append(Step(
+            name=name, kind=kind, module=module, command=tuple(command),
+            env={ENV_VAR: dump_step_config(config), "PYTHONUNBUFFERED": "1"},
+            config=config, inputs=resolved, outputs=outs, after=tuple(upstream_steps),
+            resources=resources, image=image, retries=retries, deadline_seconds=deadline,
+            fingerprint=fp,
+        ))
+        self.outputs[name] = outs
+        self.prints[name] = fp
+
+
+def build_plan(pipeline: CWMPipeline, target: Target) -> Plan:
+    """The ordered steps of a pipeline for a target. Pure: same inputs, same plan."""
+    spec = pipeline.spec
+    data = spec.data
+    b = _Builder(pipeline, target)
+    sandbox = data.sandbox.dump()
+    beam_runtime = {"beam": data.beam.dump()}
+    data_inputs: dict[str, tuple[str, str] | str] = {}
+
+    if data.traces.enabled:
+        b.add("traces", "beam", "cwm_beam.traces", data.traces.dump(), {}, ["dataset"],
+              data.resources, extra={"sandbox": sandbox}, runtime=beam_runtime,
+              args=_beam_args(pipeline))
+        data_inputs["traces"] = ("traces", "dataset")
+    if data.trajectories.enabled:
+        b.add("trajectories", "beam", "cwm_beam.trajectories", data.trajectories.dump(), {},
+              ["dataset"], data.resources, extra={"sandbox": sandbox}, runtime=beam_runtime,
+              args=_beam_args(pipeline))
+        data_inputs["trajectories"] = ("trajectories", "dataset")
+    if data.corpus.uri:
+        data_inputs["corpus"] = data.corpus.uri
+    else:
+        b.add("corpus", "job", "cwm_jobs.corpus", data.corpus.dump(), {}, ["dataset"],
+              data.resources)
+        data_inputs["corpus"] = ("corpus", "dataset")
+
+    b.add("tokenizer", "job", "cwm_jobs.tokenizer", spec.tokenizer.dump(), dict(data_inputs),
+          ["tokenizer"], data.resources)
+
+    previous: str | None = None
+    for stage in spec.stages:
+        inputs = {**data_inputs, "tokenizer": ("tokenizer", "tokenizer")}
+        if previous:
+            inputs["init"] = (previous, "checkpoint")
+        elif stage.init_from:
+            inputs["init"] = stage.init_from
+        b.add(stage.name, "train", f"cwm_jobs.{stage.name}", _stage_section(stage), inputs,
+              ["checkpoint", "state", "metrics"], stage.resources,
+              extra={"model": spec.model.dump(), "evaluation": spec.evaluation.dump(),
+                     "sandbox": sandbox},
+              runtime={"resources": stage.resources.dump()},
+              retries=stage.retries, deadline=stage.deadline_seconds)
+        previous = stage.name
+    return Plan(pipeline.name, target, tuple(b.steps))
+
+
+def _stage_section(stage: StageSpec) -> dict[str, Any]:
+    """The stage's spec minus where it runs (resources, retries, deadline: not in the hash)."""
+    section = stage.dump()
+    for key in ("resources", "retries", "deadlineSeconds"):
+        section.pop(key, None)
+    return section

@@ -1,0 +1,159 @@
+"""Reading and validating pipeline manifests, with errors that name the field.
+
+Pure functions over parsed YAML; :func:`load_file` is the only one that touches the disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import yaml
+from pydantic import ValidationError
+
+from cwm_operator.api import API_VERSION, KIND, CWMPipeline
+
+Target = Literal["local", "cluster", "auto"]
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem, located by its path in the manifest (``spec.stages[1].steps``)."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ManifestError(ValueError):
+    """A manifest is invalid; ``errors`` lists every problem found."""
+
+    def __init__(self, source: str, errors: list[FieldError]):
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {e}" for e in errors)
+        super().__init__(f"{source}: {len(errors)} error(s)\n{lines}")
+
+
+def format_path(loc: Iterable[str | int]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required field is missing"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if kind in ("literal_error", "enum") or "type" in kind or kind.endswith("_parsing"):
+        msg = f"{msg} (got {error.get('input')!r})"
+    return msg
+
+
+def pydantic_errors(err: ValidationError) -> list[FieldError]:
+    # Errors inside tagged choices repeat the tag in the path; pydantic reports model-level
+    # errors at the model's location, which is what we want.
+    return [FieldError(format_path(e["loc"]), _message(e)) for e in err.errors()]
+
+
+def target_errors(
+    pipeline: CWMPipeline, target: Target, default_images: Mapping[str, str] | None = None
+) -> list[FieldError]:
+    """Checks that depend on where the pipeline runs."""
+    if resolve_target(pipeline, target) != "cluster":
+        return []
+    spec, defaults = pipeline.spec, default_images or {}
+    errors = []
+    if not spec.storage.is_cluster:
+        errors.append(FieldError(
+            "spec.storage",
+            "a cluster run needs shared storage: set storage.pvc.claimName or storage.uri",
+        ))
+    if not (spec.data.resources.image or spec.images.beam or defaults.get("beam")):
+        errors.append(FieldError(
+            "spec.images.beam",
+            "no image for the data-generation steps: set spec.images.beam, "
+            "spec.data.resources.image, or the operator's default beam image",
+        ))
+    for i, stage in enumerate(spec.stages):
+        if not (stage.resources.image or spec.images.trainer or defaults.get("trainer")):
+            errors.append(FieldError(
+                f"spec.stages[{i}].resources.image",
+                f"no image for the {stage.name} stage: set it, spec.images.trainer, or the "
+                "operator's default trainer image",
+            ))
+    return errors
+
+
+def resolve_target(pipeline: CWMPipeline, target: Target) -> Literal["local", "cluster"]:
+    if target == "auto":
+        return "cluster" if pipeline.spec.storage.is_cluster else "local"
+    return target
+
+
+def parse_pipeline(
+    doc: Any,
+    source: str = "<manifest>",
+    *,
+    target: Target = "auto",
+    default_images: Mapping[str, str] | None = None,
+) -> CWMPipeline:
+    """Validate one parsed document; raise :class:`ManifestError` listing every problem."""
+    if not isinstance(doc, dict):
+        raise ManifestError(source, [FieldError("", "expected a mapping (a CWMPipeline object)")])
+    head = []
+    if doc.get("apiVersion") != API_VERSION:
+        head.append(FieldError("apiVersion", f"must be {API_VERSION} (got {doc.get('apiVersion')!r})"))
+    if doc.get("kind") != KIND:
+        head.append(FieldError("kind", f"must be {KIND} (got {doc.get('kind')!r})"))
+    if head:
+        raise ManifestError(source, head)
+    try:
+        pipeline = CWMPipeline.model_validate(doc)
+    except ValidationError as err:
+        raise ManifestError(source, pydantic_errors(err)) from None
+    errors = target_errors(pipeline, target, default_images)
+    if errors:
+        raise ManifestError(source, errors)
+    return pipeline
+
+
+def load_documents(path: Path) -> list[Any]:
+    """Parse a (multi-document) YAML file; syntax errors name the line."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ManifestError(str(path), [FieldError("", err.strerror or str(err))]) from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ManifestError(str(path), [FieldError("", f"invalid YAML: {where}{problem}")]) from None
+    if not docs:
+        raise ManifestError(str(path), [FieldError("", "the file holds no YAML document")])
+    return docs
+
+
+def load_file(path: Path | str, *, target: Target = "auto") -> CWMPipeline:
+    """Load the one CWMPipeline in a manifest file."""
+    path = Path(path)
+    docs = load_documents(path)
+    pipelines = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(docs) > 1 and len(pipelines) != 1:
+        raise ManifestError(
+            str(path), [FieldError("", f"expected one {KIND} document, found {len(pipelines)}")]
+        )
+    return parse_pipeline(pipelines[0] if len(docs) > 1 else docs[0], str(path), target=target)
