@@ -118,7 +118,9 @@ class SandboxSpec(Spec):
 
     wall_seconds: float = Field(10.0, gt=0, le=3600, description="Wall-clock timeout per run.")
     cpu_seconds: float = Field(10.0, gt=0, le=3600, description="CPU-time limit per run.")
-    memory_mb: int = Field(1024, ge=64, le=1048576, description="Address-space limit (MiB).")
+    memory_mb: int = Field(
+        1024, ge=64, le=1048576, alias="memoryMB", description="Address-space limit (MiB)."
+    )
     output_bytes: int = Field(
         1_000_000, ge=1024, description="Cap on captured stdout+stderr; more is truncated."
     )
@@ -409,7 +411,9 @@ class StageSpec(Spec):
     gradient_accumulation: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
     sequence_length: int = Field(256, ge=16, description="Tokens per packed sequence.")
     learning_rate: float = Field(3e-4, gt=0, lt=1, description="Peak learning rate.")
-    min_learning_rate: float = Field(3e-5, ge=0, lt=1, description="Floor of the cosine decay.")
+    min_learning_rate: float | None = Field(
+        None, ge=0, lt=1, description="Floor of the cosine decay (default: learningRate / 10)."
+    )
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
     schedule: Literal["cosine", "constant"] | None = Field(
         None, description="After warmup: cosine decay, or constant (default for sft)."
@@ -443,6 +447,8 @@ class StageSpec(Spec):
             self.schedule = "constant" if self.name == "sft" else "cosine"
         if self.data_mix is None:
             self.data_mix = DEFAULT_MIX[self.name].model_copy()
+        if self.min_learning_rate is None:
+            self.min_learning_rate = self.learning_rate / 10
         if self.min_learning_rate > self.learning_rate:
             raise ValueError("minLearningRate must not exceed learningRate")
         if self.warmup_steps > self.steps:
