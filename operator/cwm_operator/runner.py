@@ -206,7 +206,10 @@ def _process_alive(pid: int | None, module: str) -> bool:
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    if state == "Z" or not cmdline:  # a zombie is dead
         return False
     return not module or module in cmdline
 
