@@ -18,7 +18,7 @@ import yaml
 
 from cwm_operator.cli import main as cwm
 from cwm_operator.runner import LocalRunner, RunError, summarize
-from tests.operator.run_standin import standin_plan
+from tests.pipeline.run_standin import standin_plan
 
 HERE = Path(__file__).parent
 ORDER = ["traces", "trajectories", "corpus", "tokenizer", "pretrain", "midtrain", "sft", "rl"]
