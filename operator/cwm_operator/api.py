@@ -343,6 +343,11 @@ class Resources(Spec):
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Tolerations for tainted node pools."
     )
+    affinity: dict[str, Any] = Field(
+        default_factory=dict,
+        description="A Kubernetes pod affinity object (e.g. spread workers across zones).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
     image: str | None = Field(
         None, description="Container image; defaults to spec.images or the operator's default."
     )
