@@ -108,8 +108,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _err(f"interrupted; `cwm run {args.file} --workdir {workdir}` resumes")
         return 130
-    print(f"cwm run: {pipeline.name} succeeded; `cwm status {workdir}` summarises it",
-          file=sys.stderr)
+    from cwm_operator.report import write_report
+
+    report = write_report(workdir)
+    print(f"cwm run: {pipeline.name} succeeded; report: {report}; `cwm status {workdir}` "
+          "summarises it", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cwm_operator.report import write_report
+
+    if not (Path(args.workdir) / "run.json").exists():
+        _err(f"{args.workdir}: no run here (no run.json)")
+        return 1
+    print(write_report(Path(args.workdir)))
     return 0
 
 
@@ -183,6 +196,10 @@ def build_parser(component: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("workdir", type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("report", help="(re)write the evaluation report of a local run")
+    p.add_argument("workdir", type=Path)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("crd", help="print the CWMPipeline CustomResourceDefinition")
     p.set_defaults(func=cmd_crd)

@@ -35,7 +35,10 @@ def main() -> int:
         (out / "payload.json").write_text(json.dumps({"step": step, "output": name,
                                                       "spec": config["spec"]}, sort_keys=True))
     if "metrics" in config["outputs"]:
-        Path(config["outputs"]["metrics"], "eval.json").write_text(json.dumps({"loss": 1.5}))
+        metrics = Path(config["outputs"]["metrics"])
+        (metrics / "eval.json").write_text(json.dumps({"val_loss": 1.5, "cruxeval_o": 0.25}))
+        (metrics / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "loss": 5.0 / s}) + "\n" for s in range(1, 4)))
     print(f"{step}: done", flush=True)
     return 0
 

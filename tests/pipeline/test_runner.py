@@ -58,7 +58,7 @@ def test_runs_steps_in_order_then_everything_is_cached(env):
     assert called(calls) == ORDER
     assert set(states(tmp / "w").values()) == {"Succeeded"}
     metrics = summarize(tmp / "w")["steps"][-1].metrics
-    assert metrics == {"loss": 1.5}
+    assert metrics == {"val_loss": 1.5, "cruxeval_o": 0.25}
 
     run(manifest, tmp / "w")
     assert called(calls) == ORDER  # nothing ran again
@@ -210,3 +210,15 @@ def test_missing_step_implementation_is_named_before_anything_runs(env):
 def test_status_of_a_directory_without_a_run(tmp_path, capsys):
     assert cwm(["status", str(tmp_path)]) == 1
     assert "no run here" in capsys.readouterr().err
+
+
+def test_report_has_tables_and_plots(env):
+    tmp, manifest, _ = env
+    run(manifest, tmp / "w")
+    assert cwm(["report", str(tmp / "w")]) == 0
+    report = (tmp / "w/report/report.md").read_text()
+    assert "| pretrain | Succeeded |" in report
+    assert "| rl | 1.5 | 0.25 |" in report  # val_loss, cruxeval_o
+    assert "| sft | 5.0000 | 1.6667 | 3 |" in report  # first, last loss, steps
+    for png in ("loss.png", "metrics.png"):
+        assert (tmp / "w/report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,176 @@
+"""The evaluation report of a local run: ``DIR/report/report.md`` with PNG plots.
+
+It reads only what the steps left in the work directory — step records (state, time, cached,
+evaluation metrics), each stage's ``metrics/metrics.jsonl`` and the data sets' manifests — so it
+can be regenerated at any time (``cwm report DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from cwm_operator.api import STAGE_ORDER
+from cwm_operator.runner import StepRecord, read_json
+
+# Evaluation metrics shown first, in this order, when present (others follow alphabetically).
+HEADLINE = (
+    "val_loss",
+    "trace_step_exact_match",
+    "trace_state_exact_match",
+    "trace_action_exact_match",
+    "cruxeval_o",
+    "output_prediction_accuracy",
+    "mutate_fix_solve_rate",
+    "mean_reward",
+)
+
+
+def _series(path: Path, key: str = "loss") -> list[tuple[int, float]]:
+    points = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return points
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        value = row.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value) and "step" in row:
+            points.append((int(row["step"]), float(value)))
+    return sorted(dict(points).items())  # a resumed run rewrites steps: keep the last value
+
+
+def _metric_names(records: list[StepRecord]) -> list[str]:
+    names = {k for r in records for k, v in r.metrics.items() if isinstance(v, (int, float))}
+    head = [m for m in HEADLINE if m in names]
+    return head + sorted(names - set(head))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _plot_losses(stages: list[tuple[str, list[tuple[int, float]]]], out: Path) -> bool:
+    if not any(points for _, points in stages):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
+    offset = 0
+    for name, points in stages:
+        if not points:
+            continue
+        xs = [offset + s for s, _ in points]
+        ax.plot(xs, [v for _, v in points], label=name, linewidth=1.2)
+        ax.axvline(offset, color="grey", linewidth=0.5, linestyle=":")
+        offset = xs[-1]
+    ax.set_xlabel("optimizer step (stages back to back)")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss by stage")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return True
+
+
+def _plot_metrics(records: list[StepRecord], names: list[str], out: Path) -> bool:
+    names = [n for n in names if not n.endswith(("frames", "count", "tasks", "tokens", "samples"))]
+    shown = [n for n in names if any(isinstance(r.metrics.get(n), (int, float)) for r in records)]
+    if not shown:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), dpi=110, squeeze=False)
+    for ax, name in zip(axes.flat, shown):
+        xs = [r.name for r in records if isinstance(r.metrics.get(name), (int, float))]
+        ys = [r.metrics[name] for r in records if isinstance(r.metrics.get(name), (int, float))]
+        ax.plot(xs, ys, marker="o")
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    fig.suptitle("Evaluation after each stage")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return True
+
+
+def _data_rows(workdir: Path) -> list[str]:
+    rows = []
+    for step in ("traces", "trajectories", "corpus"):
+        manifest = read_json(workdir / "artifacts" / step / "dataset" / "manifest.json")
+        if not manifest:
+            continue
+        splits = manifest.get("splits", {})
+        counts = {name: sum(s.get("records", 0) for s in shards) for name, shards in splits.items()}
+        size = sum(s.get("bytes", 0) for shards in splits.values() for s in shards)
+        rows.append(f"| {step} | {counts.get('train', 0)} | {counts.get('validation', 0)} | "
+                    f"{counts.get('deadletter', 0)} | {size / 1e6:.1f} MB |")
+    return rows
+
+
+def write_report(workdir: Path) -> Path:
+    """Write ``DIR/report/report.md`` (and its PNGs); return its path."""
+    workdir = Path(workdir)
+    run = read_json(workdir / "run.json") or {"pipeline": "?", "steps": [], "state": "?"}
+    records = [StepRecord.load(workdir / "steps" / n / "state.json", n) for n in run["steps"]]
+    stages = [r for r in records if r.name in STAGE_ORDER]
+    out_dir = workdir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    lines = [f"# {run['pipeline']}: evaluation report", "",
+             f"Run state: **{run['state']}** (started {run.get('started')}, finished "
+             f"{run.get('finished')}).", "", "## Steps", "",
+             "| step | state | seconds | from cache |", "| --- | --- | --- | --- |"]
+    for r in records:
+        lines.append(f"| {r.name} | {r.state} | {_fmt(r.seconds)} | "
+                     f"{'yes' if r.cached else ''} |")
+    total = sum(r.seconds or 0 for r in records if not r.cached)
+    lines += ["", f"Compute time of the steps run this time: {total:.0f} s.", ""]
+
+    data = _data_rows(workdir)
+    if data:
+        lines += ["## Data", "", "| data set | train | validation | dead letters | size |",
+                  "| --- | --- | --- | --- | --- |", *data, ""]
+
+    losses = [(r.name, _series(workdir / "artifacts" / r.name / "metrics" / "metrics.jsonl"))
+              for r in stages]
+    if _plot_losses(losses, out_dir / "loss.png"):
+        lines += ["## Training loss", "", "![training loss](loss.png)", ""]
+        lines += ["| stage | first loss | last loss | steps |", "| --- | --- | --- | --- |"]
+        for name, points in losses:
+            if points:
+                lines.append(f"| {name} | {points[0][1]:.4f} | {points[-1][1]:.4f} | "
+                             f"{points[-1][0]} |")
+        lines.append("")
+
+    names = _metric_names(stages)
+    if names:
+        lines += ["## Evaluation", "", "| stage | " + " | ".join(names) + " |",
+                  "| --- |" + " --- |" * len(names)]
+        for r in stages:
+            lines.append(f"| {r.name} | " + " | ".join(_fmt(r.metrics.get(n)) for n in names)
+                         + " |")
+        if _plot_metrics(stages, names, out_dir / "metrics.png"):
+            lines += ["", "![evaluation metrics](metrics.png)"]
+        lines.append("")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
