@@ -1,0 +1,138 @@
+"""Export a checkpoint as a Hugging Face folder that ``transformers``' ``CwmForCausalLM`` loads.
+
+The target is ``transformers.models.cwm`` (``CwmConfig``, ``modeling_cwm.py``, checked against
+transformers 5.24): Llama-style weight names, ``rope_parameters`` with ``rope_type: llama3``, and
+``layer_types`` listing ``full_attention`` / ``sliding_attention`` per layer with one
+``sliding_window``. Hugging Face's global layers attend to everything, so an export is exact only
+while ``global_window >= max_seq_len``; :func:`hf_config` refuses otherwise rather than writing a
+model that silently differs on long inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from cwm_model.config import ModelConfig
+
+
+def hf_config(config: ModelConfig, *, bos_id: int | None, eos_ids: list[int],
+              pad_id: int | None) -> dict[str, Any]:
+    """``config.json`` for ``CwmConfig`` describing exactly our model."""
+    if config.global_window < config.max_seq_len:
+        raise ValueError(f"ModelConfig.global_window ({config.global_window}) is below "
+                         f"max_seq_len ({config.max_seq_len}): Hugging Face's CWM global layers "
+                         "see the whole sequence, so the export would not match")
+    return {
+        "architectures": ["CwmForCausalLM"],
+        "model_type": "cwm",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "initializer_range": config.init_std,
+        "rms_norm_eps": config.norm_eps,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": config.rope_theta,
+            "factor": config.rope_factor,
+            "low_freq_factor": config.rope_low_freq_factor,
+            "high_freq_factor": config.rope_high_freq_factor,
+            "original_max_position_embeddings": config.rope_original_context,
+        },
+        "sliding_window": config.local_window,
+        "layer_types": ["full_attention" if config.is_global(i) else "sliding_attention"
+                        for i in range(config.n_layers)],
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_ids,
+        "pad_token_id": pad_id,
+        "dtype": "float32",
+    }
+
+
+def default_special_ids(config: ModelConfig) -> tuple[int, int, list[int]]:
+    """bos, pad and eos ids where no tokenizer says: our layout puts CWM's 256 special slots at
+    the top of the vocabulary (``<|begin_of_text|>`` +0, ``<|end_of_text|>`` +1, ``<|pad|>`` +4)."""
+    base = max(config.vocab_size - 256, 0)
+    return base, min(base + 4, config.vocab_size - 1), [min(base + 1, config.vocab_size - 1)]
+
+
+def hf_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename our weights to Hugging Face's and split the fused q/k/v and gate/up matrices."""
+    q_w, kv_w = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    out = {
+        "model.embed_tokens.weight": state["tok_embeddings.weight"],
+        "model.norm.weight": state["norm.weight"],
+        "lm_head.weight": state["output.weight"],
+    }
+    for i in range(config.n_layers):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        q, k, v = state[ours + "attention.wqkv.weight"].split([q_w, kv_w, kv_w], dim=0)
+        gate, up = state[ours + "feed_forward.w13.weight"].chunk(2, dim=0)
+        out |= {
+            theirs + "self_attn.q_proj.weight": q,
+            theirs + "self_attn.k_proj.weight": k,
+            theirs + "self_attn.v_proj.weight": v,
+            theirs + "self_attn.o_proj.weight": state[ours + "attention.wo.weight"],
+            theirs + "mlp.gate_proj.weight": gate,
+            theirs + "mlp.up_proj.weight": up,
+            theirs + "mlp.down_proj.weight": state[ours + "feed_forward.w2.weight"],
+            theirs + "input_layernorm.weight": state[ours + "attention_norm.weight"],
+            theirs + "post_attention_layernorm.weight": state[ours + "ffn_norm.weight"],
+        }
+    return {name: tensor.detach().contiguous().clone() for name, tensor in out.items()}
+
+
+def tokenizer_config(tokenizer: Any) -> dict[str, Any]:
+    """``tokenizer_config.json`` so ``AutoTokenizer`` wraps our ``tokenizer.json``."""
+    names = {i: tokenizer.id_to_token(i) for i in (tokenizer.bos_id, tokenizer.eos_id,
+                                                     tokenizer.pad_id)}
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": names[tokenizer.bos_id],
+        "eos_token": names[tokenizer.eos_id],
+        "pad_token": names[tokenizer.pad_id],
+        "model_max_length": 1_000_000,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write ``out`` (config.json, model.safetensors, generation_config.json, tokenizer files)."""
+    from cwm_model.checkpoint import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    config = model.config
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"export-hf output folder {out} exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        bos, pad = tokenizer.bos_id, tokenizer.pad_id
+        eos = sorted({tokenizer.eos_id, *tokenizer.stop_ids})
+    else:
+        bos, pad, eos = default_special_ids(config)
+    cfg = hf_config(config, bos_id=bos, eos_ids=eos, pad_id=pad)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    save_file(hf_state_dict(config, model.state_dict()), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(out)
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tokenizer),
+                                                              indent=2))
+    return out

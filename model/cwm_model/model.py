@@ -1,0 +1,313 @@
+"""The CWM decoder in one file: RMSNorm, RoPE, attention, SwiGLU, block, model, KV cache.
+
+Architecture from the CWM report and github.com/facebookresearch/cwm (``cwm/model/transformer.py``):
+a pre-norm Llama-style decoder with grouped-query attention, Llama-3-scaled RoPE, local
+(sliding-window) and global layers interleaved (layer ``i`` global when ``i % global_every == 0``
+or it is the last layer) and untied input/output embeddings. Module names follow CWM's
+(``tok_embeddings``, ``attention``, ``feed_forward``, ``output``); q/k/v and gate/up projections
+are fused into one matmul each, which :mod:`cwm_model.hf_export` splits for Hugging Face.
+
+Packed training sequences carry ``doc_ids``: a token attends only to earlier tokens of the same
+document, within its layer's window. How that mask is applied is decided in one place,
+:func:`make_attention`: PyTorch SDPA with explicit boolean masks (CPU, and decoding with a cache),
+or FlexAttention with block-sparse masks on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cwm_model.config import ModelConfig
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, 1, T, head_dim)
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------- RoPE
+def rope_frequencies(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) with Llama-3 scaling: long wavelengths are slowed by
+    ``rope_factor``, short ones kept, the band between interpolated smoothly."""
+    hd = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd)
+    if config.rope_factor == 1.0:
+        return inv_freq
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    old_ctx = config.rope_original_context
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / config.rope_factor, inv_freq)
+    blended = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+    """cos/sin tables for ``positions`` (B, T), in the rotate-half layout Hugging Face uses."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate each (i, i + hd/2) pair of ``x`` (B, H, T, hd) by its position's angle."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# --------------------------------------------------------------------------- attention adapter
+def visibility_mask(q_doc: torch.Tensor, k_doc: torch.Tensor, q_idx: torch.Tensor,
+                    k_idx: torch.Tensor, window: int) -> torch.Tensor:
+    """True where query i may attend key j: same document, j <= i, and i - j < window."""
+    rel = q_idx[:, None] - k_idx[None, :]  # (T, S)
+    causal = (rel >= 0) & (rel < window)
+    same_doc = q_doc[:, :, None] == k_doc[:, None, :]  # (B, T, S)
+    return (same_doc & causal)[:, None]  # (B, 1, T, S)
+
+
+def sdpa_attention(q_doc: torch.Tensor | None, k_doc: torch.Tensor | None, q_idx: torch.Tensor,
+                   k_idx: torch.Tensor, windows: set[int]) -> Attend:
+    """SDPA with explicit boolean masks, one per window size, shared by all layers of that size.
+    A window covering the whole sequence of a single-document batch needs no mask at all, which
+    lets PyTorch pick its causal fast kernel."""
+    prefill = q_idx.numel() == k_idx.numel()
+    masks: dict[int, torch.Tensor | None] = {}
+    for window in windows:
+        if q_doc is None and prefill and window >= q_idx.numel():
+            masks[window] = None
+        else:
+            qd = q_doc if q_doc is not None else torch.zeros_like(q_idx)[None]
+            kd = k_doc if k_doc is not None else torch.zeros_like(k_idx)[None]
+            masks[window] = visibility_mask(qd, kd, q_idx, k_idx, window)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+        mask = masks[window]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=True)
+
+    return attend
+
+
+_compiled_flex: Callable | None = None
+
+
+def flex_attention_fn(compiled: bool) -> Callable:
+    """FlexAttention, compiled once per process on a GPU (uncompiled it is only a reference)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compiled:
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def flex_attention(doc: torch.Tensor | None, length: int, windows: set[int],
+                   device: torch.device) -> Attend:
+    """Block-sparse FlexAttention: fully masked blocks (other documents, beyond the window) are
+    skipped rather than computed, which is what makes 131k-token global layers affordable."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch = doc.shape[0] if doc is not None else 1
+    block_masks = {}
+    for window in windows:
+        def mask_mod(b, h, q, k, window=window):  # noqa: ANN001 - FlexAttention's signature
+            visible = (k <= q) & (q - k < window)
+            return visible & (doc[b, q] == doc[b, k]) if doc is not None else visible
+        block_masks[window] = create_block_mask(mask_mod, batch, None, length, length,
+                                                device=device)
+    run = flex_attention_fn(compiled=device.type == "cuda")
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+        return run(q, k, v, block_mask=block_masks[window], enable_gqa=True)
+
+    return attend
+
+
+def make_attention(backend: str, q_doc: torch.Tensor | None, k_doc: torch.Tensor | None,
+                   q_idx: torch.Tensor, k_idx: torch.Tensor, windows: set[int],
+                   device: torch.device) -> Attend:
+    """The one place that picks the attention implementation.
+
+    ``auto`` uses FlexAttention on CUDA for full-sequence passes (training, prefill without a
+    cache) and SDPA with explicit masks otherwise; ``sdpa`` / ``flex`` force one.
+    """
+    full_pass = q_idx.numel() == k_idx.numel()
+    if backend == "auto":
+        backend = "flex" if device.type == "cuda" and full_pass else "sdpa"
+    if backend == "flex":
+        if not full_pass:
+            raise ValueError("attention_backend 'flex' cannot decode with a KV cache; use 'auto'")
+        return flex_attention(q_doc, q_idx.numel(), windows, device)
+    if backend == "sdpa":
+        return sdpa_attention(q_doc, k_doc, q_idx, k_idx, windows)
+    raise ValueError(f"attention_backend must be auto, sdpa or flex, got {backend!r}")
+
+
+# ------------------------------------------------------------------------------------ KV cache
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated to ``max_len`` positions."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.doc = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def extend_docs(self, doc: torch.Tensor) -> torch.Tensor:
+        """Record the document ids (B, T) of the incoming tokens; return those of all keys."""
+        end = self.length + doc.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, {end} requested")
+        self.doc[:, self.length:end] = doc
+        return self.doc[:, :end]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store this step's k, v (B, n_kv, T, hd); return all keys and values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# --------------------------------------------------------------------------------- the modules
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; ``window`` is this layer's local or global span."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.window = layer, config.window(layer)
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        q_width, kv_width = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        self.split = (q_width, kv_width, kv_width)
+        self.wqkv = nn.Linear(config.dim, sum(self.split), bias=False)
+        self.wo = nn.Linear(q_width, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: Rope, attend: Attend,
+                cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
+        out = attend(q, k, v, self.window)  # (B, nh, T, hd)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh * hd) -> (B, T, dim)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(gate) * up)`` with gate and up computed by one fused matmul."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, ffn) each
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))``."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, rope: Rope, attend: Attend,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, attend, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class CWM(nn.Module):
+    """The decoder: token ids (B, T) -> next-token logits (B, T, vocab)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.activation_checkpointing = False
+        self.attention_backend = "auto"
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) everywhere; residual-branch outputs scaled by 1/sqrt(2 * layers)
+        (GPT-2) so the residual stream's variance does not grow with depth."""
+        std = self.config.init_std
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(param, std=std)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.activation_checkpointing = bool(enabled)
+
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) for ``input_ids`` (B, T).
+
+        ``doc_ids`` (B, T): equal ids mark one document; tokens never attend across documents.
+        ``positions`` (B, T): RoPE positions (restarting per document when packing); default
+        ``0..T-1``, offset by what ``cache`` already holds. With ``cache`` the new keys/values
+        are appended to it. ``last_only`` returns logits for the last position only (B, 1, V).
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        start = cache.length if cache is not None else 0
+        q_idx = torch.arange(start, start + T, device=device)
+        if positions is None:
+            positions = q_idx.expand(B, T)
+        k_doc, k_idx = doc_ids, q_idx
+        if cache is not None:
+            doc_ids = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
+            k_doc, k_idx = cache.extend_docs(doc_ids), torch.arange(start + T, device=device)
+        windows = {block.attention.window for block in self.layers}
+        attend = make_attention(self.attention_backend, doc_ids, k_doc, q_idx, k_idx, windows,
+                                device)
+        x = self.tok_embeddings(input_ids)  # (B, T, dim)
+        rope = rope_cos_sin(rope_frequencies(self.config, device), positions, x.dtype)
+        for block in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, attend, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, attend, cache)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))  # (B, T, V)
