@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import queue
 import resource
 import selectors
 import shutil
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import cwm_beam
+from cwm_beam.tracer import TraceLimits, TraceResult
 
 
 PACKAGE_PARENT = str(Path(cwm_beam.__file__).resolve().parent.parent)
@@ -421,3 +423,156 @@ def _kill_group(proc: subprocess.Popen) -> None:
                 pipe.close()
             except OSError:
                 pass
+
+
+# --------------------------------------------------------------------------------------------
+# Fork server for many small trace jobs
+
+_BOOT = ("import sys; sys.path.insert(0, {parent!r}); "
+         "from cwm_beam._zygote import main; main()")
+
+
+class _Zygote:
+    """One sandboxed fork server process and the pipes to it."""
+
+    def __init__(self, limits: Limits, reply_bytes: int) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="cwm-pool-")
+        job_limits = {**asdict(limits), "reply_bytes": reply_bytes}
+        read_roots = sorted({*_python_roots(), *(os.path.realpath(p) for p in sys.path if p),
+                             str(Path(cwm_beam.__file__).resolve().parent)})
+        argv = [sys.executable, "-S", "-E", "-c", _BOOT.format(parent=PACKAGE_PARENT),
+                json.dumps(job_limits), json.dumps(read_roots)]
+        env = default_env()
+        cmd = sandbox_argv(argv, cwd=self.workdir, limits=limits, env=env)
+        self.cgroup = _PidsCgroup(limits.processes) if _PidsCgroup.available() else None
+        # The server's own limits: memory as for a job, no CPU limit (it lives for many jobs).
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+            preexec_fn=_preexec(limits, self.cgroup, cpu=False))
+
+    def request(self, job: dict, timeout: float) -> dict | None:
+        """Send one job and wait for its reply; ``None`` if the server died or hung."""
+        data = json.dumps(job).encode()
+        try:
+            self.proc.stdin.write(struct.pack(">I", len(data)) + data)
+            self.proc.stdin.flush()
+            header = _read_exact(self.proc.stdout, 4, timeout)
+            if header is None:
+                return None
+            (size,) = struct.unpack(">I", header)
+            body = _read_exact(self.proc.stdout, size, timeout)
+            return json.loads(body) if body is not None else None
+        except (OSError, ValueError):
+            return None
+
+    def close(self) -> None:
+        _kill_group(self.proc)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.cgroup:
+            self.cgroup.kill_all()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _read_exact(stream, size: int, timeout: float) -> bytes | None:
+    deadline = time.monotonic() + timeout
+    fd = stream.fileno()
+    chunks, got = [], 0
+    while got < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        ready = select_readable(fd, remaining)
+        if not ready:
+            return None
+        data = os.read(fd, min(size - got, 1 << 20))
+        if not data:
+            return None
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
+def select_readable(fd: int, timeout: float) -> bool:
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        return bool(sel.select(timeout))
+
+
+class TracePool:
+    """Trace many small programs, each in a forked child of a sandboxed fork server.
+
+    ``workers`` servers run side by side (``trace`` is thread-safe and blocks for a free one).
+    A server that dies or stops answering (a program that escaped its child and killed it) is
+    replaced, and that job is reported as a :class:`Failure`."""
+
+    def __init__(self, limits: Limits = Limits(), workers: int = 1, *,
+                 trace_limits: TraceLimits | None = None) -> None:
+        if workers < 1:
+            raise ValueError(f"TracePool workers must be >= 1, got {workers}")
+        self.limits = limits
+        self.trace_limits = trace_limits or TraceLimits()
+        self.reply_bytes = 8 * self.trace_limits.max_bytes + (1 << 20)
+        self._idle: "queue.Queue[_Zygote | None]" = queue.Queue()
+        self._all: list[_Zygote] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        for _ in range(workers):
+            self._idle.put(None)  # started lazily, on first use
+
+    def trace(self, source: str, entry: str, args_src: str, *,
+              trace_limits: TraceLimits | None = None) -> TraceResult | Failure:
+        if self._closed:
+            raise SandboxError("TracePool is closed")
+        limits = trace_limits or self.trace_limits
+        job = {"source": source, "entry": entry, "args": args_src,
+               "trace_limits": limits.to_json()}
+        server = self._idle.get()
+        try:
+            if server is None:
+                server = self._start()
+            reply = server.request(job, self.limits.wall_seconds + 10)
+            if reply is None:
+                self._retire(server)
+                server = None
+                return Failure("sandbox", "sandbox worker died or hung (the program may have "
+                               "killed its parent)")
+        finally:
+            self._idle.put(server)
+        if "failure" in reply:
+            return Failure(**reply["failure"])
+        return TraceResult.from_json(reply["ok"])
+
+    def _start(self) -> _Zygote:
+        server = _Zygote(self.limits, self.reply_bytes)
+        with self._lock:
+            self._all.append(server)
+        return server
+
+    def _retire(self, server: _Zygote) -> None:
+        server.close()
+        with self._lock:
+            if server in self._all:
+                self._all.remove(server)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            servers, self._all = self._all, []
+        for server in servers:
+            server.close()
+
+    def __enter__(self) -> "TracePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

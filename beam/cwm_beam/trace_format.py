@@ -1,0 +1,178 @@
+"""CWM's execution-trace format: special-token text and the structured frames behind it.
+
+A trace is a prompt followed by frames (CWM technical report, arXiv 2510.02387, section 2)::
+
+    <|begin_of_text|><|trace_context_start|>SOURCE<|frame_sep|>
+    <|call_sep|>{"x": "3"}<|action_sep|>def f(x):  # << START_OF_TRACE<|frame_sep|>
+    <|line_sep|>{"x": ".."}<|action_sep|>    return x + 1<|frame_sep|>
+    <|return_sep|><|action_sep|>    return x + 1<|arg_sep|>"4"<|frame_sep|>
+    <|end_of_text|>
+
+(without the line breaks). SOURCE marks the entry function's ``def`` line with
+``# << START_OF_TRACE``. LOCALS is a JSON object from each local name to a JSON string holding the
+value's ``repr``; ``".."`` means unchanged since the previous frame of the same scope. A line frame
+shows the state *before* its line runs. VALUE is the JSON string of the returned value's or the
+exception's ``repr``. Everything here is pure: no execution, no I/O.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from json.encoder import encode_basestring
+from typing import Any, NamedTuple
+
+BEGIN_OF_TEXT = "<|begin_of_text|>"
+END_OF_TEXT = "<|end_of_text|>"
+FRAME_SEP = "<|frame_sep|>"
+ACTION_SEP = "<|action_sep|>"
+RETURN_SEP = "<|return_sep|>"
+CALL_SEP = "<|call_sep|>"
+LINE_SEP = "<|line_sep|>"
+EXCEPTION_SEP = "<|exception_sep|>"
+ARG_SEP = "<|arg_sep|>"
+TRACE_CONTEXT_START = "<|trace_context_start|>"
+
+#: Llama-3 reserved-slot ids CWM gave these tokens (for tokenizers that mirror CWM's vocabulary).
+SPECIAL_TOKEN_IDS: dict[str, int] = {
+    BEGIN_OF_TEXT: 128000, END_OF_TEXT: 128001,
+    FRAME_SEP: 128100, ACTION_SEP: 128101, RETURN_SEP: 128102, CALL_SEP: 128103,
+    LINE_SEP: 128104, EXCEPTION_SEP: 128105, ARG_SEP: 128106, TRACE_CONTEXT_START: 128107,
+}
+TRACE_TOKENS = tuple(SPECIAL_TOKEN_IDS)
+
+START_MARKER = "# << START_OF_TRACE"
+UNCHANGED = ".."
+EVENTS = ("call", "line", "return", "exception")
+EVENT_TOKEN = {"call": CALL_SEP, "line": LINE_SEP, "return": RETURN_SEP,
+               "exception": EXCEPTION_SEP}
+TOKEN_EVENT = {token: event for event, token in EVENT_TOKEN.items()}
+
+
+class TraceFormatError(ValueError):
+    """Text that is not a well-formed trace; the message says where it breaks."""
+
+
+class Frame(NamedTuple):
+    """One step of a trace (a named tuple: the tracer makes tens of thousands per second).
+
+    ``locals`` (call and line frames) maps names to ``repr`` strings or ``".."``; ``value``
+    (return and exception frames) is the ``repr`` of the returned value or the exception."""
+
+    event: str
+    locals: dict[str, str] | None
+    line: str
+    value: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": self.event, "locals": self.locals, "line": self.line,
+                "value": self.value}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Frame":
+        return cls(data["event"], data.get("locals"), data["line"], data.get("value"))
+
+
+def mark_entry(source: str, entry: str) -> str:
+    """Append ``# << START_OF_TRACE`` to the ``def`` line of the top-level function ``entry``."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as err:
+        raise TraceFormatError(f"source does not parse: {err}") from None
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry:
+            lines = source.split("\n")
+            lines[node.lineno - 1] = f"{lines[node.lineno - 1].rstrip()}  {START_MARKER}"
+            return "\n".join(lines)
+    raise TraceFormatError(f"entry function {entry!r} is not defined at the top level")
+
+
+def trace_prompt(source_with_marker: str) -> str:
+    """The prompt a model continues with frames."""
+    return f"{BEGIN_OF_TEXT}{TRACE_CONTEXT_START}{source_with_marker}{FRAME_SEP}"
+
+
+def encode_locals(values: dict[str, str]) -> str:
+    """JSON object with ``", "``/``": "`` separators, non-ASCII kept as is (as json.dumps with
+    ``ensure_ascii=False``; written by hand because the tracer calls it per frame)."""
+    return "{" + ", ".join(f"{encode_basestring(k)}: {encode_basestring(v)}"
+                           for k, v in values.items()) + "}"
+
+
+def encode_frame(frame: Frame) -> str:
+    token = EVENT_TOKEN[frame.event]
+    if frame.event in ("call", "line"):
+        return f"{token}{encode_locals(frame.locals or {})}{ACTION_SEP}{frame.line}{FRAME_SEP}"
+    return (f"{token}{ACTION_SEP}{frame.line}{ARG_SEP}{encode_basestring(frame.value or '')}"
+            f"{FRAME_SEP}")
+
+
+def encode_frames(frames: list[Frame]) -> str:
+    return "".join(encode_frame(f) for f in frames)
+
+
+def encode_trace(source: str, frames: list[Frame], *, complete: bool = True) -> str:
+    """Prompt + frames (+ ``<|end_of_text|>`` when execution left the entry scope).
+
+    ``source`` is the program with its entry already marked (see :func:`mark_entry`)."""
+    return trace_prompt(source) + encode_frames(frames) + (END_OF_TEXT if complete else "")
+
+
+def contains_trace_token(text: str) -> bool:
+    """True when ``text`` holds a special-token string, which would make a trace ambiguous."""
+    return "<|" in text and any(token in text for token in TRACE_TOKENS)
+
+
+def parse_trace(text: str) -> tuple[str, list[Frame]]:
+    """Inverse of :func:`encode_trace`: the marked source and the frames."""
+    head = BEGIN_OF_TEXT + TRACE_CONTEXT_START
+    if not text.startswith(head):
+        raise TraceFormatError(f"trace must start with {head}")
+    body = text[len(head):]
+    if body.endswith(END_OF_TEXT):
+        body = body[: -len(END_OF_TEXT)]
+    pieces = body.split(FRAME_SEP)
+    if len(pieces) < 2 or pieces[-1] != "":
+        raise TraceFormatError("trace must end with <|frame_sep|> (before <|end_of_text|>)")
+    source = pieces[0]
+    frames = [parse_frame(piece, index) for index, piece in enumerate(pieces[1:-1])]
+    return source, frames
+
+
+def parse_frame(piece: str, index: int = 0) -> Frame:
+    """One frame's text without its trailing ``<|frame_sep|>``."""
+    token = next((t for t in TOKEN_EVENT if piece.startswith(t)), None)
+    if token is None:
+        raise TraceFormatError(f"frame {index}: does not start with an event token: {piece[:40]!r}")
+    event = TOKEN_EVENT[token]
+    rest = piece[len(token):]
+    if event in ("call", "line"):
+        locals_text, sep, line = rest.partition(ACTION_SEP)
+        if not sep:
+            raise TraceFormatError(f"frame {index}: {event} frame without <|action_sep|>")
+        try:
+            values = json.loads(locals_text)
+        except json.JSONDecodeError as err:
+            raise TraceFormatError(f"frame {index}: locals are not JSON ({err})") from None
+        if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+            raise TraceFormatError(f"frame {index}: locals must map names to strings")
+        return Frame(event, values, line)
+    if not rest.startswith(ACTION_SEP):
+        raise TraceFormatError(f"frame {index}: {event} frame must start with <|action_sep|>")
+    line, sep, value_text = rest[len(ACTION_SEP):].rpartition(ARG_SEP)
+    if not sep:
+        raise TraceFormatError(f"frame {index}: {event} frame without <|arg_sep|>")
+    try:
+        value = json.loads(value_text)
+    except json.JSONDecodeError as err:
+        raise TraceFormatError(f"frame {index}: value is not a JSON string ({err})") from None
+    if not isinstance(value, str):
+        raise TraceFormatError(f"frame {index}: value must be a JSON string")
+    return Frame(event, None, line, value)
+
+
+def final_value(frames: list[Frame]) -> tuple[str, str] | None:
+    """``(event, value)`` of the frame that left the entry scope, if the trace got that far."""
+    if frames and frames[-1].event in ("return", "exception"):
+        return frames[-1].event, frames[-1].value or ""
+    return None

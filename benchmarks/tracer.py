@@ -1,0 +1,123 @@
+"""Tracer overhead over CRUXEval: traced ÷ untraced time, with references measured in the same run.
+
+    .venv/bin/python benchmarks/tracer.py [--repeats 3] [--limit 800]
+
+Times only the calls (programs compiled and inputs evaluated beforehand, inputs rebuilt for each
+call because some functions mutate them), for: the untraced call; ``cwm_beam.tracer.trace_call``
+(frames *and* the encoded trace text); pysnooper writing to /dev/null (the reference the issue
+names); and a naive tracer that reprs every local at every line. CRUXEval is untrusted code like
+any other, so the measuring process runs inside the sandbox (``run_command``); ``--inner`` is that
+process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def load(limit: int) -> list[dict]:
+    from cwm_beam.sources import cruxeval_records
+
+    return list(cruxeval_records())[:limit]
+
+
+def prepare(records: list[dict], repeats: int):
+    """(function, marked source, [(args, kwargs)] per repeat) for each program."""
+    from cwm_beam.trace_format import mark_entry
+    from cwm_beam.tracer import FILENAME, parse_call_args
+
+    jobs = []
+    for record in records:
+        namespace: dict = {"__name__": "__bench__"}
+        exec(compile(record["code"], FILENAME, "exec"), namespace)
+        calls = [parse_call_args(record["input"], namespace) for _ in range(repeats * 4)]
+        jobs.append((namespace["f"], mark_entry(record["code"], "f"), calls))
+    return jobs
+
+
+def naive_tracer(sink: list):
+    """Repr every local at every line of every frame of the traced file (no change detection)."""
+    def local(frame, event, arg):
+        sink.append((event, frame.f_lineno, {k: repr(v) for k, v in frame.f_locals.items()}))
+        return local
+
+    def on_call(frame, event, arg):
+        return local if frame.f_code.co_filename == "<cwm-traced>" else None
+    return on_call
+
+
+def measure(jobs, repeats: int) -> dict[str, float]:
+    import pysnooper
+
+    from cwm_beam.tracer import TraceLimits, trace_call
+
+    limits = TraceLimits()
+    totals = {"untraced": 0.0, "cwm_tracer": 0.0, "naive_tracer": 0.0, "pysnooper": 0.0}
+    snooped = [pysnooper.snoop(output="/dev/null", color=False)(fn) for fn, _, _ in jobs]
+    clock = time.perf_counter
+    for rep in range(repeats):
+        for index, (fn, marked, calls) in enumerate(jobs):
+            args, kwargs = calls[rep * 4]
+            t = clock(); fn(*args, **kwargs); totals["untraced"] += clock() - t
+            args, kwargs = calls[rep * 4 + 1]
+            t = clock(); trace_call(fn, args, kwargs, marked, limits)
+            totals["cwm_tracer"] += clock() - t
+            args, kwargs = calls[rep * 4 + 2]
+            sink: list = []
+            t = clock()
+            sys.settrace(naive_tracer(sink))
+            try:
+                fn(*args, **kwargs)
+            finally:
+                sys.settrace(None)
+            totals["naive_tracer"] += clock() - t
+            args, kwargs = calls[rep * 4 + 3]
+            t = clock(); snooped[index](*args, **kwargs); totals["pysnooper"] += clock() - t
+    return totals
+
+
+def inner(args) -> None:
+    records = load(args.limit)
+    jobs = prepare(records, args.repeats)
+    measure(jobs[:50], 1)  # warm-up
+    totals = measure(jobs, args.repeats)
+    base = totals["untraced"]
+    print(json.dumps({"programs": len(jobs), "repeats": args.repeats,
+                      "seconds": {k: round(v, 4) for k, v in totals.items()},
+                      "ratio_vs_untraced": {k: round(v / base, 1) for k, v in totals.items()}}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=800)
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        inner(args)
+        return
+    from cwm_beam.sandbox import Limits, describe_isolation, run_command
+
+    with tempfile.TemporaryDirectory() as work:
+        result = run_command(
+            [sys.executable, str(Path(__file__).resolve()), "--inner",
+             "--repeats", str(args.repeats), "--limit", str(args.limit)],
+            cwd=work, limits=Limits(wall_seconds=600, cpu_seconds=600, memory_mb=4096),
+            binds_ro=[str(Path(__file__).resolve().parent)])
+    if result.returncode != 0:
+        sys.exit(f"benchmark failed ({result.reason}): {result.stderr.decode()[-2000:]}")
+    report = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    print(f"sandbox: {describe_isolation()}")
+    print(f"CRUXEval: {report['programs']} programs x {report['repeats']} calls each")
+    for name, seconds in report["seconds"].items():
+        ratio = report["ratio_vs_untraced"][name]
+        print(f"  {name:13s} {seconds * 1000:9.1f} ms   {ratio:6.1f}x untraced")
+
+
+if __name__ == "__main__":
+    main()
