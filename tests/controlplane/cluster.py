@@ -1,0 +1,548 @@
+"""A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager) as processes.
+
+What controller-runtime's envtest does for Go operators, for our Python tests: the binaries are
+built from Go modules by `tests/controlplane/build.sh`; this module starts them on free loopback
+ports with a generated PKI, waits until each is healthy, and stops them. No kubelet or scheduler
+runs, so pods never start: `lifecycle.py` moves Jobs and PyTorchJobs through their states the way
+their controllers would.
+
+`connect()` is the entry point: it starts a local control plane, or, when `CWM_TEST_KUBECONFIG`
+is set, uses that cluster (kind, k3d, a real one) so the same tests run anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from tests.controlplane import lifecycle
+from tests.controlplane.pki import CertificateAuthority, signing_key_pair
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+BUILD_SCRIPT = HERE / "build.sh"
+CWM_CRD = REPO / "charts" / "cwm-operator" / "crds" / "cwmpipelines.cwm.dev.yaml"
+PYTORCHJOB_CRD = HERE / "crds" / "pytorchjobs.kubeflow.org.yaml"
+
+#: The controllers our tests rely on: cascade deletion of owned objects, namespace deletion, the
+#: `default` ServiceAccount in new namespaces. The Job controller is left out on purpose: with no
+#: kubelet its pods would never run, and it would race the status that `lifecycle` writes.
+CONTROLLERS = ("garbage-collector-controller", "namespace-controller", "serviceaccount-controller")
+
+ADMIN_USER = "cwm-test-admin"
+T = TypeVar("T")
+
+
+class ControlPlaneError(RuntimeError):
+    """The control plane could not be started or used; the message carries the log tails."""
+
+
+def read_versions() -> dict[str, str]:
+    """The pinned versions from `versions.env` (the single place they are written)."""
+    versions: dict[str, str] = {}
+    for line in (HERE / "versions.env").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            versions[key.strip()] = value.strip()
+    return versions
+
+
+def bin_dir() -> Path:
+    """Where build.sh puts the binaries; the same rule as the script (`CWM_CACHE` or `.cache`)."""
+    v = read_versions()
+    cache = Path(os.environ.get("CWM_CACHE") or REPO / ".cache").resolve()
+    return cache / "controlplane" / f"k8s-{v['K8S_VERSION']}-etcd-{v['ETCD_VERSION']}" / "bin"
+
+
+@dataclass(frozen=True)
+class Binaries:
+    """Paths of the four programs a local control plane needs."""
+
+    etcd: Path
+    kube_apiserver: Path
+    kube_controller_manager: Path
+    kubectl: Path
+
+    @classmethod
+    def find(cls) -> Binaries:
+        """The built binaries, or an error that says how to build them."""
+        folder = bin_dir()
+        paths = {name: folder / name.replace("_", "-") for name in cls.__dataclass_fields__}
+        missing = [p.name for p in paths.values() if not os.access(p, os.X_OK)]
+        if missing:
+            raise ControlPlaneError(
+                f"control-plane binaries missing in {folder}: {', '.join(missing)}. Build them with "
+                f"`{BUILD_SCRIPT.relative_to(REPO)}` (`make controlplane`; ~10-20 min cold on 2 cores, "
+                "cached afterwards), or point CWM_TEST_KUBECONFIG at a cluster, or set "
+                "CWM_SKIP_CLUSTER=1 to skip the cluster tests on purpose."
+            )
+        return cls(**paths)
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL if pytest dies, so no apiserver outlives a killed test run."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll `check` until it returns something truthy; raise naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except ControlPlaneError:
+            raise  # fatal (a component exited): waiting longer cannot help
+        except Exception as e:  # noqa: BLE001 - any other failure just means "not yet"
+            last_error = e
+        if time.monotonic() > deadline:
+            detail = f" (last error: {last_error!r})" if last_error else ""
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
+        time.sleep(interval)
+        interval = min(interval * 1.5, 0.5)
+
+
+@dataclass
+class Component:
+    """One control-plane process, its command line and its log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds: always leaves the process reaped."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def tail(self, lines: int = 40) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+def _https_get(url: str, ctx: ssl.SSLContext, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, context=ctx, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def kubeconfig_yaml(server: str, ca_pem: bytes, user: str, cert_pem: bytes, key_pem: bytes) -> str:
+    """A kubeconfig with everything embedded (kopf, kubectl and the Python client all read it)."""
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "cwm-test", "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}],
+        "users": [{"name": user, "user": {"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)}}],
+        "contexts": [{"name": user, "context": {"cluster": "cwm-test", "user": user, "namespace": "default"}}],
+        "current-context": user,
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+@dataclass
+class LocalControlPlane:
+    """etcd → kube-apiserver → kube-controller-manager on loopback, in a temporary folder."""
+
+    bins: Binaries
+    workdir: Path
+    ca: CertificateAuthority = field(default_factory=CertificateAuthority)
+    components: list[Component] = field(default_factory=list)
+    server: str = ""
+    kubeconfig: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kubeconfig = self.workdir / "admin.kubeconfig"
+        self._users: dict[tuple[str, tuple[str, ...]], Path] = {}
+
+    def _component(self, name: str, argv: list[str]) -> Component:
+        component = Component(name, argv, self.workdir / f"{name}.log")
+        self.components.append(component)
+        component.start()
+        return component
+
+    def _expect_alive(self, component: Component) -> None:
+        if not component.alive():
+            raise ControlPlaneError(f"{component.name} exited early (code {component.process.returncode})")  # type: ignore[union-attr]
+
+    def start_etcd(self) -> str:
+        client, peer = free_port(), free_port()
+        url = f"http://127.0.0.1:{client}"
+        etcd = self._component("etcd", [
+            str(self.bins.etcd),
+            "--name=cwm-test",
+            f"--data-dir={self.workdir / 'etcd'}",
+            f"--listen-client-urls={url}",
+            f"--advertise-client-urls={url}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+            f"--initial-cluster=cwm-test=http://127.0.0.1:{peer}",
+            "--unsafe-no-fsync=true",
+            "--log-level=warn",
+        ])
+
+        def healthy() -> bool:
+            self._expect_alive(etcd)
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                return json.loads(r.read()).get("health") == "true"
+
+        wait_until(healthy, 30, "etcd /health")
+        return url
+
+    def start_apiserver(self, etcd_url: str) -> None:
+        pki = self.workdir / "pki"
+        pki.mkdir()
+        (pki / "ca.crt").write_bytes(self.ca.cert_pem)
+        serving_crt, serving_key = self.ca.serving(
+            ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"],
+            ["127.0.0.1", "10.0.0.1"],
+        ).write(pki, "apiserver")
+        sa_key, sa_pub = pki / "service-account.key", pki / "service-account.pub"
+        private, public = signing_key_pair()
+        sa_key.touch(mode=0o600)
+        sa_key.write_bytes(private)
+        sa_pub.write_bytes(public)
+        port = free_port()
+        self.server = f"https://127.0.0.1:{port}"
+        apiserver = self._component("kube-apiserver", [
+            str(self.bins.kube_apiserver),
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--cert-dir={pki}",
+            f"--tls-cert-file={serving_crt}",
+            f"--tls-private-key-file={serving_key}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            "--authorization-mode=RBAC",
+            f"--service-account-issuer={self.server}",
+            f"--service-account-key-file={sa_pub}",
+            f"--service-account-signing-key-file={sa_key}",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--allow-privileged=true",
+            "--disable-admission-plugins=ServiceAccount",
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+        ])
+        self.kubeconfig.write_text(self._user_kubeconfig(ADMIN_USER, ("system:masters",)))
+        admin = self.ca.client(ADMIN_USER, ("system:masters",)).write(pki, "admin")
+        ctx = ssl.create_default_context(cadata=self.ca.cert_pem.decode())
+        ctx.load_cert_chain(*admin)
+
+        def ready() -> bool:
+            self._expect_alive(apiserver)
+            status, _ = _https_get(f"{self.server}/readyz", ctx)
+            if status != 200:
+                return False
+            status, _ = _https_get(f"{self.server}/api/v1/namespaces/default", ctx)
+            return status == 200
+
+        wait_until(ready, 90, "kube-apiserver /readyz and the default namespace")
+
+    def start_controller_manager(self) -> None:
+        folder = self.workdir / "kube-controller-manager"
+        folder.mkdir()
+        kubeconfig = folder / "kubeconfig"
+        # In system:masters so one identity may run every controller (as envtest's admin does).
+        kubeconfig.write_text(self._user_kubeconfig("system:kube-controller-manager", ("system:masters",)))
+        port = free_port()
+        kcm = self._component("kube-controller-manager", [
+            str(self.bins.kube_controller_manager),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--authentication-skip-lookup=true",  # no request-header CA: we run no aggregated APIs
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--cert-dir={folder}",
+            f"--controllers={','.join(CONTROLLERS)}",
+        ])
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE
+
+        def healthy() -> bool:
+            self._expect_alive(kcm)
+            return _https_get(f"https://127.0.0.1:{port}/healthz", insecure)[0] == 200
+
+        wait_until(healthy, 60, "kube-controller-manager /healthz")
+
+    def _user_kubeconfig(self, user: str, groups: tuple[str, ...]) -> str:
+        pair = self.ca.client(user, groups)
+        return kubeconfig_yaml(self.server, self.ca.cert_pem, user, pair.cert_pem, pair.key_pem)
+
+    def kubeconfig_for(self, user: str, groups: tuple[str, ...] = ()) -> Path:
+        """A kubeconfig authenticating as `user` in `groups` with its own client certificate."""
+        key = (user, tuple(groups))
+        if key not in self._users:
+            path = self.workdir / f"user-{len(self._users)}.kubeconfig"
+            path.write_text(self._user_kubeconfig(user, tuple(groups)))
+            self._users[key] = path
+        return self._users[key]
+
+    def start(self, before_controllers: Callable[[], None] = lambda: None) -> None:
+        """etcd, then kube-apiserver, then `before_controllers()` (install CRDs: the garbage
+        collector discovers resources when it starts, and only every 30 s afterwards), then
+        kube-controller-manager. Any failure stops what was started and raises with log tails."""
+        try:
+            etcd_url = self.start_etcd()
+            self.start_apiserver(etcd_url)
+            before_controllers()
+            self.start_controller_manager()
+        except Exception as e:
+            self.stop()
+            raise ControlPlaneError(f"control plane failed to start: {e}\n{self.logs()}") from e
+
+    def stop(self) -> None:
+        """Stop in reverse order; every process is reaped even if an earlier stop fails."""
+        for component in reversed(self.components):
+            with contextlib.suppress(Exception):
+                component.stop()
+
+    def logs(self, lines: int = 40) -> str:
+        return "\n".join(
+            f"----- {c.name} (last {lines} lines of {c.log_path}) -----\n{c.tail(lines)}" for c in self.components
+        )
+
+
+def load_crd(path: Path) -> dict[str, Any]:
+    """The CustomResourceDefinition document in `path`, with a clear error if it is absent."""
+    if not path.is_file():
+        raise ControlPlaneError(f"CRD file missing: {path}")
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    crds = [d for d in docs if d.get("kind") == "CustomResourceDefinition"]
+    if len(crds) != 1:
+        raise ControlPlaneError(f"{path}: expected one CustomResourceDefinition, found {len(crds)}")
+    return crds[0]
+
+
+class Kube:
+    """What the `kube` fixture yields: a cluster to test against, with kubectl and helpers.
+
+    Attributes: `kubeconfig` (admin kubeconfig path), `api_client` (a kubernetes.client.ApiClient
+    for that admin), `local` (the LocalControlPlane, or None on an external cluster).
+    """
+
+    def __init__(self, kubeconfig: Path, kubectl_bin: Path, local: LocalControlPlane | None, workdir: Path) -> None:
+        from kubernetes import config
+
+        self.kubeconfig = kubeconfig
+        self.kubectl_bin = kubectl_bin
+        self.local = local
+        self.workdir = workdir
+        self.api_client = config.new_client_from_config(config_file=str(kubeconfig))
+
+    # ----- kubectl and clients -------------------------------------------------------------
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = False, timeout: float = 60,
+        kubeconfig: Path | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against this cluster (admin unless `kubeconfig` is given); text output."""
+        env = {**os.environ, "KUBECACHEDIR": str(self.workdir / "kubectl-cache")}
+        env.pop("KUBECONFIG", None)
+        argv = [str(self.kubectl_bin), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
+        done = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, env=env)
+        if check and done.returncode != 0:
+            raise subprocess.CalledProcessError(done.returncode, argv, done.stdout, done.stderr)
+        return done
+
+    def kubeconfig_for(self, user: str, groups: tuple[str, ...] | list[str] = ()) -> Path:
+        """A kubeconfig for a restricted user (client certificate here; impersonation outside)."""
+        if self.local is not None:
+            return self.local.kubeconfig_for(user, tuple(groups))
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        ctx_name = config["current-context"]
+        ctx = next(c for c in config["contexts"] if c["name"] == ctx_name)
+        admin_user = next(u for u in config["users"] if u["name"] == ctx["context"]["user"])
+        user_entry = {"name": f"as-{user}", "user": {**admin_user["user"], "as": user, "as-groups": list(groups)}}
+        config["users"].append(user_entry)
+        config["contexts"].append({"name": f"as-{user}", "context": {**ctx["context"], "user": f"as-{user}"}})
+        config["current-context"] = f"as-{user}"
+        path = self.workdir / f"as-{user}-{abs(hash(tuple(groups)))}.kubeconfig"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def user_client(self, user: str, groups: tuple[str, ...] | list[str] = ()) -> Any:
+        """A kubernetes.client.ApiClient authenticated as `user` in `groups`, subject to RBAC."""
+        from kubernetes import config
+
+        client = config.new_client_from_config(config_file=str(self.kubeconfig_for(user, groups)))
+        if self.local is None:  # the python client ignores `as:` in kubeconfigs: impersonate
+            if len(groups) > 1:
+                raise ControlPlaneError("on an external cluster user_client() supports one group "
+                                        "(the Python client sends one Impersonate-Group header)")
+            client.set_default_header("Impersonate-User", user)
+            for g in groups:
+                client.set_default_header("Impersonate-Group", g)
+        return client
+
+    def logs(self, lines: int = 40) -> str:
+        """The components' log tails (empty on an external cluster)."""
+        return self.local.logs(lines) if self.local else "(external cluster: no component logs)"
+
+    # ----- objects -------------------------------------------------------------------------
+    def apply_crd(self, crd: dict[str, Any], replace: bool = True) -> None:
+        """Create or replace a CRD and wait until it is Established and its API is served."""
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        api = client.ApiextensionsV1Api(self.api_client)
+        name = crd["metadata"]["name"]
+        try:
+            api.create_custom_resource_definition(crd)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            if replace:
+                current = api.read_custom_resource_definition(name)
+                body = {**crd, "metadata": {**crd["metadata"], "resourceVersion": current.metadata.resource_version}}
+                api.replace_custom_resource_definition(name, body)
+
+        def established() -> bool:
+            got = api.read_custom_resource_definition(name)
+            return any(c.type == "Established" and c.status == "True" for c in got.status.conditions or [])
+
+        wait_until(established, 30, f"CRD {name} to be Established")
+        group, plural = crd["spec"]["group"], crd["spec"]["names"]["plural"]
+        version = next(v["name"] for v in crd["spec"]["versions"] if v.get("served", True))
+        custom = client.CustomObjectsApi(self.api_client)
+        wait_until(lambda: custom.list_cluster_custom_object(group, version, plural, limit=1) is not None,
+                   30, f"the {plural}.{group} API to be served")
+
+    def wait_for(self, check: Callable[[], T | None], timeout: float = 30, what: str = "a condition") -> T:
+        """Poll `check` until truthy (the cluster is eventually consistent: GC, namespaces)."""
+        return wait_until(check, timeout, what)
+
+    # ----- lifecycle helpers (see lifecycle.py) --------------------------------------------
+    def start_job(self, name: str, namespace: str) -> dict[str, Any]:
+        return lifecycle.start_job(self.api_client, name, namespace)
+
+    def complete_job(self, name: str, namespace: str) -> dict[str, Any]:
+        return lifecycle.complete_job(self.api_client, name, namespace)
+
+    def fail_job(self, name: str, namespace: str, reason: str = "BackoffLimitExceeded",
+                 message: str = "Job has reached the specified backoff limit") -> dict[str, Any]:
+        return lifecycle.fail_job(self.api_client, name, namespace, reason, message)
+
+    def set_pytorchjob_condition(self, name: str, namespace: str, type: str, status: str = "True",
+                                 reason: str | None = None, message: str = "") -> dict[str, Any]:
+        return lifecycle.set_pytorchjob_condition(self.api_client, name, namespace, type, status, reason, message)
+
+    def start_pytorchjob(self, name: str, namespace: str) -> dict[str, Any]:
+        return lifecycle.start_pytorchjob(self.api_client, name, namespace)
+
+    def complete_pytorchjob(self, name: str, namespace: str) -> dict[str, Any]:
+        return lifecycle.complete_pytorchjob(self.api_client, name, namespace)
+
+    def fail_pytorchjob(self, name: str, namespace: str, message: str = "pytorch worker failed") -> dict[str, Any]:
+        return lifecycle.fail_pytorchjob(self.api_client, name, namespace, message)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.api_client.close()
+
+
+def _kubectl_for_external() -> Path:
+    built = bin_dir() / "kubectl"
+    if os.access(built, os.X_OK):
+        return built
+    found = shutil.which("kubectl")
+    if not found:
+        raise ControlPlaneError("CWM_TEST_KUBECONFIG is set but no kubectl: build it with "
+                                f"{BUILD_SCRIPT.relative_to(REPO)} or put one on PATH")
+    return Path(found)
+
+
+@contextlib.contextmanager
+def connect(crds: list[Path] | None = None) -> Iterator[Kube]:
+    """Yield a `Kube` with our CRDs installed; stop everything (even after errors) on exit.
+
+    With `CWM_TEST_KUBECONFIG` set, that cluster is used and left running (our CRD is applied,
+    the PyTorchJob CRD only if the cluster has none: a real training operator's wins).
+    """
+    crd_paths = crds if crds is not None else [CWM_CRD, PYTORCHJOB_CRD]
+    docs = [load_crd(p) for p in crd_paths]
+    workdir = Path(tempfile.mkdtemp(prefix="cwm-controlplane-"))
+    local: LocalControlPlane | None = None
+    kube: Kube | None = None
+    try:
+        external = os.environ.get("CWM_TEST_KUBECONFIG")
+        if external:
+            kube = Kube(Path(external).resolve(), _kubectl_for_external(), None, workdir)
+            for doc in docs:
+                kube.apply_crd(doc, replace=doc["spec"]["group"] != "kubeflow.org")
+        else:
+            bins = Binaries.find()
+            local = plane = LocalControlPlane(bins, workdir)
+
+            def install_crds() -> None:
+                nonlocal kube
+                kube = Kube(plane.kubeconfig, bins.kubectl, plane, workdir)
+                for doc in docs:
+                    kube.apply_crd(doc)
+
+            local.start(install_crds)
+        assert kube is not None
+        yield kube
+    finally:
+        if kube is not None:
+            kube.close()
+        if local is not None:
+            local.stop()
+        if os.environ.get("CWM_KEEP_CONTROLPLANE_DIR") != "1":
+            shutil.rmtree(workdir, ignore_errors=True)
