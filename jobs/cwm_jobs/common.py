@@ -250,7 +250,8 @@ def _camel(name: str) -> str:
     return head + "".join(p.title() for p in rest)
 
 
-DEFAULT_MIX = {"pretrain": {"code": 1.0}, "midtrain": {"cwm": 0.3, "code": 0.4, "rehearsal": 0.3}}
+DEFAULT_MIX = {"pretrain": {"code": 1.0}, "midtrain": {"cwm": 0.3, "code": 0.4, "rehearsal": 0.3},
+               "sft": {"cwm": 1.0}, "rl": {"cwm": 1.0}}
 
 
 @dataclass(frozen=True)
@@ -351,14 +352,12 @@ class StepContext:
         return self.outputs[name]
 
 
-def validate_with_api(spec: Mapping[str, Any]) -> None:
-    """Validate the stage section with ``cwm_operator.api.StageSpec`` when that model exists, so
-    errors read the same here as in ``cwm validate``."""
-    try:
-        from cwm_operator.api import StageSpec  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    StageSpec.model_validate(dict(spec))
+def validate_with_api(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the stage section with ``cwm_operator.api.StageSpec`` (the single source of truth
+    for the spec) and return it with every default filled in, camelCase."""
+    from cwm_operator.api import StageSpec
+
+    return StageSpec.model_validate(dict(spec)).dump()
 
 
 def load_context(stage: str, argv: Sequence[str] | None = None) -> StepContext:
@@ -366,8 +365,7 @@ def load_context(stage: str, argv: Sequence[str] | None = None) -> StepContext:
     from cwm_operator.stepconfig import load_step_config
 
     config, rest = load_step_config(argv)
-    spec = config["spec"]
-    validate_with_api(spec)
+    spec = validate_with_api(config["spec"])
     settings = StageSettings.from_spec(spec, stage)
     if settings.name != stage:
         raise ValueError(f"spec.name is {settings.name!r} but this entry point runs {stage!r}")

@@ -36,3 +36,42 @@ def _no_torchrun_variables(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     yield
     os.environ.pop("CWM_DEVICE", None)
+
+
+# --------------------------------------------------------------------------- small pipeline data
+
+from pathlib import Path
+
+from tests.jobs.jobhelpers import trajectory_records, traced_records, write_dataset
+
+
+@pytest.fixture(scope="session")
+def pipeline_data(tmp_path_factory):
+    """Corpus, traces, trajectories and a trained tokenizer, small enough for seconds of CPU."""
+    import sysconfig
+
+    from cwm_jobs.corpus import Root, build_corpus
+    from cwm_jobs.evaluate import cruxeval_tasks
+    from cwm_jobs.tasks import digit_tasks
+    from cwm_jobs.tokenizer import sample_texts
+    from cwm_model.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("pipeline")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = str(root / "corpus")
+    build_corpus(corpus, roots=[Root("stdlib", stdlib / "json"), Root("stdlib", stdlib / "email")],
+                 max_files=40, max_bytes=400_000)
+    crux = [(t.source, t.call[2:-1]) for t in cruxeval_tasks(120)]
+    digits = [(t.source, t.call[2:-1]) for t in digit_tasks(40, seed=1)]
+    traces = traced_records(crux + digits)
+    traces_uri = write_dataset(root / "traces", "traces",
+                               {"train": traces[:-24], "validation": traces[-24:]})
+    trajectories = trajectory_records(24)
+    traj_uri = write_dataset(root / "trajectories", "trajectories",
+                             {"train": trajectories[:20], "validation": trajectories[20:]})
+    inputs = {"corpus": corpus, "traces": traces_uri, "trajectories": traj_uri}
+    tokenizer = train_tokenizer(list(sample_texts(inputs, 600)), 512)
+    tokenizer.save(root / "tokenizer")
+    return {**inputs, "tokenizer": str(root / "tokenizer"), "root": root}
+
+

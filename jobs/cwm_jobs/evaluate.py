@@ -1,0 +1,256 @@
+"""End-of-stage evaluation, written to ``outputs.metrics/eval.json`` for the runner and operator.
+
+* ``validation_loss``: mean masked loss on the stage's validation splits (and per source);
+* ``trace_state_exact_match`` / ``trace_action_exact_match`` / ``trace_step_exact_match``: on
+  held-out traces, the share of frames the model would predict exactly by greedy decoding from the
+  true prefix. With teacher forcing this is exact and needs one forward pass per trace: greedy
+  decoding reproduces a frame token for token iff the argmax at each of its positions is the
+  true token. The *state* is a frame's event token, locals and ``<|action_sep|>``; the *action*
+  is the rest (source line, and the value of a return), through ``<|frame_sep|>``;
+* ``cruxeval_o``: CruxEval-O accuracy on the bundled CRUXEval problems (greedy answers checked by
+  evaluation in the sandbox);
+* ``mutate_fix_solve_rate``: when the agent environment is available (see the stage report).
+
+Every rank evaluates its share; counts are summed over ranks. Run standalone on a checkpoint with
+``python -m cwm_jobs.evaluate --checkpoint DIR [--traces DATASET] [--limit N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from importlib import resources
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from cwm_jobs.data import masked_lm_loss
+from cwm_jobs.tasks import OutputTask, extract_answer, prompt_messages, task_from_cruxeval
+
+LOG = logging.getLogger("cwm_jobs.evaluate")
+
+
+def all_sum(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _comm_device(module: torch.nn.Module) -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return next(module.parameters()).device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def validation_loss(module: torch.nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Token-weighted mean loss per source and overall (ranks summed)."""
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
+    sums: dict[str, list[float]] = {}
+    for batch in batches:
+        tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        logits = module(tensors["input_ids"], doc_ids=tensors["doc_ids"], positions=tensors["positions"])
+        n = float(tensors["loss_mask"].sum())
+        loss = float(masked_lm_loss(logits, tensors["targets"], tensors["loss_mask"]))
+        acc = sums.setdefault(batch.get("source", "all"), [0.0, 0.0])
+        acc[0] += loss * n
+        acc[1] += n
+    module.train(was_training)
+    names = sorted(sums)
+    if dist.is_initialized():  # every rank must take part with the same names
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, names)
+        names = sorted({n for part in gathered for n in part})
+    flat = all_sum([x for n in names for x in sums.get(n, [0.0, 0.0])], _comm_device(module))
+    out: dict[str, float] = {}
+    total = [0.0, 0.0]
+    for i, name in enumerate(names):
+        s, n = flat[2 * i], flat[2 * i + 1]
+        if n:
+            out[f"validation_loss/{name}"] = s / n
+        total[0] += s
+        total[1] += n
+    if total[1]:
+        out["validation_loss"] = total[0] / total[1]
+    return out
+
+
+# --------------------------------------------------------------------------- traces
+
+
+def frame_spans(ids: Sequence[int], frame_sep: int, action_sep: int) -> list[tuple[int, int, int]]:
+    """``(start, split, end)`` token indices of each frame after the prompt: the state is
+    ``ids[start:split]`` (through ``<|action_sep|>``), the action ``ids[split:end]`` (through
+    ``<|frame_sep|>``)."""
+    seps = [i for i, t in enumerate(ids) if t == frame_sep]
+    spans = []
+    for a, b in zip(seps, seps[1:]):
+        start, end = a + 1, b + 1
+        split = next((i + 1 for i in range(start, end) if ids[i] == action_sep), start)
+        spans.append((start, split, end))
+    return spans
+
+
+@torch.no_grad()
+def trace_exact_match(module: torch.nn.Module, tokenizer: Any, texts: Iterable[str],
+                      max_tokens: int) -> dict[str, float]:
+    """Per-frame exact match of state, action and both (ranks summed); see the module doc."""
+    frame_sep = tokenizer.token_id("<|frame_sep|>")
+    action_sep = tokenizer.token_id("<|action_sep|>")
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
+    counts = [0.0, 0.0, 0.0, 0.0]  # frames, state ok, action ok, both ok
+    for text in texts:
+        ids = tokenizer.encode(text)[:max_tokens]
+        spans = [s for s in frame_spans(ids, frame_sep, action_sep) if s[2] <= len(ids)]
+        if not spans:
+            continue
+        x = torch.tensor([ids], device=device)
+        predicted = module(x[:, :-1]).argmax(-1)[0].tolist()  # predicted[i] guesses ids[i + 1]
+        hit = [predicted[i - 1] == ids[i] for i in range(len(ids))]
+        for start, split, end in spans:
+            state, action = all(hit[start:split]), all(hit[split:end])
+            counts[0] += 1
+            counts[1] += state
+            counts[2] += action
+            counts[3] += state and action
+    module.train(was_training)
+    frames, state, action, both = all_sum(counts, _comm_device(module))
+    if not frames:
+        return {}
+    return {"trace_state_exact_match": state / frames, "trace_action_exact_match": action / frames,
+            "trace_step_exact_match": both / frames, "trace_frames": frames}
+
+
+def held_out_traces(uri: str, limit: int, rank: int, world: int) -> list[str]:
+    """This rank's share of the first ``limit`` validation traces."""
+    from cwm_operator.artifacts import iter_records
+
+    texts = []
+    for i, record in enumerate(iter_records(uri, "validation")):
+        if i >= limit:
+            break
+        if i % world == rank and isinstance(record.get("text"), str):
+            texts.append(record["text"])
+    return texts
+
+
+# --------------------------------------------------------------------------- output prediction
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    from cwm_model.chat import render_messages
+
+    ids: list[int] = []
+    for segment in render_messages(messages, add_generation_prompt=True):
+        ids += tokenizer.encode(segment.text)
+    if not ids or ids[0] != tokenizer.bos_id:
+        ids = [tokenizer.bos_id, *ids]
+    return ids
+
+
+def stop_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Tokens that end an assistant turn."""
+    ids = {tokenizer.eos_id}
+    for name in ("<|eot_id|>", "<|eom_id|>"):
+        try:
+            ids.add(tokenizer.token_id(name))
+        except (KeyError, ValueError):
+            pass
+    return tuple(sorted(ids))
+
+
+@torch.no_grad()
+def answer_tasks(module: torch.nn.Module, tokenizer: Any, tasks: Sequence[OutputTask], *,
+                 max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy answers to output-prediction questions."""
+    from cwm_model.generate import generate
+
+    was_training = module.training
+    module.eval()
+    answers = []
+    for i in range(0, len(tasks), batch_size):
+        prompts = [chat_prompt_ids(tokenizer, prompt_messages(t)) for t in tasks[i:i + batch_size]]
+        completions = generate(module, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                               stop_ids=stop_ids(tokenizer))
+        answers += [extract_answer(tokenizer.decode(c)) for c in completions]
+    module.train(was_training)
+    return answers
+
+
+def cruxeval_tasks(limit: int) -> list[OutputTask]:
+    path = resources.files("cwm_beam") / "data" / "cruxeval" / "cruxeval.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [task_from_cruxeval(json.loads(line)) for line in lines[:limit] if line.strip()]
+
+
+def output_prediction_accuracy(module: torch.nn.Module, tokenizer: Any, tasks: Sequence[OutputTask],
+                               *, rank: int, world: int, max_new_tokens: int,
+                               sandbox: Mapping[str, Any] | None) -> float:
+    from cwm_jobs.rewards import check_outputs
+
+    mine = list(tasks[rank::world])
+    answers = answer_tasks(module, tokenizer, mine, max_new_tokens=max_new_tokens)
+    verdicts = check_outputs([(a, t.expected) for a, t in zip(answers, mine)], sandbox)
+    right, total = all_sum([float(sum(verdicts)), float(len(mine))], _comm_device(module))
+    return right / total if total else 0.0
+
+
+# --------------------------------------------------------------------------- the stage's report
+
+
+def evaluate_model(module: torch.nn.Module, tokenizer: Any, *, rank: int, world: int,
+                   validation: Iterable[dict[str, Any]] = (), traces_uri: str | None = None,
+                   evaluation: Mapping[str, Any] | None = None,
+                   sandbox: Mapping[str, Any] | None = None, max_tokens: int = 2048) -> dict[str, float]:
+    """Everything the stage reports, as flat numbers."""
+    ev = dict(evaluation or {})
+    results = validation_loss(module, validation)
+    held_out = int(ev.get("heldOutTraces", 200))
+    if traces_uri and held_out:
+        from cwm_operator.artifacts import read_manifest
+
+        if read_manifest(traces_uri).splits.get("validation"):
+            texts = held_out_traces(traces_uri, held_out, rank, world)
+            results.update(trace_exact_match(module, tokenizer, texts, max_tokens))
+    if ev.get("cruxeval", True):
+        tasks = cruxeval_tasks(int(ev.get("cruxevalLimit", 800)))
+        results["cruxeval_o"] = output_prediction_accuracy(
+            module, tokenizer, tasks, rank=rank, world=world,
+            max_new_tokens=int(ev.get("maxNewTokens", 128)), sandbox=sandbox)
+        results["cruxeval_o_problems"] = float(len(tasks))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Evaluate a saved checkpoint in one process and print the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--traces", default=None, help="a traces data set (validation split)")
+    parser.add_argument("--limit", type=int, default=800, help="CRUXEval problems")
+    parser.add_argument("--held-out", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    args = parser.parse_args(argv)
+    from cwm_model.checkpoint import load_checkpoint
+
+    logging.basicConfig(level=logging.INFO)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=device)
+    if tokenizer is None:
+        raise SystemExit(f"{args.checkpoint}: the checkpoint carries no tokenizer")
+    results = evaluate_model(
+        model, tokenizer, rank=0, world=1, traces_uri=args.traces,
+        evaluation={"heldOutTraces": args.held_out, "cruxevalLimit": args.limit,
+                    "maxNewTokens": args.max_new_tokens},
+        max_tokens=model.config.max_seq_len)
+    print(json.dumps(results, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Training metrics: JSONL (the record the tests and the runner read), TensorBoard, and a
+progress display. Only rank 0 writes.
+
+``outputs.metrics`` holds ``metrics.jsonl`` (one object per step, appended, so a resumed run
+continues the file), ``tensorboard/`` and, at the end, ``eval.json`` (flat numbers that the
+runner and the operator copy into the pipeline's status). A remote URI is staged locally and
+uploaded by :meth:`MetricsLogger.sync`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from cwm_jobs.checkpointing import is_local, staging_dir
+from cwm_jobs.common import write_json_atomic
+
+LOG = logging.getLogger("cwm_jobs.metrics")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, uri: str, *, stage: str, total_steps: int, enabled: bool, every: int = 10):
+        self.uri, self.stage, self.total, self.enabled = uri.rstrip("/"), stage, total_steps, enabled
+        self.local = staging_dir(self.uri, "metrics")
+        self.every = max(1, every)
+        self._tb = None
+        self._progress = None
+        self._task = None
+        self._start = time.time()
+        if not enabled:
+            return
+        self.local.mkdir(parents=True, exist_ok=True)
+        if not is_local(self.uri):
+            self._pull()
+        self._jsonl = open(self.local / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.local / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency; degrade to JSONL only if absent
+            LOG.warning("tensorboard is not installed: writing metrics.jsonl only")
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn(f"{stage}"), BarColumn(),
+                                      TextColumn("{task.completed}/{task.total} {task.description}"),
+                                      TimeRemainingColumn())
+            self._progress.start()
+            self._task = self._progress.add_task("", total=total_steps)
+
+    def _pull(self) -> None:
+        fs, path = fsspec.core.url_to_fs(f"{self.uri}/metrics.jsonl")
+        if fs.exists(path):
+            fs.get(path, str(self.local / "metrics.jsonl"))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"stage": self.stage, "step": step, "time": round(time.time(), 3),
+                  **{k: _clean(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{self.stage}/{key}", value, step)
+        summary = " ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, float))
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, description=summary)
+        elif step % self.every == 0 or step == self.total:
+            LOG.info("%s step %d/%d %s", self.stage, step, self.total, summary)
+
+    def sync(self) -> None:
+        """Flush, and upload to a remote URI."""
+        if not self.enabled:
+            return
+        self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        if not is_local(self.uri):
+            fs, path = fsspec.core.url_to_fs(self.uri)
+            fs.put(str(self.local) + "/", path, recursive=True)
+
+    def write_eval(self, results: dict[str, float]) -> None:
+        """``eval.json``: a flat object of numbers."""
+        if not self.enabled:
+            return
+        flat = {k: _clean(float(v)) for k, v in results.items() if isinstance(v, (int, float))}
+        write_json_atomic(self.local / "eval.json", flat)
+        if self._tb is not None:
+            for key, value in flat.items():
+                if value is not None:
+                    self._tb.add_scalar(f"{self.stage}/eval/{key}", value, self.total)
+        self.sync()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.sync()
+        if self._progress is not None:
+            self._progress.stop()
+        if self._tb is not None:
+            self._tb.close()
+        self._jsonl.close()
+        self.enabled = False
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; for a resumed run the last record of each step wins."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]

@@ -1,0 +1,143 @@
+"""Which data each stage trains on, from the step's inputs and ``dataMix``.
+
+``dataMix`` names three sources (CWM's mid-training mix): ``cwm`` (execution traces and
+ForagerAgent trajectories, half each when both exist), ``code`` (the code corpus) and
+``rehearsal`` (the pretraining data: ``inputs.rehearsal`` when given, else the corpus read in a
+different order). SFT turns the same data sets into chat examples: output-prediction questions
+from traces (the trace is the reasoning), and trajectories with the loss on the agent's turns.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from cwm_jobs.common import DistEnv, StepContext
+from cwm_jobs.data import (
+    Batcher,
+    Document,
+    Encoder,
+    MixedStream,
+    PackedStream,
+    Position,
+    RecordStream,
+    chat_document,
+    text_document,
+    trajectory_document,
+)
+from cwm_jobs.tasks import sft_messages, task_from_trace
+
+
+@dataclass(frozen=True)
+class Source:
+    """One weighted data source: a data set split read through an encoder."""
+
+    name: str
+    uri: str
+    encode: Encoder
+    weight: float
+    seed_offset: int = 0
+
+
+def _text(tokenizer: Any) -> Encoder:
+    def encode(record: dict[str, Any], _position: Position) -> Document | None:
+        text = record["text"]
+        if not isinstance(text, str) or not text:
+            return None
+        return text_document(tokenizer, text)
+
+    return encode
+
+
+def _trajectory(tokenizer: Any, seed: int, rate: float, assistant_only: bool) -> Encoder:
+    def encode(record: dict[str, Any], position: Position) -> Document | None:
+        return trajectory_document(tokenizer, record, position, seed=seed, mask_rate=rate,
+                                   assistant_only=assistant_only)
+
+    return encode
+
+
+def _trace_question(tokenizer: Any) -> Encoder:
+    def encode(record: dict[str, Any], _position: Position) -> Document | None:
+        task = task_from_trace(record["text"])
+        return None if task is None else chat_document(tokenizer, sft_messages(task))
+
+    return encode
+
+
+def stage_sources(ctx: StepContext, tokenizer: Any) -> list[Source]:
+    """The weighted sources of a pretrain, midtrain or SFT stage. A positive weight whose data
+    set is not among the inputs is an error naming both."""
+    s = ctx.settings
+    mix = s.data_mix
+    sft = s.name == "sft"
+    sources: list[Source] = []
+    cwm_inputs = [n for n in ("traces", "trajectories") if ctx.input(n)]
+    if mix.get("cwm", 0) > 0:
+        if not cwm_inputs:
+            raise ValueError(f"spec.dataMix.cwm is {mix['cwm']} but neither inputs.traces nor "
+                             "inputs.trajectories is given")
+        share = mix["cwm"] / len(cwm_inputs)
+        if ctx.input("traces"):
+            enc = _trace_question(tokenizer) if sft else _text(tokenizer)
+            sources.append(Source("traces", ctx.input("traces"), enc, share))
+        if ctx.input("trajectories"):
+            enc = _trajectory(tokenizer, ctx.seed, s.observation_mask_rate, assistant_only=sft)
+            sources.append(Source("trajectories", ctx.input("trajectories"), enc, share))
+    for name, uri in (("code", ctx.input("corpus")),
+                      ("rehearsal", ctx.input("rehearsal") or ctx.input("corpus"))):
+        if mix.get(name, 0) > 0:
+            if not uri:
+                raise ValueError(f"spec.dataMix.{name} is {mix[name]} but inputs.corpus is not given")
+            sources.append(Source(name, uri, _text(tokenizer), mix[name],
+                                  seed_offset=1 if name == "rehearsal" else 0))
+    if not sources:
+        raise ValueError("spec.dataMix selects no data")
+    return sources
+
+
+def make_batcher_factory(
+    sources: list[Source], env: DistEnv, *, seed: int, length: int, micro_batch_size: int,
+    split: str = "train",
+) -> Callable[[dict[str, Any] | None], Batcher]:
+    """A function from a saved data state (or None) to the stage's batcher."""
+
+    def make(state: dict[str, Any] | None) -> Batcher:
+        stats: Counter = Counter()
+        streams = {}
+        for src in sources:
+            records = RecordStream(src.uri, split, seed=seed + src.seed_offset, rank=env.rank,
+                                   world=env.world_size, stats=stats)
+            sub = state["sources"].get(src.name) if state else None
+            streams[src.name] = PackedStream(records, src.encode, length, state=sub)
+        weights = {src.name: src.weight for src in sources}
+        mixed = MixedStream(streams, weights, seed=seed, rank=env.rank, state=state)
+        return Batcher(mixed, micro_batch_size, stats)
+
+    return make
+
+
+def validation_batches(sources: list[Source], env: DistEnv, *, seed: int, length: int,
+                       micro_batch_size: int, max_sequences: int) -> list[dict[str, Any]]:
+    """A fixed set of validation batches: each source's validation split read once, in order,
+    up to ``max_sequences`` per source on this rank. Sources without one are left out."""
+    from cwm_jobs.data import collate
+    from cwm_operator.artifacts import read_manifest
+
+    batches = []
+    for src in sources:
+        if not read_manifest(src.uri).splits.get("validation"):
+            continue
+        records = RecordStream(src.uri, "validation", seed=seed, rank=env.rank,
+                               world=env.world_size, epochs=1)
+        stream = PackedStream(records, src.encode, length)
+        sequences = []
+        while len(sequences) < max_sequences:
+            seq = stream.next()
+            if seq is None:
+                break
+            sequences.append(seq)
+        for i in range(0, len(sequences), micro_batch_size):
+            batches.append({"source": src.name, **collate(sequences[i:i + micro_batch_size])})
+    return batches

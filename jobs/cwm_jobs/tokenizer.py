@@ -1,0 +1,121 @@
+"""The tokenizer step: train the byte-level BPE on the pipeline's own data, or adopt a given one.
+
+``python -m cwm_jobs.tokenizer --config step.json`` writes ``outputs.tokenizer/tokenizer.json``.
+
+* ``spec.uri`` set: load that ``tokenizer.json`` (a path or fsspec URI; ours or a Llama-3 one,
+  whose reserved slots receive CWM's special names) and save it;
+* otherwise train ``spec.vocabSize`` base tokens (CWM's 256 specials go above) on a sample of
+  ``spec.sampleRecords`` records drawn round-robin from the inputs that exist: the code corpus,
+  traces (their text, with the special tokens written out, which the BPE treats as the
+  specials they are) and trajectories (rendered chat), so every kind of text the stages train on
+  shapes the merges.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import fsspec
+
+from cwm_operator.artifacts import iter_records
+
+LOG = logging.getLogger("cwm_jobs.tokenizer")
+SOURCES = ("corpus", "traces", "trajectories")
+
+
+def record_text(kind: str, record: dict[str, Any]) -> str | None:
+    """The text a record contributes to tokenizer training (None if it has none)."""
+    if kind == "trajectories":
+        from cwm_model.chat import render_messages, render_text
+
+        messages = record.get("messages")
+        if not isinstance(messages, list):
+            return None
+        try:
+            return render_text(render_messages(messages, tools=record.get("tools")))
+        except ValueError:
+            return None
+    text = record.get("text")
+    return text if isinstance(text, str) and text else None
+
+
+def sample_texts(inputs: dict[str, str], limit: int) -> Iterator[str]:
+    """Up to ``limit`` texts taken in turn from each input's train split."""
+    def texts(kind: str) -> Iterator[str]:
+        for record in iter_records(inputs[kind], "train"):
+            text = record_text(kind, record)
+            if text:
+                yield text
+
+    streams = [texts(name) for name in SOURCES if inputs.get(name)]
+    produced = 0
+    while streams and produced < limit:
+        for stream in list(streams):
+            text = next(stream, None)
+            if text is None:
+                streams.remove(stream)
+                continue
+            produced += 1
+            yield text
+            if produced >= limit:
+                return
+
+
+def adopt(uri: str):
+    """Load a given tokenizer.json (local or fsspec URI)."""
+    from cwm_model.tokenizer import CWMTokenizer
+
+    if "://" not in uri or uri.startswith("file://"):
+        return CWMTokenizer.load(uri.removeprefix("file://"))
+    with tempfile.TemporaryDirectory() as tmp:
+        source = uri.rstrip("/")
+        if not source.endswith(".json"):
+            source += "/tokenizer.json"
+        with fsspec.open(source, "rb") as f:
+            (Path(tmp) / "tokenizer.json").write_bytes(f.read())
+        return CWMTokenizer.load(tmp)
+
+
+def build_tokenizer(spec: dict[str, Any], inputs: dict[str, str]):
+    from cwm_model.tokenizer import train_tokenizer
+
+    if spec.get("uri"):
+        return adopt(spec["uri"])
+    if not any(inputs.get(n) for n in SOURCES):
+        raise ValueError("tokenizer: none of inputs.corpus, inputs.traces, inputs.trajectories "
+                         "is given, and spec.uri is empty: nothing to train on")
+    texts = list(sample_texts(inputs, int(spec.get("sampleRecords", 20000))))
+    if not texts:
+        raise ValueError(f"tokenizer: the inputs {sorted(inputs)} hold no text to train on")
+    LOG.info("training a %d-token BPE on %d records", int(spec.get("vocabSize", 4096)), len(texts))
+    return train_tokenizer(texts, int(spec.get("vocabSize", 4096)))
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    from cwm_operator.stepconfig import load_step_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config, _ = load_step_config(argv)
+    out = (config.get("outputs") or {}).get("tokenizer")
+    if not out:
+        raise ValueError("step configuration: outputs.tokenizer is required for the tokenizer step")
+    tokenizer = build_tokenizer(dict(config.get("spec") or {}), dict(config.get("inputs") or {}))
+    if "://" in out and not out.startswith("file://"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = tokenizer.save(tmp)
+            fs, remote = fsspec.core.url_to_fs(out)
+            fs.makedirs(remote, exist_ok=True)
+            fs.put(str(path), f"{remote}/tokenizer.json")
+        LOG.info("tokenizer: %d tokens -> %s", tokenizer.vocab_size, out)
+        return Path(out)
+    path = tokenizer.save(out.removeprefix("file://"))
+    LOG.info("tokenizer: %d tokens -> %s", tokenizer.vocab_size, path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
