@@ -294,18 +294,67 @@ def test_local_images_have_no_registry(rendered: dict[str, list[dict[str, Any]]]
     assert env["CWM_BEAM_IMAGE"] == f"cwm-beam:{CHART_YAML['appVersion']}"
 
 
+class RecordingEnv(dict):
+    """An environment that records which variables are read."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def operator_settings(objects: list[dict[str, Any]]) -> tuple[Any, set[str]]:
+    """The operator's own Settings parsed from the rendered environment, and the variables it
+    read."""
+    from cwm_operator.settings import Settings
+
+    env = RecordingEnv({k: v for k, v in container_env(deployment(objects)).items()
+                        if isinstance(v, str)})
+    return Settings.from_env(env), env.read
+
+
+@pytest.mark.parametrize("case", VALUES_CASES)
+def test_chart_sets_exactly_the_settings_the_operator_reads(
+        rendered: dict[str, list[dict[str, Any]]], case: str) -> None:
+    settings, read = operator_settings(rendered[case])
+    set_by_chart = {k for k in container_env(deployment(rendered[case])) if k.startswith("CWM_")}
+    assert set_by_chart == {k for k in read if k.startswith("CWM_")}
+    assert settings.beam_image and settings.trainer_image
+
+
 def test_children_defaults_reach_the_operator(rendered: dict[str, list[dict[str, Any]]]) -> None:
     values = yaml.safe_load((CHART / "ci" / "gpu-values.yaml").read_text())
-    env = container_env(deployment(rendered["gpu-values.yaml"]))
     children = values["children"]
-    assert json.loads(env["CWM_GPU_NODE_SELECTOR"]) == children["gpu"]["nodeSelector"]
-    assert json.loads(env["CWM_GPU_TOLERATIONS"]) == children["gpu"]["tolerations"]
-    assert env["CWM_IMAGE_PULL_POLICY"] == "Always"
-    assert env["CWM_CHILD_SERVICE_ACCOUNT"] == "cwm-steps"
-    assert env["CWM_CLEAN_POD_POLICY"] == "Running"
-    assert env["CWM_STUCK_AFTER_SECONDS"] == "3600"
-    assert env["CWM_RETRY_BACKOFF_SECONDS"] == "60"
-    assert env["CWM_BEAM_IMAGE"] == "europe-docker.pkg.dev/acme-ml/cwm/cwm-beam:0.1.0"
+    settings, _ = operator_settings(rendered["gpu-values.yaml"])
+    assert dict(settings.gpu_node_selector) == children["gpu"]["nodeSelector"]
+    assert list(settings.gpu_tolerations) == children["gpu"]["tolerations"]
+    assert settings.image_pull_policy == "Always"
+    assert settings.service_account == "cwm-steps"
+    assert settings.clean_pod_policy == "Running"
+    assert settings.stuck_seconds == 3600
+    assert (settings.retry_backoff_seconds, settings.retry_backoff_max_seconds) == (60, 600)
+    assert settings.beam_image == "europe-docker.pkg.dev/acme-ml/cwm/cwm-beam:0.1.0"
+    assert settings.trainer_image == "europe-docker.pkg.dev/acme-ml/cwm/cwm-trainer:0.1.0"
+
+
+def test_default_children_settings(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The chart's defaults are the operator's own defaults, plus the images and GPU taint."""
+    from cwm_operator.settings import Settings
+
+    settings, _ = operator_settings(rendered["default"])
+    plain = Settings()
+    for name in ("image_pull_policy", "stuck_seconds", "retry_backoff_seconds",
+                 "retry_backoff_max_seconds", "service_account", "clean_pod_policy"):
+        assert getattr(settings, name) == getattr(plain, name), name
+    assert list(settings.gpu_tolerations) == \
+        [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
 def test_watch_modes_select_the_namespace_flags(rendered: dict[str, list[dict[str, Any]]]) -> None:
