@@ -1,0 +1,608 @@
+"""Execution-trace data set: read → fuzz → trace in the sandbox → limits → dedup → split → shards.
+
+Run as a pipeline step (configuration from ``$CWM_STEP_CONFIG`` or ``--config FILE``; section
+``TraceDataSpec`` in ``spec``, ``data.sandbox`` and ``data.beam`` beside it)::
+
+    python -m cwm_beam.traces --config step.json
+
+or standalone with plain flags::
+
+    python -m cwm_beam.traces --source cruxeval --source synthetic:2000 --output /tmp/traces
+    python -m cwm_beam.traces --source jsonl:fns.jsonl --workers 2 --output /tmp/traces
+    python -m cwm_beam.traces --source cruxeval --output /tmp/t --runner FlinkRunner \\
+        --flink_master=[local] --environment_type=LOOPBACK   # extra flags go to Beam unchanged
+
+The default runner is Beam's in-process ``FnApiRunner`` (``--workers N`` worker processes); any
+other runner's flags pass through. Output: a ``cwm-dataset/v1`` folder (``cwm_operator.artifacts``)
+with ``train-*``, ``validation-*`` and ``deadletter-*`` JSONL shards and the manifest, written
+last. Records::
+
+    {"id", "source", "program_hash", "code", "entry", "input", "text", "frames", "return",
+     "exception", "truncated", "events"}
+
+Dead letters: ``{"id", "source", "stage", "reason", "detail"}``. Beam metrics (namespace
+``traces``) count both; the manifest's ``stats`` repeats the counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Iterator
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from cwm_beam import fuzz, sources, synthetic
+from cwm_beam.sandbox import Failure, Limits, TracePool
+from cwm_beam.trace_format import contains_trace_token
+from cwm_beam.tracer import TraceLimits, TraceResult
+
+LOG = logging.getLogger("cwm_beam.traces")
+NAMESPACE = "traces"
+DEADLETTER = "deadletter"
+SOURCE_KINDS = ("cruxeval", "jsonl", "functions", "synthetic", "repository")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings (pure)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the transforms need; built from the step config or from flags."""
+
+    sources: tuple[dict, ...] = ({"kind": "cruxeval"},)
+    fuzz_inputs_per_function: int = 3
+    exception_share: float = 0.1
+    trace_limits: TraceLimits = field(default_factory=TraceLimits)
+    sandbox: Limits = field(default_factory=Limits)
+    validation_fraction: float = 0.05
+    shards: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for index, source in enumerate(self.sources):
+            kind = source.get("kind")
+            if kind not in SOURCE_KINDS:
+                raise ValueError(f"sources[{index}].kind: {kind!r} is not one of "
+                                 f"{', '.join(SOURCE_KINDS)}")
+            if kind in ("jsonl", "functions", "repository") and not source.get("uri"):
+                raise ValueError(f"sources[{index}].uri is required for a {kind} source")
+            if kind == "synthetic" and not source.get("count"):
+                raise ValueError(f"sources[{index}].count is required for a synthetic source")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError("validationFraction must be within [0, 1)")
+        if self.shards < 1:
+            raise ValueError("shards must be >= 1")
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], sandbox: dict[str, Any] | None = None,
+                  seed: int | None = None) -> "Settings":
+        """From ``TraceDataSpec`` dumped by alias (camelCase) plus ``data.sandbox``."""
+        limits = TraceLimits(max_events=spec.get("maxEvents", 10_000),
+                             max_bytes=spec.get("maxBytes", 1_000_000),
+                             max_repr_chars=spec.get("maxReprChars", 200),
+                             seed=spec.get("seed", 0))
+        return cls(sources=tuple(dict(s) for s in spec.get("sources", [{"kind": "cruxeval"}])),
+                   fuzz_inputs_per_function=spec.get("fuzzInputsPerFunction", 3),
+                   exception_share=spec.get("exceptionShare", 0.1),
+                   trace_limits=limits, sandbox=Limits.from_spec(sandbox),
+                   validation_fraction=spec.get("validationFraction", 0.05),
+                   shards=spec.get("shards", 4),
+                   seed=spec.get("seed", 0) if seed is None else seed)
+
+
+def program_hash(code: str) -> str:
+    """Hash of the program text (trailing spaces and blank edges ignored): the split key."""
+    normal = "\n".join(line.rstrip() for line in code.strip().splitlines())
+    return hashlib.sha256(normal.encode()).hexdigest()
+
+
+def split_of(program_hash_hex: str, validation_fraction: float) -> str:
+    """``"validation"`` or ``"train"``, a pure function of the program hash, so every trace of a
+    program (whatever its input or source) lands in the same split."""
+    position = int(program_hash_hex[:15], 16) / float(16 ** 15)
+    return "validation" if position < validation_fraction else "train"
+
+
+def content_hash(record: dict[str, Any]) -> str:
+    return hashlib.sha256(record["text"].encode()).hexdigest()
+
+
+def dead_letter(record: dict[str, Any], stage: str, reason: str, detail: str = "") -> dict:
+    return {"id": record.get("id", "?"), "source": record.get("source", "?"), "stage": stage,
+            "reason": reason, "detail": detail[:2000]}
+
+
+def exception_quota(program_id: str, wanted: int, share: float) -> int:
+    """How many of a function's kept fuzzed inputs may raise: ``wanted × share`` rounded up or
+    down by a hash of the id, so the share holds on average and the choice is deterministic."""
+    exact = wanted * share
+    whole = int(exact)
+    fraction = int(hashlib.sha256(program_id.encode()).hexdigest()[:8], 16) / 2 ** 32
+    return whole + (1 if fraction < exact - whole else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading sources (I/O: files through fsspec)
+
+
+def expand_source(source: dict[str, Any], seed: int) -> Iterator[dict[str, Any]]:
+    """Programs of one source: ``{"id", "source", "code", "entry", "input" | None, ...}``; a
+    malformed line becomes ``{"_deadletter": ...}``."""
+    kind = source["kind"]
+    if kind == "cruxeval":
+        for record in list(sources.cruxeval_records())[: source.get("count")]:
+            yield {"id": f"cruxeval/{record['id']}", "source": kind, "code": record["code"],
+                   "entry": "f", "input": record["input"], "expected": record["output"]}
+    elif kind == "synthetic":
+        for program in synthetic.generate(source.get("seed", seed), int(source["count"])):
+            yield {**program, "source": kind}
+    elif kind in ("jsonl", "functions"):
+        yield from _read_jsonl(source, kind)
+    else:
+        yield {"_deadletter": dead_letter({"id": source.get("uri"), "source": kind}, "read",
+                                          "repository sources run through cwm_beam.repository")}
+
+
+def _read_jsonl(source: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
+    import fsspec
+
+    uri = source["uri"]
+    limit = source.get("count")
+    with fsspec.open(uri, "r", encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if limit is not None and number > limit:
+                return
+            if not line.strip():
+                continue
+            origin = {"id": f"{kind}:{uri}:{number}", "source": kind}
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield {"_deadletter": dead_letter(origin, "read", "line is not JSON", str(err))}
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("code"), str):
+                yield {"_deadletter": dead_letter(origin, "read", "record has no string 'code'")}
+                continue
+            if kind == "jsonl" and not isinstance(record.get("input"), str):
+                yield {"_deadletter": dead_letter(origin, "read", "record has no string 'input'")}
+                continue
+            entry = record.get("entry")
+            if entry is None:
+                try:
+                    entry = fuzz.find_entry(record["code"]).name if kind == "functions" else "f"
+                except fuzz.FuzzError as err:
+                    yield {"_deadletter": dead_letter(origin, "read", str(err))}
+                    continue
+            yield {"id": f"{kind}/{record.get('id', number)}", "source": kind,
+                   "code": record["code"], "entry": entry,
+                   "input": record.get("input") if kind == "jsonl" else None,
+                   "examples": record.get("examples", []),
+                   **({"expected": record["output"]} if "output" in record else {})}
+
+
+# --------------------------------------------------------------------------------------------
+# DoFns
+
+
+class ExpandSource(beam.DoFn):
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.read = Metrics.counter(NAMESPACE, "programs_read")
+
+    def process(self, source: dict[str, Any]):
+        for program in expand_source(source, self.seed):
+            if "_deadletter" in program:
+                yield beam.pvalue.TaggedOutput(DEADLETTER, program["_deadletter"])
+            else:
+                self.read.inc()
+                yield program
+
+
+class Fuzz(beam.DoFn):
+    """Functions without inputs get candidate inputs (more than needed: some will fail)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.candidates = Metrics.counter(NAMESPACE, "fuzz_candidates")
+
+    def process(self, program: dict[str, Any]):
+        if program.get("input") is not None:
+            yield program
+            return
+        wanted = self.settings.fuzz_inputs_per_function
+        try:
+            inputs = list(fuzz.candidate_inputs(program["code"], program["entry"], wanted * 4,
+                                                self.settings.seed, program.get("examples", [])))
+        except fuzz.FuzzError as err:
+            yield beam.pvalue.TaggedOutput(DEADLETTER, dead_letter(program, "fuzz", str(err)))
+            return
+        if not inputs:
+            yield beam.pvalue.TaggedOutput(DEADLETTER, dead_letter(
+                program, "fuzz", "no candidate inputs (function takes no arguments?)"))
+        for index, text in enumerate(inputs):
+            self.candidates.inc()
+            yield {**program, "input": text, "fuzz_of": program["id"], "fuzz_index": index,
+                   "id": f"{program['id']}#{index}"}
+
+
+class TraceProgram(beam.DoFn):
+    """Trace one program in this worker's sandboxed fork server."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.traced = Metrics.counter(NAMESPACE, "traced")
+        self.failed = Metrics.counter(NAMESPACE, "trace_failures")
+        self.pool: TracePool | None = None
+        self.count = 0
+        self.started = 0.0
+
+    def setup(self) -> None:
+        self.pool = TracePool(self.settings.sandbox, workers=1,
+                              trace_limits=self.settings.trace_limits)
+        self.started = time.monotonic()
+
+    def teardown(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    def process(self, program: dict[str, Any]):
+        if self.pool is None:
+            self.setup()
+        result = self.pool.trace(program["code"], program["entry"], program["input"])
+        self.count += 1
+        if self.count % 500 == 0:
+            LOG.info("traced %d programs in this worker (%.0f/s)", self.count,
+                     self.count / max(1e-9, time.monotonic() - self.started))
+        if isinstance(result, Failure):
+            self.failed.inc()
+            yield {**program, "_failure": {"stage": result.stage, "reason": result.reason,
+                                           "detail": result.detail}}
+        else:
+            self.traced.inc()
+            yield {**program, "_result": result.to_json()}
+
+
+def to_record(program: dict[str, Any], limits: TraceLimits) -> dict[str, Any]:
+    """A traced program as an output record, or ``{"_deadletter": ...}`` when it failed or broke a
+    limit. Pure."""
+    if "_failure" in program:
+        failure = program["_failure"]
+        return {"_deadletter": dead_letter(program, failure["stage"], failure["reason"],
+                                           failure["detail"])}
+    result = TraceResult.from_json(program["_result"])
+    if result.truncated_reason:
+        return {"_deadletter": dead_letter(program, "limits",
+                                           f"trace limit: {result.truncated_reason}")}
+    if len(result.text.encode("utf-8", "surrogatepass")) > limits.max_bytes:
+        return {"_deadletter": dead_letter(program, "limits",
+                                           f"trace limit: max_bytes ({limits.max_bytes})")}
+    if contains_trace_token(program["code"]) or contains_trace_token(program["input"]) or any(
+            contains_trace_token(f.value or "") or any(contains_trace_token(v) for v in
+                                                       (f.locals or {}).values())
+            for f in result.frames):
+        return {"_deadletter": dead_letter(program, "format",
+                                           "program or values contain special-token text")}
+    record = {"id": program["id"], "source": program["source"],
+              "program_hash": program_hash(program["code"]), "code": program["code"],
+              "entry": program["entry"], "input": program["input"], "text": result.text,
+              "frames": [f.to_json() for f in result.frames], "return": result.return_repr,
+              "exception": result.exception, "truncated": False, "events": result.events}
+    if "fuzz_of" in program:
+        record["fuzz_of"], record["fuzz_index"] = program["fuzz_of"], program["fuzz_index"]
+    return record
+
+
+class ApplyLimits(beam.DoFn):
+    def __init__(self, limits: TraceLimits) -> None:
+        self.limits = limits
+        self.dropped = Metrics.counter(NAMESPACE, "dropped_by_limits")
+
+    def process(self, program: dict[str, Any]):
+        record = to_record(program, self.limits)
+        if "_deadletter" in record:
+            if "fuzz_of" in program:   # a rejected fuzz candidate is not a failure: drop it
+                yield beam.pvalue.TaggedOutput("rejected", program["fuzz_of"])
+                return
+            self.dropped.inc()
+            yield beam.pvalue.TaggedOutput(DEADLETTER, record["_deadletter"])
+        else:
+            yield record
+
+
+def select_fuzzed(program_id: str, records: Iterable[dict[str, Any]], wanted: int,
+                  share: float) -> list[dict[str, Any]]:
+    """Keep up to ``wanted`` traces of a fuzzed function, at most its exception quota raising,
+    in candidate order. Pure."""
+    quota = exception_quota(program_id, wanted, share)
+    ordered = sorted(records, key=lambda r: r["fuzz_index"])
+    raising = [r for r in ordered if r["exception"] is not None][:quota]
+    normal = [r for r in ordered if r["exception"] is None][: wanted - len(raising)]
+    kept = sorted(normal + raising, key=lambda r: r["fuzz_index"])
+    return [{k: v for k, v in r.items() if k not in ("fuzz_of", "fuzz_index")} for r in kept]
+
+
+class SelectFuzzed(beam.DoFn):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.rejected = Metrics.counter(NAMESPACE, "fuzz_rejected")
+
+    def process(self, item):
+        program_id, grouped = item
+        records = [r for r in grouped if isinstance(r, dict)]
+        self.rejected.inc(sum(1 for r in grouped if not isinstance(r, dict)))
+        kept = select_fuzzed(program_id, records, self.settings.fuzz_inputs_per_function,
+                             self.settings.exception_share)
+        if not kept:
+            yield beam.pvalue.TaggedOutput(DEADLETTER, dead_letter(
+                {"id": program_id, "source": "functions"}, "fuzz",
+                "no fuzzed input finished within the limits"))
+        yield from kept
+
+
+def keep_first(item):
+    """Of records with the same trace text, keep the one with the smallest id."""
+    _, records = item
+    return min(records, key=lambda r: r["id"])
+
+
+class CountDeadLetters(beam.DoFn):
+    def process(self, record: dict[str, Any]):
+        Metrics.counter(NAMESPACE, f"deadletter_{record['stage']}").inc()
+        yield record
+
+
+# --------------------------------------------------------------------------------------------
+# Composite transforms
+
+
+class TraceDataset(beam.PTransform):
+    """Source descriptors in; ``{"train", "validation", "deadletter"}`` PCollections out."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def expand(self, source_descriptors):
+        s = self.settings
+        read = (source_descriptors
+                | "ExpandSources" >> beam.ParDo(ExpandSource(s.seed)).with_outputs(
+                    DEADLETTER, main="programs"))
+        fuzzed = (read.programs
+                  | "Fuzz" >> beam.ParDo(Fuzz(s)).with_outputs(DEADLETTER, main="programs"))
+        checked = (fuzzed.programs
+                   | "Redistribute" >> beam.Reshuffle()
+                   | "TraceInSandbox" >> beam.ParDo(TraceProgram(s))
+                   | "ApplyLimits" >> beam.ParDo(ApplyLimits(s.trace_limits)).with_outputs(
+                       DEADLETTER, "rejected", main="records"))
+        direct = checked.records | "NotFuzzed" >> beam.Filter(lambda r: "fuzz_of" not in r)
+        selected = (
+            (checked.records | "Fuzzed" >> beam.Filter(lambda r: "fuzz_of" in r)
+             | "KeyByFunction" >> beam.Map(lambda r: (r["fuzz_of"], r)),
+             checked.rejected | "KeyRejected" >> beam.Map(lambda pid: (pid, "rejected")))
+            | "MergeCandidates" >> beam.Flatten()
+            | "GroupCandidates" >> beam.GroupByKey()
+            | "SelectFuzzed" >> beam.ParDo(SelectFuzzed(s)).with_outputs(
+                DEADLETTER, main="records"))
+        unique = (
+            (direct, selected.records)
+            | "AllRecords" >> beam.Flatten()
+            | "KeyByContent" >> beam.Map(lambda r: (content_hash(r), r))
+            | "GroupDuplicates" >> beam.GroupByKey()
+            | "Deduplicate" >> beam.Map(keep_first))
+        splits = unique | "SplitByProgram" >> beam.Partition(
+            lambda r, _: 1 if split_of(r["program_hash"], s.validation_fraction) ==
+            "validation" else 0, 2)
+        dead = ((read[DEADLETTER], fuzzed[DEADLETTER], checked[DEADLETTER],
+                 selected[DEADLETTER])
+                | "AllDeadLetters" >> beam.Flatten()
+                | "CountDeadLetters" >> beam.ParDo(CountDeadLetters()))
+        return {"train": splits[0], "validation": splits[1], "deadletter": dead}
+
+
+class WriteShards(beam.PTransform):
+    """Write one split as ``NAME-0000i-of-0000n.jsonl`` shards (records sorted by id inside a
+    shard, so any runner writes the same bytes); outputs the shard file names."""
+
+    def __init__(self, output: str, name: str, shards: int) -> None:
+        super().__init__()
+        self.output, self.name, self.shards = output, name, shards
+
+    def expand(self, records):
+        output, name, shards = self.output, self.name, self.shards
+
+        def shard_of(record):
+            return int(hashlib.sha256(record["id"].encode()).hexdigest()[:8], 16) % shards
+
+        def write(item):
+            from cwm_operator import artifacts
+
+            index, grouped = item
+            rows = sorted(grouped, key=lambda r: r["id"])
+            shard = artifacts.write_shard(output, shard_file(name, index, shards), rows)
+            return shard.path
+
+        return (records
+                | f"Key{name.title()}" >> beam.Map(lambda r: (shard_of(r), r))
+                | f"Group{name.title()}" >> beam.GroupByKey()
+                | f"Write{name.title()}" >> beam.Map(write))
+
+
+def shard_file(name: str, index: int, shards: int) -> str:
+    return f"{name}-{index:05d}-of-{shards:05d}.jsonl"
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point (all reads and writes)
+
+
+def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m cwm_beam.traces", description=__doc__)
+    parser.add_argument("--source", action="append", default=[],
+                        help="cruxeval | synthetic:COUNT | jsonl:URI | functions:URI")
+    parser.add_argument("--output", help="data set folder (local path or fsspec URI)")
+    parser.add_argument("--workers", type=int, default=None, help="in-process worker processes")
+    parser.add_argument("--runner", default=None, help="Beam runner (default: in-process)")
+    parser.add_argument("--shards", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--validation-fraction", type=float, default=None)
+    parser.add_argument("--wall-seconds", type=float, default=None)
+    return parser.parse_known_args(argv)
+
+
+def source_from_flag(text: str) -> dict[str, Any]:
+    kind, _, value = text.partition(":")
+    if kind == "synthetic":
+        return {"kind": kind, "count": int(value or 100)}
+    if kind in ("jsonl", "functions", "repository"):
+        return {"kind": kind, "uri": value}
+    if kind == "cruxeval":
+        return {"kind": kind, **({"count": int(value)} if value else {})}
+    raise ValueError(f"--source {text!r}: kind must be one of {', '.join(SOURCE_KINDS)}")
+
+
+def load_job(argv: list[str]) -> tuple[Settings, str, dict[str, Any], list[str], dict]:
+    """Settings, output folder, beam section and the Beam flags, from the step config (when one
+    is given) overridden by plain flags."""
+    flags, rest = parse_flags(argv)
+    config: dict[str, Any] = {}
+    if "--config" in rest or any(a.startswith("--config=") for a in rest) or (
+            not flags.source and not flags.output):
+        from cwm_operator.stepconfig import load_step_config
+
+        config, rest = load_step_config(rest)
+    spec = dict(config.get("spec", {}))
+    data = config.get("data", {}) or {}
+    sandbox = config.get("sandbox") or data.get("sandbox") or spec.pop("sandbox", None)
+    beam_section = dict(config.get("beam") or data.get("beam") or spec.pop("beam", None) or {})
+    if flags.source:
+        spec["sources"] = [source_from_flag(s) for s in flags.source]
+    for key, value in (("shards", flags.shards), ("validationFraction",
+                                                  flags.validation_fraction)):
+        if value is not None:
+            spec[key] = value
+    settings = Settings.from_spec(spec, sandbox, seed=flags.seed if flags.seed is not None
+                                  else config.get("seed", spec.get("seed", 0)))
+    if flags.wall_seconds:
+        settings = replace(settings, sandbox=replace(settings.sandbox,
+                                                     wall_seconds=flags.wall_seconds))
+    output = flags.output or (config.get("outputs") or {}).get("dataset")
+    if not output:
+        raise ValueError("no output: pass --output DIR or give outputs.dataset in the config")
+    if flags.workers is not None:
+        beam_section["workers"] = flags.workers
+    if flags.runner:
+        beam_section["runner"] = flags.runner
+    return settings, output, beam_section, rest + list(beam_section.get("options", [])), config
+
+
+def pipeline_for(beam_section: dict[str, Any], beam_flags: list[str]) -> beam.Pipeline:
+    """The in-process FnApiRunner (never Prism, which downloads at run time) unless another
+    runner is named; its flags pass through unchanged."""
+    runner = beam_section.get("runner") or "DirectRunner"
+    workers = int(beam_section.get("workers") or 1)
+    if runner in ("DirectRunner", "FnApiRunner", "direct"):
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        flags = list(beam_flags)
+        if workers > 1 and not any(f.startswith("--direct_num_workers") for f in flags):
+            flags += [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+        return beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(flags))
+    return beam.Pipeline(options=PipelineOptions([f"--runner={runner}", *beam_flags]))
+
+
+def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
+    outputs = (pipeline | "Sources" >> beam.Create(list(settings.sources))
+               | "TraceDataset" >> TraceDataset(settings))
+    for name in ("train", "validation", "deadletter"):
+        outputs[name] | f"Write{name.title()}Split" >> WriteShards(
+            output, name, settings.shards if name != "deadletter" else 1)
+
+
+def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
+    """After the pipeline: empty shards where a split got nothing, stats, manifest last."""
+    from cwm_operator import artifacts
+
+    fs_shards: dict[str, list[artifacts.Shard]] = {}
+    stats: dict[str, Any] = {"sources": [dict(s) for s in settings.sources]}
+    reasons: Counter = Counter()
+    for name, count in (("train", settings.shards), ("validation", settings.shards),
+                        ("deadletter", 1)):
+        fs_shards[name] = []
+        for index in range(count):
+            path = shard_file(name, index, count)
+            uri = artifacts.join(output, path)
+            try:
+                rows = _read_rows(uri)
+            except FileNotFoundError:
+                rows = []
+                artifacts.write_shard(output, path, rows)
+            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+            fs_shards[name].append(artifacts.Shard(path, len(rows), len(data),
+                                                   hashlib.sha256(data).hexdigest()))
+            if name == "deadletter":
+                reasons.update(f"{r['stage']}: {r['reason'].split(' (')[0]}" for r in rows)
+            else:
+                stats.setdefault(f"{name}_by_source", Counter()).update(r["source"] for r in rows)
+    for name in ("train", "validation", "deadletter"):
+        stats[f"{name}_records"] = sum(s.records for s in fs_shards[name])
+    stats["deadletter_reasons"] = dict(reasons)
+    stats["seconds"] = round(seconds, 2)
+    stats["traces_per_second"] = round((stats["train_records"] + stats["validation_records"])
+                                       / max(seconds, 1e-9), 1)
+    stats = {k: dict(v) if isinstance(v, Counter) else v for k, v in stats.items()}
+    artifacts.write_manifest(output, artifacts.Manifest("traces", fs_shards, stats))
+    return stats
+
+
+def _read_rows(uri: str) -> list[dict[str, Any]]:
+    import fsspec
+
+    with fsspec.open(uri, "r", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse, build, run, write the manifest; returns the manifest's stats."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    LOG.setLevel(logging.INFO)
+    settings, output, beam_section, beam_flags, _ = load_job(
+        list(sys.argv[1:] if argv is None else argv))
+    LOG.info("tracing %s into %s (runner %s, workers %s)",
+             [s["kind"] for s in settings.sources], output,
+             beam_section.get("runner", "in-process"), beam_section.get("workers", 1))
+    started = time.monotonic()
+    pipeline = pipeline_for(beam_section, beam_flags)
+    build(pipeline, settings, output)
+    result = pipeline.run()
+    result.wait_until_finish()
+    _log_metrics(result)
+    stats = finish(output, settings, time.monotonic() - started)
+    LOG.info("wrote %d train, %d validation, %d dead letters in %.1fs (%.1f traces/s)",
+             stats["train_records"], stats["validation_records"], stats["deadletter_records"],
+             stats["seconds"], stats["traces_per_second"])
+    return stats
+
+
+def _log_metrics(result) -> None:
+    try:
+        counters = result.metrics().query()["counters"]
+    except Exception:   # not every runner reports metrics back
+        return
+    for counter in counters:
+        if counter.key.metric.namespace == NAMESPACE:
+            LOG.info("metric %s = %s", counter.key.metric.name, counter.committed)
+
+
+if __name__ == "__main__":
+    run()

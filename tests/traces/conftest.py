@@ -1,0 +1,11 @@
+"""Shared, expensive fixtures for the trace tests: one sandboxed pool per session."""
+
+import pytest
+
+from cwm_beam.sandbox import Limits, TracePool
+
+
+@pytest.fixture(scope="session")
+def pool():
+    with TracePool(Limits(wall_seconds=5, cpu_seconds=3, memory_mb=512), workers=1) as p:
+        yield p
