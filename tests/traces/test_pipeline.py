@@ -1,0 +1,92 @@
+import json
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from cwm_beam import traces
+from cwm_beam.sources import cruxeval_records
+from cwm_operator import artifacts
+
+from .hostile import HOSTILE, hostile_input
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_trace_dataset_transform(tmp_path):
+    fns = write_jsonl(tmp_path / "fns.jsonl", [
+        {"id": "a", "code": "def f(x):\n    return x + 1", "input": "1"},
+        {"id": "a-again", "code": "def f(x):\n    return x + 1", "input": "1"},   # duplicate
+        {"id": "boom", "code": "def f(x):\n    return 1 // x", "input": "0"},
+        {"id": "loop", "code": "def f(x):\n    while True:\n        x += 1", "input": "0"},
+        "{broken",
+    ])
+    settings = traces.Settings(sources=({"kind": "jsonl", "uri": fns},
+                                        {"kind": "synthetic", "count": 5}),
+                               validation_fraction=0.0)
+    with BeamTestPipeline(runner=FnApiRunner()) as p:
+        out = p | beam.Create(list(settings.sources)) | traces.TraceDataset(settings)
+        assert_that(out["train"] | "Ids" >> beam.Map(lambda r: r["id"]), equal_to(
+            ["jsonl/a", "jsonl/boom"] + [f"synthetic/0-{i}" for i in range(5)]), label="Train")
+        assert_that(out["validation"], equal_to([]), label="Validation")
+        assert_that(out["deadletter"] | "Reasons" >> beam.Map(lambda d: (d["stage"], d["reason"])),
+                    equal_to([("read", "line is not JSON"),
+                              ("limits", "trace limit: max_events (10000)")]), label="Dead")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """One end-to-end run: all of CRUXEval, the hostile programs and fuzzed functions."""
+    root = tmp_path_factory.mktemp("traces")
+    host = root / "host"
+    host.mkdir()
+    (host / "secret.txt").write_text("s3cret")
+    hostile = write_jsonl(root / "hostile.jsonl", [
+        {"id": name, "code": code, "input": hostile_input(name, str(host))}
+        for name, code in HOSTILE.items()])
+    functions = write_jsonl(root / "functions.jsonl", [
+        {"id": "vowels", "code": "def count(text):\n    n = 0\n    for ch in text:\n"
+                                 "        if ch in 'aeiou':\n            n += 1\n    return n"},
+        {"id": "first", "code": "def first(xs):\n    return xs[0]"}])
+    out = root / "out"
+    stats = traces.run(["--source", "cruxeval", "--source", f"jsonl:{hostile}",
+                        "--source", f"functions:{functions}", "--output", str(out),
+                        "--wall-seconds", "3"])
+    return out, host, stats
+
+
+@pytest.mark.slow
+def test_every_cruxeval_function_traced_to_its_output(dataset):
+    out, _, _ = dataset
+    artifacts.verify(str(out))
+    records = {r["id"]: r for split in ("train", "validation")
+               for r in artifacts.iter_records(str(out), split)}
+    for expected in cruxeval_records():
+        record = records[f"cruxeval/{expected['id']}"]
+        assert eval(record["return"]) == eval(expected["output"]), expected["id"]
+        assert record["frames"][-1]["value"] == record["return"]
+
+
+@pytest.mark.slow
+def test_hostile_programs_are_dead_letters_with_reasons(dataset):
+    out, host, stats = dataset
+    dead = {d["id"]: d for d in artifacts.iter_records(str(out), "deadletter")}
+    for name in HOSTILE:
+        assert dead[f"jsonl/{name}"]["reason"], name
+    assert not (host / "pwned.txt").exists()
+    assert stats["deadletter_records"] == len(HOSTILE)
+
+
+@pytest.mark.slow
+def test_fuzzed_functions_get_inputs(dataset):
+    out, _, _ = dataset
+    fuzzed = [r for split in ("train", "validation") for r in artifacts.iter_records(str(out), split)
+              if r["source"] == "functions"]
+    assert {r["id"].split("#")[0] for r in fuzzed} == {"functions/vowels", "functions/first"}
+    assert all(r["input"] for r in fuzzed) and len(fuzzed) <= 6
