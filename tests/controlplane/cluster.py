@@ -207,6 +207,7 @@ class LocalControlPlane:
 
     def __post_init__(self) -> None:
         self.kubeconfig = self.workdir / "admin.kubeconfig"
+        self.timings: dict[str, float] = {}  # seconds per start-up phase
         self._users: dict[tuple[str, tuple[str, ...]], Path] = {}
 
     def _component(self, name: str, argv: list[str]) -> Component:
@@ -339,11 +340,17 @@ class LocalControlPlane:
         """etcd, then kube-apiserver, then `before_controllers()` (install CRDs: the garbage
         collector discovers resources when it starts, and only every 30 s afterwards), then
         kube-controller-manager. Any failure stops what was started and raises with log tails."""
+        def timed(phase: str, step: Callable[[], T]) -> T:
+            t0 = time.monotonic()
+            result = step()
+            self.timings[phase] = time.monotonic() - t0
+            return result
+
         try:
-            etcd_url = self.start_etcd()
-            self.start_apiserver(etcd_url)
-            before_controllers()
-            self.start_controller_manager()
+            etcd_url = timed("etcd", self.start_etcd)
+            timed("kube-apiserver", lambda: self.start_apiserver(etcd_url))
+            timed("crds", before_controllers)
+            timed("kube-controller-manager", self.start_controller_manager)
         except Exception as e:
             self.stop()
             raise ControlPlaneError(f"control plane failed to start: {e}\n{self.logs()}") from e
@@ -508,6 +515,20 @@ def _kubectl_for_external() -> Path:
     return Path(found)
 
 
+WORKDIR_PREFIX = "cwm-controlplane-"
+
+
+def _sweep_stale_workdirs() -> None:
+    """Remove work folders of runs that were SIGKILLed (their processes died with them)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        try:
+            os.kill(int((folder / "owner.pid").read_text()), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # no pid file yet, or not ours to judge
+
+
 @contextlib.contextmanager
 def connect(crds: list[Path] | None = None) -> Iterator[Kube]:
     """Yield a `Kube` with our CRDs installed; stop everything (even after errors) on exit.
@@ -517,7 +538,9 @@ def connect(crds: list[Path] | None = None) -> Iterator[Kube]:
     """
     crd_paths = crds if crds is not None else [CWM_CRD, PYTORCHJOB_CRD]
     docs = [load_crd(p) for p in crd_paths]
-    workdir = Path(tempfile.mkdtemp(prefix="cwm-controlplane-"))
+    _sweep_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+    (workdir / "owner.pid").write_text(str(os.getpid()))
     local: LocalControlPlane | None = None
     kube: Kube | None = None
     try:
@@ -546,3 +569,23 @@ def connect(crds: list[Path] | None = None) -> Iterator[Kube]:
             local.stop()
         if os.environ.get("CWM_KEEP_CONTROLPLANE_DIR") != "1":
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    """`python -m tests.controlplane.cluster`: run a control plane until Ctrl-C (for manual work:
+    kopf, kubectl, helm against a real API server). Prints the admin kubeconfig path."""
+    import sys
+
+    with connect() as kube:
+        timings = ", ".join(f"{k} {v:.1f} s" for k, v in kube.local.timings.items()) if kube.local else ""
+        print(f"control plane up ({timings})\nexport KUBECONFIG={kube.kubeconfig}", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds `connect`: stops everything
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

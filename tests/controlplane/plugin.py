@@ -23,6 +23,7 @@ import pytest
 from tests.controlplane.cluster import ControlPlaneError, Kube, connect
 
 _STASH_KUBE = pytest.StashKey[Kube]()
+_STASH_SUMMARY = pytest.StashKey[str]()
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +38,12 @@ def kube(request: pytest.FixtureRequest) -> Iterator[Kube]:
     except ControlPlaneError as e:
         pytest.fail(str(e), pytrace=False)
     request.config.stash[_STASH_KUBE] = k
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and k.local is not None:
-        reporter.write_line(f"[controlplane] started in {time.monotonic() - started:.1f} s: {k.local.server}")
+    if k.local is not None:
+        phases = ", ".join(f"{name} {secs:.1f} s" for name, secs in k.local.timings.items())
+        summary = f"started in {time.monotonic() - started:.1f} s ({phases}) at {k.local.server}"
+    else:
+        summary = f"external cluster from CWM_TEST_KUBECONFIG={k.kubeconfig}"
+    request.config.stash[_STASH_SUMMARY] = summary
     try:
         yield k
     finally:
@@ -73,3 +77,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         k = item.config.stash.get(_STASH_KUBE, None)
         if k is not None:
             report.sections.append(("control plane logs", k.logs(30)))
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  # type: ignore[no-untyped-def]
+    """One line saying which cluster the cluster tests ran against and how long start-up took."""
+    summary = config.stash.get(_STASH_SUMMARY, None)
+    if summary:
+        terminalreporter.write_line(f"control plane: {summary}")
