@@ -66,11 +66,15 @@ def read_versions() -> dict[str, str]:
     return versions
 
 
+def cache_dir() -> Path:
+    """The cache root build.sh and tools.sh use: `CWM_CACHE`, else `<repo>/.cache`."""
+    return Path(os.environ.get("CWM_CACHE") or REPO / ".cache").resolve()
+
+
 def bin_dir() -> Path:
-    """Where build.sh puts the binaries; the same rule as the script (`CWM_CACHE` or `.cache`)."""
+    """Where build.sh puts the control-plane binaries (the same rule as the script)."""
     v = read_versions()
-    cache = Path(os.environ.get("CWM_CACHE") or REPO / ".cache").resolve()
-    return cache / "controlplane" / f"k8s-{v['K8S_VERSION']}-etcd-{v['ETCD_VERSION']}" / "bin"
+    return cache_dir() / "controlplane" / f"k8s-{v['K8S_VERSION']}-etcd-{v['ETCD_VERSION']}" / "bin"
 
 
 @dataclass(frozen=True)
@@ -437,6 +441,30 @@ class Kube:
             for g in groups:
                 client.set_default_header("Impersonate-Group", g)
         return client
+
+    def serviceaccount_client(self, namespace: str, name: str) -> Any:
+        """An ApiClient acting as ServiceAccount `namespace/name` (what an in-cluster pod gets)."""
+        user = f"system:serviceaccount:{namespace}:{name}"
+        if self.local is None:  # impersonating a service account adds its groups server-side
+            return self.user_client(user)
+        return self.user_client(user, ["system:serviceaccounts", f"system:serviceaccounts:{namespace}",
+                                       "system:authenticated"])
+
+    def helm(self, *args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run helm (from tools.sh) against this cluster, with its state folders in the workdir."""
+        binary = cache_dir() / "bin" / "helm"
+        if not os.access(binary, os.X_OK):
+            raise ControlPlaneError(f"helm not found at {binary}: install it with tests/controlplane/tools.sh "
+                                    "(`make tools`)")
+        env = {**os.environ, "KUBECACHEDIR": str(self.workdir / "kubectl-cache")}
+        env.pop("KUBECONFIG", None)
+        for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
+            env[var] = str(self.workdir / "helm" / var.split("_")[1].lower())
+        argv = [str(binary), f"--kubeconfig={self.kubeconfig}", *args]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        if check and done.returncode != 0:
+            raise subprocess.CalledProcessError(done.returncode, argv, done.stdout, done.stderr)
+        return done
 
     def logs(self, lines: int = 40) -> str:
         """The components' log tails (empty on an external cluster)."""

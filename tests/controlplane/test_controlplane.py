@@ -396,3 +396,61 @@ def test_namespace_deletion_empties_it(kube: Kube) -> None:
 
     kube.wait_for(gone, timeout=60, what=f"the namespace controller to delete namespace {doomed}")
 
+
+
+@pytest.mark.cluster
+def test_chart_installs_and_its_rbac_holds_for_the_operator(kube: Kube, kube_namespace: str) -> None:
+    """helm installs the chart into the real API server; its ServiceAccount may do exactly what
+    its (Cluster)Roles grant in the watched namespace, and is refused elsewhere."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    core = client.CoreV1Api(kube.api_client)
+    watched, unwatched = f"{kube_namespace}-w", f"{kube_namespace}-u"
+    for ns in (watched, unwatched):
+        core.create_namespace({"metadata": {"name": ns}})
+    try:
+        install = kube.helm("install", "cwm", str(REPO / "charts" / "cwm-operator"), "-n", kube_namespace,
+                            "--set", f"watch.namespaces={{{watched}}}")
+        assert install.returncode == 0, install.stderr
+        manifest = [d for d in yaml.safe_load_all(kube.helm("get", "manifest", "cwm", "-n", kube_namespace,
+                                                            check=True).stdout) if d]
+        sa = next(d["metadata"]["name"] for d in manifest if d["kind"] == "ServiceAccount")
+        roles = [d for d in manifest if d["kind"] in ("Role", "ClusterRole")]
+        assert any(d["kind"] == "Role" and d["metadata"]["namespace"] == watched for d in roles)
+        operator = kube.serviceaccount_client(kube_namespace, sa)
+        authz = client.AuthorizationV1Api(operator)
+
+        def allowed(group: str, resource: str, verb: str, namespace: str | None) -> bool:
+            attrs = {"group": group, "resource": resource, "verb": verb, **({"namespace": namespace} if namespace else {})}
+            review = authz.create_self_subject_access_review({"spec": {"resourceAttributes": attrs}})
+            return bool(review.status.allowed)
+
+        granted = set()
+        for role in roles:
+            ns = role["metadata"].get("namespace")
+            for rule in role.get("rules") or []:
+                if rule.get("resourceNames") or "nonResourceURLs" in rule:
+                    continue
+                for group in rule.get("apiGroups", [""]):
+                    for resource in rule.get("resources", []):
+                        for verb in rule.get("verbs", []):
+                            granted.add((group, resource, verb))
+                            # RBAC grants take a moment to reach the authorizer's informer cache.
+                            kube.wait_for(lambda: allowed(group, resource, verb, ns), timeout=15,
+                                          what=f"{sa} to be allowed {verb} {resource}.{group} in {ns}")
+        assert ("cwm.dev", "cwmpipelines", "list") in granted
+        custom = client.CustomObjectsApi(operator)
+        assert custom.list_namespaced_custom_object(*PIPELINES[:2], watched, PIPELINES[2])["items"] == []
+        with pytest.raises(ApiException) as err:
+            custom.list_namespaced_custom_object(*PIPELINES[:2], unwatched, PIPELINES[2])
+        assert err.value.status == 403
+        if ("", "secrets", "list") not in granted:
+            with pytest.raises(ApiException) as err:
+                client.CoreV1Api(operator).list_namespaced_secret(watched)
+            assert err.value.status == 403
+        assert not allowed("", "nodes", "delete", None)
+    finally:
+        kube.helm("uninstall", "cwm", "-n", kube_namespace)
+        for ns in (watched, unwatched):
+            core.delete_namespace(ns)
