@@ -32,11 +32,15 @@ def kube(request: pytest.FixtureRequest) -> Iterator[Kube]:
     if os.environ.get("CWM_SKIP_CLUSTER") == "1":
         pytest.skip("CWM_SKIP_CLUSTER=1: cluster tests skipped on purpose")
     started = time.monotonic()
+    cm = connect()
     try:
-        cm = connect()
         k = cm.__enter__()
     except ControlPlaneError as e:
-        pytest.fail(str(e), pytrace=False)
+        error = str(e)  # fail outside the except block: no chained traceback, just the message
+    else:
+        error = ""
+    if error:
+        pytest.fail(error, pytrace=False)
     request.config.stash[_STASH_KUBE] = k
     if k.local is not None:
         phases = ", ".join(f"{name} {secs:.1f} s" for name, secs in k.local.timings.items())
