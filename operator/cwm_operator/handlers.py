@@ -1,0 +1,433 @@
+"""The kopf layer: watch pipelines and their children, reconcile, carry out the decision.
+
+Thin by design. Every watch event (a pipeline's, or a labelled Job's / PyTorchJob's) updates an
+in-memory view and triggers ``reconcile.reconcile`` for the owning pipeline, serialised by a
+per-pipeline asyncio lock; then the decision is executed here: children rendered by ``render``,
+adopted with ``kopf.adopt`` (the garbage collector deletes them with their pipeline) and created
+(409 Conflict = created before a restart: read it back), suspend flags patched, the status patched
+on the status subresource, Events posted, and a timer set for retries and stuck checks.
+
+``@kopf.on.event`` rather than ``on.create/update/resume``: the reconcile is level-based (it reads
+the whole state each time), so kopf's per-change bookkeeping (annotations, finalizers, progress
+storage) would only add API writes. A restarted operator gets every object again in the watch's
+initial listing, which is its resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+from collections import defaultdict
+from typing import Any, Callable, Mapping
+
+import kopf
+
+from cwm_operator.api import GROUP, PLURAL, VERSION
+from cwm_operator.metrics import Metrics
+from cwm_operator.reconcile import (
+    Child,
+    Decision,
+    children_to_confirm,
+    observe_child,
+    reconcile,
+    summary,
+)
+from cwm_operator.render import LABEL_PIPELINE, PYTORCHJOB_API, render_child
+from cwm_operator.settings import Settings
+
+Key = tuple[str, str]  # (namespace, pipeline name)
+log = logging.getLogger("cwm_operator")
+
+MERGE_PATCH = "application/merge-patch+json"
+ERROR_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+def _rv(obj: Mapping[str, Any]) -> int:
+    """resourceVersion as a number: etcd revisions, so a later write has a larger one. Used only
+    to keep the newest of two copies of one object (a watch event may trail our own write)."""
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+def _owner_uid(obj: Mapping[str, Any]) -> str | None:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+def read_stage_metrics(uri: str) -> dict[str, float]:
+    """Best effort: the numbers in ``<metrics>/eval.json`` when storage is readable from here
+    (object stores with their fsspec driver, file:// URIs); {} otherwise."""
+    import fsspec
+
+    try:
+        with fsspec.open(f"{uri.rstrip('/')}/eval.json", "r") as f:
+            data = json.load(f)
+    except Exception:  # noqa: BLE001 - metrics are optional; the stage already succeeded
+        return {}
+    return _numbers(data)
+
+
+def _numbers(data: Any) -> dict[str, float]:
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): float(v) for k, v in data.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class Controller:
+    """The operator's state and its Kubernetes I/O. One per running operator."""
+
+    def __init__(self, settings: Settings, api_client: Any, metrics: Metrics | None = None,
+                 clock: Callable[[], dt.datetime] | None = None) -> None:
+        from kubernetes import client
+
+        self.settings = settings
+        self.api_client = api_client
+        self.metrics = metrics or Metrics()
+        self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
+        self.batch = client.BatchV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.pipelines: dict[Key, dict[str, Any]] = {}
+        self.children: dict[Key, dict[str, dict[str, Any]]] = defaultdict(dict)
+        self.stage_metrics: dict[tuple[str, str], dict[str, float]] = {}
+        self.locks: dict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.queued: set[Key] = set()
+        self.timers: dict[Key, asyncio.TimerHandle] = {}
+        self.failures: dict[Key, int] = defaultdict(int)
+        self.succeeded_seen: dict[str, float] = {}  # '<pipeline>-<step>' → when seen Succeeded
+
+    # -- API calls (each counted) ---------------------------------------------------------
+
+    async def _call(self, verb: str, resource: str, fn: Callable[..., Any], *args: Any,
+                    **kwargs: Any) -> Any:
+        self.metrics.requests.labels(verb=verb, resource=resource).inc()
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def _plain(self, obj: Any) -> dict[str, Any]:
+        return obj if isinstance(obj, dict) else self.api_client.sanitize_for_serialization(obj)
+
+    async def _get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            if kind == "PyTorchJob":
+                return await self._call("get", "pytorchjobs", self.custom.get_namespaced_custom_object,
+                                        *PYTORCHJOB_API[:2], namespace, PYTORCHJOB_API[2], name)
+            job = await self._call("get", "jobs", self.batch.read_namespaced_job, name, namespace)
+            return self._with_kind(self._plain(job), "Job")
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    @staticmethod
+    def _with_kind(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+        obj.setdefault("kind", kind)
+        obj.setdefault("apiVersion", "batch/v1" if kind == "Job" else "kubeflow.org/v1")
+        return obj
+
+    async def _create_child(self, namespace: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create; on 409 read back what an earlier incarnation of the operator created.
+        Returns the object and whether this call created it."""
+        from kubernetes.client.rest import ApiException
+
+        kind, name = body["kind"], body["metadata"]["name"]
+        try:
+            if kind == "PyTorchJob":
+                return await self._call("create", "pytorchjobs",
+                                        self.custom.create_namespaced_custom_object,
+                                        *PYTORCHJOB_API[:2], namespace, PYTORCHJOB_API[2],
+                                        body), True
+            job = await self._call("create", "jobs", self.batch.create_namespaced_job,
+                                   namespace, body)
+            return self._with_kind(self._plain(job), "Job"), True
+        except ApiException as err:
+            if err.status != 409:
+                raise
+        existing = await self._get_child(kind, namespace, name)
+        if existing is None:
+            raise kopf.TemporaryError(f"{kind} {name} conflicted but is gone", delay=1)
+        return existing, False
+
+    async def _set_suspend(self, namespace: str, child: Child, suspend: bool) -> dict[str, Any]:
+        if child.kind == "PyTorchJob":
+            patch = {"spec": {"runPolicy": {"suspend": suspend}}}
+            return await self._call("patch", "pytorchjobs",
+                                    self.custom.patch_namespaced_custom_object,
+                                    *PYTORCHJOB_API[:2], namespace, PYTORCHJOB_API[2], child.name,
+                                    patch)
+        job = await self._call("patch", "jobs", self.batch.patch_namespaced_job, child.name,
+                               namespace, {"spec": {"suspend": suspend}},
+                               _content_type=MERGE_PATCH)
+        return self._with_kind(self._plain(job), "Job")
+
+    async def _patch_status(self, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        old = obj.get("status") or {}
+        # A merge patch keeps keys it does not mention: null out the ones that went away.
+        body = {"status": {**{k: None for k in old if k not in status}, **status}}
+        meta = obj["metadata"]
+        return await self._call("patch", "cwmpipelines/status",
+                                self.custom.patch_namespaced_custom_object_status,
+                                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body)
+
+    async def _master_pod_metrics(self, namespace: str, name: str) -> dict[str, float]:
+        """Best effort: a JSON termination message of the master pod (no pods: {})."""
+        selector = f"training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master"
+        try:
+            pods = await self._call("list", "pods", self.core.list_namespaced_pod, namespace,
+                                    label_selector=selector)
+        except Exception:  # noqa: BLE001 - optional; RBAC or API trouble must not block progress
+            return {}
+        for pod in pods.items:
+            for status in (pod.status.container_statuses or []) if pod.status else []:
+                term = status.state.terminated if status.state else None
+                if term and term.message:
+                    try:
+                        return _numbers(json.loads(term.message))
+                    except ValueError:
+                        continue
+        return {}
+
+    async def _metrics_of(self, namespace: str, child: Child) -> dict[str, float]:
+        key = (namespace, child.name)
+        if key not in self.stage_metrics:
+            found: dict[str, float] = {}
+            if child.metrics_uri:
+                found.update(await asyncio.to_thread(read_stage_metrics, child.metrics_uri))
+            found.update(await self._master_pod_metrics(namespace, child.name))
+            self.stage_metrics[key] = found
+        return self.stage_metrics[key]
+
+    # -- watch events ---------------------------------------------------------------------
+
+    def remember_pipeline(self, obj: dict[str, Any]) -> None:
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        current = self.pipelines.get(key)
+        if current is not None and current["metadata"].get("uid") != obj["metadata"].get("uid"):
+            current = None  # deleted and re-created with the same name
+        if current is None or _rv(obj) >= _rv(current):
+            self.pipelines[key] = obj
+
+    def remember_child(self, obj: dict[str, Any]) -> Key | None:
+        meta = obj["metadata"]
+        pipeline = (meta.get("labels") or {}).get(LABEL_PIPELINE)
+        if not pipeline:
+            return None
+        key = (meta["namespace"], pipeline)
+        known = self.children[key].get(meta["name"])
+        if known is None or known["metadata"].get("uid") != meta.get("uid") or _rv(obj) >= _rv(known):
+            self.children[key][meta["name"]] = obj
+        return key
+
+    async def on_pipeline(self, event_type: str | None, obj: dict[str, Any]) -> None:
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        if event_type == "DELETED":
+            self.forget(key)
+            return
+        self.remember_pipeline(obj)
+        await self.trigger(key)
+
+    async def on_child(self, event_type: str | None, obj: dict[str, Any]) -> None:
+        if event_type == "DELETED":
+            meta = obj["metadata"]
+            key = (meta["namespace"], (meta.get("labels") or {}).get(LABEL_PIPELINE, ""))
+            self.children[key].pop(meta["name"], None)
+            self.stage_metrics.pop((meta["namespace"], meta["name"]), None)
+        else:
+            key = self.remember_child(obj)
+        if key in self.pipelines:
+            await self.trigger(key)
+
+    def forget(self, key: Key) -> None:
+        self.pipelines.pop(key, None)
+        self.children.pop(key, None)
+        timer = self.timers.pop(key, None)
+        if timer:
+            timer.cancel()
+        self.metrics.set_phases((p.get("status") or {}).get("phase", "Pending")
+                                for p in self.pipelines.values())
+
+    # -- reconcile ------------------------------------------------------------------------
+
+    async def trigger(self, key: Key) -> None:
+        """Reconcile `key` soon; a trigger arriving while one waits for the lock is merged
+        into it (the waiting one will read the newest view anyway)."""
+        if key in self.queued:
+            return
+        self.queued.add(key)
+        async with self.locks[key]:
+            self.queued.discard(key)
+            if key not in self.pipelines:
+                return
+            started = time.monotonic()
+            self.metrics.reconciles.inc()
+            try:
+                requeue = await self._reconcile(key)
+                self.failures.pop(key, None)
+            except Exception as err:  # noqa: BLE001 - log, count, retry later; never crash kopf
+                self.metrics.errors.inc()
+                attempt = self.failures[key]
+                self.failures[key] += 1
+                requeue = ERROR_BACKOFF[min(attempt, len(ERROR_BACKOFF) - 1)]
+                if isinstance(err, kopf.TemporaryError) and err.delay is not None:
+                    requeue = float(err.delay)
+                log.error("reconcile of %s/%s failed (retry in %.0f s): %s", *key, requeue, err,
+                          exc_info=not isinstance(err, kopf.TemporaryError))
+            finally:
+                self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+            self._schedule(key, requeue)
+
+    def _schedule(self, key: Key, delay: float | None) -> None:
+        timer = self.timers.pop(key, None)
+        if timer:
+            timer.cancel()
+        if delay is None:
+            return
+        loop = asyncio.get_running_loop()
+        self.timers[key] = loop.call_later(
+            delay + 0.01, lambda: asyncio.ensure_future(self.trigger(key)))
+
+    async def _observe(self, key: Key, obj: dict[str, Any]) -> list[Child]:
+        namespace = key[0]
+        uid = obj["metadata"].get("uid")
+        kids = self.children[key]
+        for kind, name in children_to_confirm(obj):
+            if name not in kids:
+                found = await self._get_child(kind, namespace, name)
+                if found is not None:
+                    self.remember_child(found)
+        done = {s.get("name") for s in (obj.get("status") or {}).get("steps") or []
+                if s.get("state") == "Succeeded"}
+        observed = []
+        for raw in list(kids.values()):
+            if uid and _owner_uid(raw) not in (uid, None):
+                continue  # a previous pipeline of the same name, not yet garbage-collected
+            child = observe_child(raw)
+            if child.phase == "Succeeded":
+                if child.step not in done:
+                    self.succeeded_seen.setdefault(f"{key[1]}-{child.step}", time.monotonic())
+                if child.kind == "PyTorchJob":
+                    child = observe_child(raw, await self._metrics_of(namespace, child))
+            observed.append(child)
+        return observed
+
+    async def _reconcile(self, key: Key) -> float | None:
+        obj = self.pipelines[key]
+        namespace = key[0]
+        for _ in range(3):
+            children = await self._observe(key, obj)
+            decision = reconcile(obj, children, self.clock(), self.settings)
+            if not await self._apply(key, obj, decision):
+                break
+            # A create answered 409: a child from before a restart that the watch had not
+            # delivered yet. It is in the view now; decide again with it.
+        else:
+            raise kopf.TemporaryError("children keep conflicting", delay=1)
+        if decision.changed:
+            patched = await self._patch_status(obj, decision.status)
+            self.remember_pipeline(patched)
+            log.info("%s/%s: %s", namespace, key[1], summary(decision.status))
+        for event in decision.events:
+            kopf.event(obj, type=event.type, reason=event.reason, message=event.message)
+        for step, seconds in decision.durations:
+            self.metrics.stage_seconds.labels(step=step).observe(seconds)
+        self.metrics.set_phases((p.get("status") or {}).get("phase", "Pending")
+                                for p in self.pipelines.values())
+        return decision.requeue_after
+
+    async def _apply(self, key: Key, obj: dict[str, Any], decision: Decision) -> bool:
+        """Create and suspend/resume children. Returns True (and stops) when a create finds
+        the child already there: the decision was made without it."""
+        namespace = key[0]
+        for create in decision.create:
+            assert decision.pipeline is not None and decision.plan is not None
+            body = render_child(decision.pipeline, namespace, create.step, create.attempt,
+                                self.settings)
+            kopf.adopt(body, owner=obj)
+            created, new = await self._create_child(namespace, body)
+            if _owner_uid(created) != obj["metadata"].get("uid"):
+                raise kopf.TemporaryError(
+                    f"{body['metadata']['name']} still belongs to a deleted pipeline of the "
+                    "same name", delay=1)
+            self.remember_child(created)
+            if not new:
+                return True
+            self._record_handoff(key, decision.plan.names, create.step.name)
+        for change in decision.suspend:
+            self.remember_child(await self._set_suspend(namespace, change.child, change.suspend))
+        return False
+
+    def _record_handoff(self, key: Key, steps: list[str], step: str) -> None:
+        """Time from the previous step's success being seen to this step's child created."""
+        index = steps.index(step)
+        if index == 0:
+            return
+        seen = self.succeeded_seen.pop(f"{key[1]}-{steps[index - 1]}", None)
+        if seen is not None:
+            self.metrics.handoff.observe(time.monotonic() - seen)
+
+
+# ------------------------------------------------------------------------------------------
+# Registration
+
+
+def connection_info(configuration: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials from a kubernetes.client.Configuration (the same identity for kopf's
+    watches and our own calls)."""
+    auth = (configuration.api_key or {}).get("authorization") or ""
+    if configuration.refresh_api_key_hook is not None:
+        configuration.refresh_api_key_hook(configuration)
+        auth = (configuration.api_key or {}).get("authorization") or auth
+    scheme, _, token = auth.partition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert or None,
+        insecure=not configuration.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=configuration.cert_file or None,
+        private_key_path=configuration.key_file or None,
+    )
+
+
+def build_registry(controller: Controller, configuration: Any) -> kopf.OperatorRegistry:
+    """Handlers bound to one controller (a fresh registry per operator instance)."""
+    registry = kopf.OperatorRegistry()
+    child_labels = {LABEL_PIPELINE: kopf.PRESENT}
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return connection_info(configuration)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def pipeline_event(event: Mapping[str, Any], **_: Any) -> None:
+        await controller.on_pipeline(event.get("type"), dict(event["object"]))
+
+    @kopf.on.event("batch", "v1", "jobs", labels=child_labels, registry=registry)
+    async def job_event(event: Mapping[str, Any], **_: Any) -> None:
+        await controller.on_child(event.get("type"),
+                                  Controller._with_kind(dict(event["object"]), "Job"))
+
+    @kopf.on.event(*PYTORCHJOB_API, labels=child_labels, registry=registry)
+    async def pytorchjob_event(event: Mapping[str, Any], **_: Any) -> None:
+        await controller.on_child(event.get("type"), dict(event["object"]))
+
+    return registry
+
+
+def operator_settings() -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.peering.standalone = True  # one replica (Recreate): no peering objects
+    settings.scanning.disabled = True  # our resources are known; no CRD/namespace watching
+    settings.posting.level = logging.CRITICAL  # post only our explicit Events, not log lines
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    return settings

@@ -1,0 +1,512 @@
+"""The operator's brain: a pure state machine from what is observed to what should happen.
+
+``reconcile(pipeline object, observed children, now, settings) → Decision``: the new status, the
+children to create, the children to suspend or resume, the Kubernetes Events that tell the story,
+and when to look again. No I/O, no clock, no randomness: the kopf handlers (``handlers.py``) feed
+it observations and carry out its decision, and the unit tests drive it through every transition
+without a cluster.
+
+How progress is kept across operator restarts: the status (written by the operator) and the
+children (deterministically named ``<pipeline>-<step>-<attempt>``) together are the whole state.
+A child whose attempt is newer than the status knows about was created just before a crash: it
+is adopted, not created again.
+
+Spec edits after start: a step that has started is pinned by the fingerprint and output URIs
+recorded in its status. An edit that changes neither for any started step is accepted and takes
+effect from the next child (later stages' hyper-parameters, added or removed stages that have not
+started, resources, retries, deadlines, images, queue, suspend). An edit that would change a
+started step (its section, the model, the tokenizer, upstream data, storage) is refused: the
+``Accepted`` condition says which step and why, no new child is created, and progress resumes
+when the edit is reverted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Mapping
+
+from cwm_operator.api import STAGE_ORDER, CWMPipeline, CWMPipelineStatus, StepStatus
+from cwm_operator.plan import Plan, Step, Target, build_plan
+from cwm_operator.render import (
+    ANNOTATION_METRICS,
+    LABEL_ATTEMPT,
+    LABEL_PIPELINE,
+    LABEL_STEP,
+    child_kind,
+    child_name,
+)
+from cwm_operator.settings import Settings
+from cwm_operator.validation import ManifestError, parse_pipeline
+
+ChildPhase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+TERMINAL: tuple[ChildPhase, ...] = ("Succeeded", "Failed")
+CONDITION_TYPES = ("Accepted", "Progressing", "Succeeded", "Failed", "Suspended", "Stalled")
+
+
+# ------------------------------------------------------------------------------------------
+# Time
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    """RFC 3339 as Kubernetes writes it (``2026-11-26T01:50:56Z``, optional fraction)."""
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def format_time(value: dt.datetime) -> str:
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ------------------------------------------------------------------------------------------
+# Observing children
+
+
+@dataclass(frozen=True)
+class Child:
+    """What the state machine needs to know about one Job or PyTorchJob."""
+
+    name: str
+    kind: str
+    step: str
+    attempt: int
+    phase: ChildPhase
+    since: dt.datetime | None = None  # when it entered `phase`
+    created: dt.datetime | None = None
+    finished: dt.datetime | None = None
+    message: str = ""
+    suspended: bool = False  # the spec-level flag
+    metrics_uri: str | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+def _true(conditions: list[Mapping[str, Any]], type_: str) -> Mapping[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == type_ and c.get("status") == "True"),
+                None)
+
+
+def observe_child(obj: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> Child:
+    """Read a child's phase from its status, the way its controller reports it."""
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    spec, status = obj.get("spec") or {}, obj.get("status") or {}
+    conditions = status.get("conditions") or []
+    created = parse_time(meta.get("creationTimestamp"))
+    base = dict(
+        name=meta["name"], kind=obj.get("kind", "Job"), step=labels.get(LABEL_STEP, ""),
+        attempt=int(labels.get(LABEL_ATTEMPT, "0") or 0), created=created,
+        metrics_uri=(meta.get("annotations") or {}).get(ANNOTATION_METRICS),
+        metrics=dict(metrics or {}),
+    )
+    if obj.get("kind") == "PyTorchJob":
+        suspended = bool((spec.get("runPolicy") or {}).get("suspend"))
+        for phase in ("Succeeded", "Failed", "Suspended", "Restarting", "Running"):
+            cond = _true(conditions, phase)
+            if cond:
+                at = parse_time(cond.get("lastTransitionTime"))
+                finished = parse_time(status.get("completionTime")) or at
+                return Child(**base, phase=phase, since=at, suspended=suspended,
+                             finished=finished if phase in TERMINAL else None,
+                             message=cond.get("message", ""))
+        return Child(**base, phase="Suspended" if suspended else "Pending", since=created,
+                     suspended=suspended)
+    suspended = bool(spec.get("suspend"))
+    done = _true(conditions, "Complete")
+    if done:
+        at = parse_time(status.get("completionTime")) or parse_time(done.get("lastTransitionTime"))
+        return Child(**base, phase="Succeeded", since=at, finished=at, suspended=suspended)
+    failed = _true(conditions, "Failed")
+    if failed:
+        at = parse_time(failed.get("lastTransitionTime"))
+        why = ": ".join(p for p in (failed.get("reason"), failed.get("message")) if p)
+        return Child(**base, phase="Failed", since=at, finished=at, message=why,
+                     suspended=suspended)
+    if suspended:
+        cond = _true(conditions, "Suspended")
+        return Child(**base, phase="Suspended", suspended=True,
+                     since=parse_time(cond.get("lastTransitionTime")) if cond else created)
+    if int(status.get("active") or 0) > 0:
+        return Child(**base, phase="Running", since=parse_time(status.get("startTime")))
+    return Child(**base, phase="Pending", since=created)
+
+
+def is_child_of(obj: Mapping[str, Any], pipeline: str) -> bool:
+    return ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_PIPELINE) == pipeline
+
+
+# ------------------------------------------------------------------------------------------
+# The decision
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Create:
+    step: Step
+    attempt: int
+
+    @property
+    def kind(self) -> str:
+        return child_kind(self.step)
+
+
+@dataclass(frozen=True)
+class SetSuspend:
+    child: Child
+    suspend: bool
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any]
+    changed: bool  # status differs from what was observed: patch it
+    pipeline: CWMPipeline | None = None
+    plan: Plan | None = None
+    create: list[Create] = field(default_factory=list)
+    suspend: list[SetSuspend] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+    durations: list[tuple[str, float]] = field(default_factory=list)  # finished steps, seconds
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after,
+                                                                             seconds)
+
+
+def read_status(obj: Mapping[str, Any]) -> CWMPipelineStatus:
+    """The status as last written; anything unreadable counts as a fresh start."""
+    try:
+        return CWMPipelineStatus.model_validate(obj.get("status") or {})
+    except ValueError:
+        return CWMPipelineStatus()
+
+
+def children_to_confirm(obj: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(kind, name) of the children the status says are in flight: the handler must observe
+    each (from its cache, else by a GET) before reconciling, so that a child missing from a
+    lagging watch is never mistaken for a deleted one."""
+    wanted = []
+    for rec in read_status(obj).steps:
+        if rec.child and rec.state not in ("Succeeded", "Cached"):
+            wanted.append(("PyTorchJob" if rec.name in STAGE_ORDER else "Job", rec.child))
+    return wanted
+
+
+def set_condition(status: CWMPipelineStatus, type_: str, value: bool, reason: str, message: str,
+                  now: dt.datetime, generation: int | None) -> bool:
+    """Set one condition; lastTransitionTime moves only when its status flips. Returns whether
+    the status flipped."""
+    text = "True" if value else "False"
+    for cond in status.conditions:
+        if cond.type == type_:
+            flipped = cond.status != text
+            if flipped:
+                cond.last_transition_time = format_time(now)
+            cond.status, cond.reason, cond.message = text, reason, message
+            cond.observed_generation = generation
+            return flipped
+    from cwm_operator.api import Condition
+
+    status.conditions.append(Condition(
+        type=type_, status=text, reason=reason, message=message,
+        last_transition_time=format_time(now), observed_generation=generation))
+    status.conditions.sort(key=lambda c: CONDITION_TYPES.index(c.type)
+                           if c.type in CONDITION_TYPES else len(CONDITION_TYPES))
+    return value
+
+
+def _condition(status: CWMPipelineStatus, type_: str) -> Any:
+    return next((c for c in status.conditions if c.type == type_), None)
+
+
+def _dump(status: CWMPipelineStatus) -> dict[str, Any]:
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# ------------------------------------------------------------------------------------------
+# The state machine
+
+
+def reconcile(obj: Mapping[str, Any], children: Iterable[Child], now: dt.datetime,
+              settings: Settings) -> Decision:
+    """Decide what to do for one CWMPipeline object given its observed children."""
+    meta = obj.get("metadata") or {}
+    namespace = meta.get("namespace") or "default"
+    generation = meta.get("generation")
+    old = read_status(obj)
+    status = old.model_copy(deep=True)
+    started = any(rec.attempts > 0 for rec in status.steps)
+    doc = {k: obj.get(k) for k in ("apiVersion", "kind", "metadata", "spec")}
+    try:
+        pipeline = parse_pipeline(doc, f"{namespace}/{meta.get('name')}", target="cluster",
+                                  default_images=settings.default_images)
+    except ManifestError as err:
+        problems = "; ".join(str(e) for e in err.errors)
+        if started:
+            return _refuse(old, status, [f"the edited spec is invalid: {problems}"], now,
+                           generation)
+        return _invalid(old, status, problems, now, generation)
+    plan = build_plan(pipeline, Target.cluster(pipeline, namespace, settings.default_images))
+    refused = _refused_edits(status, plan)
+    if refused:
+        decision = _refuse(old, status, refused, now, generation)
+        decision.pipeline, decision.plan = pipeline, plan
+        return decision
+    return _progress(old, status, pipeline, plan, list(children), now, settings, generation)
+
+
+def _finish(old: CWMPipelineStatus, status: CWMPipelineStatus, generation: int | None,
+            decision: Decision) -> Decision:
+    status.observed_generation = generation
+    decision.status = _dump(status)
+    decision.changed = decision.status != _dump(old)
+    return decision
+
+
+def _invalid(old: CWMPipelineStatus, status: CWMPipelineStatus, problems: str,
+             now: dt.datetime, generation: int | None) -> Decision:
+    """Nothing has started and the spec is invalid: say so, create nothing."""
+    message = f"invalid spec: {problems}"
+    status.phase, status.current_step = "Failed", None
+    flipped = set_condition(status, "Accepted", False, "InvalidSpec", message, now, generation)
+    set_condition(status, "Progressing", False, "InvalidSpec", message, now, generation)
+    set_condition(status, "Succeeded", False, "InvalidSpec", message, now, generation)
+    set_condition(status, "Failed", True, "InvalidSpec", message, now, generation)
+    decision = Decision(status={}, changed=False)
+    prior = _condition(old, "Accepted")
+    if flipped or (prior is not None and prior.message != message):
+        decision.events.append(Event("Warning", "InvalidSpec", message))
+    return _finish(old, status, generation, decision)
+
+
+def _refused_edits(status: CWMPipelineStatus, plan: Plan) -> list[str]:
+    """Started steps whose recorded fingerprint or outputs the current spec would change."""
+    steps = {s.name: s for s in plan.steps}
+    problems = []
+    for rec in status.steps:
+        if rec.attempts == 0:
+            continue
+        step = steps.get(rec.name)
+        if step is None:
+            problems.append(f"step {rec.name} has started and cannot be removed")
+        elif rec.fingerprint and rec.fingerprint != step.fingerprint:
+            problems.append(f"step {rec.name} has started and its configuration (its spec "
+                            "section, the model, the tokenizer or an upstream step) would change")
+        elif rec.artifacts and rec.artifacts != dict(step.outputs):
+            problems.append(f"step {rec.name} has started and its outputs would move "
+                            "(spec.storage changed)")
+    return problems
+
+
+def _refuse(old: CWMPipelineStatus, status: CWMPipelineStatus, problems: list[str],
+            now: dt.datetime, generation: int | None) -> Decision:
+    message = "edit refused: " + "; ".join(problems) + ". Revert it to resume."
+    flipped = set_condition(status, "Accepted", False, "EditRefused", message, now, generation)
+    set_condition(status, "Progressing", False, "EditRefused", message, now, generation)
+    decision = Decision(status={}, changed=False)
+    prior = _condition(old, "Accepted")
+    if flipped or (prior is not None and prior.message != message):
+        decision.events.append(Event("Warning", "EditRefused", message))
+    return _finish(old, status, generation, decision)
+
+
+def _records(status: CWMPipelineStatus, plan: Plan) -> dict[str, StepStatus]:
+    """One record per plan step, in plan order; records of removed, unstarted steps go."""
+    existing = {rec.name: rec for rec in status.steps}
+    records = {}
+    for step in plan.steps:
+        rec = existing.get(step.name) or StepStatus(name=step.name)
+        if rec.attempts == 0:
+            rec.fingerprint = step.fingerprint
+        records[step.name] = rec
+    status.steps = list(records.values())
+    return records
+
+
+def _describe(child: Child) -> str:
+    return f"{child.kind} {child.name}"
+
+
+def _progress(old: CWMPipelineStatus, status: CWMPipelineStatus, pipeline: CWMPipeline,
+              plan: Plan, children: list[Child], now: dt.datetime, settings: Settings,
+              generation: int | None) -> Decision:
+    decision = Decision(status={}, changed=False, pipeline=pipeline, plan=plan)
+    suspend = pipeline.spec.suspend
+    records = _records(status, plan)
+    old_records = {rec.name: rec for rec in old.steps}
+    by_name = {c.name: c for c in children}
+    failed_step: StepStatus | None = None
+    current: Step | None = None
+    waiting_retry = False
+    stalled: tuple[str, str] | None = None
+
+    def start(step: Step, rec: StepStatus, attempt: int) -> None:
+        decision.create.append(Create(step, attempt))
+        name = child_name(pipeline.name, step.name, attempt)
+        rec.state, rec.attempts, rec.child = "Running", attempt, name
+        rec.fingerprint, rec.artifacts = step.fingerprint, dict(step.outputs)
+        rec.start_time, rec.finish_time, rec.message = format_time(now), None, None
+        total = step.retries + 1
+        decision.events.append(Event("Normal", "StepStarted",
+                                     f"step {step.name}: created {child_kind(step)} {name} "
+                                     f"(attempt {attempt} of {total})"))
+
+    for step in plan.steps:
+        rec = records[step.name]
+        if rec.state in ("Succeeded", "Cached"):
+            continue
+        current = step
+        mine = [c for c in children if c.step == step.name]
+        newest = max(mine, key=lambda c: c.attempt, default=None)
+        if newest is not None and newest.attempt > rec.attempts:
+            # Created just before a restart that lost the status write: adopt it.
+            rec.attempts, rec.child, rec.state = newest.attempt, newest.name, "Running"
+            rec.fingerprint, rec.artifacts = step.fingerprint, dict(step.outputs)
+            rec.start_time = format_time(newest.created or now)
+            rec.finish_time = rec.message = None
+        if rec.attempts == 0:
+            if not suspend:
+                start(step, rec, 1)
+            break
+        child = by_name.get(rec.child or "")
+        if child is None:
+            # The handler confirmed it is gone (GET → 404): deleted behind our back.
+            child = Child(name=rec.child or "", kind=child_kind(step), step=step.name,
+                          attempt=rec.attempts, phase="Failed", finished=now,
+                          message=f"{child_kind(step)} {rec.child} was deleted")
+        if child.phase == "Succeeded":
+            rec.state, rec.message = "Succeeded", None
+            rec.finish_time = format_time(child.finished or now)
+            rec.metrics = {k: float(v) for k, v in child.metrics.items()}
+            started_at = parse_time(rec.start_time)
+            seconds = (child.finished or now) - started_at if started_at else dt.timedelta()
+            decision.durations.append((step.name, max(seconds.total_seconds(), 0.0)))
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(rec.metrics.items())[:4])
+            decision.events.append(Event(
+                "Normal", "StepSucceeded", f"step {step.name}: {_describe(child)} succeeded"
+                + (f" ({shown})" if shown else "")))
+            continue
+        if child.phase == "Failed":
+            finished = child.finished or now
+            rec.finish_time = format_time(finished)
+            first_seen = old_records.get(step.name)
+            announce = first_seen is None or first_seen.finish_time is None or \
+                first_seen.attempts != rec.attempts
+            if rec.attempts <= step.retries:
+                retry_at = finished + dt.timedelta(seconds=settings.retry_delay(rec.attempts))
+                rec.message = f"attempt {rec.attempts} failed: {child.message}"
+                if announce:
+                    decision.events.append(Event(
+                        "Warning", "StepFailed",
+                        f"step {step.name}: {_describe(child)} failed ({child.message}); "
+                        f"retrying at {format_time(retry_at)}"))
+                if suspend:
+                    rec.state = "Pending"
+                elif now >= retry_at:
+                    start(step, rec, rec.attempts + 1)
+                else:
+                    rec.state = "Pending"
+                    waiting_retry = True
+                    rec.message += f"; attempt {rec.attempts + 1} at {format_time(retry_at)}"
+                    decision.requeue((retry_at - now).total_seconds())
+            else:
+                rec.state = "Failed"
+                rec.message = (f"failed after {rec.attempts} attempt(s); last: {child.message}")
+                failed_step = rec
+                if announce or (first_seen and first_seen.state != "Failed"):
+                    decision.events.append(Event(
+                        "Warning", "StepFailed",
+                        f"step {step.name}: {_describe(child)} failed ({child.message}); "
+                        "no retries left"))
+            break
+        # Pending, Running, Restarting or Suspended: in flight.
+        rec.state = "Suspended" if child.phase == "Suspended" else "Running"
+        if suspend and not child.suspended:
+            decision.suspend.append(SetSuspend(child, True))
+        elif not suspend and child.suspended:
+            decision.suspend.append(SetSuspend(child, False))
+        if child.phase in ("Pending", "Restarting") and child.since and not suspend:
+            stuck_at = child.since + dt.timedelta(seconds=settings.stuck_seconds)
+            if now >= stuck_at:
+                stalled = (f"Child{child.phase}",
+                           f"{_describe(child)} has been {child.phase} since "
+                           f"{format_time(child.since)} (threshold {settings.stuck_seconds:g} s)")
+            else:
+                decision.requeue((stuck_at - now).total_seconds())
+        break
+    else:
+        current = None
+
+    _summarise(old, status, plan, current, failed_step, waiting_retry, stalled, suspend, now,
+               generation, decision)
+    return _finish(old, status, generation, decision)
+
+
+def _summarise(old: CWMPipelineStatus, status: CWMPipelineStatus, plan: Plan,
+               current: Step | None, failed_step: StepStatus | None, waiting_retry: bool,
+               stalled: tuple[str, str] | None, suspend: bool, now: dt.datetime,
+               generation: int | None, decision: Decision) -> None:
+    """Phase, progress and the conditions, from the step records just computed."""
+    done = sum(1 for rec in status.steps if rec.state in ("Succeeded", "Cached"))
+    status.progress = f"{done}/{len(plan.steps)}"
+    g, events = generation, decision.events
+    set_condition(status, "Accepted", True, "Valid",
+                  f"{len(plan.steps)} steps: {' → '.join(plan.names)}", now, g)
+    if current is None:
+        status.phase, status.current_step = "Succeeded", None
+        message = f"all {len(plan.steps)} steps succeeded"
+        set_condition(status, "Progressing", False, "Completed", message, now, g)
+        if set_condition(status, "Succeeded", True, "Completed", message, now, g):
+            events.append(Event("Normal", "PipelineSucceeded", message))
+        set_condition(status, "Failed", False, "Completed", message, now, g)
+    elif failed_step is not None:
+        status.phase, status.current_step = "Failed", failed_step.name
+        message = f"step {failed_step.name} {failed_step.message}"
+        set_condition(status, "Progressing", False, "StepFailed", message, now, g)
+        set_condition(status, "Succeeded", False, "StepFailed", message, now, g)
+        if set_condition(status, "Failed", True, "StepFailed", message, now, g):
+            events.append(Event("Warning", "PipelineFailed", message))
+    else:
+        rec = next(r for r in status.steps if r.name == current.name)
+        status.current_step = current.name
+        status.phase = "Suspended" if suspend else ("Running" if any(
+            r.attempts for r in status.steps) else "Pending")
+        if suspend:
+            set_condition(status, "Progressing", False, "Suspended",
+                          f"suspended at step {current.name} (spec.suspend)", now, g)
+        elif waiting_retry:
+            set_condition(status, "Progressing", True, "RetryBackoff",
+                          f"step {current.name}: {rec.message}", now, g)
+        else:
+            set_condition(status, "Progressing", True, "StepRunning",
+                          f"step {current.name}: attempt {rec.attempts} ({rec.child})", now, g)
+        set_condition(status, "Succeeded", False, "InProgress", f"{status.progress} steps done",
+                      now, g)
+        set_condition(status, "Failed", False, "InProgress", "no step has failed for good", now, g)
+    was_suspended = _condition(old, "Suspended")
+    flipped = set_condition(status, "Suspended", suspend and current is not None and
+                            failed_step is None, "SuspendRequested" if suspend else "Active",
+                            "spec.suspend is true" if suspend else "spec.suspend is false", now, g)
+    if flipped and suspend:
+        events.append(Event("Normal", "Suspended", f"suspended at step {status.current_step}"))
+    elif flipped and was_suspended is not None:
+        events.append(Event("Normal", "Resumed", f"resumed at step {status.current_step}"))
+    if stalled:
+        reason, message = stalled
+        if set_condition(status, "Stalled", True, reason, message, now, g):
+            events.append(Event("Warning", "ChildStalled", message))
+    elif _condition(status, "Stalled") is not None:
+        set_condition(status, "Stalled", False, "AsExpected", "no child is stuck", now, g)
+
+
+def summary(status: Mapping[str, Any]) -> str:
+    """One line for logs: phase, step, progress."""
+    return json.dumps({k: status.get(k) for k in ("phase", "currentStep", "progress")})
