@@ -34,6 +34,7 @@ FILENAME = "<cwm-traced>"
 TRUNCATION_MARKER = "...<truncated>"
 _SKIPPED_SCOPES = frozenset({"<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>", "<lambda>"})
 _SLICEABLE = frozenset({list, tuple, str, bytes})
+_ATOMS = frozenset({int, bool, type(None), float})
 _IMMUTABLE = frozenset({int, float, str, bool, type(None), bytes, complex, range})
 _UNCHANGED_JSON = encode_basestring("..")
 
@@ -158,6 +159,7 @@ class _Recorder:
         self.truncated: str | None = None
         self.done = False
         self.keys: dict[str, str] = {}     # name -> '"name": ' (JSON-encoded once)
+        self.max_events, self.max_bytes = limits.max_events, limits.max_bytes
 
     # ---- settrace callbacks --------------------------------------------------------------
     def on_call(self, frame: FrameType, event: str, arg: Any):
@@ -223,7 +225,13 @@ class _Recorder:
                 values[name] = ".."
                 parts.append(key + _UNCHANGED_JSON)
                 continue
-            text = capped_repr(obj, cap)
+            kind = type(obj)
+            if kind in _ATOMS or (kind is str and len(obj) < cap // 2):
+                text = repr(obj)           # fast path: no call, no exception possible
+                if len(text) > cap:
+                    text = capped_repr(obj, cap)
+            else:
+                text = capped_repr(obj, cap)
             previous[name] = (obj, text)
             if seen is not None and not fresh and seen[1] == text:
                 values[name] = ".."
@@ -242,7 +250,7 @@ class _Recorder:
         piece = f"{token}{{{', '.join(parts)}}}{ACTION_SEP}{line}{FRAME_SEP}"
         self.pieces.append(piece)
         self.size += len(piece)
-        if len(self.frames) > self.limits.max_events or self.size > self.limits.max_bytes:
+        if len(self.frames) > self.max_events or self.size > self.max_bytes:
             self._stop()
 
     def _value_frame(self, event: str, token: str, frame: FrameType, value: str) -> None:
@@ -251,7 +259,7 @@ class _Recorder:
         piece = f"{token}{ACTION_SEP}{line}{ARG_SEP}{encode_basestring(value)}{FRAME_SEP}"
         self.pieces.append(piece)
         self.size += len(piece)
-        if len(self.frames) > self.limits.max_events or self.size > self.limits.max_bytes:
+        if len(self.frames) > self.max_events or self.size > self.max_bytes:
             self._stop()
 
     def _stop(self) -> None:
