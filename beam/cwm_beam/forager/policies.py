@@ -1,0 +1,231 @@
+"""Policies that act in repository environments.
+
+:class:`OpenAIPolicy`
+    Any OpenAI-compatible chat endpoint with tool calling (vLLM, SGLang, ``cwm serve``),
+    through the ``openai`` client.
+:class:`SearchRepairPolicy`
+    Needs no model. Like a careful engineer with a fault localiser: it runs the failing tests
+    and reads the traceback, runs the tests again with line coverage and ranks lines by Ochiai
+    suspiciousness (``python -m cwm_beam.forager.sbfl``), views the suspicious function, then
+    tries candidate edits (inverse mutation operators: operator replacement, variable and
+    argument swaps, a missing ``return``) one at a time, rerunning the failing tests after each,
+    and submits after a passing regression run. Everything it knows comes from its own tool
+    observations, never from the task's hidden fields.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import textwrap
+from typing import Any, Generator, Sequence
+
+from cwm_beam.forager.mutations import line_candidates
+from cwm_beam.forager.rollout import Action
+from cwm_beam.forager.sbfl import ROW
+
+_FRAME = re.compile(r"^(?P<path>[^\s:]+\.py):(?P<line>\d+): in (?P<func>\S+)", re.M)
+_VIEW_LINE = re.compile(r"^\s*(\d+)  (.*)$")
+_TEST_ID = re.compile(r"^  (\S+::\S.*)$", re.M)
+_EXIT = re.compile(r"\[exit code (-?\d+)\]\s*$")
+
+Step = Generator[dict[str, Any], str, None]  # yields tool calls, receives observations
+
+
+def _call(name: str, **arguments: Any) -> dict[str, Any]:
+    return {"name": name, "arguments": json.dumps(arguments)}
+
+
+def _exit_code(observation: str) -> int | None:
+    match = _EXIT.search(observation)
+    return int(match.group(1)) if match else None
+
+
+def _is_test_path(path: str) -> bool:
+    from cwm_beam.forager.pytest_plugin import is_test_file
+
+    return is_test_file(path)
+
+
+class SearchRepairPolicy:
+    """See the module docstring. ``max_lines`` bounds how many suspicious lines it tries."""
+
+    name = "search"
+
+    def __init__(self, max_lines: int = 40) -> None:
+        self.max_lines = max_lines
+        self._plan: Step | None = None
+        self._seen = 0
+
+    def act(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> Action:
+        if self._plan is None or not any(m["role"] == "assistant" for m in messages):
+            self._plan = self._episode(messages[1]["content"])
+            call = next(self._plan)
+        else:
+            observation = next((m["content"] for m in reversed(messages) if m["role"] == "tool"), "")
+            try:
+                call = self._plan.send(observation)
+            except StopIteration:
+                call = _call("submit")
+        self._seen += 1
+        return Action({"role": "assistant", "content": "",
+                       "tool_calls": [{"id": f"call_{self._seen}", "type": "function",
+                                       "function": call}]})
+
+    # ------------------------------------------------------------------ the plan
+
+    def _episode(self, statement: str) -> Step:
+        failing = _TEST_ID.findall(statement)
+        if not failing:
+            yield _call("submit")
+            return
+        run_failing = "python -m pytest -q --tb=short " + " ".join(shlex.quote(t) for t in failing)
+        files = sorted({t.split("::", 1)[0] for t in failing})
+        observation = yield _call("bash", command=run_failing)
+        frames = [(m["path"], int(m["line"])) for m in _FRAME.finditer(observation)
+                  if not _is_test_path(m["path"])]
+        spectrum = ("CWM_TRACE=. CWM_REPORT=/tmp/spectrum.jsonl python -m pytest -q "
+                    "-p cwm_beam.forager.pytest_plugin " + " ".join(shlex.quote(f) for f in files)
+                    + " > /dev/null 2>&1; python -m cwm_beam.forager.sbfl /tmp/spectrum.jsonl --top 20")
+        observation = yield _call("bash", command=spectrum)
+        rows = [m for m in map(ROW.match, observation.splitlines()) if m]
+        if not rows and frames:  # nothing ran far enough for a spectrum: use the traceback
+            places = " ".join(shlex.quote(f"{p}:{l}") for p, l in dict.fromkeys(frames))
+            observation = yield _call("bash", command=f"python -m cwm_beam.forager.sbfl --locate {places}")
+            rows = [m for m in map(ROW.match, observation.splitlines()) if m]
+        targets = self._rank(rows, frames)
+        views: dict[tuple[str, int, int], dict[int, str]] = {}
+        applied: tuple[str, int, int, str, str] | None = None  # path, first, last, now, original
+        for path, line, lo, hi in targets[: self.max_lines]:
+            key = (path, lo, hi)
+            if key not in views:
+                observation = yield _call("view", path=path, start_line=lo, end_line=hi)
+                views[key] = {int(m.group(1)): m.group(2) for m in map(_VIEW_LINE.match, observation.splitlines()) if m}
+            source = views[key]
+            for description, first, last, new_block in self._candidates(source, lo, hi, line):
+                old_block = "\n".join(source[i] for i in range(first, last + 1))
+                if applied and (applied[0], applied[1], applied[2]) != (path, first, last):
+                    yield from self._edit(applied[0], applied[3], applied[4], views, applied[1])
+                    applied = None
+                current = applied[3] if applied else old_block
+                ok = yield from self._edit(path, current, new_block, views, first)
+                if not ok:
+                    continue
+                applied = (path, first, last, new_block, old_block)
+                observation = yield _call("bash", command=run_failing)
+                if _exit_code(observation) != 0:
+                    continue
+                regression = "python -m pytest -q --tb=short " + " ".join(shlex.quote(f) for f in files)
+                observation = yield _call("bash", command=regression)
+                if _exit_code(observation) == 0:
+                    yield _call("submit")
+                    return
+        if applied:
+            yield from self._edit(applied[0], applied[3], applied[4], views, applied[1])
+        yield _call("submit")
+
+    def _edit(self, path: str, search: str, replace: str, views: dict, first: int) -> Generator[dict[str, Any], str, bool]:
+        """SEARCH/REPLACE, widening the SEARCH with neighbouring lines if it is not unique."""
+        source = next((v for (p, lo, hi), v in views.items() if p == path and first in v), {})
+        n_lines = search.count("\n") + 1
+        for context in (0, 1, 3):
+            before = [source[i] for i in range(first - context, first) if i in source]
+            after = [source[i] for i in range(first + n_lines, first + n_lines + context) if i in source]
+            s = "\n".join([*before, search, *after])
+            r = "\n".join([*before, replace, *after])
+            observation = yield _call("edit", path=path, search=s, replace=r)
+            if observation.startswith("Edited"):
+                return True
+            if "found 0 times" in observation:
+                return False
+        return False
+
+    @staticmethod
+    def _rank(rows: list[re.Match], frames: list[tuple[str, int]]) -> list[tuple[str, int, int, int]]:
+        """Suspicious lines, best first: Ochiai score, then lines on the traceback (deepest
+        frame first), then closeness to a traceback line of the same file (bugs tend to sit
+        just before where they surface), then the order sbfl printed them in."""
+        depth = {frame: i for i, frame in enumerate(frames)}
+        scored = []
+        for order, m in enumerate(rows):
+            key = (m["path"], int(m["line"]))
+            near = min((abs(line - key[1]) for path, line in frames if path == key[0]), default=10**6)
+            scored.append((-round(float(m["score"]), 3), -depth.get(key, -1), near, order,
+                           (m["path"], int(m["line"]), int(m["lo"]), int(m["hi"]))))
+        return [item[-1] for item in sorted(scored)]
+
+    @staticmethod
+    def _candidates(source: dict[int, str], lo: int, hi: int, line: int) -> list[tuple[str, int, int, str]]:
+        """(description, first line, last line, replacement lines) for one suspicious line,
+        computed on the viewed function's text."""
+        numbers = [i for i in range(lo, hi + 1) if i in source]
+        if line not in source or not numbers:
+            return []
+        text = "\n".join(source[i] for i in numbers) + "\n"
+        snippet = textwrap.dedent(text)
+        pad = text.splitlines()[0][: len(text.splitlines()[0]) - len(snippet.splitlines()[0])]
+        try:
+            candidates = line_candidates(snippet, line - numbers[0] + 1)
+        except SyntaxError:
+            return []
+        old_lines = snippet.splitlines()
+        out = []
+        for description, new in candidates:
+            new_lines = new.splitlines()
+            if len(new_lines) != len(old_lines):
+                continue
+            changed = [i for i, (a, b) in enumerate(zip(old_lines, new_lines)) if a != b]
+            if not changed:
+                continue
+            first, last = changed[0], changed[-1]
+            block = "\n".join(pad + l if l else l for l in new_lines[first : last + 1])
+            out.append((description, numbers[0] + first, numbers[0] + last, block))
+        # operator and swap repairs before an added 'return' (rarer)
+        out.sort(key=lambda c: c[0] == "added 'return'")
+        return out
+
+
+class OpenAIPolicy:
+    """A chat model behind an OpenAI-compatible endpoint, acting through tool calls."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
+                 temperature: float = 0.7, max_tokens: int = 2048, timeout: float = 120.0) -> None:
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout,
+                             max_retries=2)
+        self.model = model
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.name = f"openai:{model}"
+
+    def act(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> Action:
+        response = self.client.chat.completions.create(
+            model=self.model, messages=list(messages), tools=list(tools), tool_choice="auto",
+            temperature=self.temperature, max_tokens=self.max_tokens)
+        if not response.choices:
+            raise RuntimeError(f"{self.name}: the endpoint returned no choices")
+        reply = response.choices[0].message
+        message: dict[str, Any] = {"role": "assistant", "content": reply.content or ""}
+        if reply.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for c in reply.tool_calls]
+        usage = response.usage
+        return Action(message, usage.prompt_tokens if usage else None,
+                      usage.completion_tokens if usage else None)
+
+
+def make_policy(spec: dict[str, Any], api_key: str | None = None) -> Any:
+    """From a ``PolicySpec`` dict (camelCase or snake_case keys)."""
+    kind = spec.get("kind", "search")
+    if kind == "search":
+        return SearchRepairPolicy()
+    if kind == "openai":
+        endpoint, model = spec.get("endpoint"), spec.get("model")
+        if not endpoint or not model:
+            raise ValueError("policy: endpoint and model are required for kind 'openai'")
+        return OpenAIPolicy(endpoint, model, api_key, temperature=float(spec.get("temperature", 0.7)))
+    raise ValueError(f"policy.kind {kind!r}: choose search or openai")

@@ -1,0 +1,188 @@
+"""One episode: a policy acting on a task in a fresh sandboxed copy until it submits or runs out
+of turns or tokens; then the task's tests grade it. Failed episodes are kept (CWM keeps them: it
+is world-model data either way).
+
+A trajectory is OpenAI-style chat messages (system, task, assistant tool calls, tool
+observations) plus ``meta``; the training side renders it with ``cwm_model.chat``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from cwm_beam import sandbox
+from cwm_beam.forager.env import RepoEnvironment
+from cwm_beam.forager.mutations import unified_diff
+from cwm_beam.forager.tasks import Task
+from cwm_beam.forager.tools import TOOLS, ToolRunner
+
+SYSTEM_PROMPT = (
+    "You are a software engineering agent working in a Python repository inside a sandbox. "
+    "You can run shell commands (bash), view files (view), create files (create), edit files "
+    "with an exact SEARCH/REPLACE (edit) and finish (submit). Each action's output is shown to "
+    "you, shortened if long. Investigate, fix the bug in the source code, check with the tests, "
+    "then submit."
+)
+NUDGE = "Continue with a tool call, or call submit when you are done."
+
+
+@dataclass
+class Action:
+    """What a policy returns: an assistant message, and token usage if the policy knows it."""
+
+    message: dict[str, Any]
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class Policy(Protocol):
+    name: str
+
+    def act(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> Action: ...
+
+
+@dataclass
+class Trajectory:
+    messages: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def success(self) -> bool:
+        return bool(self.meta.get("success"))
+
+    def actions(self) -> list[tuple[str, str]]:
+        """(tool name, JSON arguments) of every tool call, in order."""
+        return [(c["function"]["name"], c["function"]["arguments"])
+                for m in self.messages if m["role"] == "assistant"
+                for c in m.get("tool_calls") or []]
+
+    def observations(self) -> list[str]:
+        return [m["content"] for m in self.messages if m["role"] == "tool"]
+
+    def to_record(self) -> dict[str, Any]:
+        return {"messages": self.messages, "meta": self.meta}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "Trajectory":
+        if not isinstance(record.get("messages"), list):
+            raise ValueError("trajectory record: 'messages' must be a list")
+        return cls(list(record["messages"]), dict(record.get("meta") or {}))
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters per token (used when the policy reports no usage)."""
+    return (len(text) + 3) // 4
+
+
+def _normalise(message: dict[str, Any], turn: int) -> dict[str, Any]:
+    """An assistant message in the stored shape, with deterministic tool-call ids."""
+    out: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
+    calls = []
+    for i, call in enumerate(message.get("tool_calls") or []):
+        function = call.get("function") or {}
+        arguments = function.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments)
+        calls.append({"id": call.get("id") or f"call_{turn}_{i}", "type": "function",
+                      "function": {"name": str(function.get("name", "")), "arguments": arguments}})
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def grade(env: RepoEnvironment, task: Task, workdir: Path) -> tuple[bool, list[str]]:
+    """Restore the pristine tests, run the task's tests; success if all pass within limits."""
+    env.restore_tests(workdir)
+    report = env.run_tests(workdir, task.tests)
+    failing = report.not_passing(task.tests)
+    return report.reason is None and not failing, failing
+
+
+def run_episode(env: RepoEnvironment, task: Task, policy: Policy, max_turns: int = 128, *,
+                max_observation_chars: int = 8000, action_timeout: float = 60.0,
+                max_tokens: int = 131072) -> Trajectory:
+    """Run one episode; see the module docstring. Never raises for a policy or tool failure:
+    the trajectory records why it stopped."""
+    start = time.monotonic()
+    workdir = env.fresh_task_copy(task)
+    try:
+        runner = ToolRunner(env, workdir, max_observation_chars=max_observation_chars,
+                            action_timeout=action_timeout)
+        messages: list[dict[str, Any]] = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": task.statement(runner.root)}]
+        turns, prompt_tokens, completion_tokens, nudged = 0, 0, 0, False
+        stop, error = "max_turns", None
+        while turns < max_turns:
+            try:
+                action = policy.act(messages, TOOLS)
+            except Exception as err:  # a model endpoint failing is recorded, not fatal
+                stop, error = "policy_error", f"{type(err).__name__}: {err}"
+                break
+            turns += 1
+            message = _normalise(action.message, turns)
+            messages.append(message)
+            completion_tokens += action.completion_tokens if action.completion_tokens is not None \
+                else estimate_tokens(json.dumps(message))
+            prompt_tokens = action.prompt_tokens if action.prompt_tokens is not None \
+                else sum(estimate_tokens(json.dumps(m)) for m in messages[:-1])
+            calls = message.get("tool_calls") or []
+            if not calls:
+                if nudged:
+                    stop = "no_action"
+                    break
+                messages.append({"role": "user", "content": NUDGE})
+                nudged = True
+                continue
+            submitted = False
+            for call in calls:
+                result = runner.call(call["function"]["name"], call["function"]["arguments"])
+                messages.append({"role": "tool", "tool_call_id": call["id"],
+                                 "content": result.observation})
+                submitted = submitted or result.done
+            if submitted:
+                stop = "submitted"
+                break
+            if prompt_tokens + completion_tokens >= max_tokens:
+                stop = "token_budget"
+                break
+        final = (workdir / task.path).read_text(encoding="utf-8", errors="replace")
+        success, still_failing = grade(env, task, workdir)
+    finally:
+        env.discard(workdir)
+    meta = {
+        "repo": task.repo, "task_id": task.task_id, "family": task.family, "path": task.path,
+        "function": task.function, "line": task.line, "mutation": task.description,
+        "failing_tests": list(task.failing_tests), "gold_patch": task.gold_patch,
+        "patch": unified_diff(task.mutated, final, task.path),
+        "success": success, "still_failing": still_failing, "submitted": stop == "submitted",
+        "stop": stop, "error": error, "turns": turns,
+        "tokens": {"prompt": prompt_tokens, "completion": completion_tokens,
+                   "total": prompt_tokens + completion_tokens},
+        "policy": getattr(policy, "name", type(policy).__name__),
+        "seconds": round(time.monotonic() - start, 3), "isolation": sandbox.isolation(),
+        "max_turns": max_turns, "max_observation_chars": max_observation_chars,
+        "action_timeout": action_timeout, "episode_id": uuid.uuid4().hex,
+    }
+    return Trajectory(messages, meta)
+
+
+def replay_actions(env: RepoEnvironment, task: Task, trajectory: Trajectory, *,
+                   max_observation_chars: int | None = None,
+                   action_timeout: float | None = None) -> list[str]:
+    """Run a stored trajectory's actions again on a fresh copy of the same task and return the
+    observations (a deterministic environment reproduces the stored ones)."""
+    meta = trajectory.meta
+    workdir = env.fresh_task_copy(task)
+    try:
+        runner = ToolRunner(env, workdir,
+                            max_observation_chars=max_observation_chars or meta.get("max_observation_chars", 8000),
+                            action_timeout=action_timeout or meta.get("action_timeout", 60.0))
+        return [runner.call(name, arguments).observation for name, arguments in trajectory.actions()]
+    finally:
+        env.discard(workdir)
