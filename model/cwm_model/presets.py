@@ -16,8 +16,9 @@ from cwm_model.config import ModelConfig, normalize_fields
 
 
 def debug() -> ModelConfig:
-    """Under 1M parameters: 4 layers (global, local, local, global-last), an 8-token local window."""
-    return ModelConfig(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16,
+    """Under 1M parameters: 4 layers (global, local, local, global-last), an 8-token local window,
+    vocab = 512 BPE + 256 specials."""
+    return ModelConfig(vocab_size=768, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16,
                        ffn_dim=192, local_window=8, global_window=256, max_seq_len=256,
                        rope_original_context=256, rope_theta=10_000.0)
 
