@@ -454,3 +454,51 @@ def test_chart_installs_and_its_rbac_holds_for_the_operator(kube: Kube, kube_nam
         kube.helm("uninstall", "cwm", "-n", kube_namespace)
         for ns in (watched, unwatched):
             core.delete_namespace(ns)
+
+
+@pytest.mark.cluster
+def test_kopf_reconciles_against_the_real_api_server(kube: Kube, kube_namespace: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf (the operator's framework) logs in with the fixture's kubeconfig, watches, patches
+    status; and the API server prunes what the CRD's status schema does not declare (an emulator
+    would keep it): kopf's handler results stored under `status.<handler>` vanish."""
+    import asyncio
+    import threading
+
+    import kopf
+
+    registry = kopf.OperatorRegistry()
+    monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig))
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> Any:
+        return kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.create("cwm.dev", "v1alpha1", "cwmpipelines", registry=registry)
+    def created(spec: Any, patch: Any, **_: Any) -> dict[str, str]:
+        patch.status["phase"] = "Running"
+        patch.status["currentStep"] = f"model {spec['model']['preset']}"
+        return {"undeclared": "pruned"}
+
+    stop, ready = threading.Event(), threading.Event()
+    thread = threading.Thread(target=lambda: asyncio.run(kopf.operator(
+        registry=registry, namespaces=[kube_namespace], standalone=True, stop_flag=stop, ready_flag=ready)))
+    thread.start()
+    try:
+        assert ready.wait(30), "kopf did not start"
+        kube.kubectl("apply", "-n", kube_namespace, "-f", str(TINY), check=True)
+        from kubernetes import client
+
+        custom = client.CustomObjectsApi(kube.api_client)
+
+        def patched_status() -> dict[str, Any] | None:
+            obj = custom.get_namespaced_custom_object(*PIPELINES[:2], kube_namespace, PIPELINES[2], "tiny")
+            status = obj.get("status") or {}
+            return status if status.get("currentStep") else None
+
+        status = kube.wait_for(patched_status, timeout=30, what="kopf to patch the pipeline's status")
+        assert status["phase"] == "Running" and status["currentStep"] == "model tiny"
+        assert "created" not in status  # pruned by the structural schema
+    finally:
+        stop.set()
+        thread.join(30)
