@@ -221,6 +221,7 @@ def test_schema_is_closed() -> None:
     ("watch.namespaces[0]=Not_A_Namespace", "/watch/namespaces/0"),
     ("children.cleanPodPolicy=Sometimes", "/children/cleanPodPolicy"),
     ("operator.logLevel=loud", "/operator/logLevel"),
+    ("operator.logLevel=info", "/operator/logLevel"),
     ("metrics.port=70000", "/metrics/port"),
     ("operator.replicas=2", "/operator"),
     ("children.gpu.tolerations[0].operator=Maybe", "/children/gpu/tolerations/0/operator"),
@@ -355,6 +356,20 @@ def test_default_children_settings(rendered: dict[str, list[dict[str, Any]]]) ->
         assert getattr(settings, name) == getattr(plain, name), name
     assert list(settings.gpu_tolerations) == \
         [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+@pytest.mark.parametrize("case", VALUES_CASES)
+def test_operator_accepts_the_rendered_arguments(rendered: dict[str, list[dict[str, Any]]],
+                                                 case: str) -> None:
+    """The operator's own argument parser reads the Deployment's args (exits on unknown flags)."""
+    from cwm_operator.main import parse_args
+
+    container = deployment(rendered[case])["spec"]["template"]["spec"]["containers"][0]
+    args = parse_args(container["args"])
+    assert args.all_namespaces != bool(args.namespace)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert args.liveness == f"http://0.0.0.0:{ports['liveness']}/healthz"
+    assert args.metrics_port == ports.get("metrics")
 
 
 def test_watch_modes_select_the_namespace_flags(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -72,29 +72,31 @@ Call with (dict "image" .Values.images.beam "root" $).
 {{- end }}
 
 {{/*
-The operator's RBAC rules, written once here; tests/chart checks that they equal
-cwm_operator.permissions.RULES (nothing missing, nothing extra).
+The operator's RBAC rules, written once: exactly cwm_operator.permissions.RULES (tests/chart
+compares them: nothing missing, nothing extra). All are namespaced, so they go in a ClusterRole
+when every namespace is watched and in a Role per namespace otherwise. No delete anywhere: the
+garbage collector removes children with their pipeline. See permissions.py for why each exists.
 */}}
-{{- define "cwm-operator.rules.namespaced" -}}
+{{- define "cwm-operator.rules" -}}
 - apiGroups: ["cwm.dev"]
   resources: ["cwmpipelines"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["cwm.dev"]
   resources: ["cwmpipelines/status"]
   verbs: ["patch"]
+- apiGroups: ["cwm.dev"]
+  resources: ["cwmpipelines/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  verbs: ["create", "get", "list", "patch", "watch"]
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  verbs: ["create", "get", "list", "patch", "watch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- end }}
-
-{{- define "cwm-operator.rules.cluster" -}}
-- apiGroups: ["apiextensions.k8s.io"]
-  resources: ["customresourcedefinitions"]
-  verbs: ["list", "watch"]
 {{- end }}
