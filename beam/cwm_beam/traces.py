@@ -484,7 +484,8 @@ def load_job(argv: list[str]) -> tuple[Settings, str, dict[str, Any], list[str],
     spec = dict(config.get("spec", {}))
     data = config.get("data", {}) or {}
     sandbox = config.get("sandbox") or data.get("sandbox") or spec.pop("sandbox", None)
-    beam_section = dict(config.get("beam") or data.get("beam") or spec.pop("beam", None) or {})
+    beam_section = dict((config.get("runtime") or {}).get("beam") or config.get("beam")
+                        or data.get("beam") or spec.pop("beam", None) or {})
     if flags.source:
         spec["sources"] = [source_from_flag(s) for s in flags.source]
     for key, value in (("shards", flags.shards), ("validationFraction",
