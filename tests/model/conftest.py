@@ -16,16 +16,8 @@ from cwm_model.checkpoint import save_checkpoint
 from cwm_model.model import CWM
 from cwm_model.presets import get_preset
 from cwm_model.tokenizer import CWMTokenizer, train_tokenizer
-
-BASH_TOOL = {"type": "function", "function": {
-    "name": "bash", "description": "Run a bash command.",
-    "parameters": {"type": "object", "properties": {"command": {"type": "string"}},
-                   "required": ["command"]}}}
-CHAT_PROMPT = [{"role": "user", "content": "List the files."}]
-CHAT_REPLY = '<tool: bash>\n{"command": "ls -la"}\n</tool><|eot_id|>'
-COMPLETION_PROMPT = "def add(a, b):\n"
-COMPLETION_REPLY = "    return a + b\n<|end_of_text|>"
-
+from tests.model.memorised import (BASH_TOOL, CHAT_PROMPT, CHAT_REPLY, COMPLETION_PROMPT,
+                                   COMPLETION_REPLY)
 
 def corpus() -> list[str]:
     import json.decoder

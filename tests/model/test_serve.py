@@ -1,0 +1,72 @@
+"""``cwm serve``: the official ``openai`` client talks to a trained checkpoint over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.model.memorised import BASH_TOOL, CHAT_PROMPT, COMPLETION_PROMPT
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def server(trained_checkpoint):
+    """``python -m cwm_model.cli serve`` on a free port; yields its base URL."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cwm_model.cli", "serve", str(trained_checkpoint), "--port", "0",
+         "--model-name", "cwm-debug"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on" in line, f"server did not start: {line}{proc.stdout.read()}"
+        yield line.split("listening on ")[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_chat_completion_returns_the_models_tool_call(client):
+    reply = client.chat.completions.create(model="cwm-debug", messages=CHAT_PROMPT,
+                                           tools=[BASH_TOOL], temperature=0, max_tokens=40)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "bash"
+    assert json.loads(call.function.arguments) == {"command": "ls -la"}
+    assert reply.usage.prompt_tokens > 100 and reply.usage.completion_tokens > 5
+    assert reply.model == "cwm-debug"
+
+
+def test_completion_returns_the_models_continuation(client):
+    reply = client.completions.create(model="cwm-debug", prompt=COMPLETION_PROMPT, max_tokens=20,
+                                      temperature=0)
+    assert reply.choices[0].text == "    return a + b\n"
+    assert reply.choices[0].finish_reason == "stop"
+    short = client.completions.create(model="cwm-debug", prompt=COMPLETION_PROMPT, max_tokens=2,
+                                      temperature=0, n=2)
+    assert [c.finish_reason for c in short.choices] == ["length", "length"]
+
+
+def test_models_listing_and_errors(client, server):
+    assert [m.id for m in client.models.list()] == ["cwm-debug"]
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="cwm-debug", messages=[])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="cwm-debug", prompt="x", temperature=5)
+    request = urllib.request.Request(server + "/nothing", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request)
+    assert err.value.code == 404
