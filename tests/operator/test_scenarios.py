@@ -75,3 +75,258 @@ def test_happy_path_runs_every_step_in_order(env, operator) -> None:
     print(f"\nchild completion → next child created: max {max(latencies):.3f} s, "
           f"mean {sum(latencies) / len(latencies):.3f} s over {len(latencies)} hand-offs")
     assert max(latencies) < 5, latencies  # generous bound; the benchmark reports the numbers
+
+
+def test_failed_steps_retry_with_backoff_then_succeed_or_fail_the_pipeline(env) -> None:
+    from cwm_operator.main import OperatorThread
+    from tests.operator.helpers import SETTINGS, configuration_for
+
+    c, name = env.cluster, "retry"
+    # Backoff 1.5 s, then 3 s: long enough to see, and to check it was waited for (a lower
+    # bound: Job conditions carry whole seconds, so up to 1 s of it may already be past).
+    settings = SETTINGS.fast(retry_backoff_seconds=1.5, retry_backoff_max_seconds=10)
+    op = OperatorThread(settings, configuration_for(env.kubeconfig), [env.namespace]).start()
+    try:
+        _retry_scenario(c, name, env)
+    finally:
+        op.stop()
+
+
+def _retry_scenario(c, name, env) -> None:
+    c.create(short_manifest(name, env.storage, stages=[
+        {"name": "pretrain", "steps": 10, "warmupSteps": 1, "retries": 2},
+        {"name": "midtrain", "steps": 10, "warmupSteps": 1, "dataMix": {"code": 1.0},
+         "retries": 1},
+    ]))
+    c.wait_child(f"{name}-tokenizer-1")
+    c.complete(f"{name}-tokenizer-1")
+    c.wait_child(f"{name}-pretrain-1")
+    c.fail(f"{name}-pretrain-1", "worker 0 exited with code 1")
+    failed_at = time.monotonic()
+    status = c.wait_status(name, lambda s: (condition(s, "Progressing") or {}).get("reason")
+                           == "RetryBackoff", "waiting to retry")["status"]
+    record = next(r for r in status["steps"] if r["name"] == "pretrain")
+    assert record["state"] == "Pending" and record["attempts"] == 1
+    assert "attempt 1 failed: BackoffLimitExceeded" not in record["message"]
+    assert "worker 0 exited with code 1" in record["message"] and "attempt 2 at" in record["message"]
+    assert status["phase"] == "Running"
+    c.wait_child(f"{name}-pretrain-2")
+    waited = time.monotonic() - failed_at
+    assert waited >= 0.5, f"retried after {waited:.2f} s: the backoff was not waited for"
+    c.complete(f"{name}-pretrain-2")
+    c.wait_child(f"{name}-midtrain-1")
+    c.fail(f"{name}-midtrain-1", "CUDA error: out of memory")
+    c.wait_child(f"{name}-midtrain-2")
+    c.fail(f"{name}-midtrain-2", "CUDA error: out of memory")
+    final = c.wait_status(name, lambda s: s.get("phase") == "Failed", "Failed")["status"]
+    failed = condition(final, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "StepFailed"
+    assert "midtrain" in failed["message"] and "out of memory" in failed["message"]
+    assert condition(final, "Progressing")["status"] == "False"
+    records = {r["name"]: r for r in final["steps"]}
+    assert records["pretrain"]["state"] == "Succeeded" and records["pretrain"]["attempts"] == 2
+    assert records["midtrain"]["state"] == "Failed" and records["midtrain"]["attempts"] == 2
+    time.sleep(1.5)  # longer than any backoff of the fast profile: nothing else may appear
+    assert set(c.children(name)) == {f"{name}-tokenizer-1", f"{name}-pretrain-1",
+                                     f"{name}-pretrain-2", f"{name}-midtrain-1",
+                                     f"{name}-midtrain-2"}
+    reasons = c.kube.wait_for(lambda: "PipelineFailed" in (r := c.reasons(name)) and r,
+                              timeout=10, what="the PipelineFailed event")
+    assert reasons.count("StepFailed") == 3
+    warnings = [e for e in c.events(name) if e["type"] == "Warning"]
+    assert {e["reason"] for e in warnings} == {"StepFailed", "PipelineFailed"}
+
+
+def test_suspend_and_resume_the_running_child(env, operator) -> None:
+    c, name = env.cluster, "pause"
+    c.create(short_manifest(name, env.storage))
+    job = f"{name}-tokenizer-1"
+    c.wait_child(job)
+    c.kube.start_job(job, env.namespace)
+    c.patch_spec(name, {"suspend": True})
+    c.kube.wait_for(lambda: c.child(job)["spec"].get("suspend") is True, 10, "Job suspended")
+    status = c.wait_status(name, lambda s: s.get("phase") == "Suspended", "Suspended")["status"]
+    assert condition(status, "Suspended")["status"] == "True"
+    assert condition(status, "Progressing")["reason"] == "Suspended"
+    c.patch_spec(name, {"suspend": False})
+    c.kube.wait_for(lambda: c.child(job)["spec"].get("suspend") is False, 10, "Job resumed")
+    c.wait_status(name, lambda s: s.get("phase") == "Running", "Running again")
+    c.complete(job)
+    ptj = f"{name}-pretrain-1"
+    c.wait_child(ptj)
+    c.patch_spec(name, {"suspend": True})
+    c.kube.wait_for(lambda: c.child(ptj)["spec"]["runPolicy"].get("suspend") is True, 10,
+                    "PyTorchJob suspended")
+    # A success that lands while suspended is recorded, but nothing new starts.
+    c.complete(ptj)
+    c.wait_status(name, lambda s: s.get("progress") == "2/3" and s.get("phase") == "Suspended",
+                  "pretrain recorded while suspended")
+    time.sleep(0.5)
+    assert f"{name}-midtrain-1" not in c.children(name)
+    c.patch_spec(name, {"suspend": False})
+    c.wait_child(f"{name}-midtrain-1")
+    reasons = c.kube.wait_for(lambda: (r := c.reasons(name)).count("Resumed") == 2 and r,
+                              timeout=10, what="the events")
+    assert reasons.count("Suspended") == 2
+
+
+def test_deleting_a_pipeline_deletes_its_children(env, operator) -> None:
+    c, name = env.cluster, "doomed"
+    c.create(short_manifest(name, env.storage))
+    c.wait_child(f"{name}-tokenizer-1")
+    c.complete(f"{name}-tokenizer-1")
+    c.wait_child(f"{name}-pretrain-1")
+    c.delete(name)
+    c.kube.wait_for(lambda: not c.children(), timeout=60,
+                    what="the garbage collector to delete the children")
+    time.sleep(0.5)
+    assert not c.children()  # and the operator did not re-create any
+
+
+def test_invalid_spec_gets_a_condition_and_no_children(env, operator) -> None:
+    c, name = env.cluster, "invalid"
+    doc = short_manifest(name, env.storage)
+    del doc["spec"]["storage"]  # the API server accepts it; a cluster run cannot
+    doc["spec"]["stages"][0]["warmupSteps"] = 50  # > steps: a model-level rule
+    c.create(doc)
+    status = c.wait_status(name, lambda s: condition(s, "Accepted") is not None, "a verdict")[
+        "status"]
+    accepted = condition(status, "Accepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpec"
+    assert "spec.stages[0]" in accepted["message"] and "warmupSteps 50" in accepted["message"]
+    assert status["phase"] == "Failed" and condition(status, "Failed")["reason"] == "InvalidSpec"
+    time.sleep(0.5)
+    assert not c.children(name)
+    # Fixing the spec starts the pipeline.
+    c.patch_spec(name, {"stages": short_manifest(name, env.storage)["spec"]["stages"]})
+    status = c.wait_status(name, lambda s: condition(s, "Accepted")["reason"] == "InvalidSpec"
+                           and "spec.storage" in condition(s, "Accepted")["message"],
+                           "the remaining error")["status"]
+    c.patch_spec(name, {"storage": {"uri": env.storage}})
+    c.wait_child(f"{name}-tokenizer-1")
+    c.wait_status(name, lambda s: s.get("phase") == "Running", "Running")
+    assert "InvalidSpec" in c.reasons(name)
+
+
+def test_spec_edits_after_start(env, operator) -> None:
+    c, name = env.cluster, "edits"
+    c.create(short_manifest(name, env.storage))
+    c.wait_child(f"{name}-tokenizer-1")
+    c.complete(f"{name}-tokenizer-1")
+    c.wait_child(f"{name}-pretrain-1")
+    # Allowed: a later stage's hyper-parameters (takes effect when midtrain starts).
+    stages = short_manifest(name, env.storage)["spec"]["stages"]
+    stages[1]["steps"] = 77
+    c.patch_spec(name, {"stages": stages})
+    # Refused: the model of a stage that is running.
+    c.patch_spec(name, {"model": {"preset": "debug"}})
+    status = c.wait_status(name, lambda s: (condition(s, "Accepted") or {}).get("reason")
+                           == "EditRefused", "the refusal")["status"]
+    assert "pretrain" in condition(status, "Accepted")["message"]
+    assert condition(status, "Accepted")["observedGeneration"] == 3
+    c.complete(f"{name}-pretrain-1")
+    time.sleep(0.5)
+    assert f"{name}-midtrain-1" not in c.children(name)
+    c.patch_spec(name, {"model": {"preset": "tiny"}})  # revert
+    mid = c.wait_child(f"{name}-midtrain-1")
+    env_vars = mid["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
+        "env"]
+    config = next(e["value"] for e in env_vars if e["name"] == "CWM_STEP_CONFIG")
+    assert '"steps":77' in config
+    status = c.wait_status(name, lambda s: condition(s, "Accepted")["status"] == "True",
+                           "accepted again")["status"]
+    assert "EditRefused" in c.reasons(name)
+
+
+def test_a_child_stuck_pending_is_reported(env) -> None:
+    from cwm_operator.main import OperatorThread
+    from tests.operator.helpers import SETTINGS, configuration_for
+
+    c, name = env.cluster, "stuck"
+    settings = SETTINGS.fast(stuck_seconds=1.0)
+    with OperatorThread(settings, configuration_for(env.kubeconfig), [env.namespace]):
+        c.create(short_manifest(name, env.storage))
+        c.wait_child(f"{name}-tokenizer-1")
+        status = c.wait_status(name, lambda s: (condition(s, "Stalled") or {}).get("status")
+                               == "True", "Stalled", timeout=15)["status"]
+        stalled = condition(status, "Stalled")
+        assert stalled["reason"] == "ChildPending" and f"{name}-tokenizer-1" in stalled["message"]
+        c.kube.start_job(f"{name}-tokenizer-1", env.namespace)
+        status = c.wait_status(name, lambda s: condition(s, "Stalled")["status"] == "False",
+                               "no longer stalled")["status"]
+        assert "ChildStalled" in c.reasons(name)
+
+
+class OperatorProcess:
+    """`python -m cwm_operator` as a real process, killed with SIGKILL (no graceful exit)."""
+
+    def __init__(self, env, log_path) -> None:
+        import os
+        import sys
+
+        self.argv = [sys.executable, "-m", "cwm_operator", "--namespace", env.namespace,
+                     "--kubeconfig", str(env.kubeconfig), "--log-level", "INFO"]
+        self.env = {**os.environ, "CWM_BEAM_IMAGE": "cwm-beam:test",
+                    "CWM_TRAINER_IMAGE": "cwm-trainer:test", "CWM_RETRY_BACKOFF_SECONDS": "0.2",
+                    "CWM_STUCK_SECONDS": "60"}
+        self.log_path = log_path
+        self.proc = None
+        self.starts = 0
+
+    def start(self) -> None:
+        import subprocess
+
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        self.starts += 1
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def test_operator_killed_at_every_step_boundary_and_mid_step(env, tmp_path) -> None:
+    import random
+
+    c, name = env.cluster, "phoenix"
+    op = OperatorProcess(env, tmp_path / "operator.log")
+    rng = random.Random(8)
+    try:
+        op.start()
+        c.create(manifest(name, env.storage))
+        for i, step in enumerate(STEPS):
+            child = f"{name}-{step}-1"
+            c.wait_child(child, timeout=60)
+            op.kill()  # mid-step: the child exists, the operator is gone
+            if step in TRAIN:
+                c.kube.start_pytorchjob(child, env.namespace)
+            else:
+                c.kube.start_job(child, env.namespace)
+            if i % 2 == 0:
+                c.complete(child)  # the step ends while no operator runs
+                op.start()  # resumes at the boundary from status + children
+            else:
+                op.start()
+                c.wait_status(name, lambda s: any(r["name"] == step and r["state"] == "Running"
+                                                  for r in s.get("steps", [])), "resumed",
+                              timeout=60)
+                c.complete(child)
+                time.sleep(rng.uniform(0.0, 0.15))  # kill while it reacts to the completion
+                op.kill()
+                op.start()
+        final = c.wait_status(name, lambda s: s.get("phase") == "Succeeded", "Succeeded",
+                              timeout=60)["status"]
+    except BaseException:
+        print(op.log_path.read_text()[-5000:])
+        raise
+    finally:
+        op.kill()
+    assert set(c.children(name)) == {f"{name}-{s}-1" for s in STEPS}  # zero duplicates
+    assert final["progress"] == "8/8" and condition(final, "Succeeded")["status"] == "True"
+    assert [(r["name"], r["state"], r["attempts"]) for r in final["steps"]] == [
+        (s, "Succeeded", 1) for s in STEPS]
+    print(f"\noperator started {op.starts} times, killed {op.starts} times")
+    assert op.starts == 1 + len(STEPS) + len(STEPS) // 2
