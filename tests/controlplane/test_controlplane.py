@@ -147,6 +147,23 @@ def test_pytorchjob_conditions_follow_the_training_operator_rules() -> None:
     assert after["conditions"] == failed["conditions"]  # Failed is terminal
 
 
+def test_job_status_follows_the_job_controller_sequence() -> None:
+    job = job_manifest("j", backoff_limit=3)
+    job["spec"].update(completions=4, parallelism=2, completionMode="Indexed")
+    started = lifecycle.job_started(job, "2026-01-01T00:00:00Z")
+    assert started["active"] == 2 and started["startTime"] == "2026-01-01T00:00:00Z"
+    met = lifecycle.job_success_criteria_met({**job, "status": started}, "2026-01-01T00:01:00Z")
+    assert (met["succeeded"], met["active"], met["completedIndexes"]) == (4, 0, "0-3")
+    assert met["startTime"] == "2026-01-01T00:00:00Z"  # never moved (the API server forbids it)
+    assert "completionTime" not in met and conditions({"status": met}) == {"SuccessCriteriaMet": "True"}
+    done = lifecycle.job_complete({**job, "status": met}, "2026-01-01T00:01:01Z")
+    assert conditions({"status": done}) == {"SuccessCriteriaMet": "True", "Complete": "True"}
+    target = lifecycle.job_failure_target(job, "t", "BackoffLimitExceeded", "m")
+    assert target["failed"] == 4 and conditions({"status": target}) == {"FailureTarget": "True"}
+    failed = lifecycle.job_failed({**job, "status": target}, "t", "BackoffLimitExceeded", "m")
+    assert "completionTime" not in failed and conditions({"status": failed})["Failed"] == "True"
+
+
 # ----- against the real API server -----------------------------------------------------------
 
 @pytest.mark.cluster
