@@ -127,7 +127,9 @@ def observe_child(obj: Mapping[str, Any], metrics: Mapping[str, float] | None = 
         cond = _true(conditions, "Suspended")
         return Child(**base, phase="Suspended", suspended=True,
                      since=parse_time(cond.get("lastTransitionTime")) if cond else created)
-    if int(status.get("active") or 0) > 0:
+    # FailureTarget / SuccessCriteriaMet: pods are done, the terminal condition follows.
+    if int(status.get("active") or 0) > 0 or _true(conditions, "FailureTarget") or \
+            _true(conditions, "SuccessCriteriaMet"):
         return Child(**base, phase="Running", since=parse_time(status.get("startTime")))
     return Child(**base, phase="Pending", since=created)
 
@@ -203,7 +205,7 @@ def children_to_confirm(obj: Mapping[str, Any]) -> list[tuple[str, str]]:
 def set_condition(status: CWMPipelineStatus, type_: str, value: bool, reason: str, message: str,
                   now: dt.datetime, generation: int | None) -> bool:
     """Set one condition; lastTransitionTime moves only when its status flips. Returns whether
-    the status flipped."""
+    the status flipped (a condition seen for the first time counts as flipped)."""
     text = "True" if value else "False"
     for cond in status.conditions:
         if cond.type == type_:
@@ -220,7 +222,7 @@ def set_condition(status: CWMPipelineStatus, type_: str, value: bool, reason: st
         last_transition_time=format_time(now), observed_generation=generation))
     status.conditions.sort(key=lambda c: CONDITION_TYPES.index(c.type)
                            if c.type in CONDITION_TYPES else len(CONDITION_TYPES))
-    return value
+    return True
 
 
 def _condition(status: CWMPipelineStatus, type_: str) -> Any:

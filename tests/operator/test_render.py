@@ -1,0 +1,161 @@
+"""render: the exact objects the operator creates (pure; no cluster)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from cwm_operator.plan import Target, build_plan
+from cwm_operator.render import child_name, render_child
+from cwm_operator.validation import parse_pipeline
+from tests.operator.helpers import REPO, SETTINGS, manifest, sdk_roundtrip
+
+CLUSTER = REPO / "examples" / "cluster.yaml"
+
+
+def _plan(doc, settings=SETTINGS, namespace="research"):
+    pipeline = parse_pipeline(doc, target="cluster", default_images=settings.default_images)
+    return pipeline, build_plan(pipeline, Target.cluster(pipeline, namespace,
+                                                         settings.default_images))
+
+
+def _cluster_doc():
+    return yaml.safe_load(CLUSTER.read_text())
+
+
+def test_every_step_renders_its_plan_command_and_environment_unchanged() -> None:
+    pipeline, plan = _plan(_cluster_doc())
+    for step in plan.steps:
+        obj = render_child(pipeline, "research", step, 1, SETTINGS)
+        if obj["kind"] == "PyTorchJob":
+            pod = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        else:
+            pod = obj["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert container["command"] == list(step.command)
+        assert {e["name"]: e["value"] for e in container["env"]} == dict(step.env)
+        assert container["image"] == step.image
+        assert obj["metadata"]["name"] == child_name("cwm-8b", step.name, 1)
+        assert obj["metadata"]["labels"]["cwm.dev/step"] == step.name
+        assert obj["metadata"]["annotations"]["cwm.dev/fingerprint"] == step.fingerprint
+
+
+def test_training_stage_is_a_pytorchjob_with_master_workers_and_gpu_placement() -> None:
+    pipeline, plan = _plan(_cluster_doc())
+    obj = render_child(pipeline, "research", plan.step("pretrain"), 3, SETTINGS)
+    assert obj["apiVersion"] == "kubeflow.org/v1" and obj["kind"] == "PyTorchJob"
+    assert obj["metadata"]["name"] == "cwm-8b-pretrain-3"
+    assert obj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-h100"
+    specs = obj["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 7
+    pod = specs["Worker"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["name"] == "pytorch"
+    assert container["command"][:3] == ["torchrun", "--nnodes=8", "--nproc-per-node=8"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert container["resources"]["requests"] == {"cpu": "96", "memory": "1600Gi",
+                                                  "nvidia.com/gpu": "8"}
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    # The spec's node selector wins; the operator's GPU pool default is merged underneath.
+    assert pod["nodeSelector"] == {"pool": "gpu",
+                                   "cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
+        pod["tolerations"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert pod["automountServiceAccountToken"] is False
+    assert obj["spec"]["runPolicy"] == {"backoffLimit": 0, "cleanPodPolicy": "None",
+                                        "suspend": False}
+    assert obj["spec"]["nprocPerNode"] == "8"
+
+
+def test_pytorchjob_survives_the_training_sdk_model_without_losing_fields() -> None:
+    doc = _cluster_doc()
+    doc["spec"]["stages"][0]["deadlineSeconds"] = 7200
+    doc["spec"]["stages"][0]["resources"]["affinity"] = {"podAntiAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "podAffinityTerm": {
+            "topologyKey": "kubernetes.io/hostname",
+            "labelSelector": {"matchLabels": {"cwm.dev/step": "pretrain"}}}}]}}
+    pipeline, plan = _plan(doc)
+    for step in plan.steps:
+        if step.kind != "train":
+            continue
+        obj = render_child(pipeline, "research", step, 2, SETTINGS, suspend=True)
+        assert sdk_roundtrip(obj) == obj
+    pretrain = render_child(pipeline, "research", plan.step("pretrain"), 1, SETTINGS)
+    assert pretrain["spec"]["runPolicy"]["activeDeadlineSeconds"] == 7200
+    pod = pretrain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+
+
+def test_data_steps_are_single_pod_jobs_without_pod_retries() -> None:
+    pipeline, plan = _plan(_cluster_doc())
+    job = render_child(pipeline, "research", plan.step("traces"), 1, SETTINGS, suspend=True)
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["suspend"] is True
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert "nodeSelector" not in pod and "tolerations" not in pod  # CPU: no GPU-pool defaults
+    assert "--runner=FlinkRunner" in pod["containers"][0]["command"]
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+
+
+def test_pvc_storage_is_mounted_everywhere(tmp_path) -> None:
+    doc = manifest("pvc", "file:///unused")
+    doc["spec"]["storage"] = {"pvc": {"claimName": "cwm-data"}, "mountPath": "/mnt/cwm"}
+    pipeline, plan = _plan(doc, namespace="ns")
+    for step in plan.steps:
+        obj = render_child(pipeline, "ns", step, 1, SETTINGS)
+        pods = ([r["template"]["spec"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+                if obj["kind"] == "PyTorchJob" else [obj["spec"]["template"]["spec"]])
+        for pod in pods:
+            assert {"name": "data", "persistentVolumeClaim": {"claimName": "cwm-data"}} in \
+                pod["volumes"]
+            assert {"name": "data", "mountPath": "/mnt/cwm"} in pod["containers"][0][
+                "volumeMounts"]
+        assert all(v.startswith("/mnt/cwm/ns/pvc/") for v in step.outputs.values())
+
+
+def test_settings_reach_the_pods() -> None:
+    settings = SETTINGS.fast(image_pull_policy="Always", service_account="trainer",
+                             clean_pod_policy="All")
+    pipeline, plan = _plan(_cluster_doc(), settings)
+    obj = render_child(pipeline, "research", plan.step("rl"), 1, settings)
+    pod = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "trainer"
+    assert pod["containers"][0]["imagePullPolicy"] == "Always"
+    assert obj["spec"]["runPolicy"]["cleanPodPolicy"] == "All"
+
+
+def test_attempt_must_be_positive() -> None:
+    pipeline, plan = _plan(_cluster_doc())
+    with pytest.raises(ValueError, match="attempt"):
+        render_child(pipeline, "research", plan.steps[0], 0, SETTINGS)
+
+
+def test_cwm_render_prints_every_object(capsys, monkeypatch) -> None:
+    from cwm_operator.cli import main
+
+    monkeypatch.delenv("CWM_BEAM_IMAGE", raising=False)
+    assert main(["render", str(CLUSTER)]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["kind"] for d in docs] == ["Job", "Job", "Job", "PyTorchJob", "PyTorchJob",
+                                         "PyTorchJob", "PyTorchJob"]  # corpus comes from a URI
+    assert main(["render", str(CLUSTER), "--step", "sft", "--attempt", "2", "-o", "json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["metadata"]["name"] == "cwm-8b-sft-2"
+
+
+def test_cwm_render_names_missing_images(capsys, monkeypatch) -> None:
+    from cwm_operator.cli import main
+
+    monkeypatch.delenv("CWM_BEAM_IMAGE", raising=False)
+    monkeypatch.delenv("CWM_TRAINER_IMAGE", raising=False)
+    assert main(["render", str(REPO / "examples" / "tiny.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "spec.storage" in err and "spec.images.beam" in err
+    monkeypatch.setenv("CWM_BEAM_IMAGE", "b:1")
+    monkeypatch.setenv("CWM_TRAINER_IMAGE", "t:1")
+    assert main(["render", str(REPO / "examples" / "tiny.yaml")]) == 1
+    assert "spec.images" not in capsys.readouterr().err
