@@ -72,6 +72,14 @@ def kube_namespace(kube: Kube) -> Iterator[str]:
             pass
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that uses the cluster carries `cluster`, so `-m "not cluster"` never starts one."""
+    for item in items:
+        if "kube" in getattr(item, "fixturenames", ()) and item.get_closest_marker("cluster") is None:
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     """Attach the control plane's log tails to failing tests that used the cluster."""
