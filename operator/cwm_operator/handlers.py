@@ -331,12 +331,19 @@ class Controller:
             # delivered yet. It is in the view now; decide again with it.
         else:
             raise kopf.TemporaryError("children keep conflicting", delay=1)
+        ref = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
+               "namespace": namespace, "name": key[1], "uid": obj["metadata"].get("uid")}
         if decision.changed:
             patched = await self._patch_status(obj, decision.status)
             self.remember_pipeline(patched)
-            log.info("%s/%s: %s", namespace, key[1], summary(decision.status))
+            log.info("status %s", summary(decision.status), extra={
+                "k8s_ref": ref, "phase": decision.status.get("phase"),
+                "currentStep": decision.status.get("currentStep"),
+                "progress": decision.status.get("progress")})
         for event in decision.events:
             kopf.event(obj, type=event.type, reason=event.reason, message=event.message)
+            log.log(logging.WARNING if event.type == "Warning" else logging.INFO, event.message,
+                    extra={"k8s_ref": ref, "reason": event.reason})
         for step, seconds in decision.durations:
             self.metrics.stage_seconds.labels(step=step).observe(seconds)
         self.metrics.set_phases((p.get("status") or {}).get("phase", "Pending")

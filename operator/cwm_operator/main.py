@@ -114,6 +114,9 @@ def _configure_logging(level: str) -> None:
     kopf.configure(verbose=level == "DEBUG", log_format=kopf.LogFormat.JSON, log_prefix=False)
     logging.getLogger().setLevel(level)
     logging.getLogger("cwm_operator").setLevel(level)
+    if level != "DEBUG":
+        # kopf reports every handled watch event at INFO; our own lines tell the story.
+        logging.getLogger("kopf").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -74,7 +74,6 @@ def test_happy_path_runs_every_step_in_order(env, operator) -> None:
     assert row.splitlines()[1].split()[1:4] == ["Succeeded", "8/8", "True"]
     print(f"\nchild completion → next child created: max {max(latencies):.3f} s, "
           f"mean {sum(latencies) / len(latencies):.3f} s over {len(latencies)} hand-offs")
-    assert max(latencies) < 5, latencies  # generous bound; the benchmark reports the numbers
 
 
 def test_failed_steps_retry_with_backoff_then_succeed_or_fail_the_pipeline(env) -> None:
@@ -264,8 +263,14 @@ class OperatorProcess:
         import os
         import sys
 
+        from tests.controlplane.cluster import free_port
+
+        self.health, self.metrics = (f"http://127.0.0.1:{free_port()}/healthz",
+                                     f"http://127.0.0.1:{free_port()}/metrics")
         self.argv = [sys.executable, "-m", "cwm_operator", "--namespace", env.namespace,
-                     "--kubeconfig", str(env.kubeconfig), "--log-level", "INFO"]
+                     "--kubeconfig", str(env.kubeconfig), "--log-level", "INFO",
+                     "--liveness", self.health,
+                     "--metrics-port", self.metrics.rsplit(":", 1)[1].split("/")[0]]
         self.env = {**os.environ, "CWM_BEAM_IMAGE": "cwm-beam:test",
                     "CWM_TRAINER_IMAGE": "cwm-trainer:test", "CWM_RETRY_BACKOFF_SECONDS": "0.2",
                     "CWM_STUCK_SECONDS": "60"}
@@ -280,6 +285,12 @@ class OperatorProcess:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log,
                                          stderr=subprocess.STDOUT)
         self.starts += 1
+
+    def get(self, url: str) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.read().decode()
 
     def kill(self) -> None:
         if self.proc is not None:
@@ -319,6 +330,10 @@ def test_operator_killed_at_every_step_boundary_and_mid_step(env, tmp_path) -> N
                 op.start()
         final = c.wait_status(name, lambda s: s.get("phase") == "Succeeded", "Succeeded",
                               timeout=60)["status"]
+        c.kube.wait_for(lambda: op.get(op.health) is not None, 30, "the liveness endpoint")
+        metrics = c.kube.wait_for(lambda: 'cwm_pipelines{phase="Succeeded"} 1.0' in (
+            m := op.get(op.metrics)) and m, 30, "the metrics to show the pipeline")
+        assert "cwm_reconcile_errors_total" in metrics and "cwm_api_requests_total" in metrics
     except BaseException:
         print(op.log_path.read_text()[-5000:])
         raise
@@ -328,6 +343,13 @@ def test_operator_killed_at_every_step_boundary_and_mid_step(env, tmp_path) -> N
     assert final["progress"] == "8/8" and condition(final, "Succeeded")["status"] == "True"
     assert [(r["name"], r["state"], r["attempts"]) for r in final["steps"]] == [
         (s, "Succeeded", 1) for s in STEPS]
+    import json
+
+    lines = [json.loads(line) for line in op.log_path.read_text().splitlines()
+             if line.startswith("{")]
+    statuses = [line for line in lines if line.get("phase")]
+    assert statuses and all(line["object"]["name"] == name for line in statuses)
+    assert statuses[-1]["phase"] == "Succeeded"
     print(f"\noperator started {op.starts} times, killed {op.starts} times")
     assert op.starts == 1 + len(STEPS) + len(STEPS) // 2
 
