@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cwm_model.config import ModelConfig
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, 1, T, head_dim)
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, signed sin: (B, T, 1, head_dim)
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -48,17 +48,21 @@ def rope_frequencies(config: ModelConfig, device: torch.device | None = None) ->
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
-    """cos/sin tables for ``positions`` (B, T), in the rotate-half layout Hugging Face uses."""
+    """cos and sign-folded sin tables for ``positions`` (B, T), in the rotate-half layout
+    Hugging Face uses: pairs are (i, i + hd/2)."""
     freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    cos = torch.cat((cos, cos), dim=-1)[:, :, None]  # (B, T, 1, hd)
+    sin = torch.cat((-sin, sin), dim=-1)[:, :, None]  # (B, T, 1, hd)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate each (i, i + hd/2) pair of ``x`` (B, H, T, hd) by its position's angle."""
-    cos, sin = rope
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotate each (i, i + hd/2) pair of ``x`` (B, T, H, hd) by its position's angle:
+    ``x * cos + rotate_half(x) * sin``, with rotate_half's sign folded into the sin table so the
+    rotation is a single ``roll``."""
+    cos, signed_sin = rope
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 # --------------------------------------------------------------------------- attention adapter
@@ -199,18 +203,18 @@ class Attention(nn.Module):
         self.layer, self.window = layer, config.window(layer)
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         q_width, kv_width = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-        self.split = (q_width, kv_width, kv_width)
-        self.wqkv = nn.Linear(config.dim, sum(self.split), bias=False)
+        self.qk_split = (config.n_heads, config.n_kv_heads)
+        self.wqkv = nn.Linear(config.dim, q_width + 2 * kv_width, bias=False)
         self.wo = nn.Linear(q_width, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope: Rope, attend: Attend,
                 cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qk, v = qkv.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
+        qk = apply_rope(qk, rope)  # (B, T, nh + nkv, hd): queries and keys rotated together
+        q, k = qk.split(self.qk_split, dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
         out = attend(q, k, v, self.window)  # (B, nh, T, hd)

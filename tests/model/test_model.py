@@ -161,3 +161,22 @@ def test_model_info_cli(capsys):
     out = capsys.readouterr().out
     count = int(out.split(":")[1].split("parameters")[0].replace(",", ""))
     assert 32_500_000_000 <= count <= 32_700_000_000
+
+
+@pytest.mark.gpu
+def test_gpu_fast_path_matches_sdpa_forward_and_backward():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    model = CWM(get_preset("debug", local_window=128, max_seq_len=512)).cuda()
+    x = torch.randint(0, 768, (2, 512), device="cuda")
+    doc_ids = torch.cat([torch.zeros(2, 200), torch.ones(2, 312)], dim=1).long().cuda()
+    results = []
+    for backend in ("sdpa", "auto"):  # auto = compiled FlexAttention on CUDA
+        model.zero_grad()
+        model.attention_backend = backend
+        logits = model(x, doc_ids)
+        logits.logsumexp(-1).mean().backward()
+        results.append((logits.detach(), model.output.weight.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=2e-3)
+    assert torch.allclose(results[0][1], results[1][1], atol=2e-3)
