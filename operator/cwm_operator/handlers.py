@@ -35,7 +35,12 @@ from cwm_operator.reconcile import (
     reconcile,
     summary,
 )
-from cwm_operator.render import LABEL_PIPELINE, PYTORCHJOB_API, render_child
+from cwm_operator.render import (
+    ANNOTATION_SUSPENDED,
+    LABEL_PIPELINE,
+    PYTORCHJOB_API,
+    render_child,
+)
 from cwm_operator.settings import Settings
 
 Key = tuple[str, str]  # (namespace, pipeline name)
@@ -158,14 +163,17 @@ class Controller:
         return existing, False
 
     async def _set_suspend(self, namespace: str, child: Child, suspend: bool) -> dict[str, Any]:
+        # The annotation marks our own suspension, so that resuming never overrides a
+        # suspension that belongs to someone else (Kueue's admission gate).
+        marker = {"metadata": {"annotations": {ANNOTATION_SUSPENDED: "true" if suspend else None}}}
         if child.kind == "PyTorchJob":
-            patch = {"spec": {"runPolicy": {"suspend": suspend}}}
+            patch = {**marker, "spec": {"runPolicy": {"suspend": suspend}}}
             return await self._call("patch", "pytorchjobs",
                                     self.custom.patch_namespaced_custom_object,
                                     *PYTORCHJOB_API[:2], namespace, PYTORCHJOB_API[2], child.name,
                                     patch)
         job = await self._call("patch", "jobs", self.batch.patch_namespaced_job, child.name,
-                               namespace, {"spec": {"suspend": suspend}},
+                               namespace, {**marker, "spec": {"suspend": suspend}},
                                _content_type=MERGE_PATCH)
         return self._with_kind(self._plain(job), "Job")
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Literal, Mapping
 
 from cwm_operator.api import STAGE_ORDER, CWMPipeline, CWMPipelineStatus, StepStatus
 from cwm_operator.plan import Plan, Step, Target, build_plan
 from cwm_operator.render import (
     ANNOTATION_METRICS,
+    ANNOTATION_SUSPENDED,
     LABEL_ATTEMPT,
     LABEL_PIPELINE,
     LABEL_STEP,
@@ -78,6 +79,7 @@ class Child:
     finished: dt.datetime | None = None
     message: str = ""
     suspended: bool = False  # the spec-level flag
+    suspended_by_operator: bool = False  # we set it (else e.g. Kueue holds it until admission)
     metrics_uri: str | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
 
@@ -88,7 +90,19 @@ def _true(conditions: list[Mapping[str, Any]], type_: str) -> Mapping[str, Any] 
 
 
 def observe_child(obj: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> Child:
-    """Read a child's phase from its status, the way its controller reports it."""
+    """Read a child's phase from its status, the way its controller reports it.
+
+    A child suspended by someone else than the operator (Kueue keeps a queued job suspended
+    until it is admitted) is Pending, not Suspended: the operator never resumes it."""
+    child = _observe(obj, metrics)
+    by_operator = ((obj.get("metadata") or {}).get("annotations") or {}).get(
+        ANNOTATION_SUSPENDED) == "true"
+    if child.phase == "Suspended" and not by_operator:
+        return replace(child, phase="Pending")
+    return replace(child, suspended_by_operator=by_operator and child.suspended)
+
+
+def _observe(obj: Mapping[str, Any], metrics: Mapping[str, float] | None) -> Child:
     meta = obj.get("metadata") or {}
     labels = meta.get("labels") or {}
     spec, status = obj.get("spec") or {}, obj.get("status") or {}
@@ -240,6 +254,7 @@ def _dump(status: CWMPipelineStatus) -> dict[str, Any]:
 def reconcile(obj: Mapping[str, Any], children: Iterable[Child], now: dt.datetime,
               settings: Settings) -> Decision:
     """Decide what to do for one CWMPipeline object given its observed children."""
+    children = list(children)
     meta = obj.get("metadata") or {}
     namespace = meta.get("namespace") or "default"
     generation = meta.get("generation")
@@ -261,6 +276,10 @@ def reconcile(obj: Mapping[str, Any], children: Iterable[Child], now: dt.datetim
     if refused:
         decision = _refuse(old, status, refused, now, generation)
         decision.pipeline, decision.plan = pipeline, plan
+        # Suspending still works while an edit is refused: it touches no step's definition.
+        suspend = pipeline.spec.suspend
+        decision.suspend = [SetSuspend(c, suspend) for c in children if c.phase not in TERMINAL
+                            and (c.suspended_by_operator if not suspend else not c.suspended)]
         return decision
     return _progress(old, status, pipeline, plan, list(children), now, settings, generation)
 
@@ -433,7 +452,7 @@ def _progress(old: CWMPipelineStatus, status: CWMPipelineStatus, pipeline: CWMPi
         rec.state = "Suspended" if child.phase == "Suspended" else "Running"
         if suspend and not child.suspended:
             decision.suspend.append(SetSuspend(child, True))
-        elif not suspend and child.suspended:
+        elif not suspend and child.suspended_by_operator:
             decision.suspend.append(SetSuspend(child, False))
         if child.phase in ("Pending", "Restarting") and child.since and not suspend:
             stuck_at = child.since + dt.timedelta(seconds=settings.stuck_seconds)

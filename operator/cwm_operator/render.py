@@ -32,6 +32,7 @@ LABEL_STEP = "cwm.dev/step"
 LABEL_ATTEMPT = "cwm.dev/attempt"
 ANNOTATION_FINGERPRINT = "cwm.dev/fingerprint"
 ANNOTATION_METRICS = "cwm.dev/metrics-uri"
+ANNOTATION_SUSPENDED = "cwm.dev/suspended"  # "true" while suspended by the operator
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GPU_RESOURCE = "nvidia.com/gpu"
 PYTORCHJOB_API = ("kubeflow.org", "v1", "pytorchjobs")

@@ -92,7 +92,7 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 def last_line(path: Path) -> str:
     lines = [ln for ln in tail(path, 5).splitlines() if ln.strip()]
-    return lines[-1].strip()[-120:] if lines else ""
+    return lines[-1].strip()[:200] if lines else ""
 
 
 @dataclass
@@ -135,6 +135,7 @@ class PlainDisplay:
         self.stream, self.heartbeat = stream, heartbeat
         self.seen: dict[str, str] = {}
         self.last_beat = time.monotonic()
+        self.last_detail = ""
 
     def update(self, records: list[StepRecord], current: str | None, detail: str) -> None:
         for r in records:
@@ -142,8 +143,9 @@ class PlainDisplay:
                 self.seen[r.name] = r.state
                 extra = f" ({r.seconds:.1f}s)" if r.seconds is not None and r.state != RUNNING else ""
                 print(f"[cwm] {r.name}: {r.state}{extra}", file=self.stream, flush=True)
-        if current and time.monotonic() - self.last_beat > self.heartbeat:
-            self.last_beat = time.monotonic()
+        due = time.monotonic() - self.last_beat > self.heartbeat
+        if current and due and detail != self.last_detail:
+            self.last_beat, self.last_detail = time.monotonic(), detail
             print(f"[cwm] {current}: {detail}", file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+from dataclasses import replace
 
 import pytest
 
@@ -161,13 +162,31 @@ def test_suspend_and_resume() -> None:
     assert [(s.child.name, s.suspend) for s in d.suspend] == [("p-traces-1", True)]
     assert d.status["phase"] == "Suspended" and cond(d.status, "Suspended")["status"] == "True"
     assert [e.reason for e in d.events] == ["Suspended"]
-    suspended = child("p", "traces", 1, "Suspended", suspended=True)
+    suspended = child("p", "traces", 1, "Suspended", suspended=True, suspended_by_operator=True)
     d, o = run(o, [suspended])
     assert not d.suspend and not d.events and d.status["steps"][0]["state"] == "Suspended"
     o["spec"]["suspend"] = False
     d, o = run(o, [suspended])
     assert [(s.child.name, s.suspend) for s in d.suspend] == [("p-traces-1", False)]
     assert d.status["phase"] == "Running" and [e.reason for e in d.events] == ["Resumed"]
+
+
+def test_a_child_held_by_kueue_is_pending_and_never_resumed_by_the_operator() -> None:
+    at = "2026-11-26T12:00:01Z"
+    queued = _ptj(lambda j: lifecycle.pytorchjob_with_condition(j, "Suspended", "True", None,
+                                                                "queued", at))
+    queued["spec"]["runPolicy"]["suspend"] = True
+    held = observe_child(queued)
+    assert held.phase == "Pending" and held.suspended and not held.suspended_by_operator
+    doc = short_manifest("p", "file:///s", stages=[{"name": "sft", "dataMix": {"code": 1.0}}],
+                         queue="team-a")
+    _, o = run(obj(doc))
+    d, o = run(o, [child("p", "tokenizer", 1, "Succeeded")])
+    d, _ = run(o, [child("p", "tokenizer", 1, "Succeeded"), replace(held, name="p-sft-1")])
+    assert not d.suspend and d.status["steps"][-1]["state"] == "Running"
+    ours = copy.deepcopy(queued)
+    ours["metadata"]["annotations"]["cwm.dev/suspended"] = "true"
+    assert observe_child(ours).phase == "Suspended" and observe_child(ours).suspended_by_operator
 
 
 def test_a_suspended_pipeline_starts_nothing() -> None:
@@ -201,6 +220,11 @@ def test_edits_to_started_steps_are_refused_until_reverted() -> None:
     assert accepted["reason"] == "EditRefused" and "step traces" in accepted["message"]
     assert accepted["observedGeneration"] == 2
     assert [e.reason for e in d.events] == ["EditRefused"]
+    paused = copy.deepcopy(refused)
+    paused["spec"]["suspend"] = True
+    d, _ = run(paused, [child("p", "traces", 1, "Succeeded"), child("p", "trajectories", 1,
+                                                                     "Running")])
+    assert [(s.child.name, s.suspend) for s in d.suspend] == [("p-trajectories-1", True)]
     reverted = copy.deepcopy(refused)
     reverted["spec"]["data"]["traces"]["seed"] = 0
     reverted["metadata"]["generation"] = 3
@@ -262,7 +286,10 @@ def test_observing_jobs() -> None:
     failed = observe_child(_job([lambda j: lifecycle.job_failure_target(j, at, "R", "m"),
                                  lambda j: lifecycle.job_failed(j, at, "DeadlineExceeded", "late")]))
     assert failed.phase == "Failed" and failed.message == "DeadlineExceeded: late"
-    assert observe_child(_job([], suspend=True)).phase == "Suspended"
+    ours = _job([], suspend=True)
+    assert observe_child(ours).phase == "Pending"  # suspended, but not by the operator
+    ours["metadata"]["annotations"] = {"cwm.dev/suspended": "true"}
+    assert observe_child(ours).phase == "Suspended"
 
 
 def _ptj(*fns):
