@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                  f"rl.maxLength {rl.max_length}")
             while stage.step < s.steps:
                 start = time.perf_counter()
+                lr = float(stage.engine.get_lr()[0])
                 episodes = sample_episodes(
                     stage.engine.module, stage.tokenizer, pool, step=stage.step, seed=ctx.seed,
                     rank=env.rank, prompts=rl.prompts_per_step, group=rl.group_size,
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                  eps_high=rl.eps_high, micro_steps=s.gradient_accumulation)
                 stage.step += 1
                 values = {k: all_mean([v]) for k, v in values.items()}
-                values.update(lr=float(stage.engine.get_lr()[0]),
+                values.update(lr=lr,
                               step_seconds=time.perf_counter() - start)
                 stage.metrics.log(stage.step, values)
                 if stage.step % s.checkpoint_every == 0 or stage.step == s.steps:

@@ -27,8 +27,9 @@ class OutputTask:
 
 
 def question(task: OutputTask) -> str:
+    # The call comes last, nearest to the answer that depends on it.
     return (f"Here is a Python program:\n```python\n{task.source.rstrip()}\n```\n"
-            f"What does `{task.call}` return? Answer with a Python literal.")
+            f"Answer with a Python literal. What does this return: {task.call}")
 
 
 def prompt_messages(task: OutputTask) -> list[dict[str, Any]]:
@@ -43,7 +44,13 @@ def sft_messages(task: OutputTask) -> list[dict[str, Any]]:
     return [*prompt_messages(task), {"role": "assistant", "content": answer}]
 
 
+STOP_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+
+
 def extract_answer(text: str) -> str:
+    """The answer in a reply: after the reasoning, first line, without the stop token."""
+    for stop in STOP_TEXTS:
+        text = text.split(stop, 1)[0]
     if THINK_END in text:
         text = text.rsplit(THINK_END, 1)[1]
     elif THINK_START in text:  # reasoning never closed: no answer
@@ -74,22 +81,20 @@ def task_from_cruxeval(record: dict[str, Any]) -> OutputTask:
 
 # --------------------------------------------------------------------------- a learnable family
 
-_TEMPLATES = (
-    ("def f(a, b):\n    return a\n", lambda a, b: a),
-    ("def f(a, b):\n    return b\n", lambda a, b: b),
-    ("def f(a, b):\n    if a > b:\n        return a\n    return b\n", max),
-    ("def f(a, b):\n    if a < b:\n        return a\n    return b\n", min),
-)
+_COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
+_WEIGHTS = (3, 1, 1, 3, 1, 3)  # reflexive comparisons are True 3 times in 4
 
 
-def digit_tasks(count: int, seed: int = 0, templates: int = len(_TEMPLATES)) -> list[OutputTask]:
-    """Tiny two-argument programs whose result is one of their single-digit arguments: small
-    enough for the ``debug`` model to learn by RL in a few dozen CPU steps, and still verified by
-    running the program."""
+def comparison_tasks(count: int, seed: int = 0) -> list[OutputTask]:
+    """Tiny programs comparing their argument with itself (``return x <= x``): the result, True
+    or False, depends on the operator only, and True is three times as frequent. A policy that
+    answers at random scores 0.5; one that learned the frequencies 0.75; one that reads the
+    operator 1.0. Small enough for the ``debug`` model to improve by RL in a few dozen CPU steps,
+    and still verified by running the program."""
     rng = random.Random(seed)
     tasks = []
     for _ in range(count):
-        source, fn = _TEMPLATES[rng.randrange(templates)]
-        a, b = rng.randrange(10), rng.randrange(10)
-        tasks.append(OutputTask(source, f"f({a}, {b})", repr(fn(a, b))))
+        op, x = rng.choices(_COMPARISONS, _WEIGHTS)[0], rng.randrange(100)
+        source = f"def f(x):\n    return x {op} x\n"
+        tasks.append(OutputTask(source, f"f({x})", repr(eval(f"{x} {op} {x}"))))
     return tasks

@@ -85,6 +85,28 @@ def all_mean(values: list[float]) -> float:
     return float(t[0] / t[1].clamp(min=1))
 
 
+def parameter_fingerprint(module: torch.nn.Module) -> list[float]:
+    """Two float64 sums over all parameters (plain and position-weighted): equal on every rank
+    when data parallelism kept the replicas identical."""
+    total = weighted = 0.0
+    for i, p in enumerate(module.parameters()):
+        flat = p.detach().double().flatten()
+        total += float(flat.sum())
+        weighted += float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64,
+                                               device=flat.device)).sum()) * (i + 1)
+    return [total, weighted]
+
+
+def ranks_agree(module: torch.nn.Module) -> bool:
+    """Whether all ranks hold bit-identical parameter fingerprints."""
+    mine = parameter_fingerprint(module)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return all(g == mine for g in gathered)
+
+
 @contextmanager
 def full_parameters(engine: Any) -> Iterator[torch.nn.Module]:
     """The whole module on every rank (ZeRO-3 partitions parameters; gather them)."""
@@ -123,8 +145,12 @@ class Stage:
         self.metrics.sync()
 
     def finish(self, evaluation: dict[str, float]) -> None:
-        """Save the consolidated checkpoint and ``eval.json`` (rank 0)."""
+        """Check that every rank holds the same parameters, then save the consolidated
+        checkpoint and ``eval.json`` (rank 0)."""
         with full_parameters(self.engine) as module:
+            evaluation["ranks_identical"] = float(ranks_agree(module))
+            if not evaluation["ranks_identical"]:
+                raise RuntimeError("parameters differ across ranks at the end of the stage")
             if self.env.is_main:
                 save_final_checkpoint(
                     self.ctx.output("checkpoint"), module, self.tokenizer,
@@ -167,6 +193,7 @@ def train_supervised(
     tokens_per_step = s.micro_batch_size * s.sequence_length * s.gradient_accumulation * stage.env.world_size
     while stage.step < s.steps:
         start = time.perf_counter()
+        lr = float(engine.get_lr()[0])  # the rate this step uses (the scheduler moves on after it)
         losses = []
         for _ in range(s.gradient_accumulation):
             batch = to_device(batcher.next(), stage.device)
@@ -177,7 +204,7 @@ def train_supervised(
         stage.step += 1
         elapsed = time.perf_counter() - start
         grad_norm = engine.get_global_grad_norm()
-        values = {"loss": all_mean(losses), "lr": float(engine.get_lr()[0]),
+        values = {"loss": all_mean(losses), "lr": lr,
                   "tokens_per_second": tokens_per_step / max(elapsed, 1e-9),
                   "step_seconds": elapsed}
         if grad_norm is not None:
@@ -228,10 +255,12 @@ def run_lm_stage(name: str, argv: list[str] | None = None) -> dict[str, float]:
             sources = stage_sources(ctx, stage.tokenizer)
             make = make_batcher_factory(sources, env, seed=ctx.seed, length=s.sequence_length,
                                         micro_batch_size=s.micro_batch_size)
+            # Validation budget: sequences per source over all ranks (not an API field yet).
+            budget = int(ctx.evaluation.get("validationSequences", 64))
             validation = validation_batches(
                 sources, env, seed=ctx.seed, length=s.sequence_length,
-                micro_batch_size=s.micro_batch_size,
-                max_sequences=max(s.micro_batch_size, 64 // env.world_size))
+                micro_batch_size=s.micro_batch_size * 4,
+                max_sequences=max(1, budget // env.world_size))
             return train_supervised(stage, make, stage_evaluator(ctx, env, validation))
         finally:
             stage.metrics.close()

@@ -9,8 +9,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 import cwm_jobs.common as common
+
+# The suite shares 2 cores with other test processes: one intra-op thread per process avoids
+# OpenMP threads spinning against each other (10x slower steps measured under load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +58,7 @@ def pipeline_data(tmp_path_factory):
 
     from cwm_jobs.corpus import Root, build_corpus
     from cwm_jobs.evaluate import cruxeval_tasks
-    from cwm_jobs.tasks import digit_tasks
+    from cwm_jobs.tasks import comparison_tasks
     from cwm_jobs.tokenizer import sample_texts
     from cwm_model.tokenizer import train_tokenizer
 
@@ -62,7 +68,7 @@ def pipeline_data(tmp_path_factory):
     build_corpus(corpus, roots=[Root("stdlib", stdlib / "json"), Root("stdlib", stdlib / "email")],
                  max_files=40, max_bytes=400_000)
     crux = [(t.source, t.call[2:-1]) for t in cruxeval_tasks(120)]
-    digits = [(t.source, t.call[2:-1]) for t in digit_tasks(40, seed=1)]
+    digits = [(t.source, t.call[2:-1]) for t in comparison_tasks(40, seed=1)]
     traces = traced_records(crux + digits)
     traces_uri = write_dataset(root / "traces", "traces",
                                {"train": traces[:-24], "validation": traces[-24:]})

@@ -1,0 +1,80 @@
+"""Process setup: distributed layout from the environment, stage settings, caches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cwm_jobs.common import (
+    DistEnv,
+    StageSettings,
+    default_cache_dir,
+    dist_env_from,
+    ensure_extension_cache,
+    load_context,
+    validate_with_api,
+)
+
+
+def test_a_plain_process_is_rank_zero_of_one():
+    env = dist_env_from({})
+    assert (env.rank, env.world_size, env.local_rank, env.launcher) == (0, 1, 0, "single")
+    assert env.master_port > 0
+
+
+def test_torchrun_variables_win():
+    env = dist_env_from({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
+                         "MASTER_PORT": "1234", "PET_NNODES": "2"})
+    assert env == DistEnv(3, 4, 1, "h", 1234, "torchrun")
+
+
+def test_training_operator_variables_for_one_process_per_pod():
+    env = dist_env_from({"PET_NODE_RANK": "2", "PET_NNODES": "3", "PET_NPROC_PER_NODE": "1",
+                         "PET_MASTER_ADDR": "job-master-0", "PET_MASTER_PORT": "23456"})
+    assert env == DistEnv(2, 3, 0, "job-master-0", 23456, "operator")
+    env = dist_env_from({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "m", "MASTER_PORT": "9"})
+    assert (env.rank, env.world_size, env.launcher) == (1, 2, "operator")
+
+
+def test_inconsistent_environments_are_errors_naming_the_variable():
+    with pytest.raises(ValueError, match="PET_NPROC_PER_NODE=8.*torchrun"):
+        dist_env_from({"PET_NODE_RANK": "0", "PET_NNODES": "1", "PET_NPROC_PER_NODE": "8"})
+    with pytest.raises(ValueError, match="RANK=4 is outside WORLD_SIZE=2"):
+        dist_env_from({"RANK": "4", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
+        dist_env_from({"RANK": "0", "WORLD_SIZE": "two", "LOCAL_RANK": "0"})
+
+
+def test_extension_cache_defaults_under_the_cwm_cache():
+    env = {"CWM_CACHE": "/somewhere"}
+    assert ensure_extension_cache(env) == "/somewhere/torch_extensions"
+    assert ensure_extension_cache({"TORCH_EXTENSIONS_DIR": "/x"}) == "/x"
+    assert default_cache_dir({}).name == ".cache"
+
+
+def test_stage_settings_come_from_the_api_defaults():
+    midtrain = StageSettings.from_spec(validate_with_api({"name": "midtrain"}), "midtrain")
+    assert midtrain.data_mix == {"cwm": 0.3, "code": 0.4, "rehearsal": 0.3}
+    assert midtrain.schedule == "cosine" and midtrain.zero_stage == 2
+    sft = StageSettings.from_spec(validate_with_api({"name": "sft"}), "sft")
+    assert sft.schedule == "constant"
+    rl = StageSettings.from_spec(validate_with_api({"name": "rl", "rl": {"groupSize": 4}}), "rl")
+    assert (rl.rl.group_size, rl.rl.eps_low, rl.rl.eps_high) == (4, 0.2, 0.25)
+
+
+def test_load_context_rejects_the_wrong_stage_and_bad_fields(tmp_path):
+    config = {"pipeline": "p", "step": "sft", "kind": "train", "seed": 3, "spec": {"name": "sft"},
+              "inputs": {}, "outputs": {}}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="spec.name is 'sft' but this entry point runs 'pretrain'"):
+        load_context("pretrain", ["--config", str(path)])
+    ctx = load_context("sft", ["--config", str(path), "--extra"])
+    assert ctx.seed == 3 and ctx.extra_args == ["--extra"]
+    with pytest.raises(ValueError, match="outputs.checkpoint is required for sft"):
+        ctx.output("checkpoint")
+    config["spec"] = {"name": "sft", "zeroStage": 7}
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="zeroStage"):
+        load_context("sft", ["--config", str(path)])
