@@ -47,7 +47,9 @@ def build(settings: Settings, configuration: Any) -> tuple[Any, Any]:
 
     from cwm_operator.handlers import Controller, build_registry
     from cwm_operator.metrics import Metrics
+    from cwm_operator.render import warm_up
 
+    warm_up()  # import the training SDK now, not during the first pipeline's reconcile
     controller = Controller(settings, client.ApiClient(configuration), Metrics())
     return controller, build_registry(controller, configuration)
 

@@ -59,6 +59,12 @@ def _api_client() -> Any:
     return ApiClient()
 
 
+def warm_up() -> None:
+    """Load the kubernetes and training-SDK models (seconds of imports) ahead of use."""
+    _api_client()
+    import kubeflow.training.models  # noqa: F401
+
+
 def to_dict(model: Any) -> dict[str, Any]:
     """A kubernetes/kubeflow model as the API server's JSON (camelCase, no nulls)."""
     return _api_client().sanitize_for_serialization(model)

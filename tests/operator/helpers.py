@@ -239,3 +239,102 @@ def sdk_roundtrip(obj: dict[str, Any]) -> dict[str, Any]:
     model = sdk_model(obj, "KubeflowOrgV1PyTorchJob")
     assert isinstance(model, KubeflowOrgV1PyTorchJob)
     return ApiClient().sanitize_for_serialization(model)
+
+
+# ----- load: many pipelines at once, driven by watch events ---------------------------------------
+
+def run_load(kube: Any, namespace: str, kubeconfig: Path, storage: str, count: int,
+             prefix: str = "load", settings: Settings | None = None) -> dict[str, Any]:
+    """Create `count` full pipelines at once under a fresh operator; complete each child as soon
+    as a watch reports it. Returns API requests, events and hand-off latencies (completion of a
+    child → the watch seeing the next child's creation)."""
+    import queue
+    import statistics
+    import threading
+
+    from kubernetes import client, watch
+
+    from cwm_operator.main import OperatorThread
+
+    c = Cluster(kube, namespace)
+    names = [f"{prefix}-{i:02d}" for i in range(count)]
+    added: "queue.Queue[tuple[str, float]]" = queue.Queue()
+    stop = threading.Event()
+
+    def watch_children(list_fn: Any, *args: Any) -> None:
+        w = watch.Watch()
+        try:
+            for event in w.stream(list_fn, *args, label_selector=f"cwm.dev/pipeline",
+                                  timeout_seconds=600):
+                obj = event["object"]
+                if event["type"] == "ADDED":
+                    name = obj["metadata"]["name"] if isinstance(obj, dict) else obj.metadata.name
+                    if name.startswith(f"{prefix}-"):
+                        added.put((name, time.monotonic()))
+                if stop.is_set():
+                    w.stop()
+        except Exception:  # noqa: BLE001 - the stream ends when the run tears down
+            if not stop.is_set():
+                raise
+
+    watchers = [
+        threading.Thread(target=watch_children, args=(c.batch.list_namespaced_job, namespace),
+                         daemon=True),
+        threading.Thread(target=watch_children, args=(
+            c.custom.list_namespaced_custom_object, *PYTORCHJOBS[:2], namespace, PYTORCHJOBS[2]),
+            daemon=True),
+    ]
+    for t in watchers:
+        t.start()
+    time.sleep(0.5)  # let the watches open before anything is created
+    settings = settings or SETTINGS.fast(stuck_seconds=600)
+    events_before = len(c.core.list_namespaced_event(namespace).items)
+    op = OperatorThread(settings, configuration_for(kubeconfig), [namespace]).start()
+    started = time.monotonic()
+    completed_at: dict[str, float] = {}
+    latencies: list[float] = []
+    try:
+        for n in names:
+            c.create(manifest(n, storage))
+        for _ in range(count * len(STEPS)):
+            child, seen = added.get(timeout=120)
+            pipeline, step, _ = child.rsplit("-", 2)
+            index = STEPS.index(step)
+            if index:
+                latencies.append(seen - completed_at[f"{pipeline}-{STEPS[index - 1]}"])
+            c.complete(child)
+            completed_at[f"{pipeline}-{step}"] = time.monotonic()
+        for n in names:
+            c.wait_status(n, lambda s: s.get("phase") == "Succeeded", "Succeeded", timeout=120)
+        elapsed = time.monotonic() - started
+        metrics = op.controller.metrics
+        requests = metrics.total_requests()
+        handoff = {s.name.rsplit("_", 1)[-1]: s.value for s in metrics.handoff.collect()[0].samples
+                   if s.name.endswith(("_sum", "_count"))}
+    finally:
+        stop.set()
+        op.stop()
+    # Events are posted asynchronously by kopf; count them once they have all landed.
+    expected_events = count * (2 * len(STEPS) + 1)
+    kube.wait_for(lambda: len(c.core.list_namespaced_event(namespace).items) - events_before
+                  >= expected_events, timeout=30, what="the events to be posted")
+    events = len(c.core.list_namespaced_event(namespace).items) - events_before
+    children = [n for n in c.children() if n.startswith(f"{prefix}-")]
+    latencies.sort()
+    return {
+        "pipelines": count, "children": len(children), "seconds": elapsed,
+        "requests_per_pipeline": requests / count, "events_per_pipeline": events / count,
+        "latency_p50": statistics.median(latencies),
+        "latency_p95": latencies[max(int(0.95 * len(latencies)) - 1, 0)],
+        "latency_max": latencies[-1], "handoffs": len(latencies),
+        "operator_handoff_mean": handoff.get("sum", 0.0) / max(handoff.get("count", 0.0), 1.0),
+    }
+
+
+def describe_load(r: dict[str, Any]) -> str:
+    return (f"{r['pipelines']} pipelines × {len(STEPS)} steps in {r['seconds']:.1f} s: "
+            f"{r['requests_per_pipeline']:.1f} operator API requests + "
+            f"{r['events_per_pipeline']:.1f} Events per pipeline; child completion → next child "
+            f"created: p50 {r['latency_p50']:.3f} s, p95 {r['latency_p95']:.3f} s, "
+            f"max {r['latency_max']:.3f} s ({r['handoffs']} hand-offs; operator-side mean "
+            f"{r['operator_handoff_mean']:.3f} s)")

@@ -356,85 +356,10 @@ def test_operator_killed_at_every_step_boundary_and_mid_step(env, tmp_path) -> N
 
 @pytest.mark.slow
 def test_fifty_pipelines_at_once_all_complete(env) -> None:
-    """50 full pipelines (400 children) driven by watch events; reports API requests per
-    pipeline and the child-completion → next-child-creation latency."""
-    import queue
-    import statistics
-    import threading
+    """50 full pipelines (400 children) at once; prints API requests per pipeline and the
+    child-completion → next-child-creation latency (benchmarks/operator_load.py reports them)."""
+    from tests.operator.helpers import describe_load, run_load
 
-    from kubernetes import client, watch
-
-    from cwm_operator.main import OperatorThread
-    from tests.operator.helpers import SETTINGS, configuration_for
-
-    c, count = env.cluster, 50
-    names = [f"load-{i:02d}" for i in range(count)]
-    added: "queue.Queue[tuple[str, float]]" = queue.Queue()
-    stop = threading.Event()
-
-    def watch_children(list_fn, *args) -> None:
-        w = watch.Watch()
-        try:
-            for event in w.stream(list_fn, *args, label_selector="cwm.dev/pipeline",
-                                  timeout_seconds=5 * 60):
-                obj = event["object"]
-                if event["type"] == "ADDED":
-                    name = obj["metadata"]["name"] if isinstance(obj, dict) else obj.metadata.name
-                    added.put((name, time.monotonic()))
-                if stop.is_set():
-                    w.stop()
-        except Exception:  # noqa: BLE001 - the stream ends when the test tears down
-            if not stop.is_set():
-                raise
-
-    batch = client.BatchV1Api(c.kube.api_client)
-    custom = client.CustomObjectsApi(c.kube.api_client)
-    watchers = [
-        threading.Thread(target=watch_children, args=(batch.list_namespaced_job, env.namespace),
-                         daemon=True),
-        threading.Thread(target=watch_children, args=(
-            custom.list_namespaced_custom_object, "kubeflow.org", "v1", env.namespace,
-            "pytorchjobs"), daemon=True),
-    ]
-    for t in watchers:
-        t.start()
-    time.sleep(0.5)
-    settings = SETTINGS.fast(stuck_seconds=600)
-    op = OperatorThread(settings, configuration_for(env.kubeconfig), [env.namespace]).start()
-    started = time.monotonic()
-    completed_at: dict[str, float] = {}
-    latencies = []
-    try:
-        for n in names:
-            c.create(manifest(n, env.storage))
-        finished = 0
-        while finished < count * len(STEPS):
-            child, seen = added.get(timeout=60)
-            pipeline, step, _ = child.rsplit("-", 2)
-            index = STEPS.index(step)
-            if index:
-                latencies.append(seen - completed_at[f"{pipeline}-{STEPS[index - 1]}"])
-            c.complete(child)
-            completed_at[f"{pipeline}-{step}"] = time.monotonic()
-            finished += 1
-        for n in names:
-            c.wait_status(n, lambda s: s.get("phase") == "Succeeded", "Succeeded", timeout=60)
-        elapsed = time.monotonic() - started
-        metrics = op.controller.metrics
-        requests = metrics.total_requests()
-        handoff = metrics.handoff.collect()[0]
-        handoff_sum = next(s.value for s in handoff.samples if s.name.endswith("_sum"))
-        handoff_count = next(s.value for s in handoff.samples if s.name.endswith("_count"))
-    finally:
-        stop.set()
-        op.stop()
-    events = len(c.core.list_namespaced_event(env.namespace).items)
-    children = c.children()
-    assert len(children) == count * len(STEPS)  # one child per step, no duplicates
-    latencies.sort()
-    p50, p95 = statistics.median(latencies), latencies[int(0.95 * len(latencies)) - 1]
-    print(f"\n{count} pipelines × {len(STEPS)} steps in {elapsed:.1f} s; operator API requests "
-          f"per pipeline: {requests / count:.1f} (+ {events / count:.1f} Events posted, + 3 "
-          f"shared watch streams); child completion → next child created (test's watch): "
-          f"p50 {p50:.3f} s, p95 {p95:.3f} s, max {latencies[-1]:.3f} s over {len(latencies)}; "
-          f"operator-side hand-off mean {handoff_sum / max(handoff_count, 1):.3f} s")
+    result = run_load(env.cluster.kube, env.namespace, env.kubeconfig, env.storage, 50)
+    assert result["children"] == 50 * len(STEPS)  # one child per step: no duplicates
+    print("\n" + describe_load(result))
