@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from cwm_model.config import ModelConfig
 
 
-def hf_config(config: ModelConfig, *, bos_id: int | None, eos_ids: list[int],
-              pad_id: int | None) -> dict[str, Any]:
+def hf_config(config: ModelConfig, *, bos_id: int, eos_ids: list[int], pad_id: int | None,
+              dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """``config.json`` for ``CwmConfig`` describing exactly our model."""
     if config.global_window < config.max_seq_len:
         raise ValueError(f"ModelConfig.global_window ({config.global_window}) is below "
@@ -59,7 +59,7 @@ def hf_config(config: ModelConfig, *, bos_id: int | None, eos_ids: list[int],
         "bos_token_id": bos_id,
         "eos_token_id": eos_ids,
         "pad_token_id": pad_id,
-        "dtype": "float32",
+        "dtype": str(dtype).removeprefix("torch."),
     }
 
 
@@ -70,29 +70,30 @@ def default_special_ids(config: ModelConfig) -> tuple[int, int, list[int]]:
     return base, min(base + 4, config.vocab_size - 1), [min(base + 1, config.vocab_size - 1)]
 
 
+HF_NAMES = {  # ours (CWM's names) -> Hugging Face's, per layer
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
 def hf_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename our weights to Hugging Face's and split the fused q/k/v and gate/up matrices."""
-    q_w, kv_w = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    """Our weights under Hugging Face's names (both use the rotate-half RoPE layout, so q and k
+    need no permutation)."""
     out = {
         "model.embed_tokens.weight": state["tok_embeddings.weight"],
         "model.norm.weight": state["norm.weight"],
         "lm_head.weight": state["output.weight"],
     }
     for i in range(config.n_layers):
-        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        q, k, v = state[ours + "attention.wqkv.weight"].split([q_w, kv_w, kv_w], dim=0)
-        gate, up = state[ours + "feed_forward.w13.weight"].chunk(2, dim=0)
-        out |= {
-            theirs + "self_attn.q_proj.weight": q,
-            theirs + "self_attn.k_proj.weight": k,
-            theirs + "self_attn.v_proj.weight": v,
-            theirs + "self_attn.o_proj.weight": state[ours + "attention.wo.weight"],
-            theirs + "mlp.gate_proj.weight": gate,
-            theirs + "mlp.up_proj.weight": up,
-            theirs + "mlp.down_proj.weight": state[ours + "feed_forward.w2.weight"],
-            theirs + "input_layernorm.weight": state[ours + "attention_norm.weight"],
-            theirs + "post_attention_layernorm.weight": state[ours + "ffn_norm.weight"],
-        }
+        for ours, theirs in HF_NAMES.items():
+            out[f"model.layers.{i}.{theirs}"] = state[f"layers.{i}.{ours}"]
     return {name: tensor.detach().contiguous().clone() for name, tensor in out.items()}
 
 
@@ -125,7 +126,8 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         eos = sorted({tokenizer.eos_id, *tokenizer.stop_ids})
     else:
         bos, pad, eos = default_special_ids(config)
-    cfg = hf_config(config, bos_id=bos, eos_ids=eos, pad_id=pad)
+    cfg = hf_config(config, bos_id=bos, eos_ids=eos, pad_id=pad,
+                    dtype=next(model.parameters()).dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
