@@ -100,7 +100,7 @@ class RecordStream:
                             yield Position(epoch, index, line_no, seen - 1), record
                 skip = 0
             whole_epoch = epoch > start.epoch or start == Position(start.epoch)
-            if not yielded and whole_epoch:
+            if not yielded and whole_epoch and self.epochs is None:  # endless: would spin
                 raise ArtifactError(
                     f"{self.uri}: split {self.split!r} has no readable records for rank "
                     f"{self.rank} of {self.world}"

@@ -1,0 +1,77 @@
+"""Kill -9 in the middle of a stage, rerun: it resumes from the last complete save, with the same
+data order, and its losses equal those of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cwm_jobs.metrics import read_metrics
+from tests.jobs.jobhelpers import stage_config
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = {"steps": 24, "checkpointEvery": 4, "sequenceLength": 64, "microBatchSize": 4,
+        "gradientAccumulation": 2, "warmupSteps": 3}
+NO_EVAL = {"cruxeval": False, "heldOutTraces": 0, "validationSequences": 8}
+
+
+def launch(config: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cwm_jobs.midtrain", "--config", str(config)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def steps_logged(metrics: Path) -> int:
+    if not metrics.exists():
+        return 0
+    return len([line for line in metrics.read_text().splitlines() if line.strip()])
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_with_identical_losses(pipeline_data, tmp_path):
+    # midtrain: three sources mixed, so the resumed data order covers the mixer's state too
+    init_dir = tmp_path / "init"
+    init = stage_config(init_dir, "pretrain", pipeline_data, spec={"steps": 1}, evaluation=NO_EVAL)
+    subprocess.run([sys.executable, "-m", "cwm_jobs.pretrain", "--config", str(init)], cwd=REPO,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
+    checkpoint = str(init_dir / "pretrain" / "checkpoint")
+    full = stage_config(tmp_path / "full", "midtrain", pipeline_data, spec=SPEC, init=checkpoint,
+                        evaluation=NO_EVAL)
+    killed = stage_config(tmp_path / "killed", "midtrain", pipeline_data, spec=SPEC, init=checkpoint,
+                          evaluation=NO_EVAL)
+    uninterrupted = launch(full)
+    victim = launch(killed)
+    metrics = tmp_path / "killed" / "midtrain" / "metrics" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while steps_logged(metrics) < 10 and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    killed_at = steps_logged(metrics)
+    assert 10 <= killed_at < 24, f"the kill landed at step {killed_at}"
+    latest = json.loads((tmp_path / "killed" / "midtrain" / "state" / "latest.json").read_text())
+    assert latest["step"] % 4 == 0 and latest["step"] <= killed_at
+
+    resumed = launch(killed)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-4000:]
+    assert f"resuming at step {latest['step']}" in out
+    out, _ = uninterrupted.communicate(timeout=600)
+    assert uninterrupted.returncode == 0, out[-4000:]
+
+    reference = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full" / "midtrain" / "metrics" / "metrics.jsonl")}
+    after = {r["step"]: r["loss"] for r in read_metrics(metrics)}
+    assert sorted(after) == sorted(reference) == list(range(1, 25))
+    for step in range(1, 25):
+        assert after[step] == pytest.approx(reference[step], rel=1e-3), step
+    final = json.loads((tmp_path / "killed" / "midtrain" / "metrics" / "eval.json").read_text())
+    expected = json.loads((tmp_path / "full" / "midtrain" / "metrics" / "eval.json").read_text())
+    assert final["validation_loss"] == pytest.approx(expected["validation_loss"], rel=1e-3)
