@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import fnmatch
 import importlib.util
 import re
 import subprocess
@@ -37,7 +38,21 @@ DOCKERFILES = {
 }
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 REQUIREMENTS = {Requirement(r).name.lower(): Requirement(r) for r in PYPROJECT["project"]["dependencies"]}
-PACKAGE_DIRS = PYPROJECT["tool"]["setuptools"]["package-dir"]  # package -> folder
+
+
+def package_dirs() -> dict[str, str]:
+    """Top-level package -> its folder, as setuptools finds them (packages.find where/include)."""
+    find = PYPROJECT["tool"]["setuptools"]["packages"]["find"]
+    found: dict[str, str] = {}
+    for where in find["where"]:
+        for init in sorted((REPO / where).glob("*/__init__.py")):
+            name = init.parent.name
+            if any(fnmatch.fnmatch(name, pattern) for pattern in find.get("include", ["*"])):
+                found[name] = f"{where}/{name}"
+    return found
+
+
+PACKAGE_DIRS = package_dirs()
 IGNORE_RULES = read_dockerignore(REPO / ".dockerignore")
 UID_GID = re.compile(r"^(\d+)(:(\d+))?$")
 FULL_VERSION = re.compile(r"\d+\.\d+\.\d+")
@@ -378,3 +393,12 @@ def test_operator_image_has_every_distribution_the_operator_imports() -> None:
 def test_third_party_imports_follows_lazy_imports() -> None:
     """The walk sees imports inside functions (render.py imports kubeflow lazily)."""
     assert "kubeflow" in third_party_imports("cwm_operator.render")
+
+
+def test_the_numeric_user_has_a_passwd_entry(image: tuple[str, Dockerfile]) -> None:
+    """Arbitrary uids without /etc/passwd entries break getpass.getuser() (torch, git)."""
+    name, df = image
+    uid, _, gid = df.final.last("USER").args.strip().partition(":")  # type: ignore[union-attr]
+    runs = " ".join(i.args for i in df.final.all("RUN"))
+    assert re.search(rf"useradd .*--uid {uid}\b.*--gid {gid or uid}\b", runs), name
+    assert re.search(rf"groupadd .*--gid {gid or uid}\b", runs), name
