@@ -397,10 +397,11 @@ class Controller:
 def connection_info(configuration: Any) -> kopf.ConnectionInfo:
     """kopf's credentials from a kubernetes.client.Configuration (the same identity for kopf's
     watches and our own calls)."""
-    auth = (configuration.api_key or {}).get("authorization") or ""
+    # kubernetes 37 keeps a token under "BearerToken" (in-cluster and from a kubeconfig); older
+    # clients and hand-made configurations under "authorization".
     if configuration.refresh_api_key_hook is not None:
         configuration.refresh_api_key_hook(configuration)
-        auth = (configuration.api_key or {}).get("authorization") or auth
+    auth = configuration.get_api_key_with_prefix("BearerToken", alias="authorization") or ""
     scheme, _, token = auth.partition(" ")
     return kopf.ConnectionInfo(
         server=configuration.host,
