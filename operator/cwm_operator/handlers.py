@@ -396,18 +396,18 @@ class Controller:
 
 def connection_info(configuration: Any) -> kopf.ConnectionInfo:
     """kopf's credentials from a kubernetes.client.Configuration (the same identity for kopf's
-    watches and our own calls)."""
-    # kubernetes 37 keeps a token under "BearerToken" (in-cluster and from a kubeconfig); older
-    # clients and hand-made configurations under "authorization".
+    watches and our own calls): a bearer token (ServiceAccount, in-cluster or kubeconfig) or a
+    client certificate."""
     if configuration.refresh_api_key_hook is not None:
         configuration.refresh_api_key_hook(configuration)
+    # kubernetes ≥ 35 stores the token under "BearerToken" (older clients: "authorization").
     auth = configuration.get_api_key_with_prefix("BearerToken", alias="authorization") or ""
-    scheme, _, token = auth.partition(" ")
+    scheme, _, token = auth.partition(" ") if " " in auth else ("Bearer", "", auth)
     return kopf.ConnectionInfo(
         server=configuration.host,
         ca_path=configuration.ssl_ca_cert or None,
         insecure=not configuration.verify_ssl,
-        scheme=scheme or None,
+        scheme=scheme if token else None,
         token=token or None,
         certificate_path=configuration.cert_file or None,
         private_key_path=configuration.key_file or None,

@@ -362,3 +362,21 @@ def test_rbac_rules_are_minimal_and_cover_what_the_operator_calls() -> None:
                    for _, r, v in allowed)
     assert not any("*" in rule["apiGroups"] or "*" in rule["resources"] for rule in RULES)
     assert cluster_role()["rules"] == [dict(r) for r in RULES]
+
+
+def test_kopf_gets_the_same_credentials_as_the_kubernetes_client(tmp_path) -> None:
+    import yaml as _yaml
+
+    from cwm_operator.handlers import connection_info
+    from cwm_operator.main import load_configuration
+
+    path = tmp_path / "token.kubeconfig"
+    path.write_text(_yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": "https://10.0.0.1:6443",
+                                               "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "sa", "user": {"token": "abc.def"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "sa"}}]}))
+    info = connection_info(load_configuration(str(path)))
+    assert (info.server, info.scheme, info.token, info.insecure) == (
+        "https://10.0.0.1:6443", "Bearer", "abc.def", True)
