@@ -60,6 +60,22 @@ CMPOPS: dict[type, tuple[str, tuple[str, ...]]] = {
 BOOLOPS = {ast.And: ("and", ("or",)), ast.Or: ("or", ("and",))}
 
 
+def _inverse(table: dict[type, tuple[str, tuple[str, ...]]]) -> dict[type, tuple[str, tuple[str, ...]]]:
+    """For repairs: the operators that mutate *into* each operator (``*`` came from ``/``,
+    ``+`` or ``//``)."""
+    node_of = {op: node for node, (op, _) in table.items()}
+    out: dict[type, list[str]] = {node: [] for node in table}
+    for node, (op, alternatives) in table.items():
+        for alt in alternatives:
+            if alt in node_of:
+                out[node_of[alt]].append(op)
+    return {node: (table[node][0], tuple(ops)) for node, ops in out.items()}
+
+
+INVERSE_BINOPS = _inverse(BINOPS)
+INVERSE_CMPOPS = _inverse(CMPOPS)
+
+
 @dataclass(frozen=True)
 class Edit:
     """Replace ``source[start:end]`` with ``text`` (character offsets)."""
@@ -199,24 +215,26 @@ def _find_op(sm: SourceMap, lo: int, hi: int, op: str) -> tuple[int, int] | None
 # ----------------------------------------------------------------------------- the families
 
 
-def _operator_mutations(sm: SourceMap, nodes: Sequence[ast.AST]) -> Iterator[tuple[int, str, tuple[Edit, ...]]]:
+def _operator_mutations(sm: SourceMap, nodes: Sequence[ast.AST], inverse: bool = False
+                        ) -> Iterator[tuple[int, str, tuple[Edit, ...]]]:
+    binops, cmpops = (INVERSE_BINOPS, INVERSE_CMPOPS) if inverse else (BINOPS, CMPOPS)
     for node in nodes:
-        if isinstance(node, ast.BinOp) and type(node.op) in BINOPS:
+        if isinstance(node, ast.BinOp) and type(node.op) in binops:
             if isinstance(node.left, ast.Constant) and isinstance(node.left.value, str):
                 continue  # '%'-formatting and string concatenation: not arithmetic
-            op, alts = BINOPS[type(node.op)]
+            op, alts = binops[type(node.op)]
             span = _find_op(sm, sm.end(node.left), sm.start(node.right), op)
             for alt in alts if span else ():
                 yield node.lineno, f"replaced {op!r} with {alt!r}", (Edit(*span, alt),)
-        elif isinstance(node, ast.AugAssign) and type(node.op) in BINOPS:
-            op, alts = BINOPS[type(node.op)]
+        elif isinstance(node, ast.AugAssign) and type(node.op) in binops:
+            op, alts = binops[type(node.op)]
             span = _find_op(sm, sm.end(node.target), sm.start(node.value), op + "=")
             for alt in alts[:1] if span else ():
-                yield node.lineno, f"replaced {op + '=' !r} with {alt + '=' !r}", (Edit(*span, alt + "="),)
+                yield node.lineno, f"replaced {op + '='!r} with {alt + '='!r}", (Edit(*span, alt + "="),)
         elif isinstance(node, ast.Compare):
             left = node.left
             for cmp_op, right in zip(node.ops, node.comparators):
-                op, alts = CMPOPS[type(cmp_op)]
+                op, alts = cmpops[type(cmp_op)]
                 span = _find_op(sm, sm.end(left), sm.start(right), op)
                 for alt in alts if span else ():
                     yield node.lineno, f"replaced {op!r} with {alt!r}", (Edit(*span, alt),)
@@ -244,20 +262,24 @@ def _statement_expressions(stmt: ast.stmt) -> list[ast.AST]:
     return [stmt]
 
 
-def _swap_mutations(sm: SourceMap, func: ast.AST, stmts: Sequence[ast.stmt]) -> Iterator[tuple[int, str, tuple[Edit, ...]]]:
+def _swap_mutations(sm: SourceMap, func: ast.AST, stmts: Sequence[ast.stmt],
+                    every_occurrence: bool = False) -> Iterator[tuple[int, str, tuple[Edit, ...]]]:
+    """Swap the first reads of two different locals in one statement. For repairs
+    (``every_occurrence``) any two reads may have been the swapped ones: first reads come first."""
     locals_ = local_names(func)  # type: ignore[arg-type]
     for stmt in stmts:
-        reads: list[ast.Name] = []
-        for expr in _statement_expressions(stmt):
-            for node in ast.walk(expr):
-                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) \
-                        and node.id in locals_ and node.id not in {n.id for n in reads}:
-                    reads.append(node)
-        reads.sort(key=sm.start)
-        for i, a in enumerate(reads):
-            for b in reads[i + 1 :]:
-                yield stmt.lineno, f"swapped {a.id!r} and {b.id!r}", (
-                    Edit(sm.start(a), sm.end(a), b.id), Edit(sm.start(b), sm.end(b), a.id))
+        reads = sorted((node for expr in _statement_expressions(stmt) for node in ast.walk(expr)
+                        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)
+                        and node.id in locals_), key=sm.start)
+        firsts = list({n.id: n for n in reversed(reads)}.values())[::-1]
+        firsts.sort(key=sm.start)
+        pairs = [(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1 :]]
+        if every_occurrence:
+            pairs += [(a, b) for i, a in enumerate(reads) for b in reads[i + 1 :]
+                      if a.id != b.id and (a, b) not in pairs]
+        for a, b in pairs:
+            yield stmt.lineno, f"swapped {a.id!r} and {b.id!r}", (
+                Edit(sm.start(a), sm.end(a), b.id), Edit(sm.start(b), sm.end(b), a.id))
 
 
 def _parameter_mutations(sm: SourceMap, func: ast.FunctionDef | ast.AsyncFunctionDef, is_method: bool,
@@ -398,6 +420,19 @@ def function_lines(source: str) -> dict[str, tuple[int, int]]:
     return {name: (f.lineno, f.end_lineno or f.lineno) for name, f in iter_functions(ast.parse(source))}
 
 
+def _negatable(nodes: Sequence[ast.AST]) -> list[ast.AST]:
+    """Expressions used as truth values on a line: conditions, boolean operands, returns."""
+    out: list[ast.AST] = []
+    for node in nodes:
+        if isinstance(node, (ast.If, ast.While, ast.IfExp, ast.Assert)):
+            out.append(node.test)
+        elif isinstance(node, ast.BoolOp):
+            out.extend(node.values)
+        elif isinstance(node, ast.Return) and node.value is not None:
+            out.append(node.value)
+    return [e for e in out if not (isinstance(e, ast.UnaryOp) and isinstance(e.op, ast.Not))]
+
+
 def line_candidates(source: str, line: int) -> list[tuple[str, str]]:
     """Candidate repairs for one line: (description, new source), from the inverse of the
     operator-replacement, variable-swap, argument-reordering and return-removal mutations.
@@ -406,7 +441,7 @@ def line_candidates(source: str, line: int) -> list[tuple[str, str]]:
     themselves; a missing ``return`` is undone by adding one to an expression statement."""
     tree = ast.parse(source)
     sm = SourceMap(source)
-    out: list[tuple[str, str]] = []
+    found: list[tuple[int, int, int, str, str]] = []  # (kind, position, order, description, new)
     seen = {source}
 
     def add(description: str, edits: Sequence[Edit]) -> None:
@@ -418,16 +453,25 @@ def line_candidates(source: str, line: int) -> list[tuple[str, str]]:
         except SyntaxError:
             return
         seen.add(new)
-        out.append((description, new))
+        found.append((0, min(e.start for e in edits), len(found), description, new))
 
     for _, func in iter_functions(tree):
         if not (func.lineno <= line <= (func.end_lineno or func.lineno)):
             continue
-        nodes = [n for n in own_nodes(func) if getattr(n, "lineno", None) == line]
+        nodes = sorted((n for n in own_nodes(func) if getattr(n, "lineno", None) == line),
+                       key=lambda n: (n.col_offset, -(n.end_col_offset or 0)))  # type: ignore[attr-defined]
         stmts = [n for n in nodes if isinstance(n, ast.stmt)]
-        for _, description, edits in _operator_mutations(sm, nodes):
+        for _, description, edits in _operator_mutations(sm, nodes, inverse=True):
             add(description, edits)
-        for _, description, edits in _swap_mutations(sm, func, stmts):
+        for expr in _negatable(nodes):  # inverse of removing a unary 'not'
+            wrap = isinstance(expr, (ast.BoolOp, ast.IfExp, ast.Lambda, ast.NamedExpr))
+            add("added 'not'", (Edit(sm.start(expr), sm.start(expr), "not (" if wrap else "not "),
+                                Edit(sm.end(expr), sm.end(expr), ")" if wrap else "")))
+        for node in nodes:  # inverse of removing a unary '-'
+            if isinstance(node, (ast.Constant, ast.Name)) and not isinstance(node.value if isinstance(node, ast.Constant) else None, (str, bytes, bool)) \
+                    and isinstance(getattr(node, "ctx", ast.Load()), ast.Load):
+                add("added unary '-'", (Edit(sm.start(node), sm.start(node), "-"),))
+        for _, description, edits in _swap_mutations(sm, func, stmts, every_occurrence=True):
             add(description, edits)
         for node in nodes:
             if isinstance(node, ast.Call) and len(node.args) >= 2:
@@ -436,4 +480,8 @@ def line_candidates(source: str, line: int) -> list[tuple[str, str]]:
                         (Edit(sm.start(a), sm.end(a), sm.text(b)), Edit(sm.start(b), sm.end(b), sm.text(a))))
             if isinstance(node, ast.Expr) and not isinstance(node.value, (ast.Constant, ast.Yield, ast.YieldFrom, ast.Await)):
                 add("added 'return'", (Edit(sm.start(node), sm.start(node), "return "),))
-    return out
+    # within each kind of repair, in the order the code reads (left to right)
+    kinds = {d.split(" ")[0]: None for _, _, _, d, _ in found}
+    order = {k: i for i, k in enumerate(kinds)}
+    found.sort(key=lambda f: (order[f[3].split(" ")[0]], f[1], f[2]))
+    return [(description, new) for _, _, _, description, new in found]

@@ -42,6 +42,14 @@ def _exit_code(observation: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+KINDS = ("replaced", "swapped", "reordered", "added 'not'", "added 'return'", "added unary")
+
+
+def _kind(description: str) -> int:
+    """How plausible a kind of repair is, as a rank (0 first)."""
+    return next((i for i, prefix in enumerate(KINDS) if description.startswith(prefix)), len(KINDS))
+
+
 def _is_test_path(path: str) -> bool:
     from cwm_beam.forager.pytest_plugin import is_test_file
 
@@ -49,12 +57,16 @@ def _is_test_path(path: str) -> bool:
 
 
 class SearchRepairPolicy:
-    """See the module docstring. ``max_lines`` bounds how many suspicious lines it tries."""
+    """See the module docstring. ``max_lines`` and ``max_functions`` bound how many suspicious
+    lines (in how many functions) it tries, breadth first;
+    its test runs are wrapped in ``timeout test_timeout`` (a candidate may loop forever)."""
 
     name = "search"
 
-    def __init__(self, max_lines: int = 40) -> None:
+    def __init__(self, max_lines: int = 12, max_functions: int = 3, test_timeout: int = 20) -> None:
         self.max_lines = max_lines
+        self.max_functions = max_functions
+        self.test_timeout = test_timeout
         self._plan: Step | None = None
         self._seen = 0
 
@@ -80,13 +92,15 @@ class SearchRepairPolicy:
         if not failing:
             yield _call("submit")
             return
-        run_failing = "python -m pytest -q --tb=short " + " ".join(shlex.quote(t) for t in failing)
         files = sorted({t.split("::", 1)[0] for t in failing})
+        run_failing = (f"timeout {self.test_timeout} python -m pytest -q --tb=short "
+                       + " ".join(shlex.quote(t) for t in failing))
         observation = yield _call("bash", command=run_failing)
         frames = [(m["path"], int(m["line"])) for m in _FRAME.finditer(observation)
                   if not _is_test_path(m["path"])]
-        spectrum = ("CWM_TRACE=. CWM_REPORT=/tmp/spectrum.jsonl python -m pytest -q "
-                    "-p cwm_beam.forager.pytest_plugin " + " ".join(shlex.quote(f) for f in files)
+        spectrum = (f"CWM_TRACE=. CWM_REPORT=/tmp/spectrum.jsonl timeout {self.test_timeout} "
+                    "python -m pytest -q -p cwm_beam.forager.pytest_plugin "
+                    + " ".join(shlex.quote(f) for f in files)
                     + " > /dev/null 2>&1; python -m cwm_beam.forager.sbfl /tmp/spectrum.jsonl --top 20")
         observation = yield _call("bash", command=spectrum)
         rows = [m for m in map(ROW.match, observation.splitlines()) if m]
@@ -94,48 +108,69 @@ class SearchRepairPolicy:
             places = " ".join(shlex.quote(f"{p}:{l}") for p, l in dict.fromkeys(frames))
             observation = yield _call("bash", command=f"python -m cwm_beam.forager.sbfl --locate {places}")
             rows = [m for m in map(ROW.match, observation.splitlines()) if m]
-        targets = self._rank(rows, frames)
-        views: dict[tuple[str, int, int], dict[int, str]] = {}
-        applied: tuple[str, int, int, str, str] | None = None  # path, first, last, now, original
-        for path, line, lo, hi in targets[: self.max_lines]:
-            key = (path, lo, hi)
-            if key not in views:
-                observation = yield _call("view", path=path, start_line=lo, end_line=hi)
-                views[key] = {int(m.group(1)): m.group(2) for m in map(_VIEW_LINE.match, observation.splitlines()) if m}
-            source = views[key]
-            for description, first, last, new_block in self._candidates(source, lo, hi, line):
-                old_block = "\n".join(source[i] for i in range(first, last + 1))
-                if applied and (applied[0], applied[1], applied[2]) != (path, first, last):
-                    yield from self._edit(applied[0], applied[3], applied[4], views, applied[1])
-                    applied = None
-                current = applied[3] if applied else old_block
-                ok = yield from self._edit(path, current, new_block, views, first)
-                if not ok:
-                    continue
-                applied = (path, first, last, new_block, old_block)
-                observation = yield _call("bash", command=run_failing)
-                if _exit_code(observation) != 0:
-                    continue
-                regression = "python -m pytest -q --tb=short " + " ".join(shlex.quote(f) for f in files)
-                observation = yield _call("bash", command=regression)
-                if _exit_code(observation) == 0:
-                    yield _call("submit")
-                    return
-        if applied:
-            yield from self._edit(applied[0], applied[3], applied[4], views, applied[1])
+        # The file as the policy believes it is: original lines it viewed, and its own edits.
+        original: dict[str, dict[int, str]] = {}
+        current: dict[str, dict[int, str]] = {}
+        ranked = self._rank(rows, frames)[: self.max_lines]
+        functions = list(dict.fromkeys((path, lo, hi) for path, _, lo, hi in ranked))[: self.max_functions]
+        for path, lo, hi in functions:
+            observation = yield _call("view", path=path, start_line=lo, end_line=hi)
+            seen = {int(m.group(1)): m.group(2) for m in map(_VIEW_LINE.match, observation.splitlines()) if m}
+            for number, text in seen.items():
+                original.setdefault(path, {}).setdefault(number, text)
+                current.setdefault(path, {}).setdefault(number, text)
+        # Most plausible kind of repair first (operators, then swaps ...); within a kind,
+        # breadth first: every suspicious line's first candidate before any line's second.
+        queue = []
+        for rank, (path, line, lo, hi) in enumerate(ranked):
+            if (path, lo, hi) not in functions:
+                continue
+            function = {i: original[path][i] for i in range(lo, hi + 1) if i in original.get(path, {})}
+            seen_kinds: dict[int, int] = {}
+            for candidate in self._candidates(function, lo, hi, line):
+                kind = _kind(candidate[0])
+                k = seen_kinds[kind] = seen_kinds.get(kind, -1) + 1
+                queue.append(((kind, k, rank), (path, candidate)))
+        queue = [item for _, item in sorted(queue, key=lambda q: q[0])]
+        for path, (description, first, last, block) in queue:
+            desired = dict(original[path])
+            desired.update(zip(range(first, last + 1), block.split("\n")))
+            ok = yield from self._move(path, current[path], desired)
+            if not ok:
+                continue
+            observation = yield _call("bash", command=run_failing)
+            if _exit_code(observation) != 0:
+                continue
+            regression = (f"timeout {self.test_timeout} python -m pytest -q --tb=short "
+                          + " ".join(shlex.quote(f) for f in files))
+            observation = yield _call("bash", command=regression)
+            if _exit_code(observation) == 0:
+                yield _call("submit")
+                return
+        for path in current:  # nothing worked: leave the code as it was found
+            yield from self._move(path, current[path], original[path])
         yield _call("submit")
 
-    def _edit(self, path: str, search: str, replace: str, views: dict, first: int) -> Generator[dict[str, Any], str, bool]:
-        """SEARCH/REPLACE, widening the SEARCH with neighbouring lines if it is not unique."""
-        source = next((v for (p, lo, hi), v in views.items() if p == path and first in v), {})
-        n_lines = search.count("\n") + 1
+    def _move(self, path: str, current: dict[int, str], desired: dict[int, str]
+              ) -> Generator[dict[str, Any], str, bool]:
+        """One SEARCH/REPLACE taking the file's lines from ``current`` to ``desired`` (reverting
+        an earlier candidate and applying the next in the same edit when they are close),
+        widened with neighbouring lines when the SEARCH is not unique. Updates ``current``."""
+        changed = sorted(i for i in desired if current.get(i) != desired[i])
+        if not changed:
+            return True
+        first, last = changed[0], changed[-1]
+        if last - first > 8:  # far apart: two edits
+            middle = {i: (desired[i] if i <= first + 8 else current[i]) for i in current}
+            ok = yield from self._move(path, current, middle)
+            return ok and (yield from self._move(path, current, desired))
         for context in (0, 1, 3):
-            before = [source[i] for i in range(first - context, first) if i in source]
-            after = [source[i] for i in range(first + n_lines, first + n_lines + context) if i in source]
-            s = "\n".join([*before, search, *after])
-            r = "\n".join([*before, replace, *after])
-            observation = yield _call("edit", path=path, search=s, replace=r)
+            lines = [i for i in range(first - context, last + context + 1) if i in current]
+            search = "\n".join(current[i] for i in lines)
+            replace = "\n".join(desired.get(i, current[i]) for i in lines)
+            observation = yield _call("edit", path=path, search=search, replace=replace)
             if observation.startswith("Edited"):
+                current.update({i: desired.get(i, current[i]) for i in lines})
                 return True
             if "found 0 times" in observation:
                 return False
@@ -181,8 +216,6 @@ class SearchRepairPolicy:
             first, last = changed[0], changed[-1]
             block = "\n".join(pad + l if l else l for l in new_lines[first : last + 1])
             out.append((description, numbers[0] + first, numbers[0] + last, block))
-        # operator and swap repairs before an added 'return' (rarer)
-        out.sort(key=lambda c: c[0] == "added 'return'")
         return out
 
 

@@ -1,0 +1,458 @@
+"""ForagerAgent trajectory data set: repositories → tasks → validation → rollouts → dedup → shards.
+
+Run as a pipeline step (configuration from ``$CWM_STEP_CONFIG`` or ``--config FILE``; section
+``TrajectoryDataSpec`` in ``spec``, ``data.sandbox`` and ``data.beam`` beside it)::
+
+    python -m cwm_beam.trajectories --config step.json
+
+or standalone with plain flags::
+
+    python -m cwm_beam.trajectories --repo toolz==1.0.0 --repo cachetools==5.5.0 \\
+        --tasks-per-repo 20 --output /tmp/trajectories --workers 2
+    python -m cwm_beam.trajectories --repo calc --policy openai \\
+        --endpoint http://localhost:8000/v1 --model cwm --output /tmp/t   # a served model
+
+Runner options are the trace pipeline's (:func:`cwm_beam.traces.pipeline_for`): the in-process
+``FnApiRunner`` with ``--workers N`` processes by default, other runners' flags passed through.
+
+Steps (CamelCase labels in the graph): ``SynthesizeTasks`` prepares each repository (fetch,
+sandboxed suite run with coverage) and proposes mutate-fix candidates; ``ValidateTasks`` keeps
+those whose covering tests fail on the mutated code; ``SelectTasks`` keeps ``tasksPerRepository``
+per repository balanced over families; ``Rollouts`` runs one episode per task (failed episodes
+kept); ``Deduplicate`` drops near-duplicate trajectories within a repository (MinHash, Jaccard
+at or above ``dedupJaccard`` over the concatenated actions). Output: a ``cwm-dataset/v1`` folder
+of kind ``trajectories`` with ``train-*`` and ``deadletter-*`` shards, records
+``{"id", "messages", "meta"}``; the manifest's ``stats`` holds counts, solve rates per family and
+rejection reasons. Beam metrics live in namespace ``trajectories``.
+
+The openai policy's API key comes from ``$CWM_POLICY_API_KEY`` (the operator mounts the Secret
+named by ``policy.apiKeySecret`` there) or ``$OPENAI_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from cwm_beam.forager.mutations import FAMILIES
+from cwm_beam.sandbox import Limits
+from cwm_beam.traces import WriteShards, pipeline_for, shard_file
+
+LOG = logging.getLogger("cwm_beam.trajectories")
+NAMESPACE = "trajectories"
+DEADLETTER = "deadletter"
+OVERSAMPLE = 2  # candidates validated per wanted task (rejects leave room)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The trajectory step's settings (``TrajectoryDataSpec`` plus sandbox limits)."""
+
+    repositories: tuple[dict[str, Any], ...]
+    tasks_per_repository: int = 20
+    families: tuple[str, ...] = FAMILIES
+    policy: dict[str, Any] = field(default_factory=lambda: {"kind": "search", "maxTurns": 30})
+    max_turns: int = 128
+    max_observation_chars: int = 8000
+    action_timeout: float = 60.0
+    dedup_jaccard: float = 0.5
+    shards: int = 2
+    seed: int = 0
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def episode_turns(self) -> int:
+        """The policy's budget, never above the hard cap (CWM: 128)."""
+        return min(int(self.policy.get("maxTurns", self.max_turns)), self.max_turns)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], sandbox: dict[str, Any] | None = None,
+                  seed: int | None = None) -> "Settings":
+        """Validate with the CWMPipeline model (:class:`cwm_operator.api.TrajectoryDataSpec`)."""
+        from cwm_operator.api import TrajectoryDataSpec
+
+        parsed = TrajectoryDataSpec.model_validate(spec)
+        repositories = tuple(r.model_dump(exclude_none=True) for r in parsed.repositories) or (
+            {"path": "calc"}, {"path": "textkit"})  # the bundled fixture repositories
+        return cls(
+            repositories=repositories, tasks_per_repository=parsed.tasks_per_repository,
+            families=tuple(parsed.mutation_families),
+            policy=parsed.policy.model_dump(mode="json", by_alias=True, exclude_none=True),
+            max_turns=parsed.max_turns, max_observation_chars=parsed.max_observation_chars,
+            action_timeout=parsed.action_timeout_seconds, dedup_jaccard=parsed.dedup_jaccard,
+            shards=parsed.shards, seed=parsed.seed if seed is None else seed,
+            limits=Limits.from_spec(sandbox))
+
+
+def dead_letter(key: str, stage: str, reason: str, detail: str = "") -> dict[str, Any]:
+    Metrics.counter(NAMESPACE, f"deadletter_{stage}").inc()
+    return {"id": key, "stage": stage, "reason": reason, "detail": detail[-4000:]}
+
+
+def repo_key(spec: dict[str, Any]) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+class _Environments:
+    """Per-worker cache of prepared repository environments (prepared on first use)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.envs: dict[str, Any] = {}
+        self.root = Path(tempfile.mkdtemp(prefix="cwm-trajectories-"))
+
+    def get(self, spec: dict[str, Any]):
+        from cwm_beam.forager.env import RepoEnvironment
+
+        key = repo_key(spec)
+        if key not in self.envs:
+            env = RepoEnvironment(spec, limits=self.settings.limits,
+                                  workroot=self.root / str(len(self.envs)))
+            self.envs[key] = env.prepare()
+        return self.envs[key]
+
+    def close(self) -> None:
+        for env in self.envs.values():
+            env.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class _WithEnvironments(beam.DoFn):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.envs: _Environments | None = None
+
+    def setup(self) -> None:
+        self.envs = _Environments(self.settings)
+
+    def teardown(self) -> None:
+        if self.envs is not None:
+            self.envs.close()
+
+
+class SynthesizeTasks(_WithEnvironments):
+    """Repository spec → candidate tasks (unvalidated), or a dead letter if it cannot be
+    prepared (fetch failed, no passing test)."""
+
+    def process(self, spec: dict[str, Any]):
+        from cwm_beam.forager.tasks import candidate_tasks
+
+        s = self.settings
+        try:
+            env = self.envs.get(spec)
+            tasks = candidate_tasks(env, s.families, OVERSAMPLE * s.tasks_per_repository, s.seed)
+        except Exception as err:
+            yield beam.pvalue.TaggedOutput(DEADLETTER, dead_letter(
+                repo_key(spec), "prepare", f"{type(err).__name__}: {err}".splitlines()[0],
+                traceback.format_exc()))
+            return
+        Metrics.counter(NAMESPACE, "candidates").inc(len(tasks))
+        for task in tasks:
+            yield {"repository": spec, "task": task.to_json()}
+
+
+class ValidateTask(_WithEnvironments):
+    """Keep a candidate only if some covering test fails on the mutated code."""
+
+    def process(self, item: dict[str, Any]):
+        from cwm_beam.forager.tasks import Task, validate_task
+
+        try:
+            task = Task.from_json(item["task"])
+            result = validate_task(self.envs.get(item["repository"]), task)
+        except Exception as err:
+            yield beam.pvalue.TaggedOutput(DEADLETTER, dead_letter(
+                item.get("task", {}).get("task_id", "?"), "validate",
+                f"{type(err).__name__}: {err}".splitlines()[0], traceback.format_exc()))
+            return
+        if isinstance(result, str):
+            Metrics.counter(NAMESPACE, "rejected").inc()
+            yield beam.pvalue.TaggedOutput("rejected", result.split(":")[0])
+            return
+        Metrics.counter(NAMESPACE, "validated").inc()
+        yield {"repository": item["repository"], "task": result.to_json()}
+
+
+def select_for_repository(item: tuple[str, Iterable[dict[str, Any]]], families: tuple[str, ...],
+                          n: int) -> list[dict[str, Any]]:
+    from cwm_beam.forager.tasks import Task, select_tasks
+
+    _, items = item
+    items = list(items)
+    spec = items[0]["repository"]
+    chosen = select_tasks((Task.from_json(i["task"]) for i in items), families, n)
+    return [{"repository": spec, "task": t.to_json()} for t in chosen]
+
+
+class Rollout(_WithEnvironments):
+    """One episode per task; the trajectory is kept whether or not it solved the task."""
+
+    def setup(self) -> None:
+        super().setup()
+        from cwm_beam.forager.policies import make_policy
+
+        key = os.environ.get("CWM_POLICY_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        self.policy = make_policy(self.settings.policy, key)
+
+    def process(self, item: dict[str, Any]):
+        from cwm_beam.forager.rollout import run_episode
+        from cwm_beam.forager.tasks import Task
+
+        s = self.settings
+        try:
+            task = Task.from_json(item["task"])
+            trajectory = run_episode(self.envs.get(item["repository"]), task, self.policy,
+                                     s.episode_turns, max_observation_chars=s.max_observation_chars,
+                                     action_timeout=s.action_timeout)
+        except Exception as err:
+            yield beam.pvalue.TaggedOutput(DEADLETTER, dead_letter(
+                item.get("task", {}).get("task_id", "?"), "rollout",
+                f"{type(err).__name__}: {err}".splitlines()[0], traceback.format_exc()))
+            return
+        Metrics.counter(NAMESPACE, "episodes").inc()
+        if trajectory.success:
+            Metrics.counter(NAMESPACE, "solved").inc()
+        record = trajectory.to_record()
+        record["id"] = f"{task.task_id}#{trajectory.meta['episode_id'][:8]}"
+        record["meta"]["repository"] = item["repository"]
+        yield record
+
+
+class Deduplicate(beam.DoFn):
+    """Within one repository: MinHash near-duplicates (over the actions) are dropped."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def process(self, item: tuple[str, Iterable[dict[str, Any]]]):
+        from cwm_beam.forager.records import dedup
+
+        _, records = item
+        kept, dropped = dedup(list(records), self.threshold)
+        Metrics.counter(NAMESPACE, "duplicates").inc(len(dropped))
+        for record in kept:
+            yield record
+        for record in dropped:
+            yield beam.pvalue.TaggedOutput("duplicates", record["id"])
+
+
+class TrajectoryDataset(beam.PTransform):
+    """Repository specs in; ``{"train", "deadletter", "rejected", "duplicates"}`` out."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def expand(self, repositories):
+        s = self.settings
+        candidates = (repositories
+                      | "SynthesizeTasks" >> beam.ParDo(SynthesizeTasks(s)).with_outputs(
+                          DEADLETTER, main="tasks"))
+        validated = (candidates.tasks
+                     | "SpreadCandidates" >> beam.Reshuffle()
+                     | "ValidateTasks" >> beam.ParDo(ValidateTask(s)).with_outputs(
+                         DEADLETTER, "rejected", main="tasks"))
+        selected = (validated.tasks
+                    | "KeyTasksByRepository" >> beam.Map(lambda i: (repo_key(i["repository"]), i))
+                    | "GroupTasks" >> beam.GroupByKey()
+                    | "SelectTasks" >> beam.FlatMap(select_for_repository, s.families,
+                                                    s.tasks_per_repository))
+        episodes = (selected
+                    | "SpreadTasks" >> beam.Reshuffle()
+                    | "Rollouts" >> beam.ParDo(Rollout(s)).with_outputs(DEADLETTER, main="records"))
+        unique = (episodes.records
+                  | "KeyByRepository" >> beam.Map(lambda r: (r["meta"]["repo"], r))
+                  | "GroupByRepository" >> beam.GroupByKey()
+                  | "Deduplicate" >> beam.ParDo(Deduplicate(s.dedup_jaccard)).with_outputs(
+                      "duplicates", main="records"))
+        dead = ((candidates[DEADLETTER], validated[DEADLETTER], episodes[DEADLETTER])
+                | "AllDeadLetters" >> beam.Flatten())
+        return {"train": unique.records, "deadletter": dead, "rejected": validated.rejected,
+                "duplicates": unique.duplicates}
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point (all reads and writes)
+
+
+def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m cwm_beam.trajectories", description=__doc__)
+    parser.add_argument("--repo", action="append", default=[],
+                        help="name==version (PyPI sdist), a folder, or a git URL[#ref]")
+    parser.add_argument("--output", help="data set folder (local path or fsspec URI)")
+    parser.add_argument("--tasks-per-repo", type=int, default=None)
+    parser.add_argument("--families", default=None, help="comma-separated mutation families")
+    parser.add_argument("--policy", choices=("search", "openai"), default=None)
+    parser.add_argument("--endpoint", default=None)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--max-turns", type=int, default=None, help="the policy's turn budget")
+    parser.add_argument("--workers", type=int, default=None, help="in-process worker processes")
+    parser.add_argument("--runner", default=None, help="Beam runner (default: in-process)")
+    parser.add_argument("--shards", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    return parser.parse_known_args(argv)
+
+
+def repo_from_flag(text: str) -> dict[str, Any]:
+    """``name==version`` (PyPI), ``URL[#ref]`` (git: a URL or a path ending in .git), or a
+    folder."""
+    if "==" in text:
+        return {"pypi": text}
+    url, _, ref = text.partition("#")
+    if "://" in url or url.endswith(".git") or url.startswith("git@"):
+        return {"git": url, **({"ref": ref} if ref else {})}
+    return {"path": text}
+
+
+def load_job(argv: list[str]) -> tuple[Settings, str, dict[str, Any], list[str]]:
+    """Settings, output folder, beam section and Beam flags: the step config (when given)
+    overridden by plain flags."""
+    flags, rest = parse_flags(argv)
+    config: dict[str, Any] = {}
+    if "--config" in rest or any(a.startswith("--config=") for a in rest) or (
+            not flags.repo and not flags.output):
+        from cwm_operator.stepconfig import load_step_config
+
+        config, rest = load_step_config(rest)
+    spec = dict(config.get("spec", {}))
+    data = config.get("data", {}) or {}
+    sandbox = config.get("sandbox") or data.get("sandbox") or spec.pop("sandbox", None)
+    beam_section = dict((config.get("runtime") or {}).get("beam") or config.get("beam")
+                        or data.get("beam") or spec.pop("beam", None) or {})
+    if flags.repo:
+        spec["repositories"] = [repo_from_flag(r) for r in flags.repo]
+    if flags.tasks_per_repo is not None:
+        spec["tasksPerRepository"] = flags.tasks_per_repo
+    if flags.families:
+        spec["mutationFamilies"] = [f.strip() for f in flags.families.split(",") if f.strip()]
+    policy = dict(spec.get("policy") or {})
+    for key, value in (("kind", flags.policy), ("endpoint", flags.endpoint),
+                       ("model", flags.model), ("maxTurns", flags.max_turns)):
+        if value is not None:
+            policy[key] = value
+    if policy:
+        spec["policy"] = policy
+    if flags.shards is not None:
+        spec["shards"] = flags.shards
+    seed = flags.seed if flags.seed is not None else config.get("seed", spec.get("seed"))
+    settings = Settings.from_spec(spec, sandbox, seed=seed)
+    output = flags.output or (config.get("outputs") or {}).get("dataset")
+    if not output:
+        raise ValueError("no output: pass --output DIR or give outputs.dataset in the config")
+    if flags.workers is not None:
+        beam_section["workers"] = flags.workers
+    if flags.runner:
+        beam_section["runner"] = flags.runner
+    return settings, output, beam_section, rest + list(beam_section.get("options", []))
+
+
+def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
+    outputs = (pipeline | "Repositories" >> beam.Create(list(settings.repositories))
+               | "TrajectoryDataset" >> TrajectoryDataset(settings))
+    outputs["train"] | "WriteTrainSplit" >> WriteShards(output, "train", settings.shards)
+    outputs["deadletter"] | "WriteDeadletterSplit" >> WriteShards(output, "deadletter", 1)
+    for name in ("rejected", "duplicates"):
+        (outputs[name]
+         | f"Count{name.title()}" >> beam.combiners.Count.PerElement()
+         | f"Write{name.title()}Counts" >> beam.Map(_write_count, output, name))
+
+
+def _write_count(item: tuple[str, int], output: str, name: str) -> None:
+    """Side counters for the manifest's stats, one small file per key under ``_stats/``."""
+    import hashlib
+
+    import fsspec
+
+    from cwm_operator import artifacts
+
+    key, count = item
+    path = artifacts.join(output, "_stats", name, hashlib.sha1(key.encode()).hexdigest()[:12])
+    fs, local = fsspec.core.url_to_fs(path)
+    fs.makedirs(local.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(local, "w") as f:
+        json.dump({"key": key, "count": count}, f)
+
+
+def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
+    """After the pipeline: empty shards where a split got nothing, stats, manifest last."""
+    import fsspec
+
+    from cwm_beam.forager.records import solve_rates
+    from cwm_operator import artifacts
+
+    shards: dict[str, list[artifacts.Shard]] = {}
+    stats: dict[str, Any] = {"repositories": list(settings.repositories),
+                             "policy": settings.policy, "families": list(settings.families)}
+    train: list[dict[str, Any]] = []
+    dead: list[dict[str, Any]] = []
+    for name, count in (("train", settings.shards), ("deadletter", 1)):
+        shards[name] = []
+        for index in range(count):
+            path = shard_file(name, index, count)
+            uri = artifacts.join(output, path)
+            try:
+                with fsspec.open(uri, "r", encoding="utf-8") as f:
+                    rows = [json.loads(line) for line in f if line.strip()]
+            except FileNotFoundError:
+                rows = []
+            shards[name].append(artifacts.write_shard(output, path, rows))
+            (train if name == "train" else dead).extend(rows)
+    for name in ("rejected", "duplicates"):
+        counts: Counter = Counter()
+        fs, base = fsspec.core.url_to_fs(artifacts.join(output, "_stats", name))
+        if fs.exists(base):
+            for path in fs.ls(base, detail=False):
+                with fs.open(path, "r") as f:
+                    item = json.load(f)
+                counts[item["key"]] += item["count"]
+            fs.rm(base, recursive=True)
+        stats[name] = dict(counts) if name == "rejected" else sum(counts.values())
+    stats["train_records"] = len(train)
+    stats["deadletter_records"] = len(dead)
+    stats["deadletter_reasons"] = dict(Counter(f"{r['stage']}: {r['reason']}" for r in dead))
+    stats["tasks_by_repository_family"] = {
+        repo: dict(Counter(r["meta"]["family"] for r in train if r["meta"]["repo"] == repo))
+        for repo in sorted({r["meta"]["repo"] for r in train})}
+    stats["solve_rate_by_family"] = solve_rates(train)
+    stats["seconds"] = round(seconds, 2)
+    stats["rollouts_per_minute"] = round(60 * len(train) / max(seconds, 1e-9), 2)
+    artifacts.write_manifest(output, artifacts.Manifest("trajectories", shards, stats))
+    return stats
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse, build, run, write the manifest; returns the manifest's stats."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    LOG.setLevel(logging.INFO)
+    settings, output, beam_section, beam_flags = load_job(
+        list(sys.argv[1:] if argv is None else argv))
+    LOG.info("trajectories for %d repositories into %s (runner %s, workers %s, policy %s)",
+             len(settings.repositories), output, beam_section.get("runner", "in-process"),
+             beam_section.get("workers", 1), settings.policy.get("kind"))
+    started = time.monotonic()
+    pipeline = pipeline_for(beam_section, beam_flags)
+    build(pipeline, settings, output)
+    pipeline.run().wait_until_finish()
+    stats = finish(output, settings, time.monotonic() - started)
+    LOG.info("wrote %d trajectories, %d dead letters in %.1fs (%.2f rollouts/min); solve rates %s",
+             stats["train_records"], stats["deadletter_records"], stats["seconds"],
+             stats["rollouts_per_minute"], stats["solve_rate_by_family"])
+    return stats
+
+
+if __name__ == "__main__":
+    run()
