@@ -107,7 +107,8 @@ class Controller:
         self.queued: set[Key] = set()
         self.timers: dict[Key, asyncio.TimerHandle] = {}
         self.failures: dict[Key, int] = defaultdict(int)
-        self.succeeded_seen: dict[str, float] = {}  # '<pipeline>-<step>' → when seen Succeeded
+        # (namespace, pipeline, step) → when its child was first seen Succeeded
+        self.succeeded_seen: dict[tuple[str, str, str], float] = {}
 
     # -- API calls (each counted) ---------------------------------------------------------
 
@@ -256,7 +257,10 @@ class Controller:
 
     def forget(self, key: Key) -> None:
         self.pipelines.pop(key, None)
-        self.children.pop(key, None)
+        for name in self.children.pop(key, {}):
+            self.stage_metrics.pop((key[0], name), None)
+        for seen in [k for k in self.succeeded_seen if k[:2] == key]:
+            del self.succeeded_seen[seen]
         timer = self.timers.pop(key, None)
         if timer:
             timer.cancel()
@@ -321,7 +325,7 @@ class Controller:
             child = observe_child(raw)
             if child.phase == "Succeeded":
                 if child.step not in done:
-                    self.succeeded_seen.setdefault(f"{key[1]}-{child.step}", time.monotonic())
+                    self.succeeded_seen.setdefault((*key, child.step), time.monotonic())
                 if child.kind == "PyTorchJob":
                     child = observe_child(raw, await self._metrics_of(namespace, child))
             observed.append(child)
@@ -385,7 +389,7 @@ class Controller:
         index = steps.index(step)
         if index == 0:
             return
-        seen = self.succeeded_seen.pop(f"{key[1]}-{steps[index - 1]}", None)
+        seen = self.succeeded_seen.pop((*key, steps[index - 1]), None)
         if seen is not None:
             self.metrics.handoff.observe(time.monotonic() - seen)
 

@@ -37,6 +37,10 @@ def test_happy_path_runs_every_step_in_order(env, operator) -> None:
         record = next(r for r in status["steps"] if r["name"] == step)
         assert record["state"] == "Running" and record["attempts"] == 1
         assert record["child"] == child_name
+        started = c.kube.wait_for(lambda: [e for e in c.events(name) if e["reason"] ==
+                                           "StepStarted" and child_name in e["message"]],
+                                  timeout=10, what=f"the StepStarted event of {step}")
+        assert started[0]["type"] == "Normal" and len(c.reasons(name)) == 2 * i + 1
         if step in TRAIN:
             assert child["kind"] == "PyTorchJob"
             master = child["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
