@@ -69,7 +69,8 @@ def tools_prompt(tools: Sequence[dict]) -> str:
         fn = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not fn.get("name"):
             raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
-        params = json.dumps(fn.get("parameters", {"type": "object", "properties": {}}))
+        params = json.dumps(fn.get("parameters", {"type": "object", "properties": {}}),
+                            ensure_ascii=False)
         blocks.append(f"<tool: {fn['name']}>\n{params}\n</tool>\n{fn.get('description', '')}".rstrip())
     return ("You have access to the following tools. Call one by writing its name and a JSON "
             "object of arguments:\n\n" + "\n\n".join(blocks))
@@ -83,7 +84,7 @@ def render_tool_calls(calls: Sequence[dict], where: str) -> str:
             raise ValueError(f"{where}.tool_calls[{j}] needs function.name")
         args = fn.get("arguments", "{}")
         if not isinstance(args, str):
-            args = json.dumps(args)
+            args = json.dumps(args, ensure_ascii=False)
         rendered.append(f"<tool: {fn['name']}>\n{args}\n</tool>")
     return "\n".join(rendered)
 

@@ -97,6 +97,52 @@ def hf_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[s
     return {name: tensor.detach().contiguous().clone() for name, tensor in out.items()}
 
 
+CHAT_TEMPLATE = (
+    # cwm_model.chat.render_messages as Jinja, for transformers' apply_chat_template and vLLM;
+    # tests/model/test_hf_export.py checks the two render the same text.
+    "{%- set ns = namespace(tools='') -%}"
+    "{%- for tool in (tools or []) -%}"
+    "{%- set fn = tool.function if tool.function is defined else tool -%}"
+    "{%- set params = fn.parameters if fn.parameters is defined else {'type': 'object', 'properties': {}} -%}"
+    "{%- set block = '<tool: ' ~ fn.name ~ '>\n' ~ (params | tojson) ~ '\n</tool>\n' ~ (fn.description or '') -%}"
+    "{%- set ns.tools = ns.tools ~ ('' if loop.first else '\n\n') ~ block.rstrip() -%}"
+    "{%- endfor -%}"
+    "<|begin_of_text|>"
+    "{%- set rest = messages -%}"
+    "{%- if tools -%}"
+    "{%- set intro = 'You have access to the following tools. Call one by writing its name and a JSON object of arguments:\n\n' ~ ns.tools -%}"
+    "{%- if messages and messages[0].role == 'system' -%}"
+    "{%- set intro = (messages[0].content or '').strip() ~ '\n\n' ~ intro -%}"
+    "{%- set rest = messages[1:] -%}"
+    "{%- endif -%}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\n\n' ~ intro.strip() ~ '<|eot_id|>' -}}"
+    "{%- endif -%}"
+    "{%- for message in rest -%}"
+    "{%- if message.role == 'assistant' -%}"
+    "{%- set body = namespace(text=(message.content or '').strip()) -%}"
+    "{%- for call in (message.tool_calls or []) -%}"
+    "{%- set args = call.function.arguments if call.function.arguments is string else (call.function.arguments | tojson) -%}"
+    "{%- set body.text = body.text ~ ('\n' if body.text else '') ~ '<tool: ' ~ call.function.name ~ '>\n' ~ args ~ '\n</tool>' -%}"
+    "{%- endfor -%}"
+    "{%- set thought = message.reasoning or message.reasoning_content -%}"
+    "{%- if thought -%}"
+    "{%- set body.text = '<|reasoning_thinking_start|>' ~ thought.strip() ~ '<|reasoning_thinking_end|>' ~ body.text -%}"
+    "{%- endif -%}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' ~ body.text ~ '<|eot_id|>' -}}"
+    "{%- elif message.role == 'tool' -%}"
+    "{%- set found = namespace(name=message.name or '') -%}"
+    "{%- for other in messages -%}{%- for call in (other.tool_calls or []) -%}"
+    "{%- if not found.name and call.id == message.tool_call_id -%}{%- set found.name = call.function.name -%}{%- endif -%}"
+    "{%- endfor -%}{%- endfor -%}"
+    "{{- '<|start_header_id|>tool: ' ~ found.name ~ '<|end_header_id|>\n\n' ~ (message.content or '') ~ '<|eot_id|>' -}}"
+    "{%- else -%}"
+    "{{- '<|start_header_id|>' ~ message.role ~ '<|end_header_id|>\n\n' ~ (message.content or '').strip() ~ '<|eot_id|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}"
+)
+
+
 def tokenizer_config(tokenizer: Any) -> dict[str, Any]:
     """``tokenizer_config.json`` so ``AutoTokenizer`` wraps our ``tokenizer.json``."""
     names = {i: tokenizer.id_to_token(i) for i in (tokenizer.bos_id, tokenizer.eos_id,
@@ -108,6 +154,7 @@ def tokenizer_config(tokenizer: Any) -> dict[str, Any]:
         "pad_token": names[tokenizer.pad_id],
         "model_max_length": 1_000_000,
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
     }
 
 

@@ -120,14 +120,16 @@ def flex_attention(doc: torch.Tensor | None, length: int, windows: set[int],
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch = doc.shape[0] if doc is not None else 1
+    compiled = device.type == "cuda"
     block_masks = {}
     for window in windows:
         def mask_mod(b, h, q, k, window=window):  # noqa: ANN001 - FlexAttention's signature
             visible = (k <= q) & (q - k < window)
             return visible & (doc[b, q] == doc[b, k]) if doc is not None else visible
+        # compiled mask construction never materialises the (T, T) mask: needed at 131k tokens
         block_masks[window] = create_block_mask(mask_mod, batch, None, length, length,
-                                                device=device)
-    run = flex_attention_fn(compiled=device.type == "cuda")
+                                                device=device, _compile=compiled)
+    run = flex_attention_fn(compiled)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
         return run(q, k, v, block_mask=block_masks[window], enable_gqa=True)

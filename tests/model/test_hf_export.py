@@ -60,3 +60,17 @@ def test_export_refuses_a_global_window_shorter_than_the_context(tmp_path):
     (out / "keep.txt").write_text("x")
     save_checkpoint(tmp_path / "ckpt", CWM(get_preset("debug")))
     assert main(["export-hf", str(tmp_path / "ckpt"), str(out)]) == 1
+
+
+def test_exported_chat_template_renders_like_render_messages(exported):
+    from cwm_model.chat import render_messages, render_text
+    from tests.model.test_chat import CONVERSATION, TOOLS
+
+    _, folder = exported
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    for messages, tools in ((CONVERSATION, None), (CONVERSATION, TOOLS), (CONVERSATION[1:2], TOOLS)):
+        for prompt in (False, True):
+            expected = render_text(render_messages(messages, tools=tools, add_generation_prompt=prompt))
+            got = hf_tok.apply_chat_template(messages, tools=tools, add_generation_prompt=prompt,
+                                             tokenize=False)
+            assert got == expected
