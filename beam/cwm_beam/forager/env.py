@@ -167,6 +167,7 @@ class RepoEnvironment:
     suite: list[str] = field(default_factory=list)
     baseline_failing: list[str] = field(default_factory=list)
     coverage: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    baseline: TestReport | None = None  # the pristine suite run (how it ended, what it said)
     _executor: Executor | None = None
     _owns_workroot: bool = False
 
@@ -202,6 +203,7 @@ class RepoEnvironment:
                 f"(reason {report.reason}, exit {report.returncode}):\n{report.output[-1500:]}")
         self.suite = report.passed
         self.baseline_failing = report.failed
+        self.baseline = replace(report, coverage={}, output=report.output[-20000:])
         self.coverage = {t: report.coverage.get(t, {}) for t in self.suite}
         return self
 
