@@ -1,0 +1,70 @@
+"""The Beam entry point: configuration parsing (fast) and a whole run on a fixture repository
+(slow, integration)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cwm_beam import trajectories
+from cwm_beam.forager.records import check_record
+from cwm_operator import artifacts
+
+
+def step_config(tmp_path, **spec):
+    config = {"apiVersion": "cwm.dev/v1alpha1", "pipeline": "t", "step": "trajectories",
+              "kind": "data", "seed": 3, "spec": spec, "inputs": {},
+              "data": {"sandbox": {"wallSeconds": 15, "memoryMB": 900},
+                       "beam": {"runner": "DirectRunner", "workers": 2}},
+              "outputs": {"dataset": str(tmp_path / "out")}}
+    path = tmp_path / "step.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_step_config_and_flags(tmp_path):
+    path = step_config(tmp_path, repositories=[{"pypi": "toolz==1.0.0"}, {"path": "calc"}],
+                       tasksPerRepository=7, policy={"kind": "search", "maxTurns": 40},
+                       maxTurns=30)
+    settings, output, beam_section, flags = trajectories.load_job(
+        ["--config", str(path), "--workers", "1"])
+    assert settings.repositories == ({"pypi": "toolz==1.0.0"}, {"path": "calc"})
+    assert settings.tasks_per_repository == 7 and settings.seed == 3
+    assert settings.episode_turns == 30  # the policy's budget never exceeds the hard cap
+    assert settings.limits.wall_seconds == 15 and settings.limits.memory_mb == 900
+    assert output == str(tmp_path / "out") and beam_section["workers"] == 1 and flags == []
+
+
+def test_bad_spec_names_the_field(tmp_path):
+    path = step_config(tmp_path, mutationFamilies=["operator_replacement", "typo"])
+    with pytest.raises(ValueError, match="mutationFamilies"):
+        trajectories.load_job(["--config", str(path)])
+
+
+def test_repository_flags():
+    assert trajectories.repo_from_flag("toolz==1.0.0") == {"pypi": "toolz==1.0.0"}
+    assert trajectories.repo_from_flag("https://github.com/pytoolz/toolz.git#1.0.0") == {
+        "git": "https://github.com/pytoolz/toolz.git", "ref": "1.0.0"}
+    assert trajectories.repo_from_flag("tests/fixtures/calc") == {"path": "tests/fixtures/calc"}
+
+
+@pytest.mark.slow
+def test_pipeline_writes_a_trajectory_data_set(tmp_path):
+    out = tmp_path / "ds"
+    stats = trajectories.run(["--repo", "textkit", "--repo", str(tmp_path / "missing"),
+                              "--tasks-per-repo", "5", "--max-turns", "12",
+                              "--output", str(out), "--shards", "2"])
+    manifest = artifacts.verify(str(out))
+    assert manifest.kind == "trajectories"
+    records = list(artifacts.iter_records(str(out), "train"))
+    assert len(records) == manifest.records("train") == stats["train_records"]
+    assert 4 <= len(records) <= 5  # five episodes, minus near-duplicates
+    for record in records:
+        check_record(record)
+        assert record["meta"]["repo"] == "textkit" and record["meta"]["turns"] <= 12
+    assert len({r["meta"]["family"] for r in records}) >= 4
+    dead = list(artifacts.iter_records(str(out), "deadletter"))
+    assert [d["stage"] for d in dead] == ["prepare"] and "missing" in dead[0]["reason"]
+    assert set(stats["solve_rate_by_family"]) == {r["meta"]["family"] for r in records}
+    assert stats["rollouts_per_minute"] > 0
