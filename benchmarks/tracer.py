@@ -5,9 +5,15 @@
 Times only the calls (programs compiled and inputs evaluated beforehand, inputs rebuilt for each
 call because some functions mutate them), for: the untraced call; ``cwm_beam.tracer.trace_call``
 (frames *and* the encoded trace text); pysnooper writing to /dev/null (the reference the issue
-names); and a naive tracer that reprs every local at every line. CRUXEval is untrusted code like
-any other, so the measuring process runs inside the sandbox (``run_command``); ``--inner`` is that
-process.
+names); and a naive tracer that reprs every local at every line. The four run interleaved, program
+by program. CRUXEval is untrusted code like any other, so the measuring process runs inside the
+sandbox (``run_command``); ``--inner`` is that process.
+
+Two statistics: ``sum`` adds every call's time; ``min`` adds, per program and variant, the fastest
+of the ``--repeats`` calls. On a shared machine one preempted 3 µs untraced call adds milliseconds
+to ``sum``'s baseline (it moved 8–20 ms between runs here), so ``min`` is the stable one.
+Cyclic garbage collection is off while timing (as ``timeit`` does): otherwise a collection of
+one variant's garbage lands in whichever variant allocates next.
 """
 
 from __future__ import annotations
@@ -57,16 +63,19 @@ def measure(jobs, repeats: int) -> dict[str, float]:
     from cwm_beam.tracer import TraceLimits, trace_call
 
     limits = TraceLimits()
-    totals = {"untraced": 0.0, "cwm_tracer": 0.0, "naive_tracer": 0.0, "pysnooper": 0.0}
+    names = ("untraced", "cwm_tracer", "naive_tracer", "pysnooper")
+    totals = dict.fromkeys(names, 0.0)
+    best = [dict.fromkeys(names, float("inf")) for _ in jobs]
     snooped = [pysnooper.snoop(output="/dev/null", color=False)(fn) for fn, _, _ in jobs]
     clock = time.perf_counter
     for rep in range(repeats):
         for index, (fn, marked, calls) in enumerate(jobs):
+            seconds = {}
             args, kwargs = calls[rep * 4]
-            t = clock(); fn(*args, **kwargs); totals["untraced"] += clock() - t
+            t = clock(); fn(*args, **kwargs); seconds["untraced"] = clock() - t
             args, kwargs = calls[rep * 4 + 1]
             t = clock(); trace_call(fn, args, kwargs, marked, limits)
-            totals["cwm_tracer"] += clock() - t
+            seconds["cwm_tracer"] = clock() - t
             args, kwargs = calls[rep * 4 + 2]
             sink: list = []
             t = clock()
@@ -75,21 +84,32 @@ def measure(jobs, repeats: int) -> dict[str, float]:
                 fn(*args, **kwargs)
             finally:
                 sys.settrace(None)
-            totals["naive_tracer"] += clock() - t
+            seconds["naive_tracer"] = clock() - t
             args, kwargs = calls[rep * 4 + 3]
-            t = clock(); snooped[index](*args, **kwargs); totals["pysnooper"] += clock() - t
-    return totals
+            t = clock(); snooped[index](*args, **kwargs); seconds["pysnooper"] = clock() - t
+            for name, value in seconds.items():
+                totals[name] += value
+                best[index][name] = min(best[index][name], value)
+    minima = {name: sum(b[name] for b in best) for name in names}
+    return {"sum": totals, "min": minima}
 
 
 def inner(args) -> None:
+    import gc
+
     records = load(args.limit)
     jobs = prepare(records, args.repeats)
     measure(jobs[:50], 1)  # warm-up
-    totals = measure(jobs, args.repeats)
-    base = totals["untraced"]
+    gc.collect()
+    gc.disable()
+    stats = measure(jobs, args.repeats)
+    gc.enable()
     print(json.dumps({"programs": len(jobs), "repeats": args.repeats,
-                      "seconds": {k: round(v, 4) for k, v in totals.items()},
-                      "ratio_vs_untraced": {k: round(v / base, 1) for k, v in totals.items()}}))
+                      "seconds": {s: {k: round(v, 4) for k, v in t.items()}
+                                  for s, t in stats.items()},
+                      "ratio_vs_untraced": {s: {k: round(v / t["untraced"], 1)
+                                                for k, v in t.items()}
+                                            for s, t in stats.items()}}))
 
 
 def main() -> None:
@@ -114,9 +134,11 @@ def main() -> None:
     report = json.loads(result.stdout.decode().strip().splitlines()[-1])
     print(f"sandbox: {describe_isolation()}")
     print(f"CRUXEval: {report['programs']} programs x {report['repeats']} calls each")
-    for name, seconds in report["seconds"].items():
-        ratio = report["ratio_vs_untraced"][name]
-        print(f"  {name:13s} {seconds * 1000:9.1f} ms   {ratio:6.1f}x untraced")
+    print(f"  {'':13s} {'sum (ms)':>10s} {'ratio':>7s}   {'min (ms)':>10s} {'ratio':>7s}")
+    for name in report["seconds"]["sum"]:
+        cells = [f"{report['seconds'][s][name] * 1000:10.1f} {report['ratio_vs_untraced'][s][name]:6.1f}x"
+                 for s in ("sum", "min")]
+        print(f"  {name:13s} {cells[0]}   {cells[1]}")
 
 
 if __name__ == "__main__":

@@ -9,16 +9,21 @@ below the entry, each stepped into with probability ``step_in_probability`` (CWM
 episodes step into callees at random). Comprehensions and generator expressions are not scopes of
 their own (as in Python 3.12, PEP 709): their work shows in the enclosing line's next state.
 
-Why it is fast (the benchmark, ``benchmarks/tracer.py``, compares with pysnooper): frames of other
-code are refused at the ``call`` event so library code runs untraced; a local whose object is the
-same immutable object as at the previous frame is known unchanged without calling ``repr``; each
-frame is encoded to text once, when recorded, which is also how the byte limit is enforced.
+Where the time goes (``benchmarks/tracer.py`` compares with a naive tracer and pysnooper): frames
+of other code are refused at the ``call`` event (a per-code-object decision, cached by id) so
+library code runs untraced; a local that is the same immutable object as at the previous frame, or
+the same list/tuple/dict still holding the very same immutable items in the part its capped repr
+shows, is known unchanged without calling ``repr``; each frame's JSON is assembled from cached
+per-name key strings; each frame is encoded once, when recorded, which is also how the byte limit
+is enforced; no cyclic garbage collection runs while tracing.
 """
 
 from __future__ import annotations
 
+import gc
 import random
 from itertools import islice
+from operator import is_
 import sys
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
@@ -27,7 +32,7 @@ from typing import Any
 
 from cwm_beam.trace_format import (
     ACTION_SEP, ARG_SEP, CALL_SEP, END_OF_TEXT, EXCEPTION_SEP, FRAME_SEP, LINE_SEP, RETURN_SEP,
-    Frame, TraceFormatError, mark_entry, trace_prompt,
+    UNCHANGED, Frame, TraceFormatError, mark_entry, trace_prompt,
 )
 
 FILENAME = "<cwm-traced>"
@@ -36,7 +41,27 @@ _SKIPPED_SCOPES = frozenset({"<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>
 _SLICEABLE = frozenset({list, tuple, str, bytes})
 _ATOMS = frozenset({int, bool, type(None), float})
 _IMMUTABLE = frozenset({int, float, str, bool, type(None), bytes, complex, range})
-_UNCHANGED_JSON = encode_basestring("..")
+_MISSING = object()
+
+
+class _KeyCache(dict):
+    """name -> its JSON text in a locals object: ``'"x": '`` (or ``'"x": ".."'``), made once."""
+
+    def __init__(self, suffix: str) -> None:
+        super().__init__()
+        self.suffix = suffix
+
+    def __missing__(self, name: str) -> str:
+        text = self[name] = f"{encode_basestring(name)}: {self.suffix}"
+        return text
+
+
+_JSON_KEYS = _KeyCache("")
+_UNCHANGED_ITEMS = _KeyCache(encode_basestring(UNCHANGED))
+_CONTAINERS = frozenset({list, tuple, dict})
+_ATOM_TYPES = frozenset({int, float, str, bool, type(None), bytes, complex})
+_MIN_SNAPSHOT = 8   # containers shorter than this are repr'd every time (cheaper than comparing)
+
 
 
 @dataclass(frozen=True)
@@ -131,145 +156,340 @@ def capped_repr(obj: Any, cap: int) -> str:
     return text
 
 
+def _span(cap: int) -> int:
+    """How many leading items of a container its capped repr can show, plus one: equal
+    snapshots of this many items mean equal capped reprs (see :func:`capped_repr`)."""
+    return cap // 3 + 3
+
+
+def _snapshot(obj: Any, kind: type, span: int) -> Any:
+    """The first ``span`` items of a list, tuple or dict, kept when they are all immutable atoms
+    (then the same items, by identity, have the same repr); ``None`` when not worth it (a short
+    container reprs faster than it compares) or not possible (a mutable item may change inside)."""
+    if len(obj) < _MIN_SNAPSHOT:
+        return None
+    if kind is dict:
+        keys, values = list(islice(obj, span)), list(islice(obj.values(), span))
+        if _ATOM_TYPES.issuperset(map(type, keys)) and _ATOM_TYPES.issuperset(map(type, values)):
+            return keys, values
+        return None
+    prefix = obj[:span]
+    return prefix if _ATOM_TYPES.issuperset(map(type, prefix)) else None
+
+
+def _unchanged(obj: Any, kind: type, snap: Any, span: int) -> bool:
+    """The same container object still starts with the very same (immutable) items."""
+    if kind is dict:
+        keys, values = snap
+        current = list(islice(obj, span))
+        return (len(current) == len(keys) and all(map(is_, current, keys))
+                and all(map(is_, islice(obj.values(), span), values)))
+    current = obj[:span]
+    return len(current) == len(snap) and all(map(is_, current, snap))
+
+
 class _Scope:
-    """Per-frame state: the last value seen for each local (object and its repr)."""
+    """Per-frame state: the last object, repr and container snapshot seen for each local."""
 
-    __slots__ = ("frame", "previous", "fresh", "last_event")
+    __slots__ = ("frame", "objects", "texts", "snaps", "lines", "fresh", "raised", "local",
+                 "slow_local")
 
-    def __init__(self, frame: FrameType) -> None:
+    def __init__(self, frame: FrameType, lines: list[str]) -> None:
         self.frame = frame
-        self.previous: dict[str, tuple[Any, str]] = {}
-        self.fresh = True        # write every value in full at the next frame
-        self.last_event = "call"
+        self.objects: dict[str, Any] = {}
+        self.texts: dict[str, str] = {}
+        self.snaps: dict[str, Any] = {}   # name -> prefix snapshot of a container (_snapshot)
+        self.lines = lines       # line texts of this frame's file, indexed by line number
+        self.fresh = False       # write every value in full at the next state frame
+        self.raised = False      # the last event was an exception
+        self.local = self.slow_local = None
 
 
 class _Recorder:
-    """The settrace callbacks and the frames they produce (hot path: keep it flat)."""
+    """The settrace callbacks and the frames they produce.
 
-    def __init__(self, lines: list[str], entry_code, limits: TraceLimits) -> None:
-        self.lines = [""] + lines          # indexed by line number
+    Each traced frame gets two local trace functions (closures made by :meth:`_tracers`): a
+    fast one for the common case, and a slow one installed (as ``frame.f_trace``) only while the
+    scope must write its values in full (after a callee returned) or just saw an exception. The
+    fast one finds unchanged values by identity (and containers of immutable items by their
+    items' identity) before calling ``repr``, and encodes each frame's locals with the C JSON
+    encoder in one call. ``stop_program`` says what a limit does: raise into the traced program
+    (a function trace; CPython then switches tracing off), or only stop recording (an episode
+    cut from a test suite, which must go on).
+    """
+
+    def __init__(self, entry_code, limits: TraceLimits, *, stop_program: bool = True) -> None:
         self.entry_code = entry_code
         self.limits = limits
         self.cap = limits.max_repr_chars
         self.rng = random.Random(limits.seed) if limits.step_in_probability < 1.0 else None
-        self.stack: list[_Scope] = []
+        self.scopes: list[_Scope] = []
         self.frames: list[tuple] = []
         self.pieces: list[str] = []
         self.size = 0
         self.truncated: str | None = None
         self.done = False
-        self.keys: dict[str, str] = {}     # name -> '"name": ' (JSON-encoded once)
+        self.stopped = False      # done, truncated or abandoned: record nothing more
+        self.stop_program = stop_program
         self.max_events, self.max_bytes = limits.max_events, limits.max_bytes
+        self.codes: dict[int, tuple] = {}   # id(code) -> (code, (lines, call line) or None)
+
+    # ---- which code is traced ------------------------------------------------------------
+    def code_info(self, code) -> tuple | None:
+        """``(line texts, call-frame line)`` for a code object to trace, ``None`` to refuse it
+        (subclasses say which files are traced)."""
+        return None
+
+    @staticmethod
+    def call_line(lines: list[str], code) -> str:
+        """The ``def`` line (a decorated function's first line is its first decorator)."""
+        number = code.co_firstlineno
+        for index in range(number, min(len(lines), number + 50)):
+            if lines[index].lstrip().startswith(("def ", "async def ")):
+                return lines[index]
+        return lines[number] if number < len(lines) else ""
+
+    def skipped(self, code) -> bool:
+        name = code.co_name
+        return name in _SKIPPED_SCOPES and (name != "<lambda>" or not self.limits.trace_lambdas)
 
     # ---- settrace callbacks --------------------------------------------------------------
     def on_call(self, frame: FrameType, event: str, arg: Any):
-        if event != "call" or self.done or self.truncated:
+        """Global trace function: decides at each new frame whether to step into it."""
+        if self.stopped:
             return None
         code = frame.f_code
-        if code.co_filename != FILENAME:
+        # Keyed by id: hashing a code object hashes its constants and names on every look-up.
+        # The value keeps the code object alive, so its id is not reused while cached.
+        known = self.codes.get(id(code))
+        if known is None or known[0] is not code:
+            known = self.codes[id(code)] = (code, self.code_info(code))
+        info = known[1]
+        if info is None:
             return None
-        if not self.stack:
+        scopes = self.scopes
+        if not scopes:
             if code is not self.entry_code:
                 return None
-        else:
-            if frame.f_back is not self.stack[-1].frame or len(self.stack) > self.limits.max_depth:
-                return None
-            name = code.co_name
-            if name in _SKIPPED_SCOPES and (name != "<lambda>" or not self.limits.trace_lambdas):
-                return None
-            if self.rng is not None and self.rng.random() >= self.limits.step_in_probability:
-                return None
-        scope = _Scope(frame)
-        self.stack.append(scope)
-        self._state_frame("call", CALL_SEP, scope, frame)
-        return self.on_local
+        elif (frame.f_back is not scopes[-1].frame or len(scopes) > self.limits.max_depth
+              or (self.rng is not None
+                  and self.rng.random() >= self.limits.step_in_probability)):
+            return None
+        scope = _Scope(frame, info[0])
+        scopes.append(scope)
+        scope.local, scope.slow_local = self._tracers(scope)
+        if self._full_frame(CALL_SEP, "call", scope, frame.f_locals, info[1]):
+            return self._stopped_tracer(scope)
+        return scope.local
 
-    def on_local(self, frame: FrameType, event: str, arg: Any):
-        if self.truncated:
-            raise TraceLimitExceeded(self.truncated)
-        scope = self.stack[-1]
-        if event == "line":
-            self._state_frame("line", LINE_SEP, scope, frame)
-        elif event == "return":
+    def _tracers(self, scope: _Scope):
+        recorder, cap, objects, texts, snaps, lines = (
+            self, self.cap, scope.objects, scope.texts, scope.snaps, scope.lines)
+        span = _span(cap)
+        frames, pieces = self.frames, self.pieces
+        max_events, max_bytes = self.max_events, self.max_bytes
+
+        def local(frame: FrameType, event: str, arg: Any):
+            if event != "line":
+                return recorder._scope_event(scope, frame, event, arg)
+            values: dict[str, str] = {}
+            parts: list[str] = []
+            for name, obj in frame.f_locals.items():
+                if obj is objects.get(name, _MISSING):
+                    kind = type(obj)
+                    if kind in _IMMUTABLE:
+                        values[name] = UNCHANGED
+                        parts.append(_UNCHANGED_ITEMS[name])
+                        continue
+                    snap = snaps.get(name)
+                    if snap is not None and _unchanged(obj, kind, snap, span):
+                        values[name] = UNCHANGED
+                        parts.append(_UNCHANGED_ITEMS[name])
+                        continue
+                    text = capped_repr(obj, cap)
+                    if kind in _CONTAINERS:
+                        snaps[name] = _snapshot(obj, kind, span)
+                    if text == texts[name]:
+                        values[name] = UNCHANGED
+                        parts.append(_UNCHANGED_ITEMS[name])
+                        continue
+                else:
+                    kind = type(obj)
+                    if kind in _ATOMS or (kind is str and len(obj) < cap // 2):
+                        try:
+                            text = repr(obj)
+                        except ValueError:   # an int too long to convert
+                            text = capped_repr(obj, cap)
+                        if len(text) > cap:
+                            text = capped_repr(obj, cap)
+                    else:
+                        text = capped_repr(obj, cap)
+                        if kind in _CONTAINERS:
+                            snaps[name] = _snapshot(obj, kind, span)
+                    objects[name] = obj
+                    if text == texts.get(name):
+                        values[name] = UNCHANGED
+                        parts.append(_UNCHANGED_ITEMS[name])
+                        continue
+                texts[name] = text
+                values[name] = text
+                parts.append(_JSON_KEYS[name] + encode_basestring(text))
+            if len(objects) > len(values):   # names deleted since the last frame
+                for name in [n for n in objects if n not in values]:
+                    del objects[name], texts[name]
+                    snaps.pop(name, None)
+            line = lines[frame.f_lineno]
+            frames.append(("line", values, line, None))
+            piece = f"{LINE_SEP}{{{', '.join(parts)}}}{ACTION_SEP}{line}{FRAME_SEP}"
+            pieces.append(piece)
+            recorder.size += len(piece)
+            if len(frames) > max_events or recorder.size > max_bytes:
+                recorder._stop()
+                return recorder._stopped_tracer(scope)
+            return local
+
+        def slow_local(frame: FrameType, event: str, arg: Any):
+            if event != "line":
+                return recorder._scope_event(scope, frame, event, arg)
+            scope.raised = False
+            if scope.fresh:
+                scope.fresh = False
+                if recorder._full_frame(LINE_SEP, "line", scope, frame.f_locals,
+                                        lines[frame.f_lineno]):
+                    return recorder._stopped_tracer(scope)
+                return local
+            return local(frame, event, arg)
+
+        return local, slow_local
+
+    def _scope_event(self, scope: _Scope, frame: FrameType, event: str, arg: Any):
+        """A return or exception event of a traced frame (rarer than lines: kept out of the
+        fast tracer)."""
+        lines, cap = scope.lines, self.cap
+        if event == "return":
             # After an exception propagates, Python still reports "return None": skip it, the
             # exception frame already says how the scope ended.
-            if scope.last_event != "exception" or arg is not None:
-                value = repr(arg) if len(self.stack) == 1 else capped_repr(arg, self.cap)
-                self._value_frame("return", RETURN_SEP, frame, value)
-            self.stack.pop()
-            if self.stack:
-                self.stack[-1].fresh = True
-            else:
-                self.done = True
-        elif event == "exception":
+            if not scope.raised or arg is not None:
+                value = repr(arg) if len(self.scopes) == 1 else capped_repr(arg, cap)
+                if self._value_frame(RETURN_SEP, "return", lines[frame.f_lineno], value):
+                    return self._stopped_tracer(scope)
+            self._leave()
+            return None
+        if event == "exception":
             exc = arg[1]
             if isinstance(exc, TraceLimitExceeded):
-                return self.on_local
-            value = _exception_repr(exc, None if len(self.stack) == 1 else self.cap)
-            self._value_frame("exception", EXCEPTION_SEP, frame, value)
-        scope.last_event = event
-        return self.on_local
+                return scope.local
+            value = _exception_repr(exc, None if len(self.scopes) == 1 else cap)
+            if self._value_frame(EXCEPTION_SEP, "exception", lines[frame.f_lineno], value):
+                return self._stopped_tracer(scope)
+            scope.raised = True
+            return scope.slow_local
+        return scope.slow_local if (scope.fresh or scope.raised) else scope.local
 
-    # ---- frame construction --------------------------------------------------------------
-    def _state_frame(self, event: str, token: str, scope: _Scope, frame: FrameType) -> None:
-        previous, fresh, cap, keys = scope.previous, scope.fresh, self.cap, self.keys
-        values: dict[str, str] = {}
-        parts: list[str] = []
-        size = 0
-        for name, obj in frame.f_locals.items():
-            key = keys.get(name)
-            if key is None:
-                key = keys[name] = encode_basestring(name) + ": "
-            seen = previous.get(name)
-            if seen is not None and not fresh and seen[0] is obj and type(obj) in _IMMUTABLE:
-                values[name] = ".."
-                parts.append(key + _UNCHANGED_JSON)
-                continue
+    def _leave(self) -> None:
+        self.scopes.pop()
+        if self.scopes:
+            parent = self.scopes[-1]
+            parent.fresh = True
+            parent.frame.f_trace = parent.slow_local
+        else:
+            self.done = self.stopped = True
+            self.finished()
+
+    def finished(self) -> None:
+        """Called once when execution leaves the entry scope (recorded or not)."""
+
+    # ---- stopping ------------------------------------------------------------------------
+    def _stop(self) -> None:
+        """The last frame broke a limit: drop it, remember why, stop the program (or, when the
+        program must go on, stop recording)."""
+        reason = (f"max_events ({self.limits.max_events})"
+                  if len(self.frames) > self.limits.max_events
+                  else f"max_bytes ({self.limits.max_bytes})")
+        self.frames.pop()
+        self.size -= len(self.pieces.pop())
+        self.truncated = reason
+        self.stopped = True
+        if self.stop_program:
+            raise TraceLimitExceeded(reason)
+        entry = self.scopes[0]
+        for scope in self.scopes[1:]:
+            scope.frame.f_trace = None
+        entry.frame.f_trace = self._await_return(entry)
+
+    def _stopped_tracer(self, scope: _Scope):
+        """What the current frame traces with once recording stopped (only the entry's return
+        is still awaited, to know when the episode's call is over)."""
+        return scope.frame.f_trace if scope is self.scopes[0] else None
+
+    def _await_return(self, entry: _Scope):
+        def await_return(frame: FrameType, event: str, arg: Any):
+            if event == "return":
+                self.scopes.clear()
+                self.done = True
+                self.finished()
+                return None
+            return await_return
+        return await_return
+
+    # ---- frame construction (full state frames, values) ------------------------------------
+    def _full_frame(self, token: str, event: str, scope: _Scope, f_locals: dict,
+                    line: str) -> bool:
+        """A call or line frame with every value written in full; True when it broke a limit."""
+        cap, objects, texts, snaps = self.cap, scope.objects, scope.texts, scope.snaps
+        objects.clear()
+        texts.clear()
+        snaps.clear()
+        for name, obj in f_locals.items():
             kind = type(obj)
             if kind in _ATOMS or (kind is str and len(obj) < cap // 2):
-                text = repr(obj)           # fast path: no call, no exception possible
+                try:
+                    text = repr(obj)
+                except ValueError:
+                    text = capped_repr(obj, cap)
                 if len(text) > cap:
                     text = capped_repr(obj, cap)
             else:
                 text = capped_repr(obj, cap)
-            previous[name] = (obj, text)
-            if seen is not None and not fresh and seen[1] == text:
-                values[name] = ".."
-                parts.append(key + _UNCHANGED_JSON)
-            else:
-                values[name] = text
-                encoded = encode_basestring(text)
-                size += len(encoded)
-                parts.append(key + encoded)
-        if len(previous) > len(values):   # names deleted since the last frame
-            for name in [n for n in previous if n not in values]:
-                del previous[name]
-        scope.fresh = False
-        line = self.lines[frame.f_lineno]
+                if kind in _CONTAINERS:
+                    snaps[name] = _snapshot(obj, kind, _span(cap))
+            objects[name] = obj
+            texts[name] = text
+        values = dict(texts)
         self.frames.append((event, values, line, None))
-        piece = f"{token}{{{', '.join(parts)}}}{ACTION_SEP}{line}{FRAME_SEP}"
+        keys = _JSON_KEYS
+        encoded = ", ".join([keys[name] + encode_basestring(text) for name, text in texts.items()])
+        piece = f"{token}{{{encoded}}}{ACTION_SEP}{line}{FRAME_SEP}"
         self.pieces.append(piece)
         self.size += len(piece)
         if len(self.frames) > self.max_events or self.size > self.max_bytes:
             self._stop()
+            return True
+        return False
 
-    def _value_frame(self, event: str, token: str, frame: FrameType, value: str) -> None:
-        line = self.lines[frame.f_lineno]
+    def _value_frame(self, token: str, event: str, line: str, value: str) -> bool:
+        """A return or exception frame; True when it broke a limit (and was not kept)."""
         self.frames.append((event, None, line, value))
         piece = f"{token}{ACTION_SEP}{line}{ARG_SEP}{encode_basestring(value)}{FRAME_SEP}"
         self.pieces.append(piece)
         self.size += len(piece)
         if len(self.frames) > self.max_events or self.size > self.max_bytes:
             self._stop()
+            return True
+        return False
 
-    def _stop(self) -> None:
-        reason = (f"max_events ({self.limits.max_events})"
-                  if len(self.frames) > self.limits.max_events
-                  else f"max_bytes ({self.limits.max_bytes})")
-        self.frames.pop()
-        self.pieces.pop()
-        self.truncated = reason
-        raise TraceLimitExceeded(reason)
+
+class _FunctionRecorder(_Recorder):
+    """Traces the functions of one program compiled under :data:`FILENAME`."""
+
+    def __init__(self, lines: list[str], entry_code, limits: TraceLimits) -> None:
+        super().__init__(entry_code, limits)
+        self.lines = [""] + lines          # indexed by line number
+
+    def code_info(self, code) -> tuple | None:
+        if code.co_filename != FILENAME or (code is not self.entry_code and self.skipped(code)):
+            return None
+        return self.lines, self.call_line(self.lines, code)
 
 
 def _exception_repr(exc: BaseException, cap: int | None) -> str:
@@ -327,11 +547,17 @@ def trace_call(function, args: tuple, kwargs: dict, marked_source: str,
     marked = marked_source
     # Line texts come from the marked source: the entry's call frame shows the marker, as the
     # prompt does (the marker is a comment, so line numbers are unchanged).
-    recorder = _Recorder(marked.split("\n"), function.__code__, limits)
+    recorder = _FunctionRecorder(marked.split("\n"), function.__code__, limits)
     head = trace_prompt(marked)
     recorder.size = len(head)
     return_repr = exception = exception_type = None
     _ACTIVE[0] = recorder
+    # No cyclic garbage collection while tracing: a collection at an arbitrary line could run
+    # finalizers and weakref callbacks inside the traced code (traces would differ from run to
+    # run), and the tracer's own frames would trigger collections. The sandbox's memory limit
+    # still bounds a program that makes cyclic garbage.
+    collecting = gc.isenabled()
+    gc.disable()
     sys.settrace(recorder.on_call)
     try:
         value = function(*args, **kwargs)
@@ -344,7 +570,9 @@ def trace_call(function, args: tuple, kwargs: dict, marked_source: str,
     finally:
         sys.settrace(None)
         _ACTIVE[0] = None
-    frames = [Frame(*f) for f in recorder.frames]
+        if collecting:
+            gc.enable()
+    frames = list(map(Frame._make, recorder.frames))
     if not recorder.done and recorder.truncated is None:
         # The trace function was switched off under us: the program called sys.settrace, or the
         # stack overflowed inside the trace function itself.
