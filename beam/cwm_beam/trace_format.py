@@ -176,3 +176,13 @@ def final_value(frames: list[Frame]) -> tuple[str, str] | None:
     if frames and frames[-1].event in ("return", "exception"):
         return frames[-1].event, frames[-1].value or ""
     return None
+
+
+def mark_line(source: str, lineno: int) -> str:
+    """Append ``# << START_OF_TRACE`` to line ``lineno`` (1-based): the ``def`` line of an entry
+    found at run time (a method or nested function, which :func:`mark_entry` cannot name)."""
+    lines = source.split("\n")
+    if not 1 <= lineno <= len(lines):
+        raise TraceFormatError(f"line {lineno} is outside the source ({len(lines)} lines)")
+    lines[lineno - 1] = f"{lines[lineno - 1].rstrip()}  {START_MARKER}"
+    return "\n".join(lines)

@@ -21,7 +21,9 @@ is enforced; no cyclic garbage collection runs while tracing.
 from __future__ import annotations
 
 import gc
+import os
 import random
+import re
 from itertools import islice
 from operator import is_
 import sys
@@ -32,7 +34,7 @@ from typing import Any
 
 from cwm_beam.trace_format import (
     ACTION_SEP, ARG_SEP, CALL_SEP, END_OF_TEXT, EXCEPTION_SEP, FRAME_SEP, LINE_SEP, RETURN_SEP,
-    UNCHANGED, Frame, TraceFormatError, mark_entry, trace_prompt,
+    UNCHANGED, Frame, TraceFormatError, mark_entry, mark_line, trace_prompt,
 )
 
 FILENAME = "<cwm-traced>"
@@ -243,10 +245,7 @@ class _Recorder:
     @staticmethod
     def call_line(lines: list[str], code) -> str:
         """The ``def`` line (a decorated function's first line is its first decorator)."""
-        number = code.co_firstlineno
-        for index in range(number, min(len(lines), number + 50)):
-            if lines[index].lstrip().startswith(("def ", "async def ")):
-                return lines[index]
+        number = def_line_number(lines, code)
         return lines[number] if number < len(lines) else ""
 
     def skipped(self, code) -> bool:
@@ -479,6 +478,15 @@ class _Recorder:
         return False
 
 
+def def_line_number(lines: list[str], code) -> int:
+    """Line number of a function's ``def`` in ``lines`` (indexed by line number)."""
+    number = code.co_firstlineno
+    for index in range(number, min(len(lines), number + 50)):
+        if lines[index].lstrip().startswith(("def ", "async def ")):
+            return index
+    return number
+
+
 class _FunctionRecorder(_Recorder):
     """Traces the functions of one program compiled under :data:`FILENAME`."""
 
@@ -490,6 +498,163 @@ class _FunctionRecorder(_Recorder):
         if code.co_filename != FILENAME or (code is not self.entry_code and self.skipped(code)):
             return None
         return self.lines, self.call_line(self.lines, code)
+
+
+# --------------------------------------------------------------------------------------------
+# Episodes: calls from a test suite into a repository's functions (repository-level traces)
+
+_NOT_ENTRIES = 0x20 | 0x80 | 0x200   # CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+@dataclass
+class Episode:
+    """One traced call of a repository function made directly by a test."""
+
+    path: str                 # the entry's file, relative to the repository root
+    entry: str                # qualified name (``Stack.push``)
+    source: str               # the entry's module source, entry ``def`` line marked
+    test: str                 # the test that made the call
+    result: TraceResult
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "entry": self.entry, "source": self.source,
+                "test": self.test, "result": self.result.to_json()}
+
+
+class _EpisodeRecorder(_Recorder):
+    """One episode: never stops the program (the test suite must go on); a limit only stops
+    recording. Line texts come from the repository's files, the entry's file marked."""
+
+    def __init__(self, tracer: "EpisodeTracer", entry_code, marked_lines: list[str]) -> None:
+        super().__init__(entry_code, tracer.limits, stop_program=False)
+        self.tracer = tracer
+        self.marked_lines = marked_lines
+        self.rng = tracer.rng if tracer.limits.step_in_probability < 1.0 else None
+
+    def code_info(self, code) -> tuple | None:
+        if self.tracer.kind(code) != "source" or self.skipped(code):
+            return None
+        lines = (self.marked_lines if code.co_filename == self.entry_code.co_filename
+                 else self.tracer.lines_of(code.co_filename))
+        return (lines, self.call_line(lines, code)) if lines else None
+
+    def finished(self) -> None:
+        self.tracer.episode_done(self)
+
+
+class EpisodeTracer:
+    """Cuts a running test suite into per-function episodes (CWM's repository-level traces).
+
+    While started (around each test's call phase), every call that a test makes *directly* into
+    a function defined in the repository (not in a test file) is traced as an episode: the
+    entry's module source is the context, callees in the repository are stepped into up to
+    ``limits.max_depth`` levels, each with probability ``limits.step_in_probability``. At most
+    ``per_function`` episodes are kept per function and ``max_episodes`` in all; ``emit`` gets
+    each finished :class:`Episode`. Object addresses in reprs (`` at 0x7f3a…``) are replaced by
+    `` at 0x...`` so that the same call traces to the same text in every run."""
+
+    def __init__(self, root: str, limits: TraceLimits, emit, *, per_function: int = 3,
+                 max_episodes: int = 1000) -> None:
+        self.root = os.path.realpath(root) + os.sep
+        self.limits = limits
+        self.emit = emit
+        self.per_function = per_function
+        self.max_episodes = max_episodes
+        self.rng = random.Random(limits.seed)
+        self.kinds: dict[int, tuple] = {}       # id(code) -> (code, "source" | "test" | "other")
+        self.files: dict[str, list[str] | None] = {}
+        self.counts: dict[tuple[str, str], int] = {}
+        self.emitted = 0
+        self.active: _EpisodeRecorder | None = None
+        self.test = ""
+
+    # ---- classification (cached per code object and per file) -----------------------------
+    def kind(self, code) -> str:
+        known = self.kinds.get(id(code))
+        if known is None or known[0] is not code:
+            known = self.kinds[id(code)] = (code, self._classify(code.co_filename))
+        return known[1]
+
+    def _classify(self, filename: str) -> str:
+        real = os.path.realpath(filename)
+        if not real.startswith(self.root) or not real.endswith(".py"):
+            return "other"
+        return "test" if is_test_path(real[len(self.root):]) else "source"
+
+    def lines_of(self, filename: str) -> list[str] | None:
+        if filename not in self.files:
+            try:
+                with open(filename, encoding="utf-8") as f:
+                    self.files[filename] = [""] + f.read().split("\n")
+            except (OSError, UnicodeDecodeError):
+                self.files[filename] = None
+        return self.files[filename]
+
+    # ---- tracing ---------------------------------------------------------------------------
+    def start(self, test: str) -> None:
+        self.test = test
+        self.active = None
+        _ACTIVE[0] = None
+        sys.settrace(self.on_call)
+
+    def stop(self) -> None:
+        sys.settrace(None)
+        self.active = None
+
+    def on_call(self, frame: FrameType, event: str, arg: Any):
+        active = self.active
+        if active is not None:
+            if not active.done:
+                return active.on_call(frame, event, arg)
+            self.active = None
+        if self.emitted >= self.max_episodes:
+            return None
+        code = frame.f_code
+        if self.kind(code) != "source" or code.co_flags & _NOT_ENTRIES:
+            return None
+        back = frame.f_back
+        if back is None or self.kind(back.f_code) != "test":
+            return None
+        key = (code.co_filename, code.co_qualname)
+        if self.counts.get(key, 0) >= self.per_function or code.co_name.startswith("<"):
+            return None
+        lines = self.lines_of(code.co_filename)
+        if lines is None:
+            return None
+        self.counts[key] = self.counts.get(key, 0) + 1
+        marked = mark_line("\n".join(lines[1:]), def_line_number(lines, code))
+        recorder = self.active = _EpisodeRecorder(self, code, [""] + marked.split("\n"))
+        recorder.size = len(trace_prompt(marked))
+        return recorder.on_call(frame, event, arg)
+
+    def episode_done(self, recorder: _EpisodeRecorder) -> None:
+        """The entry returned (or raised): build the episode and hand it on."""
+        code = recorder.entry_code
+        marked = "\n".join(recorder.marked_lines[1:])
+        frames = [Frame(e, None if v is None else
+                        {k: _ADDRESS.sub(" at 0x...", t) for k, t in v.items()}, line,
+                        None if value is None else _ADDRESS.sub(" at 0x...", value))
+                  for e, v, line, value in recorder.frames]
+        complete = recorder.truncated is None
+        final = frames[-1] if frames and complete else None
+        returned = final.value if final is not None and final.event == "return" else None
+        raised = final.value if final is not None and final.event == "exception" else None
+        text = trace_prompt(marked) + _ADDRESS.sub(" at 0x...", "".join(recorder.pieces)) + (
+            END_OF_TEXT if complete else "")
+        result = TraceResult(frames, text, returned, raised, recorder.truncated, len(frames),
+                             None)
+        path = os.path.realpath(code.co_filename)[len(self.root):]
+        self.emitted += 1
+        self.emit(Episode(path, code.co_qualname, marked, self.test, result))
+
+
+def is_test_path(relative: str) -> bool:
+    """Test modules and pytest configuration (never episode entries or step-in targets)."""
+    parts = relative.replace(os.sep, "/").split("/")
+    name = parts[-1]
+    return (name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py"
+            or any(p in ("tests", "test", "testing") for p in parts[:-1]))
 
 
 def _exception_repr(exc: BaseException, cap: int | None) -> str:

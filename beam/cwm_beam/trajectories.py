@@ -246,12 +246,15 @@ class Deduplicate(beam.DoFn):
         Metrics.counter(NAMESPACE, "duplicates").inc(len(dropped))
         for record in kept:
             yield record
-        for record in dropped:
-            yield beam.pvalue.TaggedOutput("duplicates", record["id"])
+        for record in dropped:  # counted (repository, family, solved) for the stats
+            meta = record["meta"]
+            yield beam.pvalue.TaggedOutput(
+                "duplicates", f"{meta['repo']}|{meta['family']}|{int(bool(meta['success']))}")
 
 
 class TrajectoryDataset(beam.PTransform):
-    """Repository specs in; ``{"train", "deadletter", "rejected", "duplicates"}`` out."""
+    """Repository specs in; ``{"train", "deadletter"}`` records out, and counter keys:
+    ``rejected`` (reason), ``duplicates`` (repo|family|solved), ``tasks`` (repo|family)."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
@@ -271,6 +274,8 @@ class TrajectoryDataset(beam.PTransform):
                     | "GroupTasks" >> beam.GroupByKey()
                     | "SelectTasks" >> beam.FlatMap(select_for_repository, s.families,
                                                     s.tasks_per_repository))
+        tasks_kept = selected | "TaskKeys" >> beam.Map(
+            lambda i: f"{i['task']['repo']}|{i['task']['family']}")
         episodes = (selected
                     | "SpreadTasks" >> beam.Reshuffle()
                     | "Rollouts" >> beam.ParDo(Rollout(s)).with_outputs(DEADLETTER, main="records"))
@@ -282,7 +287,7 @@ class TrajectoryDataset(beam.PTransform):
         dead = ((candidates[DEADLETTER], validated[DEADLETTER], episodes[DEADLETTER])
                 | "AllDeadLetters" >> beam.Flatten())
         return {"train": unique.records, "deadletter": dead, "rejected": validated.rejected,
-                "duplicates": unique.duplicates}
+                "duplicates": unique.duplicates, "tasks": tasks_kept}
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +370,7 @@ def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
                | "TrajectoryDataset" >> TrajectoryDataset(settings))
     outputs["train"] | "WriteTrainSplit" >> WriteShards(output, "train", settings.shards)
     outputs["deadletter"] | "WriteDeadletterSplit" >> WriteShards(output, "deadletter", 1)
-    for name in ("rejected", "duplicates"):
+    for name in ("rejected", "duplicates", "tasks"):
         (outputs[name]
          | f"Count{name.title()}" >> beam.combiners.Count.PerElement()
          | f"Write{name.title()}Counts" >> beam.Map(_write_count, output, name))
@@ -411,7 +416,8 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
                 rows = []
             shards[name].append(artifacts.write_shard(output, path, rows))
             (train if name == "train" else dead).extend(rows)
-    for name in ("rejected", "duplicates"):
+    counted: dict[str, Counter] = {}
+    for name in ("rejected", "duplicates", "tasks"):
         counts: Counter = Counter()
         fs, base = fsspec.core.url_to_fs(artifacts.join(output, "_stats", name))
         if fs.exists(base):
@@ -420,16 +426,27 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
                     item = json.load(f)
                 counts[item["key"]] += item["count"]
             fs.rm(base, recursive=True)
-        stats[name] = dict(counts) if name == "rejected" else sum(counts.values())
+        counted[name] = counts
+    stats["rejected"] = dict(counted["rejected"])
+    stats["duplicates"] = sum(counted["duplicates"].values())
     stats["train_records"] = len(train)
     stats["deadletter_records"] = len(dead)
     stats["deadletter_reasons"] = dict(Counter(f"{r['stage']}: {r['reason']}" for r in dead))
-    stats["tasks_by_repository_family"] = {
-        repo: dict(Counter(r["meta"]["family"] for r in train if r["meta"]["repo"] == repo))
-        for repo in sorted({r["meta"]["repo"] for r in train})}
-    stats["solve_rate_by_family"] = solve_rates(train)
+    by_repo: dict[str, dict[str, int]] = {}
+    for key, count in sorted(counted["tasks"].items()):
+        repo, family = key.split("|")
+        by_repo.setdefault(repo, {})[family] = count
+    stats["tasks_by_repository_family"] = by_repo
+    # every episode counts for the solve rates, near-duplicates dropped from the data included
+    episodes = [{"meta": {"family": r["meta"]["family"], "success": r["meta"]["success"]}}
+                for r in train]
+    for key, count in counted["duplicates"].items():
+        _, family, solved = key.split("|")
+        episodes += [{"meta": {"family": family, "success": solved == "1"}}] * count
+    stats["episodes"] = len(episodes)
+    stats["solve_rate_by_family"] = solve_rates(episodes)
     stats["seconds"] = round(seconds, 2)
-    stats["rollouts_per_minute"] = round(60 * len(train) / max(seconds, 1e-9), 2)
+    stats["rollouts_per_minute"] = round(60 * len(episodes) / max(seconds, 1e-9), 2)
     artifacts.write_manifest(output, artifacts.Manifest("trajectories", shards, stats))
     return stats
 

@@ -289,9 +289,13 @@ class RepoEnvironment:
         assert self._executor is not None, "prepare() first"
         root = MOUNT if at_mount and isinstance(self._executor, SandboxExecutor) \
             and sandbox.isolation() == "bwrap" else str(workdir)
-        return self._executor.run(argv, workdir=workdir, limits=limits or self.limits,
-                                  env=self.environment(root, extra_env), extra_rw=extra_rw,
-                                  at_mount=at_mount)
+        for _ in range(3):
+            result = self._executor.run(argv, workdir=workdir, limits=limits or self.limits,
+                                        env=self.environment(root, extra_env), extra_rw=extra_rw,
+                                        at_mount=at_mount)
+            if not _died_before_exec(result):
+                break
+        return result
 
     def run_tests(self, workdir: Path, tests: Sequence[str] | None = None, *,
                   coverage: bool = False, seconds: float | None = None) -> TestReport:
@@ -315,6 +319,15 @@ class RepoEnvironment:
         output = (result.stdout + result.stderr).decode("utf-8", errors="replace")
         return TestReport(outcomes, cov, result.returncode, result.reason, output,
                           result.wall_seconds)
+
+
+def _died_before_exec(result: sandbox.ProcessResult) -> bool:
+    """A child killed by SIGABRT at once and silently: inside a Beam worker (gRPC threads) the
+    fork before ``exec`` can abort in abseil's fork handlers. Such a run never started the
+    command, so it is retried (at most twice); a program that aborts itself prints or takes
+    longer, and an abort that persists is still reported."""
+    return (result.reason or "").endswith("SIGABRT") and not result.stdout and \
+        not result.stderr and result.wall_seconds < 1.0
 
 
 def _read_report(path: Path) -> tuple[dict[str, str], dict[str, dict[str, list[int]]]]:
