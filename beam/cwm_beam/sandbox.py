@@ -525,6 +525,13 @@ class TracePool:
 
     def trace(self, source: str, entry: str, args_src: str, *,
               trace_limits: TraceLimits | None = None) -> TraceResult | Failure:
+        result = self.trace_json(source, entry, args_src, trace_limits=trace_limits)
+        return result if isinstance(result, Failure) else TraceResult.from_json(result)
+
+    def trace_json(self, source: str, entry: str, args_src: str, *,
+                   trace_limits: TraceLimits | None = None) -> dict | Failure:
+        """As :meth:`trace`, the result as ``TraceResult.to_json()`` (what the pipeline keeps;
+        not rebuilt into frame objects)."""
         if self._closed:
             raise SandboxError("TracePool is closed")
         limits = trace_limits or self.trace_limits
@@ -544,7 +551,7 @@ class TracePool:
             self._idle.put(server)
         if "failure" in reply:
             return Failure(**reply["failure"])
-        return TraceResult.from_json(reply["ok"])
+        return reply["ok"]
 
     def _start(self) -> _Zygote:
         server = _Zygote(self.limits, self.reply_bytes)

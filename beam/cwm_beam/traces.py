@@ -9,6 +9,7 @@ or standalone with plain flags::
 
     python -m cwm_beam.traces --source cruxeval --source synthetic:2000 --output /tmp/traces
     python -m cwm_beam.traces --source jsonl:fns.jsonl --workers 2 --output /tmp/traces
+    python -m cwm_beam.traces --source repository:path/to/repo --output /tmp/traces
     python -m cwm_beam.traces --source cruxeval --output /tmp/t --runner FlinkRunner \\
         --flink_master=[local] --environment_type=LOOPBACK   # extra flags go to Beam unchanged
 
@@ -20,7 +21,8 @@ last. Records::
     {"id", "source", "program_hash", "code", "entry", "input", "text", "frames", "return",
      "exception", "truncated", "events"}
 
-Dead letters: ``{"id", "source", "stage", "reason", "detail"}``. Beam metrics (namespace
+Repository episodes (``--source repository:PATH_OR_GIT_URL``, see :mod:`cwm_beam.repository`) add
+``"repository", "path", "test"``. Dead letters: ``{"id", "source", "stage", "reason", "detail"}``. Beam metrics (namespace
 ``traces``) count both; the manifest's ``stats`` repeats the counts.
 """
 
@@ -41,14 +43,15 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from cwm_beam import fuzz, sources, synthetic
+from cwm_beam import fuzz, repository, sources, synthetic
 from cwm_beam.sandbox import Failure, Limits, TracePool
 from cwm_beam.trace_format import contains_trace_token
-from cwm_beam.tracer import TraceLimits, TraceResult
+from cwm_beam.tracer import TraceLimits
 
 LOG = logging.getLogger("cwm_beam.traces")
 NAMESPACE = "traces"
 DEADLETTER = "deadletter"
+TRACED = "traced"
 SOURCE_KINDS = ("cruxeval", "jsonl", "functions", "synthetic", "repository")
 
 
@@ -136,9 +139,11 @@ def exception_quota(program_id: str, wanted: int, share: float) -> int:
 # Reading sources (I/O: files through fsspec)
 
 
-def expand_source(source: dict[str, Any], seed: int) -> Iterator[dict[str, Any]]:
+def expand_source(source: dict[str, Any], seed: int, limits: TraceLimits | None = None,
+                  sandbox: Limits | None = None) -> Iterator[dict[str, Any]]:
     """Programs of one source: ``{"id", "source", "code", "entry", "input" | None, ...}``; a
-    malformed line becomes ``{"_deadletter": ...}``."""
+    malformed line becomes ``{"_deadletter": ...}``. A repository's episodes come already traced
+    (with ``_result``)."""
     kind = source["kind"]
     if kind == "cruxeval":
         for record in list(sources.cruxeval_records())[: source.get("count")]:
@@ -149,9 +154,9 @@ def expand_source(source: dict[str, Any], seed: int) -> Iterator[dict[str, Any]]
             yield {**program, "source": kind}
     elif kind in ("jsonl", "functions"):
         yield from _read_jsonl(source, kind)
-    else:
-        yield {"_deadletter": dead_letter({"id": source.get("uri"), "source": kind}, "read",
-                                          "repository sources run through cwm_beam.repository")}
+    else:   # repository: traced while read (the test suite runs once, in the sandbox)
+        yield from repository.trace_repository(source, limits or TraceLimits(),
+                                               sandbox or Limits())
 
 
 def _read_jsonl(source: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
@@ -196,14 +201,21 @@ def _read_jsonl(source: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
 
 
 class ExpandSource(beam.DoFn):
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
+    """Programs to trace; already traced ones (repository episodes) go to ``traced``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.read = Metrics.counter(NAMESPACE, "programs_read")
+        self.episodes = Metrics.counter(NAMESPACE, "repository_episodes")
 
     def process(self, source: dict[str, Any]):
-        for program in expand_source(source, self.seed):
+        s = self.settings
+        for program in expand_source(source, s.seed, s.trace_limits, s.sandbox):
             if "_deadletter" in program:
                 yield beam.pvalue.TaggedOutput(DEADLETTER, program["_deadletter"])
+            elif "_result" in program:
+                self.episodes.inc()
+                yield beam.pvalue.TaggedOutput(TRACED, program)
             else:
                 self.read.inc()
                 yield program
@@ -259,7 +271,7 @@ class TraceProgram(beam.DoFn):
     def process(self, program: dict[str, Any]):
         if self.pool is None:
             self.setup()
-        result = self.pool.trace(program["code"], program["entry"], program["input"])
+        result = self.pool.trace_json(program["code"], program["entry"], program["input"])
         self.count += 1
         if self.count % 500 == 0:
             LOG.info("traced %d programs in this worker (%.0f/s)", self.count,
@@ -270,7 +282,7 @@ class TraceProgram(beam.DoFn):
                                            "detail": result.detail}}
         else:
             self.traced.inc()
-            yield {**program, "_result": result.to_json()}
+            yield {**program, "_result": result}
 
 
 def to_record(program: dict[str, Any], limits: TraceLimits) -> dict[str, Any]:
@@ -280,26 +292,29 @@ def to_record(program: dict[str, Any], limits: TraceLimits) -> dict[str, Any]:
         failure = program["_failure"]
         return {"_deadletter": dead_letter(program, failure["stage"], failure["reason"],
                                            failure["detail"])}
-    result = TraceResult.from_json(program["_result"])
-    if result.truncated_reason:
+    result = program["_result"]    # TraceResult.to_json(): used as is, not rebuilt
+    if result["truncated_reason"]:
         return {"_deadletter": dead_letter(program, "limits",
-                                           f"trace limit: {result.truncated_reason}")}
-    if len(result.text.encode("utf-8", "surrogatepass")) > limits.max_bytes:
+                                           f"trace limit: {result['truncated_reason']}")}
+    if len(result["text"].encode("utf-8", "surrogatepass")) > limits.max_bytes:
         return {"_deadletter": dead_letter(program, "limits",
                                            f"trace limit: max_bytes ({limits.max_bytes})")}
     if contains_trace_token(program["code"]) or contains_trace_token(program["input"]) or any(
-            contains_trace_token(f.value or "") or any(contains_trace_token(v) for v in
-                                                       (f.locals or {}).values())
-            for f in result.frames):
+            contains_trace_token(f["value"] or "") or any(contains_trace_token(v) for v in
+                                                          (f["locals"] or {}).values())
+            for f in result["frames"]):
         return {"_deadletter": dead_letter(program, "format",
                                            "program or values contain special-token text")}
     record = {"id": program["id"], "source": program["source"],
               "program_hash": program_hash(program["code"]), "code": program["code"],
-              "entry": program["entry"], "input": program["input"], "text": result.text,
-              "frames": [f.to_json() for f in result.frames], "return": result.return_repr,
-              "exception": result.exception, "truncated": False, "events": result.events}
+              "entry": program["entry"], "input": program["input"], "text": result["text"],
+              "frames": result["frames"], "return": result["return_repr"],
+              "exception": result["exception"], "truncated": False, "events": result["events"]}
     if "fuzz_of" in program:
         record["fuzz_of"], record["fuzz_index"] = program["fuzz_of"], program["fuzz_index"]
+    for key in ("repository", "path", "test"):   # where a repository episode came from
+        if key in program:
+            record[key] = program[key]
     return record
 
 
@@ -350,10 +365,23 @@ class SelectFuzzed(beam.DoFn):
         yield from kept
 
 
-def keep_first(item):
-    """Of records with the same trace text, keep the one with the smallest id."""
-    _, records = item
-    return min(records, key=lambda r: r["id"])
+def shard_key(record: dict[str, Any], shards: int, validation_fraction: float):
+    """``((split, shard), (content hash, record))``: the shard comes from the trace text's hash,
+    so duplicates meet in one group and one shuffle both deduplicates and shards. (Equal texts
+    hold equal sources, hence equal program hashes and the same split.)"""
+    digest = content_hash(record)
+    split = split_of(record["program_hash"], validation_fraction)
+    return (split, int(digest[:8], 16) % shards), (digest, record)
+
+
+def deduplicate_shard(item) -> tuple[tuple[str, int], list[dict[str, Any]]]:
+    """One shard's records, one per trace text (the smallest id), sorted by id. Pure."""
+    key, keyed = item
+    kept: dict[str, dict[str, Any]] = {}
+    for digest, record in keyed:
+        if digest not in kept or record["id"] < kept[digest]["id"]:
+            kept[digest] = record
+    return key, sorted(kept.values(), key=lambda r: r["id"])
 
 
 class CountDeadLetters(beam.DoFn):
@@ -367,7 +395,8 @@ class CountDeadLetters(beam.DoFn):
 
 
 class TraceDataset(beam.PTransform):
-    """Source descriptors in; ``{"train", "validation", "deadletter"}`` PCollections out."""
+    """Source descriptors in; ``{"train", "validation", "deadletter"}`` PCollections out, and
+    ``"shards"``: ``((split, shard), records)``, each output shard's records, ready to write."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
@@ -376,13 +405,15 @@ class TraceDataset(beam.PTransform):
     def expand(self, source_descriptors):
         s = self.settings
         read = (source_descriptors
-                | "ExpandSources" >> beam.ParDo(ExpandSource(s.seed)).with_outputs(
-                    DEADLETTER, main="programs"))
+                | "ExpandSources" >> beam.ParDo(ExpandSource(s)).with_outputs(
+                    DEADLETTER, TRACED, main="programs"))
         fuzzed = (read.programs
                   | "Fuzz" >> beam.ParDo(Fuzz(s)).with_outputs(DEADLETTER, main="programs"))
-        checked = (fuzzed.programs
-                   | "Redistribute" >> beam.Reshuffle()
-                   | "TraceInSandbox" >> beam.ParDo(TraceProgram(s))
+        traced = (fuzzed.programs
+                  | "Redistribute" >> beam.Reshuffle()
+                  | "TraceInSandbox" >> beam.ParDo(TraceProgram(s)))
+        checked = ((traced, read[TRACED])
+                   | "WithEpisodes" >> beam.Flatten()
                    | "ApplyLimits" >> beam.ParDo(ApplyLimits(s.trace_limits)).with_outputs(
                        DEADLETTER, "rejected", main="records"))
         direct = checked.records | "NotFuzzed" >> beam.Filter(lambda r: "fuzz_of" not in r)
@@ -394,20 +425,22 @@ class TraceDataset(beam.PTransform):
             | "GroupCandidates" >> beam.GroupByKey()
             | "SelectFuzzed" >> beam.ParDo(SelectFuzzed(s)).with_outputs(
                 DEADLETTER, main="records"))
-        unique = (
+        shards = (
             (direct, selected.records)
             | "AllRecords" >> beam.Flatten()
-            | "KeyByContent" >> beam.Map(lambda r: (content_hash(r), r))
-            | "GroupDuplicates" >> beam.GroupByKey()
-            | "Deduplicate" >> beam.Map(keep_first))
-        splits = unique | "SplitByProgram" >> beam.Partition(
-            lambda r, _: 1 if split_of(r["program_hash"], s.validation_fraction) ==
-            "validation" else 0, 2)
+            | "KeyByShard" >> beam.Map(shard_key, s.shards, s.validation_fraction)
+            | "GroupShards" >> beam.GroupByKey()
+            | "Deduplicate" >> beam.Map(deduplicate_shard))
+        splits = {name: (shards
+                         | f"{name.title()}Records" >> beam.FlatMap(
+                             lambda item, n=name: item[1] if item[0][0] == n else []))
+                  for name in ("train", "validation")}
         dead = ((read[DEADLETTER], fuzzed[DEADLETTER], checked[DEADLETTER],
                  selected[DEADLETTER])
                 | "AllDeadLetters" >> beam.Flatten()
                 | "CountDeadLetters" >> beam.ParDo(CountDeadLetters()))
-        return {"train": splits[0], "validation": splits[1], "deadletter": dead}
+        return {"train": splits["train"], "validation": splits["validation"],
+                "deadletter": dead, "shards": shards}
 
 
 class WriteShards(beam.PTransform):
@@ -449,7 +482,8 @@ def shard_file(name: str, index: int, shards: int) -> str:
 def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m cwm_beam.traces", description=__doc__)
     parser.add_argument("--source", action="append", default=[],
-                        help="cruxeval | synthetic:COUNT | jsonl:URI | functions:URI")
+                        help="cruxeval | synthetic:COUNT | jsonl:URI | functions:URI | "
+                        "repository:PATH_OR_GIT_URL")
     parser.add_argument("--output", help="data set folder (local path or fsspec URI)")
     parser.add_argument("--workers", type=int, default=None, help="in-process worker processes")
     parser.add_argument("--runner", default=None, help="Beam runner (default: in-process)")
@@ -525,9 +559,16 @@ def pipeline_for(beam_section: dict[str, Any], beam_flags: list[str]) -> beam.Pi
 def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
     outputs = (pipeline | "Sources" >> beam.Create(list(settings.sources))
                | "TraceDataset" >> TraceDataset(settings))
-    for name in ("train", "validation", "deadletter"):
-        outputs[name] | f"Write{name.title()}Split" >> WriteShards(
-            output, name, settings.shards if name != "deadletter" else 1)
+    shards = settings.shards
+
+    def write(item):
+        from cwm_operator import artifacts
+
+        (split, index), rows = item
+        return artifacts.write_shard(output, shard_file(split, index, shards), rows).path
+
+    outputs["shards"] | "WriteSplits" >> beam.Map(write)
+    outputs["deadletter"] | "WriteDeadletterSplit" >> WriteShards(output, "deadletter", 1)
 
 
 def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
