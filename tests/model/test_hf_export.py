@@ -14,6 +14,7 @@ from cwm_model.model import CWM
 from cwm_model.presets import get_preset
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # a trained model / transformers import: seconds each
 
 
 @pytest.fixture(scope="module")

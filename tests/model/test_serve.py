@@ -14,6 +14,7 @@ import pytest
 from tests.model.memorised import BASH_TOOL, CHAT_PROMPT, COMPLETION_PROMPT
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow  # a trained model / transformers import: seconds each
 
 
 @pytest.fixture(scope="module")
