@@ -7,9 +7,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cwm_model.config import ModelConfig
-from cwm_model.model import CWM, make_attention, rope_cos_sin, rope_frequencies
+from cwm_model.model import (CWM, banded_attention, make_attention, rope_cos_sin, rope_frequencies,
+                             visibility_mask)
 from cwm_model.presets import PRESETS, count_parameters, get_preset
 
 
@@ -77,10 +79,11 @@ def test_interleaving_follows_cwm_pattern():
 
 def test_packed_documents_do_not_see_each_other():
     model = make()
-    a, b = tokens(1, 11, seed=2)[0], tokens(1, 13, seed=3)[0]
+    # 40 tokens: local layers (window 8) take the banded path, each document alone does not
+    a, b = tokens(1, 11, seed=2)[0], tokens(1, 29, seed=3)[0]
     packed = torch.cat([a, b])[None]
-    doc_ids = torch.tensor([[0] * 11 + [1] * 13])
-    positions = torch.cat([torch.arange(11), torch.arange(13)])[None]
+    doc_ids = torch.tensor([[0] * 11 + [1] * 29])
+    positions = torch.cat([torch.arange(11), torch.arange(29)])[None]
     with torch.no_grad():
         together = model(packed, doc_ids, positions)[0]
         alone_a, alone_b = model(a[None])[0], model(b[None])[0]
@@ -89,6 +92,19 @@ def test_packed_documents_do_not_see_each_other():
     assert torch.allclose(together[:11], alone_a, atol=1e-5)
     assert torch.allclose(together[11:], alone_b, atol=1e-5)
     assert torch.allclose(changed_a[11:], together[11:], atol=1e-6)
+
+
+@pytest.mark.parametrize("length,window,packed", [(300, 64, False), (300, 64, True), (37, 8, True)])
+def test_banded_local_attention_equals_the_masked_computation(length, window, packed):
+    gen = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(2, heads, length, 16, generator=gen) for heads in (4, 2, 2))
+    doc = (torch.arange(length)[None] >= torch.tensor([[length // 3], [length // 2]])).long()
+    doc = doc if packed else None
+    idx = torch.arange(length)
+    docs = doc if packed else torch.zeros(1, length, dtype=torch.long)
+    mask = visibility_mask(docs, docs, idx, idx, window)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(banded_attention(q, k, v, doc, window), reference, atol=1e-5)
 
 
 def test_flex_attention_matches_sdpa_with_documents_and_windows():
