@@ -154,6 +154,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cwm_operator.report import write_comparison
+
+    try:
+        path = write_comparison(list(args.workdirs), args.out)
+    except FileNotFoundError as err:
+        _err(str(err))
+        return 1
+    print(path.read_text())
+    return 0
+
+
 def cmd_crd(args: argparse.Namespace) -> int:
     from cwm_operator.crd import crd_yaml
 
@@ -200,6 +212,11 @@ def build_parser(component: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write the evaluation report of a local run")
     p.add_argument("workdir", type=Path)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="compare the evaluations of several local runs")
+    p.add_argument("workdirs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=Path("comparison.md"))
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("crd", help="print the CWMPipeline CustomResourceDefinition")
     p.set_defaults(func=cmd_crd)

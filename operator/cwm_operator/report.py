@@ -174,3 +174,30 @@ def write_report(workdir: Path) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def write_comparison(workdirs: list[Path], out: Path) -> Path:
+    """Compare the evaluation of several runs stage by stage (e.g. the trace-data ablation)."""
+    runs = []
+    for workdir in workdirs:
+        run = read_json(Path(workdir) / "run.json")
+        if run is None:
+            raise FileNotFoundError(f"{workdir}: no run here (no run.json)")
+        records = [StepRecord.load(Path(workdir) / "steps" / n / "state.json", n)
+                   for n in run["steps"] if n in STAGE_ORDER]
+        runs.append((run["pipeline"], {r.name: r for r in records}))
+    stages = [s for s in STAGE_ORDER if any(s in recs for _, recs in runs)]
+    names = _metric_names([r for _, recs in runs for r in recs.values()])
+    lines = ["# Comparison: " + " vs ".join(name for name, _ in runs), ""]
+    for stage in stages:
+        lines += [f"## After {stage}", "", "| metric | " + " | ".join(n for n, _ in runs) + " |",
+                  "| --- |" + " --- |" * len(runs)]
+        for metric in names:
+            values = [recs[stage].metrics.get(metric) if stage in recs else None
+                      for _, recs in runs]
+            if any(v is not None for v in values):
+                lines.append(f"| {metric} | " + " | ".join(_fmt(v) for v in values) + " |")
+        lines.append("")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    return out

@@ -222,3 +222,12 @@ def test_report_has_tables_and_plots(env):
     assert "| sft | 5.0000 | 1.6667 | 3 |" in report  # first, last loss, steps
     for png in ("loss.png", "metrics.png"):
         assert (tmp / "w/report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_two_runs(env, monkeypatch):
+    tmp, manifest, _ = env
+    run(manifest, tmp / "a")
+    run(manifest, tmp / "b")
+    assert cwm(["compare", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "c.md")]) == 0
+    text = (tmp / "c.md").read_text()
+    assert "## After midtrain" in text and "| cruxeval_o | 0.25 | 0.25 |" in text
