@@ -177,7 +177,7 @@ def trajectory_document(tokenizer: Any, record: dict[str, Any], position: Positi
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         return None
-    segments = render_messages(messages, tools=record.get("tools"))
+    segments = render_messages(messages, tools=record.get("tools") or agent_tools())
 
     def weight(index: int, segment: Any) -> int:
         if segment.role in AGENT_ROLES:
@@ -192,6 +192,16 @@ def trajectory_document(tokenizer: Any, record: dict[str, Any], position: Positi
     if doc.tokens and doc.tokens[0] != tokenizer.bos_id:
         doc = Document([tokenizer.bos_id, *doc.tokens], [0, *doc.mask])
     return doc
+
+
+def agent_tools() -> list[dict[str, Any]] | None:
+    """The ForagerAgent's tool definitions: trajectory records leave them out, and the agent saw
+    them in its system prompt, so training renders them the same way."""
+    try:
+        from cwm_beam.forager.tools import TOOLS
+    except ImportError:
+        return None
+    return list(TOOLS)
 
 
 def chat_document(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None) -> Document:

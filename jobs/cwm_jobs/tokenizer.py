@@ -30,13 +30,14 @@ SOURCES = ("corpus", "traces", "trajectories")
 def record_text(kind: str, record: dict[str, Any]) -> str | None:
     """The text a record contributes to tokenizer training (None if it has none)."""
     if kind == "trajectories":
+        from cwm_jobs.data import agent_tools
         from cwm_model.chat import render_messages, render_text
 
         messages = record.get("messages")
         if not isinstance(messages, list):
             return None
         try:
-            return render_text(render_messages(messages, tools=record.get("tools")))
+            return render_text(render_messages(messages, tools=record.get("tools") or agent_tools()))
         except ValueError:
             return None
     text = record.get("text")

@@ -29,6 +29,10 @@ def test_config_follows_the_stage_and_device():
     gpu = deepspeed_config(settings(zero_stage=3), world_size=8, device_type="cuda")
     assert gpu["bf16"]["enabled"] and gpu["data_types"]["grad_accum_dtype"] == "fp32"
     assert gpu["zero_optimization"]["stage"] == 3
+    small = deepspeed_config(settings(), world_size=1, device_type="cpu", parameters=300_000)
+    assert small["zero_optimization"]["reduce_bucket_size"] == 10_000_000
+    big = deepspeed_config(settings(), world_size=1, device_type="cpu", parameters=8 * 10**9)
+    assert big["zero_optimization"]["allgather_bucket_size"] == 500_000_000
 
 
 def test_schedule_warms_up_then_decays_to_the_floor_or_stays_constant():

@@ -70,6 +70,9 @@ def test_killed_stage_resumes_with_identical_losses(pipeline_data, tmp_path):
     reference = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full" / "midtrain" / "metrics" / "metrics.jsonl")}
     after = {r["step"]: r["loss"] for r in read_metrics(metrics)}
     assert sorted(after) == sorted(reference) == list(range(1, 25))
+    worst = max(abs(after[s] - reference[s]) / abs(reference[s]) for s in reference)
+    print(f"resume: killed at step {killed_at}, resumed from {latest['step']}, "
+          f"max relative loss difference over 24 steps {worst:.2e}")
     for step in range(1, 25):
         assert after[step] == pytest.approx(reference[step], rel=1e-3), step
     final = json.loads((tmp_path / "killed" / "midtrain" / "metrics" / "eval.json").read_text())
