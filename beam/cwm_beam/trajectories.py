@@ -32,6 +32,7 @@ named by ``policy.apiKeySecret`` there) or ``$OPENAI_API_KEY``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -108,27 +109,29 @@ def repo_key(spec: dict[str, Any]) -> str:
 
 
 class _Environments:
-    """Per-worker cache of prepared repository environments (prepared on first use)."""
+    """Prepared repository environments, shared by every DoFn instance of one worker process:
+    a runner may create DoFn instances per stage or per bundle, but each repository is prepared
+    (fetched, copied, its suite run) once per process. Removed when the process exits."""
+
+    _shared: dict[str, Any] = {}
+    _root: Path | None = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.envs: dict[str, Any] = {}
-        self.root = Path(tempfile.mkdtemp(prefix="cwm-trajectories-"))
 
     def get(self, spec: dict[str, Any]):
         from cwm_beam.forager.env import RepoEnvironment
 
-        key = repo_key(spec)
-        if key not in self.envs:
+        key = json.dumps([spec, repr(self.settings.limits)], sort_keys=True)
+        shared = _Environments._shared
+        if key not in shared:
+            if _Environments._root is None:
+                _Environments._root = Path(tempfile.mkdtemp(prefix="cwm-trajectories-"))
+                atexit.register(shutil.rmtree, _Environments._root, True)
             env = RepoEnvironment(spec, limits=self.settings.limits,
-                                  workroot=self.root / str(len(self.envs)))
-            self.envs[key] = env.prepare()
-        return self.envs[key]
-
-    def close(self) -> None:
-        for env in self.envs.values():
-            env.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+                                  workroot=_Environments._root / str(len(shared)))
+            shared[key] = env.prepare()
+        return shared[key]
 
 
 class _WithEnvironments(beam.DoFn):
@@ -138,10 +141,6 @@ class _WithEnvironments(beam.DoFn):
 
     def setup(self) -> None:
         self.envs = _Environments(self.settings)
-
-    def teardown(self) -> None:
-        if self.envs is not None:
-            self.envs.close()
 
 
 class SynthesizeTasks(_WithEnvironments):
