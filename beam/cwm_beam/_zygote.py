@@ -190,7 +190,7 @@ def _describe_status(status: int, limits: dict) -> str:
     return f"exited with code {os.WEXITSTATUS(status)} without a result (os._exit or a crash)"
 
 
-def supervise(pid: int, reply_fd: int, limits: dict) -> dict:
+def supervise(pid: int, reply_fd: int, limits: dict) -> dict | bytes:
     """Collect the child's reply within the wall-clock deadline; kill its process group after."""
     deadline = time.monotonic() + limits["wall_seconds"]
     cap = limits["reply_bytes"]
@@ -226,11 +226,8 @@ def supervise(pid: int, reply_fd: int, limits: dict) -> dict:
     if outcome is not None:
         return outcome
     body = b"".join(chunks)
-    if len(body) >= 4:
-        try:
-            return json.loads(body[4:])
-        except ValueError:
-            pass
+    if len(body) >= 4 and struct.unpack(">I", body[:4])[0] == len(body) - 4:
+        return body[4:]   # passed on as is: the pool parses it (one JSON round, not three)
     return _failure("trace", _describe_status(status, limits))
 
 
@@ -252,7 +249,11 @@ def main() -> None:
             finally:
                 _REAL_EXIT(4)
         os.close(reply_w)
-        write_message(out_fd, supervise(pid, reply_r, limits))
+        reply = supervise(pid, reply_r, limits)
+        if isinstance(reply, bytes):
+            _write_all(out_fd, struct.pack(">I", len(reply)) + reply)
+        else:
+            write_message(out_fd, reply)
 
 
 if __name__ == "__main__":

@@ -462,9 +462,15 @@ class _Zygote:
                 return None
             (size,) = struct.unpack(">I", header)
             body = _read_exact(self.proc.stdout, size, timeout)
-            return json.loads(body) if body is not None else None
         except (OSError, ValueError):
             return None
+        if body is None:
+            return None
+        try:
+            return json.loads(body)
+        except ValueError:   # a job's child wrote a malformed reply: that job's failure only
+            return {"failure": {"stage": "trace", "reason": "malformed reply from the job",
+                                "detail": body[:200].decode(errors="replace")}}
 
     def close(self) -> None:
         _kill_group(self.proc)

@@ -44,6 +44,7 @@ _SLICEABLE = frozenset({list, tuple, str, bytes})
 _ATOMS = frozenset({int, bool, type(None), float})
 _IMMUTABLE = frozenset({int, float, str, bool, type(None), bytes, complex, range})
 _MISSING = object()
+_new_frame = tuple.__new__   # Frame(...) without the named tuple's Python-level __new__
 
 
 class _KeyCache(dict):
@@ -226,7 +227,7 @@ class _Recorder:
         self.cap = limits.max_repr_chars
         self.rng = random.Random(limits.seed) if limits.step_in_probability < 1.0 else None
         self.scopes: list[_Scope] = []
-        self.frames: list[tuple] = []
+        self.frames: list[Frame] = []
         self.pieces: list[str] = []
         self.size = 0
         self.truncated: str | None = None
@@ -284,9 +285,10 @@ class _Recorder:
     def _tracers(self, scope: _Scope):
         recorder, cap, objects, texts, snaps, lines = (
             self, self.cap, scope.objects, scope.texts, scope.snaps, scope.lines)
-        span = _span(cap)
+        span, short = _span(cap), cap // 2
         frames, pieces = self.frames, self.pieces
         max_events, max_bytes = self.max_events, self.max_bytes
+        previous, previous_text = objects.get, texts.get   # bound once: fewer look-ups per local
 
         def local(frame: FrameType, event: str, arg: Any):
             if event != "line":
@@ -294,7 +296,7 @@ class _Recorder:
             values: dict[str, str] = {}
             parts: list[str] = []
             for name, obj in frame.f_locals.items():
-                if obj is objects.get(name, _MISSING):
+                if obj is previous(name, _MISSING):
                     kind = type(obj)
                     if kind in _IMMUTABLE:
                         values[name] = UNCHANGED
@@ -314,7 +316,7 @@ class _Recorder:
                         continue
                 else:
                     kind = type(obj)
-                    if kind in _ATOMS or (kind is str and len(obj) < cap // 2):
+                    if kind in _ATOMS or (kind is str and len(obj) < short):
                         try:
                             text = repr(obj)
                         except ValueError:   # an int too long to convert
@@ -326,7 +328,7 @@ class _Recorder:
                         if kind in _CONTAINERS:
                             snaps[name] = _snapshot(obj, kind, span)
                     objects[name] = obj
-                    if text == texts.get(name):
+                    if text == previous_text(name):
                         values[name] = UNCHANGED
                         parts.append(_UNCHANGED_ITEMS[name])
                         continue
@@ -338,7 +340,7 @@ class _Recorder:
                     del objects[name], texts[name]
                     snaps.pop(name, None)
             line = lines[frame.f_lineno]
-            frames.append(("line", values, line, None))
+            frames.append(_new_frame(Frame, ("line", values, line, None)))
             piece = f"{LINE_SEP}{{{', '.join(parts)}}}{ACTION_SEP}{line}{FRAME_SEP}"
             pieces.append(piece)
             recorder.size += len(piece)
@@ -455,7 +457,7 @@ class _Recorder:
             objects[name] = obj
             texts[name] = text
         values = dict(texts)
-        self.frames.append((event, values, line, None))
+        self.frames.append(_new_frame(Frame, (event, values, line, None)))
         keys = _JSON_KEYS
         encoded = ", ".join([keys[name] + encode_basestring(text) for name, text in texts.items()])
         piece = f"{token}{{{encoded}}}{ACTION_SEP}{line}{FRAME_SEP}"
@@ -468,7 +470,7 @@ class _Recorder:
 
     def _value_frame(self, token: str, event: str, line: str, value: str) -> bool:
         """A return or exception frame; True when it broke a limit (and was not kept)."""
-        self.frames.append((event, None, line, value))
+        self.frames.append(_new_frame(Frame, (event, None, line, value)))
         piece = f"{token}{ACTION_SEP}{line}{ARG_SEP}{encode_basestring(value)}{FRAME_SEP}"
         self.pieces.append(piece)
         self.size += len(piece)
@@ -737,7 +739,7 @@ def trace_call(function, args: tuple, kwargs: dict, marked_source: str,
         _ACTIVE[0] = None
         if collecting:
             gc.enable()
-    frames = list(map(Frame._make, recorder.frames))
+    frames = recorder.frames
     if not recorder.done and recorder.truncated is None:
         # The trace function was switched off under us: the program called sys.settrace, or the
         # stack overflowed inside the trace function itself.
