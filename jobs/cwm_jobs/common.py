@@ -409,3 +409,16 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+def warm_extension_cache() -> str:
+    """Compile DeepSpeed's CPU communication op into the cache now (``python -m
+    cwm_jobs.common``), so the first test or stage does not pay the ~110 s."""
+    env = DistEnv(master_port=free_port())
+    init_distributed(env, "cpu")
+    teardown_distributed()
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+if __name__ == "__main__":
+    print(f"DeepSpeed extensions cached in {warm_extension_cache()}")
