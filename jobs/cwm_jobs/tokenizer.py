@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 

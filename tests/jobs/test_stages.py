@@ -120,7 +120,7 @@ def test_outputs_can_live_in_object_storage(pipeline_data, dist_group, tmp_path,
     fs = fsspec.filesystem("memory")
     latest = json.loads(fs.cat("/bucket/run/pretrain/state/latest.json"))
     assert latest["tag"] == "step00000002"
-    assert fs.exists(f"/bucket/run/pretrain/state/step00000002/data-rank0.json")
+    assert fs.exists("/bucket/run/pretrain/state/step00000002/data-rank0.json")
     assert fs.exists("/bucket/run/pretrain/checkpoint/model.safetensors")
     assert json.loads(fs.cat("/bucket/run/pretrain/metrics/eval.json"))["ranks_identical"] == 1.0
     shutil.rmtree(tmp_path / "cache")  # a new pod: nothing staged locally
