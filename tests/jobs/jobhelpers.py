@@ -71,3 +71,19 @@ def stage_config(out: Path, stage: str, inputs: dict, *, spec: dict | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config))
     return path
+
+
+DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                  "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a stage launched as a child process: one intra-op thread, and none of
+    the distributed variables this test process exported for its own in-process group (a child
+    would take them for torchrun's and join the parent's port)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in DIST_VARIABLES and not k.startswith("PET_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env

@@ -4,7 +4,6 @@ parameters stay identical across ranks (each stage checks it and reports ``ranks
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from cwm_jobs.metrics import read_metrics
-from tests.jobs.jobhelpers import stage_config
+from tests.jobs.jobhelpers import stage_config, subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 RL_SPEC = {"steps": 2, "rl": {"groupSize": 4, "promptsPerStep": 2, "maxNewTokens": 6, "maxLength": 256}}
 
 
 def torchrun(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

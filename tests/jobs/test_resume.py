@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cwm_jobs.metrics import read_metrics
-from tests.jobs.jobhelpers import stage_config
+from tests.jobs.jobhelpers import stage_config, subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = {"steps": 24, "checkpointEvery": 4, "sequenceLength": 64, "microBatchSize": 4,
@@ -23,9 +23,8 @@ NO_EVAL = {"cruxeval": False, "heldOutTraces": 0, "validationSequences": 8}
 
 
 def launch(config: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "cwm_jobs.midtrain", "--config", str(config)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def steps_logged(metrics: Path) -> int:
@@ -40,7 +39,7 @@ def test_killed_stage_resumes_with_identical_losses(pipeline_data, tmp_path):
     init_dir = tmp_path / "init"
     init = stage_config(init_dir, "pretrain", pipeline_data, spec={"steps": 1}, evaluation=NO_EVAL)
     subprocess.run([sys.executable, "-m", "cwm_jobs.pretrain", "--config", str(init)], cwd=REPO,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
+                   env=subprocess_env(), check=True, capture_output=True)
     checkpoint = str(init_dir / "pretrain" / "checkpoint")
     full = stage_config(tmp_path / "full", "midtrain", pipeline_data, spec=SPEC, init=checkpoint,
                         evaluation=NO_EVAL)
