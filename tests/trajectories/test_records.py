@@ -6,7 +6,7 @@ import json
 
 import apache_beam as beam
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from cwm_beam.forager.records import (RecordError, action_text, check_record, dedup, render,
@@ -51,7 +51,7 @@ def test_dedup_drops_near_duplicates_and_keeps_distinct_ones():
 
 def test_dedup_transform_works_per_repository():
     rows = [record("t1", A, repo="calc"), record("t2", A, repo="calc"), record("t3", A, repo="textkit")]
-    with TestPipeline() as p:
+    with BeamTestPipeline() as p:
         out = (p | beam.Create(rows) | beam.Map(lambda r: (r["meta"]["repo"], r))
                | beam.GroupByKey() | beam.ParDo(Deduplicate(0.5)).with_outputs("duplicates", main="kept"))
         assert_that(out.kept | "KeptIds" >> beam.Map(lambda r: r["id"]), equal_to(["t1", "t3"]),
