@@ -73,6 +73,7 @@ class SearchRepairPolicy:
     def act(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> Action:
         if self._plan is None or not any(m["role"] == "assistant" for m in messages):
             self._plan = self._episode(messages[1]["content"])
+            self._seen = 0  # call ids restart with every episode (same task → same record)
             call = next(self._plan)
         else:
             observation = next((m["content"] for m in reversed(messages) if m["role"] == "tool"), "")
