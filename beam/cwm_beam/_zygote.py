@@ -146,7 +146,6 @@ def run_job(job: dict, guard: Guard) -> dict:
 
 
 def _child(job: dict, reply_fd: int, limits: dict, read_roots: tuple[str, ...]) -> None:
-    os.setpgid(0, 0)
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     out = os.open(f"/tmp/job-{os.getpid()}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -191,13 +190,18 @@ def _describe_status(status: int, limits: dict) -> str:
 
 
 def supervise(pid: int, reply_fd: int, limits: dict) -> dict | bytes:
-    """Collect the child's reply within the wall-clock deadline; kill its process group after."""
+    """Collect the child's reply within the wall-clock deadline.
+
+    A complete reply (4-byte length and body) is returned as soon as it is read, as bytes: the
+    child is reaped afterwards (:func:`reap`), while the pool already works on the reply. When
+    the child hung, overflowed or died without a complete reply, it is killed and reaped here and
+    the failure says why."""
     deadline = time.monotonic() + limits["wall_seconds"]
     cap = limits["reply_bytes"]
     chunks: list[bytes] = []
-    total = 0
+    total, wanted = 0, None
     outcome: dict | None = None
-    while True:
+    while wanted is None or total < wanted:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             outcome = _failure("trace", f"wall-clock timeout ({limits['wall_seconds']}s)")
@@ -213,22 +217,67 @@ def supervise(pid: int, reply_fd: int, limits: dict) -> dict | bytes:
         if total > cap:
             outcome = _failure("trace", f"result larger than {cap} bytes")
             break
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    _, status = os.waitpid(pid, 0)
+        if wanted is None and total >= 4:
+            wanted = 4 + struct.unpack(">I", b"".join(chunks)[:4])[0]
+    body = b"".join(chunks)
+    if outcome is None and wanted is not None and total == wanted:
+        os.close(reply_fd)
+        return body[4:]   # passed on as is: the pool parses it (one JSON round, not three)
+    status = reap(pid)
     os.close(reply_fd)
+    return outcome or _failure("trace", _describe_status(status, limits))
+
+
+def reap(pid: int) -> int:
+    """Kill a job's process group (anything it left behind) and collect its exit status."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _, status = os.waitpid(pid, 0)
     try:
         os.unlink(f"/tmp/job-{pid}.out")
     except OSError:
         pass
-    if outcome is not None:
-        return outcome
-    body = b"".join(chunks)
-    if len(body) >= 4 and struct.unpack(">I", body[:4])[0] == len(body) - 4:
-        return body[4:]   # passed on as is: the pool parses it (one JSON round, not three)
-    return _failure("trace", _describe_status(status, limits))
+    return status
+
+
+def _read_job(fd: int) -> dict | None:
+    data = b""
+    while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return None
+        data += chunk
+    return json.loads(data[4:])
+
+
+def spawn(limits: dict, read_roots: tuple[str, ...]) -> tuple[int, int, int]:
+    """Fork the child for the *next* job now, from the clean server, before that job arrives:
+    forking costs milliseconds here, and this way it overlaps the current job. The child waits
+    for its job on a pipe (holding none of the server's other pipes) and then runs it as
+    :func:`_child`. Returns ``(pid, job pipe, reply pipe)``."""
+    job_r, job_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setpgid(0, 0)
+            os.close(job_w)
+            os.close(reply_r)
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            job = _read_job(job_r)
+            if job is not None:
+                _child(job, reply_w, limits, read_roots)
+        finally:
+            _REAL_EXIT(4)
+    os.setpgid(pid, pid)   # its own group from the start, so a kill never misses it
+    os.close(job_r)
+    os.close(reply_w)
+    return pid, job_w, reply_r
 
 
 def main() -> None:
@@ -236,22 +285,26 @@ def main() -> None:
     read_roots = tuple(json.loads(sys.argv[2]))
     stdin = sys.stdin.buffer
     out_fd = sys.stdout.fileno()
+    spare = spawn(limits, read_roots)
     while True:
         job = read_message(stdin)
+        pid, job_w, reply_r = spare
         if job is None:
-            return
-        reply_r, reply_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
+            os.close(job_w)      # the spare reads end-of-file and exits
             os.close(reply_r)
-            try:
-                _child(job, reply_w, limits, read_roots)
-            finally:
-                _REAL_EXIT(4)
-        os.close(reply_w)
+            reap(pid)
+            return
+        data = json.dumps(job).encode()
+        try:
+            _write_all(job_w, struct.pack(">I", len(data)) + data)
+        except OSError:
+            pass                 # the spare died: supervise reports it
+        os.close(job_w)
+        spare = spawn(limits, read_roots)
         reply = supervise(pid, reply_r, limits)
         if isinstance(reply, bytes):
             _write_all(out_fd, struct.pack(">I", len(reply)) + reply)
+            reap(pid)
         else:
             write_message(out_fd, reply)
 

@@ -48,9 +48,9 @@ def job_server_jar() -> tuple[Path | None, list[str]]:
         jar = cache / f"beam-runners-flink-{flink}-job-server-{version}.jar"
         if done.returncode == 0 and jar.exists():
             return jar, []
-        error = next((line for line in done.stdout.splitlines() if line.startswith("[ERROR]")),
-                     f"mvn exited with {done.returncode}")
-        errors.append(error[:300])
+        error = next((line[line.index("[ERROR]"):] for line in done.stdout.splitlines()
+                      if "[ERROR] Failed" in line), f"mvn exited with {done.returncode}")
+        errors.append(error.split(": ", 1)[-1][:240])
     return None, errors
 
 
