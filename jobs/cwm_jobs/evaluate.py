@@ -141,6 +141,73 @@ def held_out_traces(uri: str, limit: int, rank: int, world: int) -> list[str]:
     return texts
 
 
+def held_out_trace_records(uri: str, limit: int, rank: int, world: int) -> list[dict[str, Any]]:
+    """This rank's share of the first ``limit`` complete validation traces that returned."""
+    from cwm_beam.trace_format import END_OF_TEXT
+    from cwm_operator.artifacts import iter_records
+
+    records = []
+    for record in iter_records(uri, "validation"):
+        if len(records) >= limit * world:
+            break
+        text = record.get("text")
+        if isinstance(text, str) and text.endswith(END_OF_TEXT) and record.get("return"):
+            records.append(record)
+    return records[rank::world]
+
+
+def predicted_return(frames_text: str) -> str | None:
+    """The value of the frame that leaves the entry scope, from generated frame text (parsed
+    frame by frame, so a truncated generation still yields what it got to)."""
+    from cwm_beam.trace_format import FRAME_SEP, TraceFormatError, parse_frame
+
+    depth = 1  # the prompt ends after the entry's call frame
+    for index, piece in enumerate(frames_text.split(FRAME_SEP)[:-1]):
+        try:
+            frame = parse_frame(piece, index)
+        except TraceFormatError:
+            return None
+        depth += {"call": 1, "return": -1, "exception": -1}.get(frame.event, 0)
+        if depth == 0:
+            return frame.value if frame.event == "return" else None
+    return None
+
+
+@torch.no_grad()
+def trace_output_accuracy(module: torch.nn.Module, tokenizer: Any,
+                          records: Sequence[dict[str, Any]], *, max_new_tokens: int,
+                          batch_size: int = 8) -> dict[str, float]:
+    """Output prediction by trace completion, as CWM predicts execution: the prompt is the
+    program and its call frame; the model generates the frames; its answer is the value of the
+    frame that returns from the entry. Exact match of the repr (ranks summed)."""
+    from cwm_beam.trace_format import FRAME_SEP, parse_trace
+    from cwm_model.generate import generate
+
+    was_training = module.training
+    module.eval()
+    right = 0.0
+    eos = tokenizer.eos_id
+    for i in range(0, len(records), batch_size):
+        batch = records[i:i + batch_size]
+        prompts, expected = [], []
+        for record in batch:
+            text = record["text"]
+            head = text.index(FRAME_SEP) + len(FRAME_SEP)  # end of the source
+            call_end = text.index(FRAME_SEP, head) + len(FRAME_SEP)  # end of the call frame
+            prompts.append(tokenizer.encode(text[:call_end]))
+            _, frames = parse_trace(text)
+            expected.append(frames[-1].value)
+        outs = generate(module, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                        stop_ids=(eos,))
+        for out, want in zip(outs, expected):
+            got = predicted_return(tokenizer.decode([t for t in out if t != eos]))
+            right += got is not None and got == want
+    module.train(was_training)
+    total = float(len(records))
+    right, total = all_sum([right, total], _comm_device(module))
+    return {"trace_output_accuracy": right / total, "trace_output_programs": total} if total else {}
+
+
 # --------------------------------------------------------------------------- output prediction
 
 
@@ -219,6 +286,12 @@ def evaluate_model(module: torch.nn.Module, tokenizer: Any, *, rank: int, world:
         if read_manifest(traces_uri).splits.get("validation"):
             texts = held_out_traces(traces_uri, held_out, rank, world)
             results.update(trace_exact_match(module, tokenizer, texts, max_tokens))
+        outputs = int(ev.get("traceOutputs", 0))
+        if outputs:
+            records = held_out_trace_records(traces_uri, outputs, rank, world)
+            results.update(trace_output_accuracy(
+                module, tokenizer, records,
+                max_new_tokens=int(ev.get("traceOutputTokens", 384))))
     if ev.get("cruxeval", True):
         tasks = cruxeval_tasks(int(ev.get("cruxevalLimit", 800)))
         results["cruxeval_o"] = output_prediction_accuracy(

@@ -471,6 +471,15 @@ class EvaluationSpec(Spec):
     held_out_traces: int = Field(
         200, ge=0, description="Held-out traces for trace-step exact match."
     )
+    trace_outputs: int = Field(
+        0,
+        ge=0,
+        description="Held-out traced programs whose return value the model predicts by "
+        "generating their trace from the call frame (0: off).",
+    )
+    trace_output_tokens: int = Field(
+        384, ge=8, description="Generation budget per trace in that measurement."
+    )
     cruxeval: bool = Field(True, description="Measure CruxEval-O output prediction.")
     cruxeval_limit: int = Field(800, ge=1, le=800, description="CRUXEval problems to use.")
     mutate_fix: bool = Field(True, description="Measure mutate-fix solve rate when available.")

@@ -1,0 +1,118 @@
+"""End to end: a smaller variant of examples/tiny.yaml through every real step — Beam traces
+and trajectories, corpus, tokenizer, DeepSpeed pretrain → midtrain → SFT → RL — with `cwm run`
+as a user runs it; then the report, the neural debugger on the final checkpoint, and stage
+caching (an unchanged rerun does nothing; changing SFT reruns SFT and RL only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+CWM = [sys.executable, "-m", "cwm_operator.cli"]
+STAGE = {"microBatchSize": 2, "sequenceLength": 128, "warmupSteps": 1, "checkpointEvery": 2,
+         "learningRate": 1e-3}
+MANIFEST = {
+    "apiVersion": "cwm.dev/v1alpha1",
+    "kind": "CWMPipeline",
+    "metadata": {"name": "e2e"},
+    "spec": {
+        "model": {"preset": "debug"},
+        "tokenizer": {"vocabSize": 512, "sampleRecords": 300},
+        "data": {
+            "traces": {"sources": [{"kind": "cruxeval", "count": 60},
+                                   {"kind": "synthetic", "count": 60}],
+                       "fuzzInputsPerFunction": 0, "shards": 1, "validationFraction": 0.2},
+            "trajectories": {"tasksPerRepository": 1, "policy": {"maxTurns": 8}, "shards": 1},
+            "corpus": {"maxFiles": 100, "maxBytes": 400000},
+            "beam": {"workers": 1},
+        },
+        "stages": [
+            {"name": "pretrain", "steps": 4, **STAGE},
+            {"name": "midtrain", "steps": 4, **STAGE},
+            {"name": "sft", "steps": 3, **STAGE},
+            {"name": "rl", "steps": 2, "learningRate": 1e-4, "warmupSteps": 0,
+             "rl": {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 8}},
+        ],
+        "evaluation": {"heldOutTraces": 4, "cruxevalLimit": 4, "maxNewTokens": 8},
+    },
+}
+ALL = ["traces", "trajectories", "corpus", "tokenizer", "pretrain", "midtrain", "sft", "rl"]
+
+
+def cwm(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*CWM, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def status(workdir: Path) -> dict:
+    result = cwm("status", str(workdir), "--json")
+    assert result.returncode == 0, result.stderr
+    return {s["name"]: s for s in json.loads(result.stdout)["steps"]}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    manifest = root / "pipeline.yaml"
+    manifest.write_text(yaml.safe_dump(MANIFEST))
+    workdir = root / "run"
+    result = cwm("run", str(manifest), "--workdir", str(workdir), "--plain")
+    assert result.returncode == 0, result.stderr[-5000:]
+    return manifest, workdir
+
+
+def test_every_step_succeeds_with_metrics(run):
+    _, workdir = run
+    steps = status(workdir)
+    assert list(steps) == ALL
+    assert {s["state"] for s in steps.values()} == {"Succeeded"}
+    for stage in ("pretrain", "midtrain", "sft", "rl"):
+        metrics = steps[stage]["metrics"]
+        assert "val_loss" in metrics and "cruxeval_o" in metrics, (stage, metrics)
+    assert "trace_step_exact_match" in steps["midtrain"]["metrics"]
+    for data in ("traces", "trajectories"):
+        manifest = json.loads((workdir / "artifacts" / data / "dataset/manifest.json").read_text())
+        assert sum(s["records"] for s in manifest["splits"]["train"]) > 0
+
+
+def test_report_is_written_with_plots(run):
+    _, workdir = run
+    report = (workdir / "report/report.md").read_text()
+    assert "## Training loss" in report and "## Evaluation" in report
+    assert (workdir / "report/loss.png").stat().st_size > 1000
+
+
+def test_neural_debugger_on_the_final_checkpoint(run, tmp_path):
+    _, workdir = run
+    program = tmp_path / "prog.py"
+    program.write_text("def f(n):\n    total = 0\n    for i in range(n):\n        total += i\n"
+                       "    return total\n")
+    result = cwm("debug", str(workdir / "artifacts/rl/checkpoint"), f"{program}:f",
+                 "--args", "3", "--real", "--commands", "s;p total;n;o;r;q", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "   0  model: call      def f(n):" in result.stdout
+    assert "real:" in result.stdout
+
+
+def test_unchanged_rerun_is_all_cached_and_sft_change_reruns_sft_and_rl(run):
+    manifest, workdir = run
+    result = cwm("run", str(manifest), "--workdir", str(workdir), "--plain")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {s["state"] for s in status(workdir).values()} == {"Cached"}
+
+    doc = yaml.safe_load(manifest.read_text())
+    doc["spec"]["stages"][2]["learningRate"] = 5e-4
+    manifest.write_text(yaml.safe_dump(doc))
+    result = cwm("run", str(manifest), "--workdir", str(workdir), "--plain")
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = {name: s["state"] for name, s in status(workdir).items()}
+    assert states == {**{n: "Cached" for n in ALL[:6]}, "sft": "Succeeded", "rl": "Succeeded"}
+    assert "| sft | Succeeded |" in (workdir / "report/report.md").read_text()
