@@ -17,12 +17,12 @@ from cwm_operator.runner import StepRecord, read_json
 
 # Evaluation metrics shown first, in this order, when present (others follow alphabetically).
 HEADLINE = (
-    "val_loss",
+    "validation_loss",
     "trace_step_exact_match",
     "trace_state_exact_match",
     "trace_action_exact_match",
     "cruxeval_o",
-    "output_prediction_accuracy",
+    "trace_output_accuracy",
     "mutate_fix_solve_rate",
     "mean_reward",
 )

@@ -76,7 +76,7 @@ def test_every_step_succeeds_with_metrics(run):
     assert {s["state"] for s in steps.values()} == {"Succeeded"}
     for stage in ("pretrain", "midtrain", "sft", "rl"):
         metrics = steps[stage]["metrics"]
-        assert "val_loss" in metrics and "cruxeval_o" in metrics, (stage, metrics)
+        assert "validation_loss" in metrics and "cruxeval_o" in metrics, (stage, metrics)
     assert "trace_step_exact_match" in steps["midtrain"]["metrics"]
     for data in ("traces", "trajectories"):
         manifest = json.loads((workdir / "artifacts" / data / "dataset/manifest.json").read_text())

@@ -36,7 +36,7 @@ def main() -> int:
                                                       "spec": config["spec"]}, sort_keys=True))
     if "metrics" in config["outputs"]:
         metrics = Path(config["outputs"]["metrics"])
-        (metrics / "eval.json").write_text(json.dumps({"val_loss": 1.5, "cruxeval_o": 0.25}))
+        (metrics / "eval.json").write_text(json.dumps({"validation_loss": 1.5, "cruxeval_o": 0.25}))
         (metrics / "metrics.jsonl").write_text(
             "".join(json.dumps({"step": s, "loss": 5.0 / s}) + "\n" for s in range(1, 4)))
     print(f"{step}: done", flush=True)

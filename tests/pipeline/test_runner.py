@@ -58,7 +58,7 @@ def test_runs_steps_in_order_then_everything_is_cached(env):
     assert called(calls) == ORDER
     assert set(states(tmp / "w").values()) == {"Succeeded"}
     metrics = summarize(tmp / "w")["steps"][-1].metrics
-    assert metrics == {"val_loss": 1.5, "cruxeval_o": 0.25}
+    assert metrics == {"validation_loss": 1.5, "cruxeval_o": 0.25}
 
     run(manifest, tmp / "w")
     assert called(calls) == ORDER  # nothing ran again
@@ -218,7 +218,7 @@ def test_report_has_tables_and_plots(env):
     assert cwm(["report", str(tmp / "w")]) == 0
     report = (tmp / "w/report/report.md").read_text()
     assert "| pretrain | Succeeded |" in report
-    assert "| rl | 1.5 | 0.25 |" in report  # val_loss, cruxeval_o
+    assert "| rl | 1.5 | 0.25 |" in report  # validation_loss, cruxeval_o
     assert "| sft | 5.0000 | 1.6667 | 3 |" in report  # first, last loss, steps
     for png in ("loss.png", "metrics.png"):
         assert (tmp / "w/report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
