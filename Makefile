@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CWM_CACHE)/torch_extensions
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast controlplane tools crd lint clean
+.PHONY: setup run test test-fast controlplane tools extensions crd clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,13 @@ controlplane: setup
 tools: setup
 	@if [ -x tests/controlplane/tools.sh ]; then tests/controlplane/tools.sh; fi
 
+# DeepSpeed's CPU communication op, JIT-compiled once into $(TORCH_EXTENSIONS_DIR) for the
+# multi-process tests (single-process stages never build it).
+extensions: setup
+	$(BIN)/python -m cwm_jobs.common
+
 # pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.
-test: setup tools controlplane
+test: setup tools controlplane extensions
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 

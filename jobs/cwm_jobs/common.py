@@ -148,9 +148,23 @@ def init_distributed(env: DistEnv, device_type: str) -> None:
         import torch
 
         torch.cuda.set_device(env.local_rank)
+    elif env.world_size == 1:
+        skip_shm_comm_op()
     deepspeed.init_distributed(
         dist_backend="nccl" if device_type == "cuda" else "gloo", auto_mpi_discovery=False
     )
+
+
+def skip_shm_comm_op() -> None:
+    """A single CPU process has nothing to all-reduce: don't JIT-compile DeepSpeed's shared-memory
+    communication op for it (~45–110 s with g++ on a fresh machine). DeepSpeed builds the op only
+    when it is listed as compatible, so we list it as not."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def teardown_distributed() -> None:
@@ -413,11 +427,13 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 def warm_extension_cache() -> str:
     """Compile DeepSpeed's CPU communication op into the cache now (``python -m
-    cwm_jobs.common``), so the first test or stage does not pay the ~110 s."""
-    env = DistEnv(master_port=free_port())
-    init_distributed(env, "cpu")
-    teardown_distributed()
-    return os.environ["TORCH_EXTENSIONS_DIR"]
+    cwm_jobs.common``), so the first multi-process stage or test does not pay for it."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load()
+    return ensure_extension_cache()
 
 
 if __name__ == "__main__":
