@@ -325,8 +325,12 @@ class _Recorder:
                             text = capped_repr(obj, cap)
                     else:
                         text = capped_repr(obj, cap)
-                        if kind in _CONTAINERS:
-                            snaps[name] = _snapshot(obj, kind, span)
+                    # A snapshot belongs to the object it was taken of (a stale one would be
+                    # compared with whatever the name holds next).
+                    if kind in _CONTAINERS:
+                        snaps[name] = _snapshot(obj, kind, span)
+                    elif snaps:
+                        snaps.pop(name, None)
                     objects[name] = obj
                     if text == previous_text(name):
                         values[name] = UNCHANGED

@@ -75,3 +75,12 @@ def test_repr_cap_is_visible_and_cheap_for_long_containers():
 def test_comprehensions_are_not_separate_scopes():
     r = trace_function("def f(xs):\n    ys = [x * 2 for x in xs]\n    return ys", "f", "[1, 2]")
     assert events(r) == ["call", "line", "line", "return"]
+
+
+def test_a_name_rebound_from_a_long_list_to_a_set_is_tracked():
+    # The list's prefix snapshot must not be compared with the set that replaces it.
+    r = trace_function("def f(n):\n    x = list(range(n))\n    x = {1, 2}\n    x.add(3)\n"
+                       "    return len(x)", "f", "20")
+    assert r.return_repr == "3" and r.truncated_reason is None
+    assert [f.locals["x"] for f in r.frames if f.locals and "x" in f.locals][-2:] == [
+        "{1, 2}", "{1, 2, 3}"]
