@@ -737,7 +737,12 @@ def trace_call(function, args: tuple, kwargs: dict, marked_source: str,
     except BaseException as err:  # the traced program's exception is data, not our failure
         exception, exception_type = _exception_repr(err, None), type(err).__name__
     else:
-        return_repr = repr(value) if not recorder.truncated else None
+        if recorder.truncated:
+            return_repr = None
+        elif recorder.done and recorder.frames and recorder.frames[-1].event == "return":
+            return_repr = recorder.frames[-1].value   # the entry's return frame: already repr'd
+        else:
+            return_repr = repr(value)
     finally:
         sys.settrace(None)
         _ACTIVE[0] = None
