@@ -32,7 +32,9 @@ def main() -> None:
         traced = stats["train_records"] + stats["validation_records"]
         results[workers] = stats["traces_per_second"]
         print(f"workers={workers}: {traced} traces + {stats['deadletter_records']} dead letters "
-              f"in {stats['seconds']:.1f}s = {stats['traces_per_second']:.1f} traces/s", flush=True)
+              f"in {stats['seconds']:.1f}s = {stats['traces_per_second']:.1f} traces/s"
+              + (f" (dead letters: {stats['deadletter_reasons']})"
+                 if stats["deadletter_reasons"] else ""), flush=True)
     base = results[args.workers[0]]
     for workers, rate in results.items():
         print(f"  {workers} worker(s): {rate / base:.2f}x the throughput of {args.workers[0]}")
