@@ -211,9 +211,9 @@ class _Scope:
 class _Recorder:
     """The settrace callbacks and the frames they produce.
 
-    Each traced frame gets two local trace functions (closures made by :meth:`_tracers`): a
-    fast one for the common case, and a slow one installed (as ``frame.f_trace``) only while the
-    scope must write its values in full (after a callee returned) or just saw an exception. The
+    Each traced frame gets a fast local trace function (a closure made by :meth:`_tracers`) for
+    the common case, and, only when first needed, a slow one installed as ``frame.f_trace`` while
+    the scope must write its values in full (after a callee returned) or just saw an exception. The
     fast one finds unchanged values by identity (and containers of immutable items by their
     items' identity) before calling ``repr``, and encodes each frame's locals with the C JSON
     encoder in one call. ``stop_program`` says what a limit does: raise into the traced program
@@ -277,7 +277,7 @@ class _Recorder:
             return None
         scope = _Scope(frame, info[0])
         scopes.append(scope)
-        scope.local, scope.slow_local = self._tracers(scope)
+        scope.local = self._tracers(scope)
         if self._full_frame(CALL_SEP, "call", scope, frame.f_locals, info[1]):
             return self._stopped_tracer(scope)
         return scope.local
@@ -353,6 +353,17 @@ class _Recorder:
                 return recorder._stopped_tracer(scope)
             return local
 
+        return local
+
+    def _slow(self, scope: _Scope):
+        """The scope's slow tracer (made on first need: most scopes never call out or raise)."""
+        if scope.slow_local is None:
+            scope.slow_local = self._make_slow(scope)
+        return scope.slow_local
+
+    def _make_slow(self, scope: _Scope):
+        recorder, local, lines = self, scope.local, scope.lines
+
         def slow_local(frame: FrameType, event: str, arg: Any):
             if event != "line":
                 return recorder._scope_event(scope, frame, event, arg)
@@ -365,7 +376,7 @@ class _Recorder:
                 return local
             return local(frame, event, arg)
 
-        return local, slow_local
+        return slow_local
 
     def _scope_event(self, scope: _Scope, frame: FrameType, event: str, arg: Any):
         """A return or exception event of a traced frame (rarer than lines: kept out of the
@@ -388,15 +399,15 @@ class _Recorder:
             if self._value_frame(EXCEPTION_SEP, "exception", lines[frame.f_lineno], value):
                 return self._stopped_tracer(scope)
             scope.raised = True
-            return scope.slow_local
-        return scope.slow_local if (scope.fresh or scope.raised) else scope.local
+            return self._slow(scope)
+        return self._slow(scope) if (scope.fresh or scope.raised) else scope.local
 
     def _leave(self) -> None:
         self.scopes.pop()
         if self.scopes:
             parent = self.scopes[-1]
             parent.fresh = True
-            parent.frame.f_trace = parent.slow_local
+            parent.frame.f_trace = self._slow(parent)
         else:
             self.done = self.stopped = True
             self.finished()
@@ -445,6 +456,7 @@ class _Recorder:
         objects.clear()
         texts.clear()
         snaps.clear()
+        parts: list[str] = []
         for name, obj in f_locals.items():
             kind = type(obj)
             if kind in _ATOMS or (kind is str and len(obj) < cap // 2):
@@ -460,11 +472,10 @@ class _Recorder:
                     snaps[name] = _snapshot(obj, kind, _span(cap))
             objects[name] = obj
             texts[name] = text
+            parts.append(_JSON_KEYS[name] + encode_basestring(text))
         values = dict(texts)
         self.frames.append(_new_frame(Frame, (event, values, line, None)))
-        keys = _JSON_KEYS
-        encoded = ", ".join([keys[name] + encode_basestring(text) for name, text in texts.items()])
-        piece = f"{token}{{{encoded}}}{ACTION_SEP}{line}{FRAME_SEP}"
+        piece = f"{token}{{{', '.join(parts)}}}{ACTION_SEP}{line}{FRAME_SEP}"
         self.pieces.append(piece)
         self.size += len(piece)
         if len(self.frames) > self.max_events or self.size > self.max_bytes:
