@@ -109,3 +109,8 @@ def test_pipeline_writes_repository_records(tmp_path):
             "test"} <= set(records[0])
     assert len({r["text"] for r in records}) == len(records)          # deduplicated
     assert stats["deadletter_reasons"] == {}
+
+
+def test_source_options_set_depth_and_step_in():
+    limits = repository.limits_for({"depth": 2, "stepInProbability": 0.5}, TraceLimits(seed=3))
+    assert limits == TraceLimits(max_depth=2, step_in_probability=0.5, seed=3)
