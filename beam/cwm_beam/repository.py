@@ -90,15 +90,25 @@ def run_suite(repo: Path, limits: TraceLimits, sandbox: Limits, *, per_function:
     result = run_command([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           "-p", "cwm_beam.repo_trace_plugin", "-o", "addopts="],
                          cwd=repo, limits=run_limits, env=env)
-    episodes = []
-    if out.exists():
-        for line in out.read_text(encoding="utf-8").splitlines():
-            try:
-                episodes.append(json.loads(line))
-            except json.JSONDecodeError:   # the last line of a run killed mid-write
-                continue
+    episodes: list[dict] = []
     problem = None
-    if result.reason is not None:
+    # The file is written inside the sandbox by the suite's own process: read it as untrusted,
+    # within a byte budget (every episode within max_bytes, JSON and frames at most ~4x that).
+    budget = max_episodes * (4 * limits.max_bytes + 4096)
+    if out.exists():
+        with out.open("rb") as stream:
+            for line in stream:
+                budget -= len(line)
+                if budget < 0:
+                    problem = f"episodes file larger than {max_episodes} episodes can be"
+                    break
+                try:
+                    episodes.append(json.loads(line))
+                except ValueError:   # the last line of a run killed mid-write
+                    continue
+    if problem is not None:
+        pass
+    elif result.reason is not None:
         problem = f"pytest run stopped: {result.reason}"
     elif result.returncode not in (0, 1):
         tail = (result.stdout + result.stderr).decode(errors="replace").strip()[-1500:]
@@ -145,4 +155,9 @@ def trace_repository(source: dict[str, Any], trace_limits: TraceLimits,
         yield {"_deadletter": {**origin, "stage": "trace",
                                "reason": "no test called a repository function"}}
     for index, episode in enumerate(episodes):
-        yield episode_record(episode, uri, index)
+        try:
+            yield episode_record(episode, uri, index)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            yield {"_deadletter": {**origin, "id": f"{origin['id']}#{index}", "stage": "read",
+                                   "reason": "malformed episode",
+                                   "detail": f"{type(err).__name__}: {err}"[:2000]}}

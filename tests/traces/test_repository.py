@@ -114,3 +114,18 @@ def test_pipeline_writes_repository_records(tmp_path):
 def test_source_options_set_depth_and_step_in():
     limits = repository.limits_for({"depth": 2, "stepInProbability": 0.5}, TraceLimits(seed=3))
     assert limits == TraceLimits(max_depth=2, step_in_probability=0.5, seed=3)
+
+
+def test_malformed_episodes_are_dead_letters_not_crashes(tmp_path):
+    """A hostile suite can write anything into the episodes file (it runs in the same process
+    as the plugin): records that do not parse become dead letters."""
+    repo = tmp_path / "hostile"
+    (repo / "tests").mkdir(parents=True)
+    (repo / "tests" / "test_forge.py").write_text(
+        "import os\n\ndef test_forge():\n"
+        "    with open(os.environ['CWM_EPISODES'], 'a') as f:\n"
+        "        f.write('{\"path\": 1}\\n[]\\nnot json\\n')\n")
+    out = list(repository.trace_repository({"kind": "repository", "uri": str(repo)},
+                                           TraceLimits(), Limits()))
+    reasons = [o["_deadletter"]["reason"] for o in out]
+    assert reasons == ["malformed episode", "malformed episode"]
