@@ -99,9 +99,20 @@ def _metadata(pipeline: CWMPipeline, namespace: str, step: Step, attempt: int) -
 
 
 def _env(pipeline: CWMPipeline, step: Step) -> tuple[list[Any], list[Any] | None]:
-    from kubernetes.client import V1EnvFromSource, V1EnvVar, V1SecretEnvSource
+    from kubernetes.client import (
+        V1EnvFromSource,
+        V1EnvVar,
+        V1EnvVarSource,
+        V1SecretEnvSource,
+        V1SecretKeySelector,
+    )
 
     env = [V1EnvVar(name=k, value=v) for k, v in sorted(step.env.items())]
+    policy = pipeline.spec.data.trajectories.policy
+    if step.name == "trajectories" and policy.api_key_secret:
+        # The OpenAI-compatible policy reads its key from $CWM_POLICY_API_KEY.
+        env.append(V1EnvVar(name="CWM_POLICY_API_KEY", value_from=V1EnvVarSource(
+            secret_key_ref=V1SecretKeySelector(name=policy.api_key_secret, key="apiKey"))))
     secret = pipeline.spec.storage.secret
     env_from = [V1EnvFromSource(secret_ref=V1SecretEnvSource(name=secret))] if secret else None
     return env, env_from

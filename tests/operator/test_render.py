@@ -35,7 +35,7 @@ def test_every_step_renders_its_plan_command_and_environment_unchanged() -> None
             pod = obj["spec"]["template"]["spec"]
         container = pod["containers"][0]
         assert container["command"] == list(step.command)
-        assert {e["name"]: e["value"] for e in container["env"]} == dict(step.env)
+        assert {e["name"]: e["value"] for e in container["env"] if "value" in e} == dict(step.env)
         assert container["image"] == step.image
         assert obj["metadata"]["name"] == child_name("cwm-8b", step.name, 1)
         assert obj["metadata"]["labels"]["cwm.dev/step"] == step.name
@@ -159,3 +159,17 @@ def test_cwm_render_names_missing_images(capsys, monkeypatch) -> None:
     monkeypatch.setenv("CWM_TRAINER_IMAGE", "t:1")
     assert main(["render", str(REPO / "examples" / "tiny.yaml")]) == 1
     assert "spec.images" not in capsys.readouterr().err
+
+
+def test_openai_policy_key_comes_from_the_named_secret():
+    from cwm_operator.plan import Target, build_plan
+    from cwm_operator.render import render_child
+    from cwm_operator.settings import Settings
+    from cwm_operator.validation import load_file
+
+    pipeline = load_file("examples/cluster.yaml")
+    plan = build_plan(pipeline, Target.cluster(pipeline, "research"))
+    job = render_child(pipeline, "research", plan.step("trajectories"), 1, Settings())
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    key = next(e for e in env if e["name"] == "CWM_POLICY_API_KEY")
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "vllm-api-key", "key": "apiKey"}
