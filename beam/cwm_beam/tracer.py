@@ -27,7 +27,7 @@ import re
 from itertools import islice
 from operator import is_
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from json.encoder import encode_basestring
 from types import FrameType
 from typing import Any

@@ -32,7 +32,6 @@ import argparse
 import hashlib
 import json
 import logging
-import random
 import sys
 import time
 from collections import Counter
