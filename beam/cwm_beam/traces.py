@@ -94,7 +94,10 @@ class Settings:
                              max_bytes=spec.get("maxBytes", 1_000_000),
                              max_repr_chars=spec.get("maxReprChars", 200),
                              seed=spec.get("seed", 0))
-        return cls(sources=tuple(dict(s) for s in spec.get("sources", [{"kind": "cruxeval"}])),
+        # Unset optional fields arrive as nulls from the API's dump: drop them, so that each
+        # source's own defaults apply.
+        sources = spec.get("sources", [{"kind": "cruxeval"}])
+        return cls(sources=tuple({k: v for k, v in s.items() if v is not None} for s in sources),
                    fuzz_inputs_per_function=spec.get("fuzzInputsPerFunction", 3),
                    exception_share=spec.get("exceptionShare", 0.1),
                    trace_limits=limits, sandbox=Limits.from_spec(sandbox),

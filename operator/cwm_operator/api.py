@@ -155,6 +155,19 @@ class TraceSource(Spec):
     )
     uri: str | None = Field(None, description="Path or URI (jsonl, functions, repository).")
     count: int | None = Field(None, ge=1, description="How many programs (synthetic) or a cap.")
+    depth: int | None = Field(
+        None, ge=0, le=32, description="Repository: callee levels stepped into (default 4)."
+    )
+    step_in_probability: float | None = Field(
+        None, ge=0, le=1, description="Repository: chance of stepping into each callee, as in "
+        "CWM's repository episodes (default 1).",
+    )
+    per_function: int | None = Field(
+        None, ge=1, description="Repository: episodes kept per function (default 3)."
+    )
+    timeout_seconds: float | None = Field(
+        None, gt=0, description="Repository: wall-clock limit of the traced pytest run."
+    )
 
     @model_validator(mode="after")
     def _check_source(self) -> "TraceSource":
@@ -162,6 +175,10 @@ class TraceSource(Spec):
             raise ValueError(f"uri is required for a {self.kind} source")
         if self.kind == "synthetic" and self.count is None:
             raise ValueError("count is required for a synthetic source")
+        repo_only = ("depth", "step_in_probability", "per_function", "timeout_seconds")
+        given = [f for f in repo_only if getattr(self, f) is not None]
+        if given and self.kind != "repository":
+            raise ValueError(f"{', '.join(given)} only apply to a repository source")
         return self
 
 
