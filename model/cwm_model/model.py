@@ -157,6 +157,18 @@ def flex_attention_fn(compiled: bool) -> Callable:
     return _compiled_flex
 
 
+def window_mask(window: int, doc: torch.Tensor | None) -> Callable:
+    """FlexAttention's mask_mod for one window: causal, within the window, same document.
+
+    The window is a closure variable, never a default argument: FlexAttention caches what it
+    traced from a mask_mod's code, and on CUDA (PyTorch 2.11) a default argument was not part of
+    that key, so every window silently got the first window's mask."""
+    def mask_mod(b, h, q, k):  # noqa: ANN001, ANN202 - FlexAttention's signature
+        visible = (k <= q) & (q - k < window)
+        return visible & (doc[b, q] == doc[b, k]) if doc is not None else visible
+    return mask_mod
+
+
 def flex_attention(doc: torch.Tensor | None, length: int, windows: set[int],
                    device: torch.device) -> Attend:
     """Block-sparse FlexAttention: fully masked blocks (other documents, beyond the window) are
@@ -167,12 +179,9 @@ def flex_attention(doc: torch.Tensor | None, length: int, windows: set[int],
     compiled = device.type == "cuda"
     block_masks = {}
     for window in windows:
-        def mask_mod(b, h, q, k, window=window):  # noqa: ANN001 - FlexAttention's signature
-            visible = (k <= q) & (q - k < window)
-            return visible & (doc[b, q] == doc[b, k]) if doc is not None else visible
         # compiled mask construction never materialises the (T, T) mask: needed at 131k tokens
-        block_masks[window] = create_block_mask(mask_mod, batch, None, length, length,
-                                                device=device, _compile=compiled)
+        block_masks[window] = create_block_mask(window_mask(window, doc), batch, None, length,
+                                                length, device=device, _compile=compiled)
     run = flex_attention_fn(compiled)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
