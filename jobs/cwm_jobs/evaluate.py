@@ -105,15 +105,24 @@ def trace_exact_match(module: torch.nn.Module, tokenizer: Any, texts: Iterable[s
     device = next(module.parameters()).device
     was_training = module.training
     module.eval()
-    counts = [0.0, 0.0, 0.0, 0.0]  # frames, state ok, action ok, both ok
+    counts = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # frames, state, action, both; tokens, hits, nll
     for text in texts:
         ids = tokenizer.encode(text)[:max_tokens]
         spans = [s for s in frame_spans(ids, frame_sep, action_sep) if s[2] <= len(ids)]
         if not spans:
             continue
         x = torch.tensor([ids], device=device)
-        predicted = module(x[:, :-1]).argmax(-1)[0].tolist()  # predicted[i] guesses ids[i + 1]
+        logits = module(x[:, :-1])[0].float()
+        predicted = logits.argmax(-1).tolist()  # predicted[i] guesses ids[i + 1]
         hit = [predicted[i - 1] == ids[i] for i in range(len(ids))]
+        # Token-level numbers over the frames (not the source prompt): a finer signal than
+        # whole-frame exact match for small models.
+        first = spans[0][0]
+        targets = x[0, first:]
+        nll = torch.nn.functional.cross_entropy(logits[first - 1:], targets, reduction="sum")
+        counts[4] += len(ids) - first
+        counts[5] += sum(hit[first:])
+        counts[6] += float(nll)
         for start, split, end in spans:
             state, action = all(hit[start:split]), all(hit[split:end])
             counts[0] += 1
@@ -121,11 +130,12 @@ def trace_exact_match(module: torch.nn.Module, tokenizer: Any, texts: Iterable[s
             counts[2] += action
             counts[3] += state and action
     module.train(was_training)
-    frames, state, action, both = all_sum(counts, _comm_device(module))
+    frames, state, action, both, tokens, hits, nll = all_sum(counts, _comm_device(module))
     if not frames:
         return {}
     return {"trace_state_exact_match": state / frames, "trace_action_exact_match": action / frames,
-            "trace_step_exact_match": both / frames, "trace_frames": frames}
+            "trace_step_exact_match": both / frames, "trace_frames": frames,
+            "trace_token_accuracy": hits / tokens, "trace_token_loss": nll / tokens}
 
 
 def held_out_traces(uri: str, limit: int, rank: int, world: int) -> list[str]:
@@ -308,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--traces", default=None, help="a traces data set (validation split)")
     parser.add_argument("--limit", type=int, default=800, help="CRUXEval problems")
     parser.add_argument("--held-out", type=int, default=200)
+    parser.add_argument("--trace-outputs", type=int, default=0,
+                        help="held-out programs whose output is predicted by trace completion")
+    parser.add_argument("--no-cruxeval", action="store_true")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args(argv)
     from cwm_model.checkpoint import load_checkpoint
@@ -320,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = evaluate_model(
         model, tokenizer, rank=0, world=1, traces_uri=args.traces,
         evaluation={"heldOutTraces": args.held_out, "cruxevalLimit": args.limit,
+                    "traceOutputs": args.trace_outputs, "cruxeval": not args.no_cruxeval,
                     "maxNewTokens": args.max_new_tokens},
         max_tokens=model.config.max_seq_len)
     print(json.dumps(results, indent=1, sort_keys=True))
