@@ -164,3 +164,7 @@ def test_trace_exact_match_is_perfect_for_a_model_that_knows_the_trace(tokenizer
     assert perfect["trace_step_exact_match"] == 1.0 and perfect["trace_frames"] == 4
     off = trace_exact_match(Oracle(True), tokenizer, [record["text"]], 4096)
     assert off["trace_state_exact_match"] == 1.0 and off["trace_action_exact_match"] == 0.0
+    # token level: every frame token right, bar one token per action
+    assert perfect["trace_token_accuracy"] == 1.0
+    assert 0.8 < off["trace_token_accuracy"] < 1.0
+    assert off["trace_token_loss"] > perfect["trace_token_loss"]
