@@ -21,8 +21,9 @@ those whose covering tests fail on the mutated code; ``SelectTasks`` keeps ``tas
 per repository balanced over families; ``Rollouts`` runs one episode per task (failed episodes
 kept); ``Deduplicate`` drops near-duplicate trajectories within a repository (MinHash, Jaccard
 at or above ``dedupJaccard`` over the concatenated actions). Output: a ``cwm-dataset/v1`` folder
-of kind ``trajectories`` with ``train-*`` and ``deadletter-*`` shards, records
-``{"id", "messages", "meta"}``; the manifest's ``stats`` holds counts, solve rates per family and
+of kind ``trajectories`` with ``train-*``, ``deadletter-*`` and ``eval_tasks-*`` shards (validated
+tasks per repository never rolled out: the evaluation's mutate-fix tasks), records
+``{"id", "messages", "meta"}`` in train; the manifest's ``stats`` holds counts, solve rates per family and
 rejection reasons. Beam metrics live in namespace ``trajectories``.
 
 The openai policy's API key comes from ``$CWM_POLICY_API_KEY`` (the operator mounts the Secret
@@ -65,6 +66,7 @@ class Settings:
 
     repositories: tuple[dict[str, Any], ...]
     tasks_per_repository: int = 20
+    held_out_tasks: int = 4
     families: tuple[str, ...] = FAMILIES
     policy: dict[str, Any] = field(default_factory=lambda: {"kind": "search", "maxTurns": 30})
     max_turns: int = 128
@@ -91,6 +93,7 @@ class Settings:
             {"path": "calc"}, {"path": "textkit"})  # the bundled fixture repositories
         return cls(
             repositories=repositories, tasks_per_repository=parsed.tasks_per_repository,
+            held_out_tasks=parsed.held_out_tasks,
             families=tuple(parsed.mutation_families),
             policy=parsed.policy.model_dump(mode="json", by_alias=True, exclude_none=True),
             max_turns=parsed.max_turns, max_observation_chars=parsed.max_observation_chars,
@@ -153,7 +156,8 @@ class SynthesizeTasks(_WithEnvironments):
         s = self.settings
         try:
             env = self.envs.get(spec)
-            tasks = candidate_tasks(env, s.families, OVERSAMPLE * s.tasks_per_repository, s.seed)
+            tasks = candidate_tasks(env, s.families,
+                                    OVERSAMPLE * (s.tasks_per_repository + s.held_out_tasks), s.seed)
         except Exception as err:
             yield beam.pvalue.TaggedOutput(DEADLETTER, dead_letter(
                 repo_key(spec), "prepare", f"{type(err).__name__}: {err}".splitlines()[0],
@@ -187,14 +191,22 @@ class ValidateTask(_WithEnvironments):
 
 
 def select_for_repository(item: tuple[str, Iterable[dict[str, Any]]], families: tuple[str, ...],
-                          n: int) -> list[dict[str, Any]]:
+                          n: int, held_out: int):
+    """``n`` tasks for the rollouts; then up to ``held_out`` of the rest, never rolled out, as
+    the ``heldout`` output (the evaluation's mutate-fix tasks)."""
     from cwm_beam.forager.tasks import Task, select_tasks
 
     _, items = item
     items = list(items)
     spec = items[0]["repository"]
-    chosen = select_tasks((Task.from_json(i["task"]) for i in items), families, n)
-    return [{"repository": spec, "task": t.to_json()} for t in chosen]
+    tasks = [Task.from_json(i["task"]) for i in items]
+    chosen = select_tasks(tasks, families, n)
+    for task in chosen:
+        yield {"repository": spec, "task": task.to_json()}
+    taken = {t.task_id for t in chosen}
+    for task in select_tasks([t for t in tasks if t.task_id not in taken], families, held_out):
+        yield beam.pvalue.TaggedOutput(
+            "heldout", {"id": task.task_id, "repository": spec, "task": task.to_json()})
 
 
 class Rollout(_WithEnvironments):
@@ -272,7 +284,10 @@ class TrajectoryDataset(beam.PTransform):
                     | "KeyTasksByRepository" >> beam.Map(lambda i: (repo_key(i["repository"]), i))
                     | "GroupTasks" >> beam.GroupByKey()
                     | "SelectTasks" >> beam.FlatMap(select_for_repository, s.families,
-                                                    s.tasks_per_repository))
+                                                    s.tasks_per_repository, s.held_out_tasks)
+                    .with_outputs("heldout", main="tasks"))
+        held_out = selected.heldout
+        selected = selected.tasks
         tasks_kept = selected | "TaskKeys" >> beam.Map(
             lambda i: f"{i['task']['repo']}|{i['task']['family']}")
         episodes = (selected
@@ -286,7 +301,7 @@ class TrajectoryDataset(beam.PTransform):
         dead = ((candidates[DEADLETTER], validated[DEADLETTER], episodes[DEADLETTER])
                 | "AllDeadLetters" >> beam.Flatten())
         return {"train": unique.records, "deadletter": dead, "rejected": validated.rejected,
-                "duplicates": unique.duplicates, "tasks": tasks_kept}
+                "duplicates": unique.duplicates, "tasks": tasks_kept, "eval_tasks": held_out}
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,6 +314,8 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="name==version (PyPI sdist), a folder, or a git URL[#ref]")
     parser.add_argument("--output", help="data set folder (local path or fsspec URI)")
     parser.add_argument("--tasks-per-repo", type=int, default=None)
+    parser.add_argument("--held-out-tasks", type=int, default=None,
+                        help="tasks per repository kept out of the rollouts, for evaluation")
     parser.add_argument("--families", default=None, help="comma-separated mutation families")
     parser.add_argument("--policy", choices=("search", "openai"), default=None)
     parser.add_argument("--endpoint", default=None)
@@ -341,6 +358,8 @@ def load_job(argv: list[str]) -> tuple[Settings, str, dict[str, Any], list[str]]
         spec["repositories"] = [repo_from_flag(r) for r in flags.repo]
     if flags.tasks_per_repo is not None:
         spec["tasksPerRepository"] = flags.tasks_per_repo
+    if flags.held_out_tasks is not None:
+        spec["heldOutTasks"] = flags.held_out_tasks
     if flags.families:
         spec["mutationFamilies"] = [f.strip() for f in flags.families.split(",") if f.strip()]
     policy = dict(spec.get("policy") or {})
@@ -369,6 +388,7 @@ def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
                | "TrajectoryDataset" >> TrajectoryDataset(settings))
     outputs["train"] | "WriteTrainSplit" >> WriteShards(output, "train", settings.shards)
     outputs["deadletter"] | "WriteDeadletterSplit" >> WriteShards(output, "deadletter", 1)
+    outputs["eval_tasks"] | "WriteEvalTasksSplit" >> WriteShards(output, "eval_tasks", 1)
     for name in ("rejected", "duplicates", "tasks"):
         (outputs[name]
          | f"Count{name.title()}" >> beam.combiners.Count.PerElement()
@@ -401,9 +421,8 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
     shards: dict[str, list[artifacts.Shard]] = {}
     stats: dict[str, Any] = {"repositories": list(settings.repositories),
                              "policy": settings.policy, "families": list(settings.families)}
-    train: list[dict[str, Any]] = []
-    dead: list[dict[str, Any]] = []
-    for name, count in (("train", settings.shards), ("deadletter", 1)):
+    rows_by_split: dict[str, list[dict[str, Any]]] = {}
+    for name, count in (("train", settings.shards), ("deadletter", 1), ("eval_tasks", 1)):
         shards[name] = []
         for index in range(count):
             path = shard_file(name, index, count)
@@ -414,7 +433,8 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
             except FileNotFoundError:
                 rows = []
             shards[name].append(artifacts.write_shard(output, path, rows))
-            (train if name == "train" else dead).extend(rows)
+            rows_by_split.setdefault(name, []).extend(rows)
+    train, dead = rows_by_split["train"], rows_by_split["deadletter"]
     counted: dict[str, Counter] = {}
     for name in ("rejected", "duplicates", "tasks"):
         counts: Counter = Counter()
@@ -430,6 +450,7 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
     stats["duplicates"] = sum(counted["duplicates"].values())
     stats["train_records"] = len(train)
     stats["deadletter_records"] = len(dead)
+    stats["eval_tasks"] = len(rows_by_split["eval_tasks"])
     stats["deadletter_reasons"] = dict(Counter(f"{r['stage']}: {r['reason']}" for r in dead))
     by_repo: dict[str, dict[str, int]] = {}
     for key, count in sorted(counted["tasks"].items()):

@@ -9,7 +9,10 @@
   is the rest (source line, and the value of a return), through ``<|frame_sep|>``;
 * ``cruxeval_o``: CruxEval-O accuracy on the bundled CRUXEval problems (greedy answers checked by
   evaluation in the sandbox);
-* ``mutate_fix_solve_rate``: when the agent environment is available (see the stage report).
+* ``mutate_fix_solve_rate``: after SFT and RL, the model itself acts as the ForagerAgent (tools,
+  turn budget, sandbox as in the trajectory step) on the trajectory data set's held-out tasks
+  (its ``eval_tasks`` split, never rolled out for training); a task is solved when its failing
+  tests pass again.
 
 Every rank evaluates its share; counts are summed over ranks. Run standalone on a checkpoint with
 ``python -m cwm_jobs.evaluate --checkpoint DIR [--traces DATASET] [--limit N]``.
@@ -279,14 +282,100 @@ def output_prediction_accuracy(module: torch.nn.Module, tokenizer: Any, tasks: S
     return right / total if total else 0.0
 
 
+# --------------------------------------------------------------------------- mutate-fix
+
+
+class ModelPolicy:
+    """The model under evaluation as the agent's policy, in process and greedy: the same request
+    → reply logic as ``cwm serve`` (CWM's chat format, tool calls parsed from the reply). A prompt
+    longer than the model's context ends the episode as a policy error (a failed attempt)."""
+
+    name = "model-under-evaluation"
+
+    def __init__(self, module: torch.nn.Module, tokenizer: Any, max_new_tokens: int) -> None:
+        from cwm_model.serve import ModelServer
+
+        self.server = ModelServer(module, tokenizer, self.name)
+        self.max_new_tokens = max_new_tokens
+
+    def act(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> Any:
+        from cwm_beam.forager.rollout import Action
+
+        reply = self.server.chat({"messages": list(messages), "tools": list(tools),
+                                  "temperature": 0.0, "max_tokens": self.max_new_tokens})
+        usage = reply["usage"]
+        return Action(reply["choices"][0]["message"], usage["prompt_tokens"],
+                      usage["completion_tokens"])
+
+
+def mutate_fix_records(uri: str, limit: int) -> list[dict[str, Any]]:
+    """The trajectory data set's held-out tasks, in a stable order."""
+    from cwm_operator.artifacts import iter_records, read_manifest
+
+    if not read_manifest(uri).splits.get("eval_tasks"):
+        return []
+    records = sorted(iter_records(uri, "eval_tasks"), key=lambda r: str(r.get("id")))
+    return records[:limit]
+
+
+@torch.no_grad()
+def mutate_fix_solve_rate(module: torch.nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]],
+                          *, rank: int, world: int, max_turns: int, max_new_tokens: int,
+                          sandbox: Mapping[str, Any] | None = None,
+                          policy: Any = None) -> dict[str, float]:
+    """Episodes of the model on held-out mutate-fix tasks (this rank's share); ranks summed.
+    ``policy`` replaces the model as the agent (a baseline, e.g. the search-based repair policy)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from cwm_beam.forager.env import RepoEnvironment
+    from cwm_beam.forager.rollout import run_episode
+    from cwm_beam.forager.tasks import Task
+    from cwm_beam.sandbox import Limits
+
+    was_training = module.training
+    module.eval()
+    policy = policy or ModelPolicy(module, tokenizer, max_new_tokens)
+    limits = Limits.from_spec(dict(sandbox or {}))
+    root = Path(tempfile.mkdtemp(prefix="cwm-mutate-fix-"))
+    envs: dict[str, RepoEnvironment] = {}
+    solved = turns = 0.0
+    mine = list(records[rank::world])
+    try:
+        for record in mine:
+            key = json.dumps(record["repository"], sort_keys=True)
+            if key not in envs:
+                envs[key] = RepoEnvironment(record["repository"], limits=limits,
+                                            workroot=root / str(len(envs))).prepare()
+            trajectory = run_episode(envs[key], Task.from_json(record["task"]), policy, max_turns)
+            solved += trajectory.success
+            turns += trajectory.meta["turns"]
+            LOG.info("mutate-fix %s: %s after %d turns (%s)", trajectory.meta["task_id"],
+                     "solved" if trajectory.success else "not solved", trajectory.meta["turns"],
+                     trajectory.meta["stop"])
+    finally:
+        for env in envs.values():
+            env.close()
+        shutil.rmtree(root, ignore_errors=True)
+        module.train(was_training)
+    solved, turns, total = all_sum([solved, turns, float(len(mine))], _comm_device(module))
+    if not total:
+        return {}
+    return {"mutate_fix_solve_rate": solved / total, "mutate_fix_tasks": total,
+            "mutate_fix_mean_turns": turns / total}
+
+
 # --------------------------------------------------------------------------- the stage's report
 
 
 def evaluate_model(module: torch.nn.Module, tokenizer: Any, *, rank: int, world: int,
                    validation: Iterable[dict[str, Any]] = (), traces_uri: str | None = None,
+                   trajectories_uri: str | None = None,
                    evaluation: Mapping[str, Any] | None = None,
                    sandbox: Mapping[str, Any] | None = None, max_tokens: int = 2048) -> dict[str, float]:
-    """Everything the stage reports, as flat numbers."""
+    """Everything the stage reports, as flat numbers. ``trajectories_uri`` is given by the
+    stages whose model speaks the chat format (SFT, RL): it enables the mutate-fix solve rate."""
     ev = dict(evaluation or {})
     results = validation_loss(module, validation)
     held_out = int(ev.get("heldOutTraces", 200))
@@ -308,6 +397,13 @@ def evaluate_model(module: torch.nn.Module, tokenizer: Any, *, rank: int, world:
             module, tokenizer, tasks, rank=rank, world=world,
             max_new_tokens=int(ev.get("maxNewTokens", 128)), sandbox=sandbox)
         results["cruxeval_o_problems"] = float(len(tasks))
+    if trajectories_uri and ev.get("mutateFix", True):
+        records = mutate_fix_records(trajectories_uri, int(ev.get("mutateFixTasks", 8)))
+        if records:
+            results.update(mutate_fix_solve_rate(
+                module, tokenizer, records, rank=rank, world=world,
+                max_turns=int(ev.get("mutateFixTurns", 8)),
+                max_new_tokens=int(ev.get("maxNewTokens", 128)), sandbox=sandbox))
     return results
 
 
@@ -321,6 +417,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--trace-outputs", type=int, default=0,
                         help="held-out programs whose output is predicted by trace completion")
     parser.add_argument("--no-cruxeval", action="store_true")
+    parser.add_argument("--trajectories", default=None,
+                        help="a trajectories data set: mutate-fix solve rate on its eval_tasks")
+    parser.add_argument("--mutate-fix-tasks", type=int, default=8)
+    parser.add_argument("--mutate-fix-turns", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args(argv)
     from cwm_model.checkpoint import load_checkpoint
@@ -332,9 +432,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"{args.checkpoint}: the checkpoint carries no tokenizer")
     results = evaluate_model(
         model, tokenizer, rank=0, world=1, traces_uri=args.traces,
+        trajectories_uri=args.trajectories,
         evaluation={"heldOutTraces": args.held_out, "cruxevalLimit": args.limit,
                     "traceOutputs": args.trace_outputs, "cruxeval": not args.no_cruxeval,
-                    "maxNewTokens": args.max_new_tokens},
+                    "maxNewTokens": args.max_new_tokens, "mutateFixTasks": args.mutate_fix_tasks,
+                    "mutateFixTurns": args.mutate_fix_turns},
         max_tokens=model.config.max_seq_len)
     print(json.dumps(results, indent=1, sort_keys=True))
 

@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             with full_parameters(stage.engine) as module:
                 results = evaluate_model(module, stage.tokenizer, rank=env.rank,
                                          world=env.world_size, traces_uri=traces,
+                                         trajectories_uri=ctx.input("trajectories"),
                                          evaluation=ctx.evaluation, sandbox=ctx.config.get("sandbox"),
                                          max_tokens=rl.max_length * 4)
                 held_out = task_pool(traces, stage.tokenizer, split="validation",

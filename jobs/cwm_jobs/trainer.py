@@ -235,6 +235,7 @@ def stage_evaluator(ctx: StepContext, env: DistEnv, validation: list[dict[str, A
             return evaluate_model(
                 module, stage.tokenizer, rank=env.rank, world=env.world_size,
                 validation=validation, traces_uri=ctx.input("traces"),
+                trajectories_uri=ctx.input("trajectories") if ctx.settings.name == "sft" else None,
                 evaluation=ctx.evaluation, sandbox=ctx.config.get("sandbox"),
                 max_tokens=max(ctx.settings.sequence_length, 16) * 4,
             )

@@ -263,6 +263,12 @@ class TrajectoryDataSpec(Spec):
         description="Repositories to work in; empty uses the bundled fixture repositories.",
     )
     tasks_per_repository: int = Field(20, ge=1, description="Mutate-fix tasks per repository.")
+    held_out_tasks: int = Field(
+        4,
+        ge=0,
+        description="Validated tasks per repository kept out of the rollouts, for the "
+        "evaluation's mutate-fix solve rate (the data set's eval_tasks split).",
+    )
     mutation_families: list[
         Literal[
             "body_removal",
@@ -499,7 +505,13 @@ class EvaluationSpec(Spec):
     )
     cruxeval: bool = Field(True, description="Measure CruxEval-O output prediction.")
     cruxeval_limit: int = Field(800, ge=1, le=800, description="CRUXEval problems to use.")
-    mutate_fix: bool = Field(True, description="Measure mutate-fix solve rate when available.")
+    mutate_fix: bool = Field(
+        True,
+        description="Measure the mutate-fix solve rate after SFT and RL: the model acts as the "
+        "agent on the trajectory data set's held-out tasks.",
+    )
+    mutate_fix_tasks: int = Field(8, ge=1, description="Held-out mutate-fix tasks to attempt.")
+    mutate_fix_turns: int = Field(8, ge=1, le=128, description="Turn budget per attempt.")
     max_new_tokens: int = Field(128, ge=1, description="Generation budget per answer.")
 
 

@@ -30,7 +30,8 @@ MANIFEST = {
             "traces": {"sources": [{"kind": "cruxeval", "count": 60},
                                    {"kind": "synthetic", "count": 60}],
                        "fuzzInputsPerFunction": 0, "shards": 1, "validationFraction": 0.2},
-            "trajectories": {"tasksPerRepository": 1, "policy": {"maxTurns": 8}, "shards": 1},
+            "trajectories": {"tasksPerRepository": 1, "heldOutTasks": 1,
+                             "policy": {"maxTurns": 8}, "shards": 1},
             "corpus": {"maxFiles": 200, "maxBytes": 2000000},
             "beam": {"workers": 1},
         },
@@ -41,7 +42,8 @@ MANIFEST = {
             {"name": "rl", "steps": 2, "learningRate": 1e-4, "warmupSteps": 0,
              "rl": {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 8}},
         ],
-        "evaluation": {"heldOutTraces": 4, "cruxevalLimit": 4, "maxNewTokens": 8},
+        "evaluation": {"heldOutTraces": 4, "cruxevalLimit": 4, "maxNewTokens": 8,
+                       "mutateFixTasks": 1, "mutateFixTurns": 2},
     },
 }
 ALL = ["traces", "trajectories", "corpus", "tokenizer", "pretrain", "midtrain", "sft", "rl"]
@@ -80,6 +82,9 @@ def test_every_step_succeeds_with_metrics(run):
         if stage != "rl":
             assert "validation_loss" in metrics, (stage, metrics)
     assert "rl_heldout_accuracy" in steps["rl"]["metrics"]
+    for stage in ("sft", "rl"):  # the model as the agent on held-out mutate-fix tasks
+        assert steps[stage]["metrics"]["mutate_fix_tasks"] == 1, steps[stage]["metrics"]
+        assert 0.0 <= steps[stage]["metrics"]["mutate_fix_solve_rate"] <= 1.0
     for data in ("traces", "trajectories"):
         manifest = json.loads((workdir / "artifacts" / data / "dataset/manifest.json").read_text())
         assert sum(s["records"] for s in manifest["splits"]["train"]) > 0

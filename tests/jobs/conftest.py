@@ -81,3 +81,10 @@ def pipeline_data(tmp_path_factory):
     return {**inputs, "tokenizer": str(root / "tokenizer"), "root": root}
 
 
+
+
+@pytest.fixture(scope="session")
+def tokenizer(pipeline_data):
+    from cwm_model.tokenizer import CWMTokenizer
+
+    return CWMTokenizer.load(pipeline_data["tokenizer"])

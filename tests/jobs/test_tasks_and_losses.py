@@ -20,13 +20,6 @@ from cwm_jobs.tasks import (
 from tests.jobs.jobhelpers import traced_records, trajectory_records
 
 
-@pytest.fixture(scope="module")
-def tokenizer(pipeline_data):
-    from cwm_model.tokenizer import CWMTokenizer
-
-    return CWMTokenizer.load(pipeline_data["tokenizer"])
-
-
 def test_a_trace_becomes_an_output_prediction_task_with_the_trace_as_reasoning():
     [record] = traced_records([("def f(xs):\n    s = 0\n    for x in xs:\n        s += x\n    return s\n",
                                 "[1, 2]")])

@@ -69,3 +69,9 @@ def test_pipeline_writes_a_trajectory_data_set(tmp_path):
     assert stats["episodes"] == 5 and sum(stats["tasks_by_repository_family"]["textkit"].values()) == 5
     assert sum(row["episodes"] for row in stats["solve_rate_by_family"].values()) == 5
     assert stats["rollouts_per_minute"] > 0
+    # held-out tasks for the evaluation: validated, never rolled out
+    held_out = list(artifacts.iter_records(str(out), "eval_tasks"))
+    assert 1 <= len(held_out) == stats["eval_tasks"] <= 4
+    rolled_out = {r["meta"]["task_id"] for r in records}
+    assert all(t["task"]["task_id"] not in rolled_out and t["repository"] == {"path": "textkit"}
+               for t in held_out)
