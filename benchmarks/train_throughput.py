@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = make_batches(steps + args.warmup, micro, seq_len, config.vocab_size,
                            docs=4, device=str(device))
     plain = None if args.no_baseline else copy.deepcopy(model).to(device)
+    if plain is not None and cuda:
+        plain.compile_pointwise()  # as build_engine does for the engine's copy
     engine = build_engine(model, settings, world_size=1, device_type=args.device)
 
     if plain is not None:

@@ -140,6 +140,8 @@ def build_engine(
                 "spec.activationCheckpointing is true but the model has no set_activation_checkpointing()"
             )
         model.set_activation_checkpointing(True)
+    if device_type == "cuda" and hasattr(model, "compile_pointwise"):
+        model.compile_pointwise()
     config = deepspeed_config(
         settings, world_size=world_size, device_type=device_type, micro_batch_size=micro_batch_size,
         parameters=sum(p.numel() for p in model.parameters()),

@@ -335,6 +335,16 @@ class CWM(nn.Module):
             else:
                 nn.init.normal_(param, std=std)
 
+    def compile_pointwise(self) -> None:
+        """Fuse the memory-bound pieces with ``torch.compile`` — each RMSNorm and each SwiGLU
+        (its silu and product around cuBLAS matmuls) — for the GPU, where they otherwise cost
+        several full passes over the activations each. The attention is already compiled
+        (FlexAttention). A no-op for modules compiled before."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, FeedForward)) and not getattr(module, "_compiled", False):
+                module.compile(dynamic=False)
+                module._compiled = True
+
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
         self.activation_checkpointing = bool(enabled)

@@ -188,11 +188,17 @@ def test_gpu_fast_path_matches_sdpa_forward_and_backward():
     x = torch.randint(0, 768, (2, 512), device="cuda")
     doc_ids = torch.cat([torch.zeros(2, 200), torch.ones(2, 312)], dim=1).long().cuda()
     results = []
-    for backend in ("sdpa", "auto"):  # auto = compiled FlexAttention on CUDA
+    keys = list(model.state_dict())
+    # auto = compiled FlexAttention on CUDA; then with RMSNorm and SwiGLU compiled too
+    for backend, compiled in (("sdpa", False), ("auto", False), ("auto", True)):
         model.zero_grad()
         model.attention_backend = backend
+        if compiled:
+            model.compile_pointwise()
         logits = model(x, doc_ids)
         logits.logsumexp(-1).mean().backward()
         results.append((logits.detach(), model.output.weight.grad.clone()))
-    assert torch.allclose(results[0][0], results[1][0], atol=2e-3)
-    assert torch.allclose(results[0][1], results[1][1], atol=2e-3)
+    for other in results[1:]:
+        assert torch.allclose(results[0][0], other[0], atol=2e-3)
+        assert torch.allclose(results[0][1], other[1], atol=2e-3)
+    assert list(model.state_dict()) == keys  # checkpoints unchanged by compilation

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -321,13 +322,19 @@ class RepoEnvironment:
                           result.wall_seconds)
 
 
+_ABSEIL_RAW = re.compile(rb"^\[[\w.]+ : \d+\] RAW: ")
+
+
 def _died_before_exec(result: sandbox.ProcessResult) -> bool:
-    """A child killed by SIGABRT at once and silently: inside a Beam worker (gRPC threads) the
-    fork before ``exec`` can abort in abseil's fork handlers. Such a run never started the
-    command, so it is retried (at most twice); a program that aborts itself prints or takes
-    longer, and an abort that persists is still reported."""
+    """A child killed by SIGABRT at once, silently or with only abseil's ``RAW:`` check
+    messages: inside a Beam worker (gRPC threads) the fork before ``exec`` can abort in
+    abseil's fork handlers (``[mutex.cc : 2457] RAW: Check w->waitp->cv_word == nullptr
+    failed``). Such a run never started the command, so it is retried (at most twice); a program
+    that aborts itself prints otherwise or takes longer, and an abort that persists is still
+    reported."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     return (result.reason or "").endswith("SIGABRT") and not result.stdout and \
-        not result.stderr and result.wall_seconds < 1.0
+        all(_ABSEIL_RAW.match(line) for line in lines) and result.wall_seconds < 1.0
 
 
 def _read_report(path: Path) -> tuple[dict[str, str], dict[str, dict[str, list[int]]]]:
