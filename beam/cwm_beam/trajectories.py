@@ -240,6 +240,7 @@ class Rollout(_WithEnvironments):
         record = trajectory.to_record()
         record["id"] = f"{task.task_id}#{trajectory.meta['episode_id'][:8]}"
         record["meta"]["repository"] = item["repository"]
+        record["task"] = task.to_json()  # RL's mutate-fix tasks are drawn from the train split
         yield record
 
 

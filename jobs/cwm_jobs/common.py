@@ -236,6 +236,7 @@ class RLSettings:
     eps_low: float = 0.2
     eps_high: float = 0.25
     max_length: int = 512
+    max_turns: int = 8
     tasks: tuple[str, ...] = ("output_prediction",)
 
     @classmethod
@@ -249,9 +250,10 @@ class RLSettings:
             eps_low=_number(spec, "epsLow", 0.2, float, where),
             eps_high=_number(spec, "epsHigh", 0.25, float, where),
             max_length=_number(spec, "maxLength", 512, int, where),
+            max_turns=_number(spec, "maxTurns", 8, int, where),
             tasks=tuple(spec.get("tasks") or ("output_prediction",)),
         )
-        for name in ("group_size", "prompts_per_step", "max_new_tokens", "max_length"):
+        for name in ("group_size", "prompts_per_step", "max_new_tokens", "max_length", "max_turns"):
             if getattr(out, name) < 1:
                 raise ValueError(f"{where}.{_camel(name)} must be at least 1")
         if out.group_size < 2:

@@ -286,23 +286,31 @@ def output_prediction_accuracy(module: torch.nn.Module, tokenizer: Any, tasks: S
 
 
 class ModelPolicy:
-    """The model under evaluation as the agent's policy, in process and greedy: the same request
-    → reply logic as ``cwm serve`` (CWM's chat format, tool calls parsed from the reply). A prompt
-    longer than the model's context ends the episode as a policy error (a failed attempt)."""
+    """The model itself as the agent's policy, in process: the same request → reply logic as
+    ``cwm serve`` (CWM's chat format, tool calls parsed from the reply). Greedy for evaluation;
+    RL samples (``temperature``, and ``seed`` advanced per turn so episodes are reproducible). A
+    prompt longer than the model's context ends the episode as a policy error (a failure)."""
 
     name = "model-under-evaluation"
 
-    def __init__(self, module: torch.nn.Module, tokenizer: Any, max_new_tokens: int) -> None:
+    def __init__(self, module: torch.nn.Module, tokenizer: Any, max_new_tokens: int, *,
+                 temperature: float = 0.0, seed: int | None = None) -> None:
         from cwm_model.serve import ModelServer
 
         self.server = ModelServer(module, tokenizer, self.name)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+        self.turns = 0
 
     def act(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> Any:
         from cwm_beam.forager.rollout import Action
 
-        reply = self.server.chat({"messages": list(messages), "tools": list(tools),
-                                  "temperature": 0.0, "max_tokens": self.max_new_tokens})
+        body: dict[str, Any] = {"messages": list(messages), "tools": list(tools),
+                                "temperature": self.temperature, "max_tokens": self.max_new_tokens}
+        if self.seed is not None:
+            body["seed"] = self.seed + self.turns
+        self.turns += 1
+        with torch.no_grad():
+            reply = self.server.chat(body)
         usage = reply["usage"]
         return Action(reply["choices"][0]["message"], usage["prompt_tokens"],
                       usage["completion_tokens"])

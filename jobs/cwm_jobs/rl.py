@@ -1,8 +1,12 @@
 """Reinforcement learning with CWM's GRPO variant, rewards verified by execution.
 
-Each step, every rank draws ``promptsPerStep`` output-prediction tasks (programs from the traces
-data set, with their true results), samples ``groupSize`` answers per prompt, and scores each
-answer 1 if it evaluates equal to the true value in the sandbox, else 0. Then, as in CWM:
+Each step, every rank draws ``promptsPerStep`` tasks of the families ``rl.tasks`` names (half
+each when both): *output prediction* — programs from the traces data set with their true results;
+``groupSize`` answers are sampled per prompt, each scored 1 if it evaluates equal to the true
+value in the sandbox, else 0 — and *mutate-fix* — tasks of the trajectory data set's train
+records; the model itself acts as the agent ``groupSize`` times per task (sampling, at most
+``rl.maxTurns`` turns, each attempt in a fresh sandboxed copy of the repository), scored 1 if the
+task's failing tests pass again. Then, as in CWM:
 
 * advantage = reward - mean reward of its group (no division by the group's std);
 * groups whose advantages are all zero are skipped (they carry no signal);
@@ -160,6 +164,104 @@ def sample_episodes(module: Any, tokenizer: Any, pool: Sequence[tuple[OutputTask
             for i, (p, c, r) in enumerate(zip(prompt_ids, completions, rewards))]
 
 
+# --------------------------------------------------------------------------- mutate-fix episodes
+
+
+def agent_episode(tokenizer: Any, messages: Sequence[dict[str, Any]], reward: float, group: int,
+                  max_tokens: int) -> Episode:
+    """A multi-turn agent episode as one sequence, rendered as the model saw it: the prompt is
+    everything before the agent's first turn; in the rest, the agent's tokens are trained (mask
+    1) and the environment's — tool observations, nudges, turn headers — masked (0). Cut at
+    ``max_tokens`` (the model's context)."""
+    from cwm_beam.forager.tools import TOOLS
+    from cwm_model.chat import encode_segments, render_messages
+
+    ids, roles = encode_segments(tokenizer, render_messages(messages, tools=TOOLS))
+    ids, roles = ids[:max_tokens], roles[:max_tokens]
+    first = max(1, next((i for i, r in enumerate(roles) if r == "assistant"), len(ids)))
+    return Episode(ids[:first], ids[first:], [int(r == "assistant") for r in roles[first:]],
+                   reward, group)
+
+
+def mutate_fix_pool(trajectories_uri: str, *, limit: int, stats: Counter) -> list[tuple[dict, Any]]:
+    """(repository spec, task) of the trajectory data set's train records, in data set order."""
+    from cwm_beam.forager.tasks import Task
+    from cwm_operator.artifacts import iter_records
+
+    pool = []
+    for record in iter_records(trajectories_uri, "train"):
+        if len(pool) >= limit:
+            break
+        try:
+            pool.append((record["meta"]["repository"], Task.from_json(record["task"])))
+        except (KeyError, TypeError, ValueError):
+            stats["rl/trajectories_without_task"] += 1
+    return pool
+
+
+class Environments:
+    """Repository environments for the agent episodes, each prepared once per stage."""
+
+    def __init__(self, limits: Any) -> None:
+        import tempfile
+        from pathlib import Path
+
+        self.limits, self.envs = limits, {}
+        self.root = Path(tempfile.mkdtemp(prefix="cwm-rl-envs-"))
+
+    def get(self, spec: dict[str, Any]) -> Any:
+        import json
+
+        from cwm_beam.forager.env import RepoEnvironment
+
+        key = json.dumps(spec, sort_keys=True)
+        if key not in self.envs:
+            self.envs[key] = RepoEnvironment(spec, limits=self.limits,
+                                             workroot=self.root / str(len(self.envs))).prepare()
+        return self.envs[key]
+
+    def close(self) -> None:
+        import shutil
+
+        for env in self.envs.values():
+            env.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def sample_agent_episodes(module: Any, tokenizer: Any, pool: Sequence[tuple[dict, Any]],
+                          envs: Environments, *, step: int, seed: int, rank: int, prompts: int,
+                          group: int, first_group: int, max_new_tokens: int, temperature: float,
+                          max_turns: int, max_tokens: int) -> list[Episode]:
+    """Draw this rank's mutate-fix tasks for ``step``; the model, sampling, works each one
+    ``group`` times in a fresh copy of its repository; reward 1 if the task's tests pass."""
+    from cwm_beam.forager.rollout import run_episode
+    from cwm_jobs.evaluate import ModelPolicy
+
+    rng = stable_random("rl-agent-tasks", seed, step, rank)
+    chosen = [pool[rng.randrange(len(pool))] for _ in range(prompts)]
+    episodes = []
+    for p, (spec, task) in enumerate(chosen):
+        env = envs.get(spec)
+        for g in range(group):
+            policy = ModelPolicy(module, tokenizer, max_new_tokens, temperature=temperature,
+                                 seed=stable_random("rl-agent", seed, step, rank, p, g).randrange(2**31))
+            trajectory = run_episode(env, task, policy, max_turns)
+            episodes.append(agent_episode(tokenizer, trajectory.messages, float(trajectory.success),
+                                          first_group + p, max_tokens))
+    return episodes
+
+
+def split_prompts(prompts: int, tasks: Sequence[str]) -> tuple[int, int]:
+    """(output-prediction, mutate-fix) prompts per step: all to the one family named, or half
+    each (at least one each) when both are."""
+    if set(tasks) == {"output_prediction"}:
+        return prompts, 0
+    if set(tasks) == {"mutate_fix"}:
+        return 0, prompts
+    agent = max(1, prompts // 2)
+    return max(1, prompts - agent), agent
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -203,36 +305,60 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     s, rl = ctx.settings, ctx.settings.rl
     if s.zero_stage == 3:
         raise ValueError("spec.zeroStage 3 is not supported for rl (sampling needs whole parameters)")
-    unsupported = sorted(set(rl.tasks) - {"output_prediction"})
-    traces = ctx.input("traces")
+    traces, trajectories = ctx.input("traces"), ctx.input("trajectories")
     if not traces:
-        raise ValueError("inputs.traces is required for rl (output-prediction tasks come from it)")
+        raise ValueError("inputs.traces is required for rl (output-prediction tasks and the "
+                         "held-out evaluation come from it)")
+    if "mutate_fix" in rl.tasks and not trajectories:
+        raise ValueError("spec.rl.tasks names mutate_fix: inputs.trajectories is required "
+                         "(enable spec.data.trajectories)")
+    n_output, n_agent = split_prompts(rl.prompts_per_step, rl.tasks)
     with distributed_session() as env:
         stage = open_stage(ctx, env, micro_batch_size=1)
+        envs = None
         try:
-            if unsupported:
-                LOG.warning("rl tasks %s need the agent environment; training on output_prediction",
-                            unsupported)
             stats: Counter = Counter()
             pad = stage.tokenizer.pad_id
             pool = task_pool(traces, stage.tokenizer, split="train", limit=10_000,
                              max_prompt=rl.max_length - rl.max_new_tokens, stats=stats)
-            if not pool:
+            if n_output and not pool:
                 raise ValueError(f"inputs.traces {traces}: no output-prediction task fits "
                                  f"rl.maxLength {rl.max_length}")
+            agent_pool = mutate_fix_pool(trajectories, limit=10_000, stats=stats) if n_agent else []
+            if n_agent:
+                if not agent_pool:
+                    raise ValueError(f"inputs.trajectories {trajectories}: no train record carries "
+                                     "its mutate-fix task (regenerate the data set)")
+                from cwm_beam.sandbox import Limits
+
+                envs = Environments(Limits.from_spec(ctx.config.get("sandbox")))
+            context = stage.engine.module.config.max_seq_len
             while stage.step < s.steps:
                 start = time.perf_counter()
                 lr = float(stage.engine.get_lr()[0])
                 episodes = sample_episodes(
                     stage.engine.module, stage.tokenizer, pool, step=stage.step, seed=ctx.seed,
-                    rank=env.rank, prompts=rl.prompts_per_step, group=rl.group_size,
+                    rank=env.rank, prompts=n_output, group=rl.group_size,
                     max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                    sandbox=ctx.config.get("sandbox"))
+                    sandbox=ctx.config.get("sandbox")) if n_output else []
+                agent = sample_agent_episodes(
+                    stage.engine.module, stage.tokenizer, agent_pool, envs, step=stage.step,
+                    seed=ctx.seed, rank=env.rank, prompts=n_agent, group=rl.group_size,
+                    first_group=n_output, max_new_tokens=rl.max_new_tokens,
+                    temperature=rl.temperature, max_turns=rl.max_turns,
+                    max_tokens=context) if n_agent else []
+                episodes += agent
                 values = rl_step(stage.engine, episodes, pad_id=pad, group=rl.group_size,
                                  max_length=rl.max_length, eps_low=rl.eps_low,
                                  eps_high=rl.eps_high, micro_steps=s.gradient_accumulation)
                 stage.step += 1
                 values = {k: all_mean([v]) for k, v in values.items()}
+                if n_output and n_agent:
+                    values["reward_mean/output_prediction"] = all_mean(
+                        [sum(e.reward for e in episodes[:-len(agent)]) / (len(episodes) - len(agent))])
+                if agent:
+                    values["reward_mean/mutate_fix"] = all_mean(
+                        [sum(e.reward for e in agent) / len(agent)])
                 values.update(lr=lr,
                               step_seconds=time.perf_counter() - start)
                 stage.metrics.log(stage.step, values)
@@ -257,6 +383,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             stage.finish(results)
             return results
         finally:
+            if envs is not None:
+                envs.close()
             stage.metrics.close()
 
 

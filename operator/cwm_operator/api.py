@@ -423,10 +423,15 @@ class RLSpec(Spec):
     max_length: int = Field(
         512, ge=1, description="Fixed divisor of the loss (no length normalisation)."
     )
+    max_turns: int = Field(
+        8, ge=1, le=128, description="Turn budget of each mutate-fix attempt (CWM: 128)."
+    )
     tasks: list[Literal["output_prediction", "mutate_fix"]] = Field(
         default_factory=lambda: ["output_prediction"],
         min_length=1,
-        description="Verifiable task families (rewards by execution).",
+        description="Verifiable task families, rewards by execution: output_prediction (traced "
+        "programs) and mutate_fix (the model as the agent on the trajectory data's tasks; "
+        "needs spec.data.trajectories). Both: half the prompts each.",
     )
 
 
