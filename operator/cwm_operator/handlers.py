@@ -109,6 +109,8 @@ class Controller:
         self.failures: dict[Key, int] = defaultdict(int)
         # (namespace, pipeline, step) → when its child was first seen Succeeded
         self.succeeded_seen: dict[tuple[str, str, str], float] = {}
+        # children this process created or read back itself (see _observe)
+        self.confirmed: dict[Key, set[str]] = defaultdict(set)
 
     # -- API calls (each counted) ---------------------------------------------------------
 
@@ -257,6 +259,7 @@ class Controller:
 
     def forget(self, key: Key) -> None:
         self.pipelines.pop(key, None)
+        self.confirmed.pop(key, None)
         for name in self.children.pop(key, {}):
             self.stage_metrics.pop((key[0], name), None)
         for seen in [k for k in self.succeeded_seen if k[:2] == key]:
@@ -311,9 +314,14 @@ class Controller:
         namespace = key[0]
         uid = obj["metadata"].get("uid")
         kids = self.children[key]
+        confirmed = self.confirmed[key]
         for kind, name in children_to_confirm(obj):
-            if name not in kids:
+            # An in-flight child the status names is read from the API server when the watch has
+            # not delivered it (a lagging watch must not look like a deletion), and once per
+            # operator process in any case: after a restart, act on what the server holds.
+            if name not in kids or name not in confirmed:
                 found = await self._get_child(kind, namespace, name)
+                confirmed.add(name)
                 if found is not None:
                     self.remember_child(found)
         done = {s.get("name") for s in (obj.get("status") or {}).get("steps") or []
@@ -377,6 +385,7 @@ class Controller:
                     f"{body['metadata']['name']} still belongs to a deleted pipeline of the "
                     "same name", delay=1)
             self.remember_child(created)
+            self.confirmed[key].add(body["metadata"]["name"])
             if not new:
                 return True
             self._record_handoff(key, decision.plan.names, create.step.name)
