@@ -43,6 +43,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from cwm_beam import fuzz, repository, sources, synthetic
+from cwm_beam.parts import Part, job_part
 from cwm_beam.sandbox import Failure, Limits, TracePool
 from cwm_beam.trace_format import contains_trace_token
 from cwm_beam.tracer import TraceLimits
@@ -70,6 +71,7 @@ class Settings:
     validation_fraction: float = 0.05
     shards: int = 4
     seed: int = 0
+    part: Part = field(default_factory=Part)  # this pod's part of an Indexed Job
 
     def __post_init__(self) -> None:
         for index, source in enumerate(self.sources):
@@ -212,9 +214,15 @@ class ExpandSource(beam.DoFn):
 
     def process(self, source: dict[str, Any]):
         s = self.settings
+        # Split over pods: repository sources are dealt out whole (see build); the programs of
+        # the other sources by program hash, their sources' dead letters kept by part 0 alone.
+        shared = s.part.split and source["kind"] != "repository"
         for program in expand_source(source, s.seed, s.trace_limits, s.sandbox):
             if "_deadletter" in program:
-                yield beam.pvalue.TaggedOutput(DEADLETTER, program["_deadletter"])
+                if not shared or s.part.index == 0:
+                    yield beam.pvalue.TaggedOutput(DEADLETTER, program["_deadletter"])
+            elif shared and not s.part.owns(program_hash(program["code"])):
+                continue
             elif "_result" in program:
                 self.episodes.inc()
                 yield beam.pvalue.TaggedOutput(TRACED, program)
@@ -493,6 +501,10 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--validation-fraction", type=float, default=None)
     parser.add_argument("--wall-seconds", type=float, default=None)
+    parser.add_argument("--part", type=int, default=None,
+                        help="this pod's part (default: $JOB_COMPLETION_INDEX)")
+    parser.add_argument("--parts", type=int, default=None,
+                        help="parts the step is split into (default: $CWM_PARTS, else 1)")
     return parser.parse_known_args(argv)
 
 
@@ -533,6 +545,7 @@ def load_job(argv: list[str]) -> tuple[Settings, str, dict[str, Any], list[str],
     if flags.wall_seconds:
         settings = replace(settings, sandbox=replace(settings.sandbox,
                                                      wall_seconds=flags.wall_seconds))
+    settings = replace(settings, part=job_part(flags.part, flags.parts))
     output = flags.output or (config.get("outputs") or {}).get("dataset")
     if not output:
         raise ValueError("no output: pass --output DIR or give outputs.dataset in the config")
@@ -559,7 +572,10 @@ def pipeline_for(beam_section: dict[str, Any], beam_flags: list[str]) -> beam.Pi
 
 
 def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
-    outputs = (pipeline | "Sources" >> beam.Create(list(settings.sources))
+    part = settings.part
+    sources = [src for i, src in enumerate(settings.sources)
+               if src["kind"] != "repository" or part.owns_position(i)]
+    outputs = (pipeline | "Sources" >> beam.Create(sources)
                | "TraceDataset" >> TraceDataset(settings))
     shards = settings.shards
 
@@ -625,16 +641,23 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     LOG.info("tracing %s into %s (runner %s, workers %s)",
              [s["kind"] for s in settings.sources], output,
              beam_section.get("runner", "in-process"), beam_section.get("workers", 1))
+    from cwm_operator import artifacts
+
     started = time.monotonic()
+    part = settings.part
+    target = artifacts.part_dir(output, part.index) if part.split else output
     pipeline = pipeline_for(beam_section, beam_flags)
-    build(pipeline, settings, output)
+    build(pipeline, settings, target)
     result = pipeline.run()
     result.wait_until_finish()
     _log_metrics(result)
-    stats = finish(output, settings, time.monotonic() - started)
-    LOG.info("wrote %d train, %d validation, %d dead letters in %.1fs (%.1f traces/s)",
+    stats = finish(target, settings, time.monotonic() - started)
+    LOG.info("wrote %d train, %d validation, %d dead letters in %.1fs (%.1f traces/s)%s",
              stats["train_records"], stats["validation_records"], stats["deadletter_records"],
-             stats["seconds"], stats["traces_per_second"])
+             stats["seconds"], stats["traces_per_second"],
+             f" as part {part.index} of {part.count}" if part.split else "")
+    if part.split and artifacts.merge_parts(output, part.count) is not None:
+        LOG.info("all %d parts done: merged into %s", part.count, output)
     return stats
 
 

@@ -51,6 +51,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from cwm_beam.forager.mutations import FAMILIES
+from cwm_beam.parts import Part, job_part
 from cwm_beam.sandbox import Limits
 from cwm_beam.traces import WriteShards, pipeline_for, shard_file
 
@@ -76,6 +77,7 @@ class Settings:
     shards: int = 2
     seed: int = 0
     limits: Limits = field(default_factory=Limits)
+    part: Part = field(default_factory=Part)  # this pod's part of an Indexed Job
 
     @property
     def episode_turns(self) -> int:
@@ -326,6 +328,10 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--runner", default=None, help="Beam runner (default: in-process)")
     parser.add_argument("--shards", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--part", type=int, default=None,
+                        help="this pod's part (default: $JOB_COMPLETION_INDEX)")
+    parser.add_argument("--parts", type=int, default=None,
+                        help="parts the step is split into (default: $CWM_PARTS, else 1)")
     return parser.parse_known_args(argv)
 
 
@@ -373,7 +379,8 @@ def load_job(argv: list[str]) -> tuple[Settings, str, dict[str, Any], list[str]]
     if flags.shards is not None:
         spec["shards"] = flags.shards
     seed = flags.seed if flags.seed is not None else config.get("seed", spec.get("seed"))
-    settings = Settings.from_spec(spec, sandbox, seed=seed)
+    settings = replace(Settings.from_spec(spec, sandbox, seed=seed),
+                       part=job_part(flags.part, flags.parts))
     output = flags.output or (config.get("outputs") or {}).get("dataset")
     if not output:
         raise ValueError("no output: pass --output DIR or give outputs.dataset in the config")
@@ -385,7 +392,8 @@ def load_job(argv: list[str]) -> tuple[Settings, str, dict[str, Any], list[str]]
 
 
 def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
-    outputs = (pipeline | "Repositories" >> beam.Create(list(settings.repositories))
+    mine = [r for i, r in enumerate(settings.repositories) if settings.part.owns_position(i)]
+    outputs = (pipeline | "Repositories" >> beam.Create(mine)
                | "TrajectoryDataset" >> TrajectoryDataset(settings))
     outputs["train"] | "WriteTrainSplit" >> WriteShards(output, "train", settings.shards)
     outputs["deadletter"] | "WriteDeadletterSplit" >> WriteShards(output, "deadletter", 1)
@@ -481,14 +489,21 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     LOG.info("trajectories for %d repositories into %s (runner %s, workers %s, policy %s)",
              len(settings.repositories), output, beam_section.get("runner", "in-process"),
              beam_section.get("workers", 1), settings.policy.get("kind"))
+    from cwm_operator import artifacts
+
     started = time.monotonic()
+    part = settings.part
+    target = artifacts.part_dir(output, part.index) if part.split else output
     pipeline = pipeline_for(beam_section, beam_flags)
-    build(pipeline, settings, output)
+    build(pipeline, settings, target)
     pipeline.run().wait_until_finish()
-    stats = finish(output, settings, time.monotonic() - started)
-    LOG.info("wrote %d trajectories, %d dead letters in %.1fs (%.2f rollouts/min); solve rates %s",
-             stats["train_records"], stats["deadletter_records"], stats["seconds"],
-             stats["rollouts_per_minute"], stats["solve_rate_by_family"])
+    stats = finish(target, settings, time.monotonic() - started)
+    LOG.info("wrote %d trajectories, %d dead letters in %.1fs (%.2f rollouts/min); solve rates "
+             "%s%s", stats["train_records"], stats["deadletter_records"], stats["seconds"],
+             stats["rollouts_per_minute"], stats["solve_rate_by_family"],
+             f" as part {part.index} of {part.count}" if part.split else "")
+    if part.split and artifacts.merge_parts(output, part.count) is not None:
+        LOG.info("all %d parts done: merged into %s", part.count, output)
     return stats
 
 

@@ -143,6 +143,22 @@ class BeamSpec(Spec):
         description="Extra Beam pipeline flags passed through unchanged, e.g. "
         "['--flink_master=flink:8081'].",
     )
+    pods: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="On a cluster with the in-process runner: pods per data step, as an Indexed "
+        "Job; each pod generates a part of the data set (repositories dealt out, programs by "
+        "hash) and the last to finish merges the parts. Distributed runners scale themselves.",
+    )
+
+    @model_validator(mode="after")
+    def _pods_need_the_in_process_runner(self) -> "BeamSpec":
+        if self.pods > 1 and self.runner not in ("DirectRunner", "FnApiRunner", "direct"):
+            raise ValueError(f"pods: {self.pods} pods apply to the in-process runner "
+                             f"(DirectRunner), not {self.runner}, which distributes the work "
+                             "itself: set pods to 1")
+        return self
 
 
 class TraceSource(Spec):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -106,7 +107,7 @@ def write_manifest(dir_uri: str, manifest: Manifest) -> None:
     """Write the manifest last, atomically where the file system allows: its presence marks the
     data set complete."""
     fs, path = fsspec.core.url_to_fs(join(dir_uri, MANIFEST))
-    tmp = path + ".tmp"
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # concurrent writers (merging parts) never share one
     with fs.open(tmp, "w") as f:
         json.dump(manifest.to_json(), f, indent=1, sort_keys=True)
     fs.mv(tmp, path)
@@ -152,3 +153,56 @@ def iter_records(dir_uri: str, split: str = "train") -> Iterator[dict[str, Any]]
                     continue
                 if isinstance(record, dict):
                     yield record
+
+
+# ------------------------------------------------------------------------------------------
+# Data sets written in parts (one per pod of an Indexed Job; see cwm_beam.parts)
+
+PARTS = "parts"
+
+
+def part_dir(dir_uri: str, index: int) -> str:
+    """Where part ``index`` writes its own complete data set."""
+    return join(dir_uri, PARTS, f"part-{index:05d}")
+
+
+def merge_stats(values: list[Any]) -> Any:
+    """The parts' stats as one: numbers summed, objects merged key by key, anything else kept
+    when every part agrees and listed otherwise; a ``rate`` beside ``solved`` and ``episodes``
+    is recomputed from them."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return sum(values)
+    if all(isinstance(v, dict) for v in values):
+        keys = sorted({k for v in values for k in v})
+        out = {k: merge_stats([v[k] for v in values if k in v]) for k in keys}
+        if {"rate", "solved", "episodes"} <= set(out):
+            out["rate"] = out["solved"] / out["episodes"] if out["episodes"] else 0.0
+        return out
+    return values[0] if all(v == values[0] for v in values) else list(values)
+
+
+def merge_parts(dir_uri: str, count: int) -> Manifest | None:
+    """Once all ``count`` parts have their manifests, write the data set's own: every part's
+    shards (paths under ``parts/``), split by split in part order, and their stats merged
+    (``seconds`` and rates are then sums over pods). Returns ``None`` while a part is missing.
+    Idempotent, so the pods that finish last may all call it."""
+    manifests = []
+    for index in range(count):
+        try:
+            manifests.append(read_manifest(part_dir(dir_uri, index)))
+        except ArtifactError:
+            return None
+    kinds = {m.kind for m in manifests}
+    if len(kinds) != 1:
+        raise ArtifactError(f"{dir_uri}: parts of different kinds {sorted(kinds)}")
+    splits: dict[str, list[Shard]] = {}
+    for index, manifest in enumerate(manifests):
+        prefix = f"{PARTS}/part-{index:05d}/"
+        for name, shards in manifest.splits.items():
+            splits.setdefault(name, []).extend(
+                Shard(prefix + s.path, s.records, s.bytes, s.sha256) for s in shards)
+    stats = merge_stats([m.stats for m in manifests])
+    stats["parts"] = count
+    merged = Manifest(manifests[0].kind, splits, stats)
+    write_manifest(dir_uri, merged)
+    return merged

@@ -223,20 +223,28 @@ def _pod_template(pipeline: CWMPipeline, step: Step, attempt: int, settings: Set
 
 def render_job(pipeline: CWMPipeline, namespace: str, step: Step, attempt: int,
                settings: Settings, *, suspend: bool = False) -> dict[str, Any]:
-    """A batch/v1 Job running one data-generation step (one pod, no pod-level retries)."""
-    from kubernetes.client import V1Job, V1JobSpec
+    """A batch/v1 Job running one data-generation step, no pod-level retries (the operator
+    retries the step). One pod; or, for a Beam step with ``spec.data.beam.pods`` > 1, an Indexed
+    Job of that many pods, each generating its part (``JOB_COMPLETION_INDEX`` of ``CWM_PARTS``,
+    see ``cwm_beam.parts``); the Job succeeds when every index has."""
+    from kubernetes.client import V1EnvVar, V1Job, V1JobSpec
 
+    pods = pipeline.spec.data.beam.pods if step.kind == "beam" else 1
+    template = _pod_template(pipeline, step, attempt, settings, "step")
+    if pods > 1:
+        template.spec.containers[0].env.append(V1EnvVar(name="CWM_PARTS", value=str(pods)))
     job = V1Job(
         api_version="batch/v1",
         kind="Job",
         metadata=_metadata(pipeline, namespace, step, attempt),
         spec=V1JobSpec(
             backoff_limit=0,
-            completions=1,
-            parallelism=1,
+            completions=pods,
+            parallelism=pods,
+            completion_mode="Indexed" if pods > 1 else None,
             active_deadline_seconds=step.deadline_seconds,
             suspend=suspend,
-            template=_pod_template(pipeline, step, attempt, settings, "step"),
+            template=template,
         ),
     )
     return to_dict(job)

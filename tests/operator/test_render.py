@@ -101,6 +101,31 @@ def test_data_steps_are_single_pod_jobs_without_pod_retries() -> None:
     assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
 
 
+def test_sharded_data_steps_are_indexed_jobs() -> None:
+    """spec.data.beam.pods: each data step is an Indexed Job of that many pods, told the part
+    count (Kubernetes sets JOB_COMPLETION_INDEX); the other steps are unaffected."""
+    doc = manifest("wide", "s3://bucket/runs")
+    doc["spec"]["data"] = {"beam": {"pods": 4}}
+    pipeline, plan = _plan(doc)
+    for step in plan.steps:
+        obj = render_child(pipeline, "research", step, 1, SETTINGS)
+        if step.kind == "beam":
+            spec = obj["spec"]
+            assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == \
+                ("Indexed", 4, 4), step.name
+            env = {e["name"]: e.get("value") for e in spec["template"]["spec"]["containers"][0]["env"]}
+            assert env["CWM_PARTS"] == "4"
+        elif obj["kind"] == "Job":
+            assert "completionMode" not in obj["spec"] and obj["spec"]["completions"] == 1
+
+
+def test_pods_are_refused_with_a_distributed_runner() -> None:
+    doc = manifest("flink", "s3://bucket/runs")
+    doc["spec"]["data"] = {"beam": {"pods": 4, "runner": "FlinkRunner"}}
+    with pytest.raises(ValueError, match="pods"):
+        _plan(doc)
+
+
 def test_pvc_storage_is_mounted_everywhere(tmp_path) -> None:
     doc = manifest("pvc", "file:///unused")
     doc["spec"]["storage"] = {"pvc": {"claimName": "cwm-data"}, "mountPath": "/mnt/cwm"}

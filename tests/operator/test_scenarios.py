@@ -173,6 +173,23 @@ def test_suspend_and_resume_the_running_child(env, operator) -> None:
     assert reasons.count("Suspended") == 2
 
 
+def test_a_sharded_data_step_runs_as_an_indexed_job(env, operator) -> None:
+    """spec.data.beam.pods: the API server takes the Indexed Job; when the Job controller has
+    completed every index, the step succeeds and the next data step starts, Indexed too."""
+    c, name = env.cluster, "shards"
+    doc = manifest(name, env.storage)
+    doc["spec"]["data"]["beam"]["pods"] = 3
+    c.create(doc)
+    child = c.wait_child(f"{name}-traces-1")
+    spec = child["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    c.complete(f"{name}-traces-1")
+    assert c.wait_child(f"{name}-trajectories-1")["spec"]["completionMode"] == "Indexed"
+    status = c.wait_status(name, lambda s: s.get("currentStep") == "trajectories",
+                           "trajectories running")["status"]
+    assert next(r for r in status["steps"] if r["name"] == "traces")["state"] == "Succeeded"
+
+
 def test_deleting_a_pipeline_deletes_its_children(env, operator) -> None:
     c, name = env.cluster, "doomed"
     c.create(short_manifest(name, env.storage))

@@ -90,3 +90,36 @@ def test_fuzzed_functions_get_inputs(dataset):
               if r["source"] == "functions"]
     assert {r["id"].split("#")[0] for r in fuzzed} == {"functions/vowels", "functions/first"}
     assert all(r["input"] for r in fuzzed) and len(fuzzed) <= 6
+
+
+def test_a_step_split_over_indexed_job_pods_equals_one_run(tmp_path, monkeypatch):
+    """Each pod of an Indexed Job (JOB_COMPLETION_INDEX, CWM_PARTS) traces its part; the last one
+    merges the manifests, and the data set holds exactly the records of an unsplit run."""
+    fns = write_jsonl(tmp_path / "fns.jsonl", ["{broken"] + [
+        {"id": str(i), "code": f"def f(x):\n    return x * {i}", "input": str(i)}
+        for i in range(12)])
+    flags = ["--source", "synthetic:30", "--source", f"jsonl:{fns}", "--shards", "2",
+             "--validation-fraction", "0.2"]
+    whole = tmp_path / "whole"
+    traces.run([*flags, "--output", str(whole)])
+    split = tmp_path / "split"
+    monkeypatch.setenv("CWM_PARTS", "2")
+    for index in ("1", "0"):
+        assert not (split / "manifest.json").exists()  # incomplete until both parts are done
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", index)
+        traces.run([*flags, "--output", str(split)])
+    merged = artifacts.verify(str(split))
+    assert merged.stats["parts"] == 2 and len(merged.splits["train"]) == 4
+
+    def texts(root, split_name):
+        return sorted(r["text"] for r in artifacts.iter_records(str(root), split_name))
+
+    for name in ("train", "validation"):
+        assert texts(split, name) == texts(whole, name)
+    parts = [artifacts.read_manifest(artifacts.part_dir(str(split), i)).records("train")
+             for i in range(2)]
+    assert all(parts), parts  # both pods did real work
+    # the source's dead letter once, not once per pod
+    assert [d["reason"] for d in artifacts.iter_records(str(split), "deadletter")] == \
+        [d["reason"] for d in artifacts.iter_records(str(whole), "deadletter")]
+    assert merged.stats["train_records"] == artifacts.read_manifest(str(whole)).stats["train_records"]

@@ -75,3 +75,22 @@ def test_pipeline_writes_a_trajectory_data_set(tmp_path):
     rolled_out = {r["meta"]["task_id"] for r in records}
     assert all(t["task"]["task_id"] not in rolled_out and t["repository"] == {"path": "textkit"}
                for t in held_out)
+
+
+def test_repositories_are_dealt_out_to_indexed_job_pods(tmp_path, monkeypatch):
+    """Two pods, two repositories: each prepares and rolls out its own; the merged data set's
+    stats add up (solve rates recomputed from the summed counts)."""
+    out = tmp_path / "ds"
+    monkeypatch.setenv("CWM_PARTS", "2")
+    for index in ("0", "1"):
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", index)
+        trajectories.run(["--repo", "calc", "--repo", "textkit", "--tasks-per-repo", "1",
+                          "--held-out-tasks", "1", "--max-turns", "8", "--output", str(out)])
+    merged = artifacts.verify(str(out))
+    parts = [artifacts.read_manifest(artifacts.part_dir(str(out), i)) for i in range(2)]
+    assert [p.stats["repositories"] for p in parts] == [merged.stats["repositories"]] * 2
+    assert [sorted(p.stats["tasks_by_repository_family"]) for p in parts] == [["calc"], ["textkit"]]
+    assert merged.records("train") == sum(p.records("train") for p in parts) >= 1
+    assert merged.stats["eval_tasks"] == 2 and merged.stats["parts"] == 2
+    for family, row in merged.stats["solve_rate_by_family"].items():
+        assert row["rate"] == pytest.approx(row["solved"] / row["episodes"]), family
