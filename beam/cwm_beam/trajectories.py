@@ -494,6 +494,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     part = settings.part
     target = artifacts.part_dir(output, part.index) if part.split else output
+    if part.split:
+        artifacts.discard_manifest(target)
     pipeline = pipeline_for(beam_section, beam_flags)
     build(pipeline, settings, target)
     pipeline.run().wait_until_finish()

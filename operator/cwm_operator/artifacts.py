@@ -166,6 +166,14 @@ def part_dir(dir_uri: str, index: int) -> str:
     return join(dir_uri, PARTS, f"part-{index:05d}")
 
 
+def discard_manifest(dir_uri: str) -> None:
+    """Mark a data set incomplete again (a part about to be rewritten by a retried pod), so that
+    no merge takes the previous attempt's part for this one's."""
+    fs, path = fsspec.core.url_to_fs(join(dir_uri, MANIFEST))
+    if fs.exists(path):
+        fs.rm(path)
+
+
 def merge_stats(values: list[Any]) -> Any:
     """The parts' stats as one: numbers summed, objects merged key by key, anything else kept
     when every part agrees and listed otherwise; a ``rate`` beside ``solved`` and ``episodes``
