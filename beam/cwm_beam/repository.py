@@ -106,11 +106,9 @@ def run_suite(repo: Path, limits: TraceLimits, sandbox: Limits, *, per_function:
                     episodes.append(json.loads(line))
                 except ValueError:   # the last line of a run killed mid-write
                     continue
-    if problem is not None:
-        pass
-    elif result.reason is not None:
+    if problem is None and result.reason is not None:
         problem = f"pytest run stopped: {result.reason}"
-    elif result.returncode not in (0, 1):
+    elif problem is None and result.returncode not in (0, 1):
         tail = (result.stdout + result.stderr).decode(errors="replace").strip()[-1500:]
         problem = f"pytest exited with status {result.returncode}: {tail}"
     return episodes, problem
