@@ -40,10 +40,11 @@ from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from cwm_beam import fuzz, repository, sources, synthetic
 from cwm_beam.parts import Part, job_part
+from cwm_beam.step import (add_common_flags, merge_when_complete, output_and_runner, part_label,
+                           pipeline_for, read_step, target_of)
 from cwm_beam.sandbox import Failure, Limits, TracePool
 from cwm_beam.trace_format import contains_trace_token
 from cwm_beam.tracer import TraceLimits
@@ -494,17 +495,9 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--source", action="append", default=[],
                         help="cruxeval | synthetic:COUNT | jsonl:URI | functions:URI | "
                         "repository:PATH_OR_GIT_URL")
-    parser.add_argument("--output", help="data set folder (local path or fsspec URI)")
-    parser.add_argument("--workers", type=int, default=None, help="in-process worker processes")
-    parser.add_argument("--runner", default=None, help="Beam runner (default: in-process)")
-    parser.add_argument("--shards", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    add_common_flags(parser)
     parser.add_argument("--validation-fraction", type=float, default=None)
     parser.add_argument("--wall-seconds", type=float, default=None)
-    parser.add_argument("--part", type=int, default=None,
-                        help="this pod's part (default: $JOB_COMPLETION_INDEX)")
-    parser.add_argument("--parts", type=int, default=None,
-                        help="parts the step is split into (default: $CWM_PARTS, else 1)")
     return parser.parse_known_args(argv)
 
 
@@ -523,52 +516,22 @@ def load_job(argv: list[str]) -> tuple[Settings, str, dict[str, Any], list[str],
     """Settings, output folder, beam section and the Beam flags, from the step config (when one
     is given) overridden by plain flags."""
     flags, rest = parse_flags(argv)
-    config: dict[str, Any] = {}
-    if "--config" in rest or any(a.startswith("--config=") for a in rest) or (
-            not flags.source and not flags.output):
-        from cwm_operator.stepconfig import load_step_config
-
-        config, rest = load_step_config(rest)
-    spec = dict(config.get("spec", {}))
-    data = config.get("data", {}) or {}
-    sandbox = config.get("sandbox") or data.get("sandbox") or spec.pop("sandbox", None)
-    beam_section = dict((config.get("runtime") or {}).get("beam") or config.get("beam")
-                        or data.get("beam") or spec.pop("beam", None) or {})
+    step = read_step(rest, named_by_flags=bool(flags.source or flags.output))
+    config, spec = step.config, step.spec
     if flags.source:
         spec["sources"] = [source_from_flag(s) for s in flags.source]
     for key, value in (("shards", flags.shards), ("validationFraction",
                                                   flags.validation_fraction)):
         if value is not None:
             spec[key] = value
-    settings = Settings.from_spec(spec, sandbox, seed=flags.seed if flags.seed is not None
+    settings = Settings.from_spec(spec, step.sandbox, seed=flags.seed if flags.seed is not None
                                   else config.get("seed", spec.get("seed", 0)))
     if flags.wall_seconds:
         settings = replace(settings, sandbox=replace(settings.sandbox,
                                                      wall_seconds=flags.wall_seconds))
     settings = replace(settings, part=job_part(flags.part, flags.parts))
-    output = flags.output or (config.get("outputs") or {}).get("dataset")
-    if not output:
-        raise ValueError("no output: pass --output DIR or give outputs.dataset in the config")
-    if flags.workers is not None:
-        beam_section["workers"] = flags.workers
-    if flags.runner:
-        beam_section["runner"] = flags.runner
-    return settings, output, beam_section, rest + list(beam_section.get("options", [])), config
-
-
-def pipeline_for(beam_section: dict[str, Any], beam_flags: list[str]) -> beam.Pipeline:
-    """The in-process FnApiRunner (never Prism, which downloads at run time) unless another
-    runner is named; its flags pass through unchanged."""
-    runner = beam_section.get("runner") or "DirectRunner"
-    workers = int(beam_section.get("workers") or 1)
-    if runner in ("DirectRunner", "FnApiRunner", "direct"):
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-        flags = list(beam_flags)
-        if workers > 1 and not any(f.startswith("--direct_num_workers") for f in flags):
-            flags += [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
-        return beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(flags))
-    return beam.Pipeline(options=PipelineOptions([f"--runner={runner}", *beam_flags]))
+    output, beam_section, beam_flags = output_and_runner(flags, step)
+    return settings, output, beam_section, beam_flags, config
 
 
 def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
@@ -641,13 +604,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     LOG.info("tracing %s into %s (runner %s, workers %s)",
              [s["kind"] for s in settings.sources], output,
              beam_section.get("runner", "in-process"), beam_section.get("workers", 1))
-    from cwm_operator import artifacts
-
     started = time.monotonic()
     part = settings.part
-    target = artifacts.part_dir(output, part.index) if part.split else output
-    if part.split:
-        artifacts.discard_manifest(target)
+    target = target_of(output, part)
     pipeline = pipeline_for(beam_section, beam_flags)
     build(pipeline, settings, target)
     result = pipeline.run()
@@ -656,10 +615,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     stats = finish(target, settings, time.monotonic() - started)
     LOG.info("wrote %d train, %d validation, %d dead letters in %.1fs (%.1f traces/s)%s",
              stats["train_records"], stats["validation_records"], stats["deadletter_records"],
-             stats["seconds"], stats["traces_per_second"],
-             f" as part {part.index} of {part.count}" if part.split else "")
-    if part.split and artifacts.merge_parts(output, part.count) is not None:
-        LOG.info("all %d parts done: merged into %s", part.count, output)
+             stats["seconds"], stats["traces_per_second"], part_label(part))
+    merge_when_complete(output, part)
     return stats
 
 

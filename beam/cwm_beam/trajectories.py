@@ -12,7 +12,7 @@ or standalone with plain flags::
     python -m cwm_beam.trajectories --repo calc --policy openai \\
         --endpoint http://localhost:8000/v1 --model cwm --output /tmp/t   # a served model
 
-Runner options are the trace pipeline's (:func:`cwm_beam.traces.pipeline_for`): the in-process
+Runner options are the trace pipeline's (:func:`cwm_beam.step.pipeline_for`): the in-process
 ``FnApiRunner`` with ``--workers N`` processes by default, other runners' flags passed through.
 
 Steps (CamelCase labels in the graph): ``SynthesizeTasks`` prepares each repository (fetch,
@@ -53,7 +53,9 @@ from apache_beam.metrics import Metrics
 from cwm_beam.forager.mutations import FAMILIES
 from cwm_beam.parts import Part, job_part
 from cwm_beam.sandbox import Limits
-from cwm_beam.traces import WriteShards, pipeline_for, shard_file
+from cwm_beam.step import (add_common_flags, merge_when_complete, output_and_runner, part_label,
+                           pipeline_for, read_step, target_of)
+from cwm_beam.traces import WriteShards, shard_file
 
 LOG = logging.getLogger("cwm_beam.trajectories")
 NAMESPACE = "trajectories"
@@ -315,7 +317,7 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m cwm_beam.trajectories", description=__doc__)
     parser.add_argument("--repo", action="append", default=[],
                         help="name==version (PyPI sdist), a folder, or a git URL[#ref]")
-    parser.add_argument("--output", help="data set folder (local path or fsspec URI)")
+    add_common_flags(parser)
     parser.add_argument("--tasks-per-repo", type=int, default=None)
     parser.add_argument("--held-out-tasks", type=int, default=None,
                         help="tasks per repository kept out of the rollouts, for evaluation")
@@ -324,14 +326,6 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--endpoint", default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--max-turns", type=int, default=None, help="the policy's turn budget")
-    parser.add_argument("--workers", type=int, default=None, help="in-process worker processes")
-    parser.add_argument("--runner", default=None, help="Beam runner (default: in-process)")
-    parser.add_argument("--shards", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--part", type=int, default=None,
-                        help="this pod's part (default: $JOB_COMPLETION_INDEX)")
-    parser.add_argument("--parts", type=int, default=None,
-                        help="parts the step is split into (default: $CWM_PARTS, else 1)")
     return parser.parse_known_args(argv)
 
 
@@ -350,17 +344,8 @@ def load_job(argv: list[str]) -> tuple[Settings, str, dict[str, Any], list[str]]
     """Settings, output folder, beam section and Beam flags: the step config (when given)
     overridden by plain flags."""
     flags, rest = parse_flags(argv)
-    config: dict[str, Any] = {}
-    if "--config" in rest or any(a.startswith("--config=") for a in rest) or (
-            not flags.repo and not flags.output):
-        from cwm_operator.stepconfig import load_step_config
-
-        config, rest = load_step_config(rest)
-    spec = dict(config.get("spec", {}))
-    data = config.get("data", {}) or {}
-    sandbox = config.get("sandbox") or data.get("sandbox") or spec.pop("sandbox", None)
-    beam_section = dict((config.get("runtime") or {}).get("beam") or config.get("beam")
-                        or data.get("beam") or spec.pop("beam", None) or {})
+    step = read_step(rest, named_by_flags=bool(flags.repo or flags.output))
+    config, spec = step.config, step.spec
     if flags.repo:
         spec["repositories"] = [repo_from_flag(r) for r in flags.repo]
     if flags.tasks_per_repo is not None:
@@ -379,16 +364,9 @@ def load_job(argv: list[str]) -> tuple[Settings, str, dict[str, Any], list[str]]
     if flags.shards is not None:
         spec["shards"] = flags.shards
     seed = flags.seed if flags.seed is not None else config.get("seed", spec.get("seed"))
-    settings = replace(Settings.from_spec(spec, sandbox, seed=seed),
+    settings = replace(Settings.from_spec(spec, step.sandbox, seed=seed),
                        part=job_part(flags.part, flags.parts))
-    output = flags.output or (config.get("outputs") or {}).get("dataset")
-    if not output:
-        raise ValueError("no output: pass --output DIR or give outputs.dataset in the config")
-    if flags.workers is not None:
-        beam_section["workers"] = flags.workers
-    if flags.runner:
-        beam_section["runner"] = flags.runner
-    return settings, output, beam_section, rest + list(beam_section.get("options", []))
+    return (settings, *output_and_runner(flags, step))
 
 
 def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
@@ -489,23 +467,17 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     LOG.info("trajectories for %d repositories into %s (runner %s, workers %s, policy %s)",
              len(settings.repositories), output, beam_section.get("runner", "in-process"),
              beam_section.get("workers", 1), settings.policy.get("kind"))
-    from cwm_operator import artifacts
-
     started = time.monotonic()
     part = settings.part
-    target = artifacts.part_dir(output, part.index) if part.split else output
-    if part.split:
-        artifacts.discard_manifest(target)
+    target = target_of(output, part)
     pipeline = pipeline_for(beam_section, beam_flags)
     build(pipeline, settings, target)
     pipeline.run().wait_until_finish()
     stats = finish(target, settings, time.monotonic() - started)
     LOG.info("wrote %d trajectories, %d dead letters in %.1fs (%.2f rollouts/min); solve rates "
              "%s%s", stats["train_records"], stats["deadletter_records"], stats["seconds"],
-             stats["rollouts_per_minute"], stats["solve_rate_by_family"],
-             f" as part {part.index} of {part.count}" if part.split else "")
-    if part.split and artifacts.merge_parts(output, part.count) is not None:
-        LOG.info("all %d parts done: merged into %s", part.count, output)
+             stats["rollouts_per_minute"], stats["solve_rate_by_family"], part_label(part))
+    merge_when_complete(output, part)
     return stats
 
 

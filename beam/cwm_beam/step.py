@@ -1,0 +1,108 @@
+"""What the Beam data steps (``cwm_beam.traces``, ``cwm_beam.trajectories``) share around their
+pipelines: the common flags, the step configuration's sections, the runner, and where a data set
+is written — whole, or as one part of an Indexed Job (:mod:`cwm_beam.parts`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from cwm_beam.parts import Part
+
+LOG = logging.getLogger("cwm_beam.step")
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", help="data set folder (local path or fsspec URI)")
+    parser.add_argument("--workers", type=int, default=None, help="in-process worker processes")
+    parser.add_argument("--runner", default=None, help="Beam runner (default: in-process)")
+    parser.add_argument("--shards", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--part", type=int, default=None,
+                        help="this pod's part (default: $JOB_COMPLETION_INDEX)")
+    parser.add_argument("--parts", type=int, default=None,
+                        help="parts the step is split into (default: $CWM_PARTS, else 1)")
+
+
+@dataclass
+class StepInput:
+    """The step configuration's sections (empty when the job is given by flags alone)."""
+
+    config: dict[str, Any]
+    spec: dict[str, Any]
+    sandbox: dict[str, Any] | None
+    beam: dict[str, Any]
+    rest: list[str]  # arguments no flag claimed: Beam pipeline flags
+
+
+def read_step(rest: list[str], *, named_by_flags: bool) -> StepInput:
+    """Load the step configuration (``--config`` or ``$CWM_STEP_CONFIG``) unless the flags name
+    the whole job; split it into the pipeline's spec, the sandbox limits and the Beam section."""
+    config: dict[str, Any] = {}
+    if "--config" in rest or any(a.startswith("--config=") for a in rest) or not named_by_flags:
+        from cwm_operator.stepconfig import load_step_config
+
+        config, rest = load_step_config(rest)
+    spec = dict(config.get("spec", {}))
+    data = config.get("data", {}) or {}
+    sandbox = config.get("sandbox") or data.get("sandbox") or spec.pop("sandbox", None)
+    beam_section = dict((config.get("runtime") or {}).get("beam") or config.get("beam")
+                        or data.get("beam") or spec.pop("beam", None) or {})
+    return StepInput(config, spec, sandbox, beam_section, rest)
+
+
+def output_and_runner(flags: argparse.Namespace, step: StepInput) -> tuple[str, dict[str, Any], list[str]]:
+    """The output folder, the Beam section with the flags' overrides, and the Beam flags."""
+    output = flags.output or (step.config.get("outputs") or {}).get("dataset")
+    if not output:
+        raise ValueError("no output: pass --output DIR or give outputs.dataset in the config")
+    beam_section = dict(step.beam)
+    if flags.workers is not None:
+        beam_section["workers"] = flags.workers
+    if flags.runner:
+        beam_section["runner"] = flags.runner
+    return output, beam_section, step.rest + list(beam_section.get("options", []))
+
+
+def pipeline_for(beam_section: dict[str, Any], beam_flags: list[str]) -> beam.Pipeline:
+    """The in-process FnApiRunner (never Prism, which downloads at run time) unless another
+    runner is named; its flags pass through unchanged."""
+    runner = beam_section.get("runner") or "DirectRunner"
+    workers = int(beam_section.get("workers") or 1)
+    if runner in ("DirectRunner", "FnApiRunner", "direct"):
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        flags = list(beam_flags)
+        if workers > 1 and not any(f.startswith("--direct_num_workers") for f in flags):
+            flags += [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+        return beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(flags))
+    return beam.Pipeline(options=PipelineOptions([f"--runner={runner}", *beam_flags]))
+
+
+def target_of(output: str, part: Part) -> str:
+    """Where this run writes: the data set itself, or its part's folder (emptied of a previous
+    attempt's manifest, so that no merge pairs that attempt's part with this one's)."""
+    from cwm_operator import artifacts
+
+    if not part.split:
+        return output
+    target = artifacts.part_dir(output, part.index)
+    artifacts.discard_manifest(target)
+    return target
+
+
+def merge_when_complete(output: str, part: Part) -> None:
+    """After a part: the last one to finish writes the data set's manifest."""
+    from cwm_operator import artifacts
+
+    if part.split and artifacts.merge_parts(output, part.count) is not None:
+        LOG.info("all %d parts done: merged into %s", part.count, output)
+
+
+def part_label(part: Part) -> str:
+    return f" as part {part.index} of {part.count}" if part.split else ""
