@@ -37,14 +37,11 @@ import atexit
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Iterable
 
 import apache_beam as beam
@@ -120,25 +117,20 @@ class _Environments:
     a runner may create DoFn instances per stage or per bundle, but each repository is prepared
     (fetched, copied, its suite run) once per process. Removed when the process exits."""
 
-    _shared: dict[str, Any] = {}
-    _root: Path | None = None
+    _shared: dict[str, Any] = {}  # sandbox limits -> forager.env.Environments
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     def get(self, spec: dict[str, Any]):
-        from cwm_beam.forager.env import RepoEnvironment
+        from cwm_beam.forager.env import Environments
 
-        key = json.dumps([spec, repr(self.settings.limits)], sort_keys=True)
-        shared = _Environments._shared
-        if key not in shared:
-            if _Environments._root is None:
-                _Environments._root = Path(tempfile.mkdtemp(prefix="cwm-trajectories-"))
-                atexit.register(shutil.rmtree, _Environments._root, True)
-            env = RepoEnvironment(spec, limits=self.settings.limits,
-                                  workroot=_Environments._root / str(len(shared)))
-            shared[key] = env.prepare()
-        return shared[key]
+        key = repr(self.settings.limits)
+        if key not in _Environments._shared:
+            envs = Environments(self.settings.limits, "cwm-trajectories-")
+            atexit.register(envs.close)
+            _Environments._shared[key] = envs
+        return _Environments._shared[key].get(spec)
 
 
 class _WithEnvironments(beam.DoFn):

@@ -333,11 +333,7 @@ def mutate_fix_solve_rate(module: torch.nn.Module, tokenizer: Any, records: Sequ
                           policy: Any = None) -> dict[str, float]:
     """Episodes of the model on held-out mutate-fix tasks (this rank's share); ranks summed.
     ``policy`` replaces the model as the agent (a baseline, e.g. the search-based repair policy)."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from cwm_beam.forager.env import RepoEnvironment
+    from cwm_beam.forager.env import Environments
     from cwm_beam.forager.rollout import run_episode
     from cwm_beam.forager.tasks import Task
     from cwm_beam.sandbox import Limits
@@ -345,27 +341,19 @@ def mutate_fix_solve_rate(module: torch.nn.Module, tokenizer: Any, records: Sequ
     was_training = module.training
     module.eval()
     policy = policy or ModelPolicy(module, tokenizer, max_new_tokens)
-    limits = Limits.from_spec(dict(sandbox or {}))
-    root = Path(tempfile.mkdtemp(prefix="cwm-mutate-fix-"))
-    envs: dict[str, RepoEnvironment] = {}
     solved = turns = 0.0
     mine = list(records[rank::world])
     try:
-        for record in mine:
-            key = json.dumps(record["repository"], sort_keys=True)
-            if key not in envs:
-                envs[key] = RepoEnvironment(record["repository"], limits=limits,
-                                            workroot=root / str(len(envs))).prepare()
-            trajectory = run_episode(envs[key], Task.from_json(record["task"]), policy, max_turns)
-            solved += trajectory.success
-            turns += trajectory.meta["turns"]
-            LOG.info("mutate-fix %s: %s after %d turns (%s)", trajectory.meta["task_id"],
-                     "solved" if trajectory.success else "not solved", trajectory.meta["turns"],
-                     trajectory.meta["stop"])
+        with Environments(Limits.from_spec(dict(sandbox or {})), "cwm-mutate-fix-") as envs:
+            for record in mine:
+                trajectory = run_episode(envs.get(record["repository"]),
+                                         Task.from_json(record["task"]), policy, max_turns)
+                solved += trajectory.success
+                turns += trajectory.meta["turns"]
+                LOG.info("mutate-fix %s: %s after %d turns (%s)", trajectory.meta["task_id"],
+                         "solved" if trajectory.success else "not solved",
+                         trajectory.meta["turns"], trajectory.meta["stop"])
     finally:
-        for env in envs.values():
-            env.close()
-        shutil.rmtree(root, ignore_errors=True)
         module.train(was_training)
     solved, turns, total = all_sum([solved, turns, float(len(mine))], _comm_device(module))
     if not total:

@@ -34,12 +34,15 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from cwm_jobs.data import stable_random
 from cwm_jobs.tasks import OutputTask, extract_answer, prompt_messages, task_from_trace
+
+if TYPE_CHECKING:
+    from cwm_beam.forager.env import Environments
 
 LOG = logging.getLogger("cwm_jobs.rl")
 
@@ -199,35 +202,6 @@ def mutate_fix_pool(trajectories_uri: str, *, limit: int, stats: Counter) -> lis
     return pool
 
 
-class Environments:
-    """Repository environments for the agent episodes, each prepared once per stage."""
-
-    def __init__(self, limits: Any) -> None:
-        import tempfile
-        from pathlib import Path
-
-        self.limits, self.envs = limits, {}
-        self.root = Path(tempfile.mkdtemp(prefix="cwm-rl-envs-"))
-
-    def get(self, spec: dict[str, Any]) -> Any:
-        import json
-
-        from cwm_beam.forager.env import RepoEnvironment
-
-        key = json.dumps(spec, sort_keys=True)
-        if key not in self.envs:
-            self.envs[key] = RepoEnvironment(spec, limits=self.limits,
-                                             workroot=self.root / str(len(self.envs))).prepare()
-        return self.envs[key]
-
-    def close(self) -> None:
-        import shutil
-
-        for env in self.envs.values():
-            env.close()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 def sample_agent_episodes(module: Any, tokenizer: Any, pool: Sequence[tuple[dict, Any]],
                           envs: Environments, *, step: int, seed: int, rank: int, prompts: int,
                           group: int, first_group: int, max_new_tokens: int, temperature: float,
@@ -329,9 +303,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 if not agent_pool:
                     raise ValueError(f"inputs.trajectories {trajectories}: no train record carries "
                                      "its mutate-fix task (regenerate the data set)")
+                from cwm_beam.forager.env import Environments
                 from cwm_beam.sandbox import Limits
 
-                envs = Environments(Limits.from_spec(ctx.config.get("sandbox")))
+                envs = Environments(Limits.from_spec(ctx.config.get("sandbox")), "cwm-rl-envs-")
             context = stage.engine.module.config.max_seq_len
             while stage.step < s.steps:
                 start = time.perf_counter()

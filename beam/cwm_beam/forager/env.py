@@ -325,6 +325,35 @@ class RepoEnvironment:
 _ABSEIL_RAW = re.compile(rb"^\[[\w.]+ : \d+\] RAW: ")
 
 
+class Environments:
+    """Repository environments by source spec, each prepared on first use in a private
+    folder; :meth:`close` removes them all. For a process that works tasks of a few
+    repositories (evaluation, RL) and knows when it is done."""
+
+    def __init__(self, limits: sandbox.Limits, prefix: str = "cwm-envs-") -> None:
+        self.limits = limits
+        self.root = Path(tempfile.mkdtemp(prefix=prefix))
+        self.envs: dict[str, RepoEnvironment] = {}
+
+    def get(self, spec: Mapping[str, Any]) -> RepoEnvironment:
+        key = json.dumps(spec, sort_keys=True)
+        if key not in self.envs:
+            self.envs[key] = RepoEnvironment(dict(spec), limits=self.limits,
+                                             workroot=self.root / str(len(self.envs))).prepare()
+        return self.envs[key]
+
+    def close(self) -> None:
+        for env in self.envs.values():
+            env.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "Environments":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def _died_before_exec(result: sandbox.ProcessResult) -> bool:
     """A child killed by SIGABRT at once, silently or with only abseil's ``RAW:`` check
     messages: inside a Beam worker (gRPC threads) the fork before ``exec`` can abort in
