@@ -4,9 +4,9 @@
 
 Times only the calls (programs compiled and inputs evaluated beforehand, inputs rebuilt for each
 call because some functions mutate them), for: the untraced call; ``cwm_beam.tracer.trace_call``
-(frames *and* the encoded trace text); pysnooper writing to /dev/null (the reference the issue
-names); and a naive tracer that reprs every local at every line. The four run interleaved, program
-by program. CRUXEval is untrusted code like any other, so the measuring process runs inside the
+(frames *and* the encoded trace text) with its C recorder (the default) and with its Python
+reference recorder; pysnooper writing to /dev/null (the reference the issue names); and a naive
+tracer that reprs every local at every line. The five run interleaved, program by program. CRUXEval is untrusted code like any other, so the measuring process runs inside the
 sandbox (``run_command``); ``--inner`` is that process.
 
 Two statistics: ``sum`` adds every call's time; ``min`` adds, per program and variant, the fastest
@@ -41,7 +41,7 @@ def prepare(records: list[dict], repeats: int):
     for record in records:
         namespace: dict = {"__name__": "__bench__"}
         exec(compile(record["code"], FILENAME, "exec"), namespace)
-        calls = [parse_call_args(record["input"], namespace) for _ in range(repeats * 4)]
+        calls = [parse_call_args(record["input"], namespace) for _ in range(repeats * 5)]
         jobs.append((namespace["f"], mark_entry(record["code"], "f"), calls))
     return jobs
 
@@ -60,10 +60,13 @@ def naive_tracer(sink: list):
 def measure(jobs, repeats: int) -> dict[str, float]:
     import pysnooper
 
-    from cwm_beam.tracer import TraceLimits, trace_call
+    from cwm_beam.tracer import ACCELERATED, TraceLimits, trace_call
 
+    if not ACCELERATED:
+        raise SystemExit("cwm_beam._ctracer is not built: reinstall (pip install -e .) with a C "
+                         "compiler available")
     limits = TraceLimits()
-    names = ("untraced", "cwm_tracer", "naive_tracer", "pysnooper")
+    names = ("untraced", "cwm_tracer", "cwm_tracer_python", "naive_tracer", "pysnooper")
     totals = dict.fromkeys(names, 0.0)
     best = [dict.fromkeys(names, float("inf")) for _ in jobs]
     snooped = [pysnooper.snoop(output="/dev/null", color=False)(fn) for fn, _, _ in jobs]
@@ -71,12 +74,15 @@ def measure(jobs, repeats: int) -> dict[str, float]:
     for rep in range(repeats):
         for index, (fn, marked, calls) in enumerate(jobs):
             seconds = {}
-            args, kwargs = calls[rep * 4]
+            args, kwargs = calls[rep * 5]
             t = clock(); fn(*args, **kwargs); seconds["untraced"] = clock() - t
-            args, kwargs = calls[rep * 4 + 1]
+            args, kwargs = calls[rep * 5 + 1]
             t = clock(); trace_call(fn, args, kwargs, marked, limits)
             seconds["cwm_tracer"] = clock() - t
-            args, kwargs = calls[rep * 4 + 2]
+            args, kwargs = calls[rep * 5 + 4]
+            t = clock(); trace_call(fn, args, kwargs, marked, limits, accelerated=False)
+            seconds["cwm_tracer_python"] = clock() - t
+            args, kwargs = calls[rep * 5 + 2]
             sink: list = []
             t = clock()
             sys.settrace(naive_tracer(sink))
@@ -85,7 +91,7 @@ def measure(jobs, repeats: int) -> dict[str, float]:
             finally:
                 sys.settrace(None)
             seconds["naive_tracer"] = clock() - t
-            args, kwargs = calls[rep * 4 + 3]
+            args, kwargs = calls[rep * 5 + 3]
             t = clock(); snooped[index](*args, **kwargs); seconds["pysnooper"] = clock() - t
             for name, value in seconds.items():
                 totals[name] += value

@@ -9,6 +9,12 @@ below the entry, each stepped into with probability ``step_in_probability`` (CWM
 episodes step into callees at random). Comprehensions and generator expressions are not scopes of
 their own (as in Python 3.12, PEP 709): their work shows in the enclosing line's next state.
 
+Two recorders give the same frames and text (``tests/traces/test_ctracer.py`` checks it on every
+CRUXEval program): :class:`_FunctionRecorder` here, the reference, and ``cwm_beam._ctracer``, the
+same rules in C installed with ``_PyEval_SetTrace`` (no Python call and no locals round trip per
+event), used by :func:`trace_call` wherever it was built (``CWM_TRACER=python`` picks the
+reference). Repository episodes (:class:`EpisodeTracer`) use the Python recorder.
+
 Where the time goes (``benchmarks/tracer.py`` compares with a naive tracer and pysnooper): frames
 of other code are refused at the ``call`` event (a per-code-object decision, cached by id) so
 library code runs untraced; a local that is the same immutable object as at the previous frame, or
@@ -257,7 +263,7 @@ class _Recorder:
     def on_call(self, frame: FrameType, event: str, arg: Any):
         """Global trace function: decides at each new frame whether to step into it."""
         if self.stopped:
-            return None
+            return self._refuse(frame)
         code = frame.f_code
         # Keyed by id: hashing a code object hashes its constants and names on every look-up.
         # The value keeps the code object alive, so its id is not reused while cached.
@@ -270,17 +276,24 @@ class _Recorder:
         scopes = self.scopes
         if not scopes:
             if code is not self.entry_code:
-                return None
+                return self._refuse(frame)
         elif (frame.f_back is not scopes[-1].frame or len(scopes) > self.limits.max_depth
               or (self.rng is not None
                   and self.rng.random() >= self.limits.step_in_probability)):
-            return None
+            return self._refuse(frame)
         scope = _Scope(frame, info[0])
         scopes.append(scope)
         scope.local = self._tracers(scope)
         if self._full_frame(CALL_SEP, "call", scope, frame.f_locals, info[1]):
             return self._stopped_tracer(scope)
         return scope.local
+
+    @staticmethod
+    def _refuse(frame: FrameType) -> None:
+        """Leave a frame untraced. A resumed generator that was a scope before still holds
+        that scope's tracer (returning None at a call event keeps ``f_trace``): drop it."""
+        if frame.f_trace is not None:
+            frame.f_trace = None
 
     def _tracers(self, scope: _Scope):
         recorder, cap, objects, texts, snaps, lines = (
@@ -723,13 +736,28 @@ def trace_function(source: str, entry: str, args_src: str, *,
 
 
 def trace_call(function, args: tuple, kwargs: dict, marked_source: str,
-               limits: TraceLimits = TraceLimits()) -> TraceResult:
+               limits: TraceLimits = TraceLimits(), *,
+               accelerated: bool | None = None) -> TraceResult:
     """Call ``function`` (compiled from ``marked_source`` under :data:`FILENAME`) under the
-    tracer. Split from :func:`trace_function` so the benchmark can time the traced call alone."""
+    tracer. Split from :func:`trace_function` so the benchmark can time the traced call alone.
+
+    ``accelerated`` picks the recorder: the C one (``cwm_beam._ctracer``, the default where it
+    was built) or the Python reference (:class:`_FunctionRecorder`); both give the same result."""
     marked = marked_source
     # Line texts come from the marked source: the entry's call frame shows the marker, as the
     # prompt does (the marker is a comment, so line numbers are unchanged).
-    recorder = _FunctionRecorder(marked.split("\n"), function.__code__, limits)
+    lines = marked.split("\n")
+    if accelerated is None:
+        accelerated = ACCELERATED
+    if accelerated:
+        recorder = _ctracer.Recorder(
+            function.__code__, FILENAME, [""] + lines,
+            _SKIPPED_SCOPES - {"<lambda>"} if limits.trace_lambdas else _SKIPPED_SCOPES,
+            (random.Random(limits.seed).random if limits.step_in_probability < 1.0 else None),
+            limits.step_in_probability, limits.max_depth, limits.max_repr_chars,
+            limits.max_events, limits.max_bytes)
+    else:
+        recorder = _FunctionRecorder(lines, function.__code__, limits)
     head = trace_prompt(marked)
     recorder.size = len(head)
     return_repr = exception = exception_type = None
@@ -740,7 +768,10 @@ def trace_call(function, args: tuple, kwargs: dict, marked_source: str,
     # still bounds a program that makes cyclic garbage.
     collecting = gc.isenabled()
     gc.disable()
-    sys.settrace(recorder.on_call)
+    if accelerated:
+        recorder.start()
+    else:
+        sys.settrace(recorder.on_call)
     try:
         value = function(*args, **kwargs)
     except TraceLimitExceeded:
@@ -770,3 +801,17 @@ def trace_call(function, args: tuple, kwargs: dict, marked_source: str,
     text = head + "".join(recorder.pieces) + (END_OF_TEXT if complete else "")
     return TraceResult(frames, text, return_repr, exception, recorder.truncated, len(frames),
                        exception_type)
+
+
+# The C recorder (built from _ctracer.c at install time; optional, so an install without a
+# compiler still works, with the Python recorder and its ~2x higher tracing cost).
+try:
+    from cwm_beam import _ctracer
+except ImportError:   # pragma: no cover - depends on the install
+    _ctracer = None
+else:
+    _ctracer.configure(
+        frame_type=Frame, limit_exceeded=TraceLimitExceeded, encode_string=encode_basestring,
+        unchanged=UNCHANGED, truncation_marker=TRUNCATION_MARKER,
+        tokens=(CALL_SEP, LINE_SEP, RETURN_SEP, EXCEPTION_SEP, ACTION_SEP, ARG_SEP, FRAME_SEP))
+ACCELERATED = _ctracer is not None and os.environ.get("CWM_TRACER") != "python"

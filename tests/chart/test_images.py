@@ -160,7 +160,8 @@ def test_dockerignore_keeps_sources_and_drops_local_state() -> None:
         assert not ignored(IGNORE_RULES, f"{folder}/__init__.py")
     assert not ignored(IGNORE_RULES, "pyproject.toml")
     for junk in (".venv/bin/python", ".cache/bin/helm", ".git/HEAD", "runs/tiny/x.json",
-                 "beam/cwm_beam/__pycache__/x.pyc", "tests/conftest.py"):
+                 "beam/cwm_beam/__pycache__/x.pyc", "tests/conftest.py",
+                 "beam/cwm_beam/_ctracer.cpython-311-x86_64-linux-gnu.so"):
         assert ignored(IGNORE_RULES, junk), junk
 
 
@@ -280,6 +281,14 @@ def test_beam_image_smoke_imports_the_data_steps() -> None:
     for step in plan.steps:
         if step.kind != "train":
             assert step.module in smoke, f"{step.module} missing from the beam image's import check"
+
+
+def test_beam_image_builds_the_c_tracer() -> None:
+    """The extension is optional at install time (no compiler: the Python recorder), so the
+    image checks it was built: a compiler in the build stage and an import of the module."""
+    df = parse(DOCKERFILES["beam"])
+    build = " ".join(i.args for i in df.stage("build").all("RUN"))  # type: ignore[union-attr]
+    assert "gcc" in build and "cwm_beam._ctracer" in build
 
 
 def test_trainer_default_command_is_a_plan_command() -> None:
