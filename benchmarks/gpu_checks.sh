@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
 
 # --noconftest: the control-plane fixture plugin needs the Kubernetes client, which the GPU tests do not.
-$PY -m pytest -q --noconftest -p no:cacheprovider -m gpu tests/model 2>&1 | tee "$OUT/pytest-gpu.txt"
+$PY -m pytest -q --noconftest -p no:cacheprovider -m gpu tests/model tests/jobs/test_data.py 2>&1 | tee "$OUT/pytest-gpu.txt"
 
 if [ -n "${QUICK:-}" ]; then  # one comparison at micro batch 8 (both copies fit on an H200)
     timeout 200 $PY benchmarks/train_throughput.py --preset 1b --device cuda --steps 6 --micro-batch 8 \

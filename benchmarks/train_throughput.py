@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--compile-scope", default="blocks", choices=["blocks", "pointwise"],
+                        help="what CWM.compile_for_training fuses on the GPU")
+    parser.add_argument("--eager-loss", action="store_true",
+                        help="the loss uncompiled (masked_lm_loss instead of training_loss)")
     parser.add_argument("--no-baseline", action="store_true", help="DeepSpeed only (memory)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the card's peak")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = args.steps or (20 if cuda else 8)
 
     import cwm_jobs.common as common
-    from cwm_jobs.data import masked_lm_loss
+    from cwm_jobs.data import masked_lm_loss, training_loss
     from cwm_jobs.engine import BETAS, GRADIENT_CLIPPING, LRSchedule, build_engine, parameter_groups
     from cwm_model.model import CWM
     from cwm_model.presets import get_preset
@@ -120,8 +124,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            docs=4, device=str(device))
     plain = None if args.no_baseline else copy.deepcopy(model).to(device)
     if plain is not None and cuda:
-        plain.compile_pointwise()  # as build_engine does for the engine's copy
-    engine = build_engine(model, settings, world_size=1, device_type=args.device)
+        plain.compile_for_training(args.compile_scope)  # as build_engine does for the engine's
+    engine = build_engine(model, settings, world_size=1, device_type=args.device,
+                          compile_scope=args.compile_scope)
+    loss_fn = masked_lm_loss if args.eager_loss else training_loss
 
     if plain is not None:
         if args.activation_checkpointing:
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def forward(module: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = module(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"])
-        return masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
+        return loss_fn(logits, batch["targets"], batch["loss_mask"])
 
     def ds_step(batch: dict[str, torch.Tensor]) -> None:
         engine.backward(forward(engine, batch))

@@ -374,6 +374,22 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+_compiled_loss: Any = None
+
+
+def training_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`masked_lm_loss`, compiled on CUDA into fused kernels that read the bf16 logits and
+    never materialise the float32 logits and log-probabilities (tokens x vocabulary each: at
+    CWM's 128k vocabulary the largest tensors of a training step). Training batches have one
+    shape per stage, so it compiles once."""
+    if logits.device.type != "cuda":
+        return masked_lm_loss(logits, targets, mask)
+    global _compiled_loss
+    if _compiled_loss is None:
+        _compiled_loss = torch.compile(masked_lm_loss, dynamic=False)
+    return _compiled_loss(logits, targets, mask)
+
+
 @dataclass
 class Batcher:
     """Micro-batches from a stream; its ``state()`` is the stream's."""

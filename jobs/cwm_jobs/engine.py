@@ -127,8 +127,12 @@ def build_engine(
     world_size: int,
     device_type: str,
     micro_batch_size: int | None = None,
+    compile_scope: str = "blocks",
 ):
     """Wrap ``model`` in a DeepSpeed engine (the process group must already exist).
+
+    On CUDA the model is compiled for training first (``compile_scope``, see
+    ``CWM.compile_for_training``).
 
     Returns the engine; its ``optimizer`` and ``lr_scheduler`` attributes hold the rest.
     """
@@ -140,8 +144,8 @@ def build_engine(
                 "spec.activationCheckpointing is true but the model has no set_activation_checkpointing()"
             )
         model.set_activation_checkpointing(True)
-    if device_type == "cuda" and hasattr(model, "compile_pointwise"):
-        model.compile_pointwise()
+    if device_type == "cuda" and hasattr(model, "compile_for_training"):
+        model.compile_for_training(compile_scope)
     config = deepspeed_config(
         settings, world_size=world_size, device_type=device_type, micro_batch_size=micro_batch_size,
         parameters=sum(p.numel() for p in model.parameters()),

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from cwm_jobs.checkpointing import Resumed, StateStore, save_final_checkpoint
 from cwm_jobs.common import DistEnv, StepContext, device_type, seed_everything
-from cwm_jobs.data import Batcher, masked_lm_loss
+from cwm_jobs.data import Batcher, training_loss
 from cwm_jobs.engine import build_engine
 from cwm_jobs.metrics import MetricsLogger
 
@@ -72,7 +72,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def forward_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"])
-    return masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
+    return training_loss(logits, batch["targets"], batch["loss_mask"])
 
 
 def all_mean(values: list[float]) -> float:

@@ -266,17 +266,25 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: Rope, attend: Attend,
-                cache: KVCache | None) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, ...]:
+        """Queries and keys (RoPE applied) and values, (B, heads, T, hd) each."""
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope)  # (B, T, nh, hd)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope)  # (B, T, nkv, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        """The attention output (B, nh, T, hd) back to the residual stream (B, T, dim)."""
+        B, _, T, _ = out.shape
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, x: torch.Tensor, rope: Rope, attend: Attend,
+                cache: KVCache | None) -> torch.Tensor:
+        q, k, v = self.qkv(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
-        out = attend(q, k, v, self.window)  # (B, nh, T, hd)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh * hd) -> (B, T, dim)
+        return self.project(attend(q, k, v, self.window))  # (B, nh, T, hd) -> (B, T, dim)
 
 
 class FeedForward(nn.Module):
@@ -294,7 +302,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))``."""
+    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))``.
+
+    The work around the attention kernel is two functions, :meth:`attention_inputs` and
+    :meth:`attention_outputs`, so that :meth:`CWM.compile_for_training` can compile each whole
+    (norm, projections, RoPE; output projection, residual adds, norm, SwiGLU) while the
+    attention, whose masks change every batch, stays outside the compiled code."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -302,11 +315,22 @@ class Block(nn.Module):
         self.attention = Attention(config, layer)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
+        self.compiled_parts: tuple[Callable, Callable] | None = None
+
+    def attention_inputs(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, ...]:
+        return self.attention.qkv(self.attention_norm(x), rope)
+
+    def attention_outputs(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention.project(out)
+        return x + self.feed_forward(self.ffn_norm(x))
 
     def forward(self, x: torch.Tensor, rope: Rope, attend: Attend,
                 cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, attend, cache)
-        return x + self.feed_forward(self.ffn_norm(x))
+        inputs, outputs = self.compiled_parts or (self.attention_inputs, self.attention_outputs)
+        q, k, v = inputs(x, rope)
+        if cache is not None:
+            k, v = cache.update(self.attention.layer, k, v)  # (B, nkv, S, hd)
+        return outputs(x, attend(q, k, v, self.attention.window))
 
 
 class CWM(nn.Module):
@@ -335,15 +359,29 @@ class CWM(nn.Module):
             else:
                 nn.init.normal_(param, std=std)
 
-    def compile_pointwise(self) -> None:
-        """Fuse the memory-bound pieces with ``torch.compile`` — each RMSNorm and each SwiGLU
-        (its silu and product around cuBLAS matmuls) — for the GPU, where they otherwise cost
-        several full passes over the activations each. The attention is already compiled
-        (FlexAttention). A no-op for modules compiled before."""
+    def compile_for_training(self, scope: str = "blocks") -> None:
+        """Fuse the memory-bound work around the matmuls with ``torch.compile`` (for the GPU,
+        where each elementwise op is otherwise a full pass over the activations; the attention
+        is compiled already, FlexAttention). ``blocks``: each block's work before and after its
+        attention kernel, whole (norms, RoPE, residual adds, SwiGLU, projections); one compiled
+        graph serves every block. ``pointwise``: only each RMSNorm and SwiGLU, the earlier and
+        smaller scope, kept for comparison (benchmarks/train_throughput.py --compile-scope).
+        Parameters and checkpoints are unchanged. Compiling again is a no-op."""
+        if scope not in ("blocks", "pointwise"):
+            raise ValueError(f"compile scope must be blocks or pointwise, got {scope!r}")
         for module in self.modules():
-            if isinstance(module, (RMSNorm, FeedForward)) and not getattr(module, "_compiled", False):
+            if getattr(module, "_compiled", False):
+                continue
+            if scope == "blocks" and isinstance(module, Block):
+                module.compiled_parts = (torch.compile(module.attention_inputs, dynamic=False),
+                                         torch.compile(module.attention_outputs, dynamic=False))
+            elif isinstance(module, RMSNorm if scope == "blocks" else (RMSNorm, FeedForward)):
+                if scope == "blocks" and module is not self.norm:
+                    continue   # inside a compiled block
                 module.compile(dynamic=False)
-                module._compiled = True
+            else:
+                continue
+            module._compiled = True
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""

@@ -160,3 +160,24 @@ def test_observation_masking_is_deterministic_at_the_configured_rate():
     assert flags == [observation_masked(0, Position(0, 0, n, n), 3, 0.5) for n in range(2000)]
     assert 0.45 < sum(flags) / len(flags) < 0.55
     assert not any(observation_masked(0, Position(0, 0, n, n), 1, 0.0) for n in range(100))
+
+
+@pytest.mark.gpu
+def test_the_compiled_training_loss_equals_the_eager_one():
+    from cwm_jobs.data import training_loss
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    logits = torch.randn(2, 256, 128_256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 128_256, (2, 256), device="cuda")
+    mask = (torch.rand(2, 256, device="cuda") > 0.3).float()
+    values, grads = [], []
+    for fn in (masked_lm_loss, training_loss):
+        logits.grad = None
+        loss = fn(logits, targets, mask)
+        loss.backward()
+        values.append(loss.detach())
+        grads.append(logits.grad.float())
+    assert torch.allclose(values[0], values[1], rtol=1e-4)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-2)

@@ -179,6 +179,42 @@ def test_model_info_cli(capsys):
     assert 32_500_000_000 <= count <= 32_700_000_000
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", ["blocks", "pointwise"])
+def test_compiled_for_training_equals_eager_with_one_graph_for_all_blocks(scope):
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    # Windows that all reach back over the whole sequence: every layer's attention output has
+    # the same layout (the CPU's banded local attention returns other strides, which compile
+    # one more graph).
+    eager = CWM(get_preset("debug", local_window=128, max_seq_len=128))
+    eager.attention_backend = "sdpa"
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()   # what earlier tests compiled (the same module code) is forgotten
+    compiled.compile_for_training(scope)
+    compiled.compile_for_training(scope)   # again: a no-op
+    x = torch.randint(0, 768, (2, 128))
+    doc_ids = torch.cat([torch.zeros(2, 50), torch.ones(2, 78)], dim=1).long()
+    counters.clear()
+    grads = []
+    for model in (eager, compiled):
+        for _ in range(2):   # the second call reuses what the first compiled
+            model.zero_grad()
+            logits = model(x, doc_ids)
+            logits.logsumexp(-1).mean().backward()
+        grads.append((logits.detach(), model.output.weight.grad, model.layers[1].attention.wq.weight.grad,
+                      model.layers[2].feed_forward.w1.weight.grad))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    # blocks: inputs and outputs of a block, and the final norm; pointwise: RMSNorm and SwiGLU
+    assert counters["stats"]["unique_graphs"] == (3 if scope == "blocks" else 2)
+    assert sum(counters["recompiles"].values()) == 0
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
 @pytest.mark.gpu
 def test_gpu_fast_path_matches_sdpa_forward_and_backward():
     if not torch.cuda.is_available():
@@ -189,12 +225,12 @@ def test_gpu_fast_path_matches_sdpa_forward_and_backward():
     doc_ids = torch.cat([torch.zeros(2, 200), torch.ones(2, 312)], dim=1).long().cuda()
     results = []
     keys = list(model.state_dict())
-    # auto = compiled FlexAttention on CUDA; then with RMSNorm and SwiGLU compiled too
+    # auto = compiled FlexAttention on CUDA; then with each block compiled around it too
     for backend, compiled in (("sdpa", False), ("auto", False), ("auto", True)):
         model.zero_grad()
         model.attention_backend = backend
         if compiled:
-            model.compile_pointwise()
+            model.compile_for_training()
         logits = model(x, doc_ids)
         logits.logsumexp(-1).mean().backward()
         results.append((logits.detach(), model.output.weight.grad.clone()))
