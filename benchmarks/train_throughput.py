@@ -77,6 +77,42 @@ def make_batches(count: int, batch: int, seq_len: int, vocab: int, docs: int, de
     return out
 
 
+def override_deepspeed_config(override: dict[str, Any]) -> None:
+    """Make build_engine use the stage's config with ``override`` merged in (dicts deeply)."""
+    import cwm_jobs.engine as engine_module
+
+    original = engine_module.deepspeed_config
+
+    def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        for key, value in extra.items():
+            base[key] = (merge(dict(base.get(key) or {}), value) if isinstance(value, dict)
+                         else value)
+        return base
+
+    engine_module.deepspeed_config = lambda *a, **k: merge(original(*a, **k), override)
+
+
+def profile_steps(folder: str, steps: dict[str, Any], batch: dict[str, torch.Tensor],
+                  cuda: bool) -> None:
+    """One profiled step per loop; the operators that took the most device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(folder, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for name, step in steps.items():
+        if step is None:
+            continue
+        with profile(activities=activities) as prof:
+            step(batch)
+            if cuda:
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(
+            sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40,
+            max_name_column_width=70)
+        with open(os.path.join(folder, f"profile-{name}.txt"), "w") as f:
+            f.write(table)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
@@ -94,6 +130,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-baseline", action="store_true", help="DeepSpeed only (memory)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the card's peak")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--ds-override", default=None, metavar="JSON",
+                        help="merged into the stage's DeepSpeed config (to try settings), e.g. "
+                             "'{\"zero_optimization\": {\"overlap_comm\": false}}'")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after timing, profile one step of each loop (torch.profiler) and "
+                             "write the top operators by device time to DIR")
     args = parser.parse_args(argv)
 
     cuda = args.device == "cuda"
@@ -125,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plain = None if args.no_baseline else copy.deepcopy(model).to(device)
     if plain is not None and cuda:
         plain.compile_for_training(args.compile_scope)  # as build_engine does for the engine's
+    if args.ds_override:
+        override_deepspeed_config(json.loads(args.ds_override))
     engine = build_engine(model, settings, world_size=1, device_type=args.device,
                           compile_scope=args.compile_scope)
     loss_fn = masked_lm_loss if args.eager_loss else training_loss
@@ -177,6 +221,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             plain_times.append(timed(plain_step, [batch]))
     ds_time = statistics.median(ds_times) * len(ds_times)
     plain_time = statistics.median(plain_times) * len(plain_times) if plain_times else 0.0
+
+    if args.profile:
+        profile_steps(args.profile, {"deepspeed": ds_step, "plain": plain_step if plain else None},
+                      batches[-1], cuda)
 
     timed_steps = len(ds_times)
     tokens = timed_steps * micro * seq_len

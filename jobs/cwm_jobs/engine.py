@@ -63,16 +63,23 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    # Gradients are summed over micro batches or averaged over ranks: then in fp32, so neither
+    # loses precision. With one rank and no accumulation nothing is summed, and fp32 buffers
+    # would only add a bf16 -> fp32 copy of every gradient (measured on an H200: +0.9% steps/s).
+    combined = settings.gradient_accumulation > 1 or world_size > 1
     if bf16:
         # torch's fused CUDA AdamW over ZeRO's flat fp32 partitions: one kernel, not a dozen.
         config["optimizer"]["params"]["fused"] = True
-        # Accumulate gradients in fp32 so gradient accumulation does not lose precision.
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["data_types"] = {"grad_accum_dtype": "fp32" if combined else "bf16"}
     if settings.zero_stage in (1, 2):
         bucket = bucket_elements(parameters)
         config["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     if settings.zero_stage == 2:
-        config["zero_optimization"].update(overlap_comm=device_type == "cuda", contiguous_gradients=True)
+        # Overlapping the gradient reduction with the backward pass and copying gradients into
+        # one contiguous buffer pay off across ranks; on one rank they are only copies (an H200
+        # profile: 18 ms of a 298 ms step; without them 3.9% more steps/s).
+        config["zero_optimization"].update(overlap_comm=device_type == "cuda" and world_size > 1,
+                                           contiguous_gradients=world_size > 1)
     return config
 
 

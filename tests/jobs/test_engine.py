@@ -35,6 +35,18 @@ def test_config_follows_the_stage_and_device():
     assert big["zero_optimization"]["allgather_bucket_size"] == 500_000_000
 
 
+def test_one_gpu_without_accumulation_skips_what_only_pays_off_across_ranks():
+    many = deepspeed_config(settings(gradient_accumulation=1), world_size=8, device_type="cuda")
+    assert many["zero_optimization"]["overlap_comm"] and many["zero_optimization"]["contiguous_gradients"]
+    assert many["data_types"]["grad_accum_dtype"] == "fp32"      # averaged over ranks
+    one = deepspeed_config(settings(gradient_accumulation=1), world_size=1, device_type="cuda")
+    assert not one["zero_optimization"]["overlap_comm"]
+    assert not one["zero_optimization"]["contiguous_gradients"]
+    assert one["data_types"]["grad_accum_dtype"] == "bf16"       # nothing is summed
+    accumulating = deepspeed_config(settings(), world_size=1, device_type="cuda")
+    assert accumulating["data_types"]["grad_accum_dtype"] == "fp32"
+
+
 def test_schedule_warms_up_then_decays_to_the_floor_or_stays_constant():
     cos = LRSchedule(total_steps=100, warmup_steps=10, min_ratio=0.1)
     assert cos(0) < cos(5) < cos(9) < 1.0 and cos(10) == pytest.approx(1.0)
