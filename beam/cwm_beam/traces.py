@@ -43,8 +43,8 @@ from apache_beam.metrics import Metrics
 
 from cwm_beam import fuzz, repository, sources, synthetic
 from cwm_beam.parts import Part, job_part
-from cwm_beam.step import (add_common_flags, merge_when_complete, output_and_runner, part_label,
-                           pipeline_for, read_step, target_of)
+from cwm_beam.step import (add_common_flags, local_workers, merge_when_complete, output_and_runner,
+                           part_label, pipeline_for, read_step, run_as_parts, target_of)
 from cwm_beam.sandbox import Failure, Limits, TracePool
 from cwm_beam.trace_format import contains_trace_token
 from cwm_beam.tracer import TraceLimits
@@ -599,11 +599,22 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, build, run, write the manifest; returns the manifest's stats."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     LOG.setLevel(logging.INFO)
-    settings, output, beam_section, beam_flags, _ = load_job(
-        list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    settings, output, beam_section, beam_flags, _ = load_job(args)
     LOG.info("tracing %s into %s (runner %s, workers %s)",
              [s["kind"] for s in settings.sources], output,
              beam_section.get("runner", "in-process"), beam_section.get("workers", 1))
+    workers = local_workers(beam_section, beam_flags)
+    if workers > 1:
+        stats, seconds = run_as_parts("cwm_beam.traces", args, settings.part, workers, output)
+        stats["seconds"] = round(seconds, 2)
+        stats["traces_per_second"] = round(
+            (stats["train_records"] + stats["validation_records"]) / max(seconds, 1e-9), 1)
+        LOG.info("%d processes wrote %d train, %d validation, %d dead letters in %.1fs "
+                 "(%.1f traces/s)", workers, stats["train_records"],
+                 stats["validation_records"], stats["deadletter_records"], seconds,
+                 stats["traces_per_second"])
+        return stats
     started = time.monotonic()
     part = settings.part
     target = target_of(output, part)

@@ -50,8 +50,8 @@ from apache_beam.metrics import Metrics
 from cwm_beam.forager.mutations import FAMILIES
 from cwm_beam.parts import Part, job_part
 from cwm_beam.sandbox import Limits
-from cwm_beam.step import (add_common_flags, merge_when_complete, output_and_runner, part_label,
-                           pipeline_for, read_step, target_of)
+from cwm_beam.step import (add_common_flags, local_workers, merge_when_complete, output_and_runner,
+                           part_label, pipeline_for, read_step, run_as_parts, target_of)
 from cwm_beam.traces import WriteShards, shard_file
 
 LOG = logging.getLogger("cwm_beam.trajectories")
@@ -454,11 +454,21 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, build, run, write the manifest; returns the manifest's stats."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     LOG.setLevel(logging.INFO)
-    settings, output, beam_section, beam_flags = load_job(
-        list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    settings, output, beam_section, beam_flags = load_job(args)
     LOG.info("trajectories for %d repositories into %s (runner %s, workers %s, policy %s)",
              len(settings.repositories), output, beam_section.get("runner", "in-process"),
              beam_section.get("workers", 1), settings.policy.get("kind"))
+    workers = local_workers(beam_section, beam_flags)
+    if workers > 1:
+        stats, seconds = run_as_parts("cwm_beam.trajectories", args, settings.part, workers,
+                                      output)
+        stats["seconds"] = round(seconds, 2)
+        stats["rollouts_per_minute"] = round(60 * stats["episodes"] / max(seconds, 1e-9), 2)
+        LOG.info("%d processes wrote %d trajectories, %d dead letters in %.1fs (%.2f "
+                 "rollouts/min)", workers, stats["train_records"], stats["deadletter_records"],
+                 seconds, stats["rollouts_per_minute"])
+        return stats
     started = time.monotonic()
     part = settings.part
     target = target_of(output, part)

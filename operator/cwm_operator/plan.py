@@ -91,11 +91,12 @@ def fingerprint(config: Mapping[str, Any], upstream: list[str]) -> str:
 
 
 def _beam_args(pipeline: CWMPipeline) -> list[str]:
-    """Beam pipeline options, passed through unchanged to the pipeline."""
+    """The runner, the in-process runner's worker processes (each runs the step on its part of
+    the work: cwm_beam.step.run_as_parts), and Beam options, passed through unchanged."""
     beam = pipeline.spec.data.beam
     args = [f"--runner={beam.runner}"]
     if beam.runner == "DirectRunner":
-        args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={beam.workers}"]
+        args += ["--workers", str(beam.workers)]
     return args + list(beam.options)
 
 

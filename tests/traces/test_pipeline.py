@@ -92,6 +92,41 @@ def test_fuzzed_functions_get_inputs(dataset):
     assert all(r["input"] for r in fuzzed) and len(fuzzed) <= 6
 
 
+@pytest.mark.slow
+def test_local_workers_are_part_processes_and_nest_inside_indexed_job_pods(tmp_path, monkeypatch):
+    """--workers 2: two processes, each tracing its part; inside pods of an Indexed Job, pod i's
+    process j is part 2i+j of 4. Either way the data set holds exactly an unsplit run's records."""
+    flags = ["--source", "synthetic:40", "--shards", "2", "--validation-fraction", "0.2"]
+    whole = tmp_path / "whole"
+    traces.run([*flags, "--output", str(whole)])
+    local = tmp_path / "local"
+    stats = traces.run([*flags, "--output", str(local), "--workers", "2"])
+    pods = tmp_path / "pods"
+    monkeypatch.setenv("CWM_PARTS", "2")
+    for index in ("0", "1"):
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", index)
+        traces.run([*flags, "--output", str(pods), "--workers", "2"])
+    monkeypatch.delenv("CWM_PARTS")
+
+    def texts(root, split_name):
+        return sorted(r["text"] for r in artifacts.iter_records(str(root), split_name))
+
+    assert artifacts.verify(str(local)).stats["parts"] == 2
+    assert artifacts.verify(str(pods)).stats["parts"] == 4
+    for name in ("train", "validation"):
+        assert texts(local, name) == texts(whole, name) == texts(pods, name)
+    assert stats["train_records"] + stats["validation_records"] == 40
+    assert stats["traces_per_second"] > 0
+
+
+def test_a_failing_part_process_fails_the_step_and_merges_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="exited with code"):
+        traces.run(["--source", f"jsonl:{tmp_path / 'missing.jsonl'}", "--output", str(out),
+                    "--workers", "2"])
+    assert not (out / "manifest.json").exists()
+
+
 def test_a_step_split_over_indexed_job_pods_equals_one_run(tmp_path, monkeypatch):
     """Each pod of an Indexed Job (JOB_COMPLETION_INDEX, CWM_PARTS) traces its part; the last one
     merges the manifests, and the data set holds exactly the records of an unsplit run."""
