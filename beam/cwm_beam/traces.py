@@ -598,7 +598,7 @@ def _read_rows(uri: str) -> list[dict[str, Any]]:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, build, run, write the manifest; returns the manifest's stats."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    LOG.setLevel(logging.INFO)
+    logging.getLogger("cwm_beam").setLevel(logging.INFO)   # this step and its helpers
     args = list(sys.argv[1:] if argv is None else argv)
     settings, output, beam_section, beam_flags, _ = load_job(args)
     LOG.info("tracing %s into %s (runner %s, workers %s)",

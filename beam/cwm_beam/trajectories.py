@@ -453,7 +453,7 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, build, run, write the manifest; returns the manifest's stats."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    LOG.setLevel(logging.INFO)
+    logging.getLogger("cwm_beam").setLevel(logging.INFO)   # this step and its helpers
     args = list(sys.argv[1:] if argv is None else argv)
     settings, output, beam_section, beam_flags = load_job(args)
     LOG.info("trajectories for %d repositories into %s (runner %s, workers %s, policy %s)",
