@@ -5,16 +5,17 @@ is written — whole, or as one part of an Indexed Job (:mod:`cwm_beam.parts`).
 Local parallelism (``--workers N`` with the in-process runner) uses the same split as an Indexed
 Job: N processes, each the whole pipeline on its part of the work, the last to finish merging the
 manifest (:func:`run_as_parts`). Measured against Beam's own multi-processing mode (worker
-processes fed over a gRPC data plane): 2 workers gave 1.52x one worker instead of 1.34x on 2
-cores; see docs/benchmarks.md. Beam's mode stays one flag away
-(``--direct_running_mode=multi_processing``), as do other runners.
+processes fed over a gRPC data plane) on 2 cores: 2 workers gave 1.36-1.59x one worker instead of
+1.22-1.29x, and no sandbox worker lost to a fork abort; see docs/benchmarks.md. Beam's mode stays
+one flag away (``--direct_running_mode=multi_processing``), as do other runners.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-import subprocess
+import multiprocessing
 import sys
 import time
 from dataclasses import dataclass
@@ -102,6 +103,11 @@ def pipeline_for(beam_section: dict[str, Any], beam_flags: list[str]) -> beam.Pi
     return beam.Pipeline(options=PipelineOptions([f"--runner={runner}", *beam_flags]))
 
 
+def _run_part(module: str, argv: list[str]) -> None:
+    """A part process: the step's own ``run`` on its part (a forked child of the step)."""
+    importlib.import_module(module).run(argv)
+
+
 def local_workers(beam_section: dict[str, Any], beam_flags: list[str]) -> int:
     """How many part processes this step runs as: ``workers`` for the in-process runner, 1 for
     other runners and where Beam's own multi-processing mode is asked for by flags."""
@@ -127,22 +133,31 @@ def run_as_parts(module: str, argv: list[str], part: Part, workers: int,
     started = time.monotonic()
     LOG.info("running %s as %d processes: parts %s of %d", module, workers,
              ", ".join(str(p.index) for p in parts), parts[0].count)
-    procs = [subprocess.Popen([sys.executable, "-m", module, *argv, "--part", str(p.index),
-                               "--parts", str(p.count), "--workers", "1"]) for p in parts]
+    # Forked, not spawned: the processes start with Beam and this step already imported (seconds
+    # per process otherwise). Nothing has started a pipeline, a sandbox or a gRPC thread yet.
+    context = multiprocessing.get_context("fork")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    procs = [context.Process(target=_run_part, name=f"part-{p.index}",
+                             args=(module, [*argv, "--part", str(p.index), "--parts", str(p.count),
+                                            "--workers", "1"])) for p in parts]
     failed: list[str] = []
     try:
+        for proc in procs:
+            proc.start()
         for p, proc in zip(parts, procs):
-            code = proc.wait()
-            if code != 0 and not failed:
-                failed.append(f"part {p.index} of {p.count} exited with code {code}")
+            proc.join()
+            if proc.exitcode != 0 and not failed:
+                failed.append(f"part {p.index} of {p.count} exited with code {proc.exitcode}")
                 for other in procs:
-                    if other.poll() is None:
+                    if other.is_alive():
                         other.terminate()
     finally:
         for proc in procs:
-            if proc.poll() is None:
+            if proc.is_alive():
                 proc.kill()
-                proc.wait()
+            if proc.pid is not None:
+                proc.join()
     if failed:
         raise RuntimeError(f"{module}: {failed[0]}")
     seconds = time.monotonic() - started
