@@ -136,7 +136,11 @@ class BeamSpec(Spec):
         "SparkRunner, DataflowRunner, PortableRunner.",
     )
     workers: int = Field(
-        2, ge=1, le=1024, description="Parallel workers (processes locally, pods on a cluster)."
+        2, ge=1, le=1024,
+        description="With the in-process runner: processes per data step (per pod on a cluster), "
+        "each running the pipeline on its part of the work; the last to finish merges the parts. "
+        "Beam's own multi-processing mode instead: options ['--direct_running_mode="
+        "multi_processing'].",
     )
     options: list[str] = Field(
         default_factory=list,
