@@ -16,6 +16,7 @@ import argparse
 import importlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import sys
 import time
 from dataclasses import dataclass
@@ -145,13 +146,16 @@ def run_as_parts(module: str, argv: list[str], part: Part, workers: int,
     try:
         for proc in procs:
             proc.start()
-        for p, proc in zip(parts, procs):
-            proc.join()
-            if proc.exitcode != 0 and not failed:
-                failed.append(f"part {p.index} of {p.count} exited with code {proc.exitcode}")
-                for other in procs:
-                    if other.is_alive():
-                        other.terminate()
+        running = {proc.sentinel: (p, proc) for p, proc in zip(parts, procs)}
+        while running:   # in the order they end, so that a failure stops the others at once
+            for sentinel in multiprocessing.connection.wait(list(running)):
+                p, proc = running.pop(sentinel)
+                proc.join()
+                if proc.exitcode != 0 and not failed:
+                    failed.append(f"part {p.index} of {p.count} exited with code {proc.exitcode}")
+                    for other in procs:
+                        if other.is_alive():
+                            other.terminate()
     finally:
         for proc in procs:
             if proc.is_alive():
