@@ -552,10 +552,12 @@ finish_state(Writer *w, PyObject *line)
     return _PyUnicodeWriter_Finish(w);
 }
 
-/* A call or line frame with every value written in full (tracer._Recorder._full_frame). */
+/* A call or line frame. In full, every value written out (tracer._Recorder._full_frame: a
+ * scope's first frame, and its first line after a callee returned); otherwise unchanged values
+ * found by identity before any repr (the closure made by tracer._Recorder._tracers). */
 static int
-full_frame(Recorder *r, Scope *s, PyObject *token, PyObject *event, PyFrameObject *frame,
-           PyObject *line)
+state_frame(Recorder *r, Scope *s, PyObject *token, PyObject *event, PyFrameObject *frame,
+            PyObject *line, int full)
 {
     PyObject *locals = frame_locals(frame);
     if (locals == NULL)
@@ -568,54 +570,8 @@ full_frame(Recorder *r, Scope *s, PyObject *token, PyObject *event, PyFrameObjec
             || WRITE(&w, token) < 0 || WRITE_ASCII(&w, "{") < 0)
         goto error;
     while (PyDict_Next(locals, &pos, &name, &obj)) {
-        Slot *slot = &r->scratch[n++];
-        slot->name = Py_NewRef(name);
-        slot->obj = Py_NewRef(obj);
-        slot->snap = NULL;
-        slot->text = value_text(obj, r->cap);
-        if (slot->text == NULL)
-            goto error;
-        if (is_container(Py_TYPE(obj)) && (slot->snap = snapshot(obj, Py_TYPE(obj), r->span)) == NULL)
-            goto error;
-        if (PyDict_SetItem(values, name, slot->text) < 0
-                || write_local(&w, name, slot->text, n == 1) < 0)
-            goto error;
-        if (PyDict_GET_SIZE(locals) != expected) {
-            PyErr_SetString(PyExc_RuntimeError, "dictionary changed size during iteration");
-            goto error;
-        }
-    }
-    commit_slots(r, s, n);
-    int rc = add_frame(r, event, values, line, NULL, finish_state(&w, line));
-    Py_DECREF(values);
-    Py_DECREF(locals);
-    return rc;
-error:
-    clear_slots(r->scratch, n);
-    _PyUnicodeWriter_Dealloc(&w);
-    Py_XDECREF(values);
-    Py_DECREF(locals);
-    return -1;
-}
-
-/* A line event in the fast path: unchanged values found by identity before any repr
- * (the closure made by tracer._Recorder._tracers). */
-static int
-line_frame(Recorder *r, Scope *s, PyFrameObject *frame, PyObject *line)
-{
-    PyObject *locals = frame_locals(frame);
-    if (locals == NULL)
-        return -1;
-    Py_ssize_t n = 0, pos = 0, expected = PyDict_GET_SIZE(locals);
-    PyObject *name, *obj, *values = NULL;
-    Writer w;
-    writer_init(&w);
-    if (reserve_scratch(r, expected) < 0 || (values = _PyDict_NewPresized(expected)) == NULL
-            || WRITE(&w, LineSep) < 0 || WRITE_ASCII(&w, "{") < 0)
-        goto error;
-    while (PyDict_Next(locals, &pos, &name, &obj)) {
         PyTypeObject *kind = Py_TYPE(obj);
-        Slot *prev = find_slot(s, n, name);
+        Slot *prev = full ? NULL : find_slot(s, n, name);
         Slot *slot = &r->scratch[n++];
         slot->name = Py_NewRef(name);
         slot->obj = Py_NewRef(obj);
@@ -662,7 +618,7 @@ line_frame(Recorder *r, Scope *s, PyFrameObject *frame, PyObject *line)
         }
     }
     commit_slots(r, s, n);   /* names deleted since the last frame are dropped here */
-    int rc = add_frame(r, EvLine, values, line, NULL, finish_state(&w, line));
+    int rc = add_frame(r, event, values, line, NULL, finish_state(&w, line));
     Py_DECREF(values);
     Py_DECREF(locals);
     return rc;
@@ -759,7 +715,7 @@ on_call(Recorder *r, PyFrameObject *frame)
     Py_INCREF(call_line);   /* the code cache owns it; a frame's fields must outlive errors */
     int rc = push_scope(r, frame);
     if (rc == 0)
-        rc = full_frame(r, &r->scopes[r->nscopes - 1], CallSep, EvCall, frame, call_line);
+        rc = state_frame(r, &r->scopes[r->nscopes - 1], CallSep, EvCall, frame, call_line, 1);
     Py_DECREF(call_line);
     return rc;
 }
@@ -834,11 +790,9 @@ on_line(Recorder *r, Scope *s, PyFrameObject *frame)
     PyObject *line = line_text(r, frame);
     if (line == NULL)
         return -1;
-    if (s->fresh) {
-        s->fresh = 0;
-        return full_frame(r, s, LineSep, EvLine, frame, line);
-    }
-    return line_frame(r, s, frame, line);
+    int full = s->fresh;
+    s->fresh = 0;
+    return state_frame(r, s, LineSep, EvLine, frame, line, full);
 }
 
 static int
