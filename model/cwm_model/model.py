@@ -255,7 +255,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention; ``window`` is this layer's local or global span."""
+    """Grouped-query attention; ``window`` is this layer's local or global span. Its block calls
+    :meth:`qkv` and :meth:`project` around the attention kernel (see :class:`Block`)."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -278,13 +279,6 @@ class Attention(nn.Module):
         """The attention output (B, nh, T, hd) back to the residual stream (B, T, dim)."""
         B, _, T, _ = out.shape
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
-
-    def forward(self, x: torch.Tensor, rope: Rope, attend: Attend,
-                cache: KVCache | None) -> torch.Tensor:
-        q, k, v = self.qkv(x, rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
-        return self.project(attend(q, k, v, self.window))  # (B, nh, T, hd) -> (B, T, dim)
 
 
 class FeedForward(nn.Module):
@@ -369,18 +363,18 @@ class CWM(nn.Module):
         Parameters and checkpoints are unchanged. Compiling again is a no-op."""
         if scope not in ("blocks", "pointwise"):
             raise ValueError(f"compile scope must be blocks or pointwise, got {scope!r}")
-        for module in self.modules():
+        if scope == "blocks":   # the blocks, and the final norm outside them
+            targets = [*self.layers, self.norm]
+        else:
+            targets = [m for m in self.modules() if isinstance(m, (RMSNorm, FeedForward))]
+        for module in targets:
             if getattr(module, "_compiled", False):
                 continue
-            if scope == "blocks" and isinstance(module, Block):
+            if isinstance(module, Block):
                 module.compiled_parts = (torch.compile(module.attention_inputs, dynamic=False),
                                          torch.compile(module.attention_outputs, dynamic=False))
-            elif isinstance(module, RMSNorm if scope == "blocks" else (RMSNorm, FeedForward)):
-                if scope == "blocks" and module is not self.norm:
-                    continue   # inside a compiled block
-                module.compile(dynamic=False)
             else:
-                continue
+                module.compile(dynamic=False)
             module._compiled = True
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
