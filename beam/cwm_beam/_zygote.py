@@ -16,6 +16,7 @@ Each job runs in a forked child that first drops to the job's limits:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -94,14 +95,6 @@ def _forbidden_exit(*_args) -> None:
     raise SandboxViolation("os._exit refused")
 
 
-def read_message(stream) -> dict | None:
-    header = stream.read(4)
-    if len(header) < 4:
-        return None
-    (size,) = struct.unpack(">I", header)
-    return json.loads(stream.read(size))
-
-
 def write_message(fd: int, message: dict) -> None:
     data = json.dumps(message).encode()
     _write_all(fd, struct.pack(">I", len(data)) + data)
@@ -145,22 +138,29 @@ def run_job(job: dict, guard: Guard) -> dict:
     return {"ok": result.to_json()}
 
 
-def _child(job: dict, reply_fd: int, limits: dict, read_roots: tuple[str, ...]) -> None:
+def _prepare(limits: dict) -> None:
+    """The spare's setup that no job changes, done while it waits for its job: default signal
+    actions, stdout/stderr to a file capped by ``RLIMIT_FSIZE``, no other inherited descriptor
+    but the job and reply pipes, and the CPU, memory, file-size and core limits."""
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     out = os.open(f"/tmp/job-{os.getpid()}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(out, 1)
     os.dup2(out, 2)
+    os.close(out)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    os.closerange(3, reply_fd)
-    os.closerange(reply_fd + 1, 1 << 16)
+    os.close(null)
     cpu = max(1, int(limits["cpu_seconds"] + 0.999))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     memory = limits["memory_mb"] << 20
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits["output_bytes"], limits["output_bytes"]))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _child(job: dict, reply_fd: int, read_roots: tuple[str, ...]) -> None:
+    """Run one job in the prepared spare: the audit hook first, then the trace."""
     global _GUARD
     guard = _GUARD = Guard(read_roots)
     sys.addaudithook(guard)
@@ -255,23 +255,25 @@ def _read_job(fd: int) -> dict | None:
 
 def spawn(limits: dict, read_roots: tuple[str, ...]) -> tuple[int, int, int]:
     """Fork the child for the *next* job now, from the clean server, before that job arrives:
-    forking costs milliseconds here, and this way it overlaps the current job. The child waits
-    for its job on a pipe (holding none of the server's other pipes) and then runs it as
-    :func:`_child`. Returns ``(pid, job pipe, reply pipe)``."""
+    forking costs milliseconds here, and this way it overlaps the current job, as does the
+    child's job-independent setup (:func:`_prepare`). The child then waits for its job on a pipe
+    (holding none of the server's other pipes) and runs it as :func:`_child`. Returns
+    ``(pid, job pipe, reply pipe)``."""
     job_r, job_w = os.pipe()
     reply_r, reply_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.setpgid(0, 0)
-            os.close(job_w)
-            os.close(reply_r)
-            null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, 0)
-            os.dup2(null, 1)
+            low, high = sorted((job_r, reply_w))
+            os.closerange(3, low)
+            os.closerange(low + 1, high)
+            os.closerange(high + 1, 1 << 16)
+            _prepare(limits)
             job = _read_job(job_r)
+            os.close(job_r)
             if job is not None:
-                _child(job, reply_w, limits, read_roots)
+                _child(job, reply_w, read_roots)
         finally:
             _REAL_EXIT(4)
     os.setpgid(pid, pid)   # its own group from the start, so a kill never misses it
@@ -280,23 +282,48 @@ def spawn(limits: dict, read_roots: tuple[str, ...]) -> tuple[int, int, int]:
     return pid, job_w, reply_r
 
 
+# A job traced by the server itself once before its first fork: what the first trace allocates
+# and caches (the tracer's and the JSON encoder's lazily built state) is then shared by every
+# child instead of rebuilt in each one.
+_WARM_UP = {"source": "def f(xs):\n    ys = [x * 2 for x in xs]\n    return {'n': len(ys)}\n",
+            "entry": "f", "args": "[1, 2]"}
+
+
+def warm_up(read_roots: tuple[str, ...]) -> None:
+    """Trace :data:`_WARM_UP` here (no audit hook: it is not the server's policy), then move
+    every object to the collector's permanent generation, so that no child's collection writes
+    to the pages it shares with the server (each write there costs a copy-on-write fault)."""
+    json.dumps(run_job(_WARM_UP, Guard(read_roots)))
+    gc.collect()
+    gc.freeze()
+
+
+def _read_raw(stream) -> bytes | None:
+    """One framed message as it came (header and body), or ``None`` at end of input."""
+    header = stream.read(4)
+    if len(header) < 4:
+        return None
+    body = stream.read(struct.unpack(">I", header)[0])
+    return header + body
+
+
 def main() -> None:
     limits = json.loads(sys.argv[1])
     read_roots = tuple(json.loads(sys.argv[2]))
     stdin = sys.stdin.buffer
     out_fd = sys.stdout.fileno()
+    warm_up(read_roots)
     spare = spawn(limits, read_roots)
     while True:
-        job = read_message(stdin)
+        job = _read_raw(stdin)   # passed on to the child unparsed: the child reads it
         pid, job_w, reply_r = spare
         if job is None:
             os.close(job_w)      # the spare reads end-of-file and exits
             os.close(reply_r)
             reap(pid)
             return
-        data = json.dumps(job).encode()
         try:
-            _write_all(job_w, struct.pack(">I", len(data)) + data)
+            _write_all(job_w, job)
         except OSError:
             pass                 # the spare died: supervise reports it
         os.close(job_w)
