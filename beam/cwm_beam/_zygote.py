@@ -121,7 +121,8 @@ def run_job(job: dict, guard: Guard) -> dict:
     """Trace one program (in the forked child, limits already applied)."""
     limits = tracer.TraceLimits(**job.get("trace_limits", {}))
     try:
-        result = tracer.trace_function(job["source"], job["entry"], job["args"], limits=limits)
+        result = tracer.trace_function(job["source"], job["entry"], job["args"], limits=limits,
+                                       marked=job.get("marked"))
     except tracer.ProgramError as err:
         return _failure("setup", "program error", str(err))
     except SandboxViolation:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import cwm_beam
+from cwm_beam.trace_format import TraceFormatError, mark_entry
 from cwm_beam.tracer import TraceLimits, TraceResult
 
 
@@ -543,6 +544,12 @@ class TracePool:
         limits = trace_limits or self.trace_limits
         job = {"source": source, "entry": entry, "args": args_src,
                "trace_limits": limits.to_json()}
+        try:   # parsed here, not executed: the forked child need not build a syntax tree
+            job["marked"] = mark_entry(source, entry)
+        except (TraceFormatError, SyntaxError, ValueError) as err:
+            return Failure("setup", "program error", str(err)[:2000])   # as the child says it
+        except (RecursionError, MemoryError):
+            pass   # a pathological source: the child finds out, within its limits
         server = self._idle.get()
         try:
             if server is None:

@@ -710,14 +710,19 @@ def parse_call_args(args_src: str, namespace: dict[str, Any]) -> tuple[tuple, di
 
 
 def trace_function(source: str, entry: str, args_src: str, *,
-                   limits: TraceLimits = TraceLimits()) -> TraceResult:
+                   limits: TraceLimits = TraceLimits(), marked: str | None = None) -> TraceResult:
     """Execute ``source``, call ``entry(<args_src>)`` under the tracer and return the trace.
+
+    ``marked`` is ``mark_entry(source, entry)`` where the caller has it already (the sandbox
+    pool marks programs before sending them: parsing needs no sandbox, and building the syntax
+    tree in a freshly forked child was its costliest step, most of it copy-on-write faults).
 
     Raises :class:`ProgramError` when the program cannot even be set up (syntax error, no such
     function, input that does not evaluate); anything the call itself raises is part of the
     trace."""
     try:
-        marked = mark_entry(source, entry)
+        if marked is None:
+            marked = mark_entry(source, entry)
         code = compile(source, FILENAME, "exec")
     except (TraceFormatError, SyntaxError, ValueError) as err:
         raise ProgramError(str(err)) from None
