@@ -52,7 +52,17 @@ def test_pool_traces_and_reports_program_errors(pool):
     ok = pool.trace("def f(x):\n    return x + 1", "f", "1")
     assert ok.return_repr == "2"
     bad = pool.trace("def f(x:\n", "f", "1")
-    assert isinstance(bad, Failure) and bad.stage == "setup"
+    assert (bad.stage, bad.reason) == ("setup", "program error")
+    assert bad.detail.startswith("source does not parse")
+    missing = pool.trace("def g(x):\n    return x", "f", "1")
+    assert missing == Failure("setup", "program error",
+                              "entry function 'f' is not defined at the top level")
+    # Sources the parser itself gives up on (MemoryError, RecursionError here): still one job's
+    # failure each, and the pool goes on.
+    for expression in ("-" * 100_000 + "x", "+".join(["x"] * 50_000)):
+        failed = pool.trace(f"def f(x):\n    return {expression}", "f", "1")
+        assert isinstance(failed, Failure), failed
+    assert pool.trace("def f(x):\n    return -x", "f", "1").return_repr == "-1"
 
 
 @pytest.mark.slow
