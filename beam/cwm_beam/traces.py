@@ -563,16 +563,8 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
                         ("deadletter", 1)):
         fs_shards[name] = []
         for index in range(count):
-            path = shard_file(name, index, count)
-            uri = artifacts.join(output, path)
-            try:
-                rows = _read_rows(uri)
-            except FileNotFoundError:
-                rows = []
-                artifacts.write_shard(output, path, rows)
-            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-            fs_shards[name].append(artifacts.Shard(path, len(rows), len(data),
-                                                   hashlib.sha256(data).hexdigest()))
+            shard, rows = artifacts.read_shard(output, shard_file(name, index, count))
+            fs_shards[name].append(shard)
             if name == "deadletter":
                 reasons.update(f"{r['stage']}: {r['reason'].split(' (')[0]}" for r in rows)
             else:
@@ -586,13 +578,6 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
     stats = {k: dict(v) if isinstance(v, Counter) else v for k, v in stats.items()}
     artifacts.write_manifest(output, artifacts.Manifest("traces", fs_shards, stats))
     return stats
-
-
-def _read_rows(uri: str) -> list[dict[str, Any]]:
-    import fsspec
-
-    with fsspec.open(uri, "r", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:

@@ -404,14 +404,8 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
     for name, count in (("train", settings.shards), ("deadletter", 1), ("eval_tasks", 1)):
         shards[name] = []
         for index in range(count):
-            path = shard_file(name, index, count)
-            uri = artifacts.join(output, path)
-            try:
-                with fsspec.open(uri, "r", encoding="utf-8") as f:
-                    rows = [json.loads(line) for line in f if line.strip()]
-            except FileNotFoundError:
-                rows = []
-            shards[name].append(artifacts.write_shard(output, path, rows))
+            shard, rows = artifacts.read_shard(output, shard_file(name, index, count))
+            shards[name].append(shard)
             rows_by_split.setdefault(name, []).extend(rows)
     train, dead = rows_by_split["train"], rows_by_split["deadletter"]
     counted: dict[str, Counter] = {}

@@ -103,6 +103,22 @@ def write_shard(dir_uri: str, name: str, records: list[dict[str, Any]]) -> Shard
     return Shard(name, len(records), len(payload), hashlib.sha256(payload).hexdigest())
 
 
+def read_shard(dir_uri: str, name: str) -> tuple[Shard, list[dict[str, Any]]]:
+    """Describe a shard as written (records, bytes, checksum of its bytes) and return its
+    records, read once; a shard nobody wrote (a split that got no records) is written empty."""
+    uri = join(dir_uri, name)
+    try:
+        with fsspec.open(uri, "rb") as f:
+            payload = f.read()
+    except FileNotFoundError:
+        return write_shard(dir_uri, name, []), []
+    try:
+        records = [json.loads(line) for line in payload.split(b"\n") if line.strip()]
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{uri}: not JSON lines ({err})") from None
+    return Shard(name, len(records), len(payload), hashlib.sha256(payload).hexdigest()), records
+
+
 def write_manifest(dir_uri: str, manifest: Manifest) -> None:
     """Write the manifest last, atomically where the file system allows: its presence marks the
     data set complete."""

@@ -181,3 +181,17 @@ def test_the_compiled_training_loss_equals_the_eager_one():
         grads.append(logits.grad.float())
     assert torch.allclose(values[0], values[1], rtol=1e-4)
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-2)
+
+
+def test_read_shard_describes_the_bytes_as_written_and_creates_missing_ones(tmp_path):
+    from cwm_operator.artifacts import read_shard
+
+    rows = [{"id": "b", "text": "line\u2028sep \u00e9"}, {"id": "a", "n": 1}]
+    written = write_shard(str(tmp_path), "train-00000-of-00001.jsonl", rows)
+    assert read_shard(str(tmp_path), "train-00000-of-00001.jsonl") == (written, rows)
+    empty, none = read_shard(str(tmp_path), "deadletter-00000-of-00001.jsonl")
+    assert (empty.records, empty.bytes, none) == (0, 0, [])
+    assert (tmp_path / "deadletter-00000-of-00001.jsonl").read_bytes() == b""
+    (tmp_path / "bad.jsonl").write_text('{"id": 1}\n{not json\n')
+    with pytest.raises(ArtifactError, match="bad.jsonl: not JSON lines"):
+        read_shard(str(tmp_path), "bad.jsonl")
