@@ -2,7 +2,7 @@
 
 Started once per pool worker (``python -S -E``, so start-up is paid once, not per program); reads
 jobs from stdin and writes replies to stdout, each a 4-byte big-endian length and a JSON body.
-Each job runs in a forked child that first drops to the job's limits:
+Each job runs in a forked child (forked, and limited, before its job arrives) with:
 
 * its own process group (killed whole on timeout), ``RLIMIT_CPU``, ``RLIMIT_AS``,
   ``RLIMIT_FSIZE`` = the output cap on its stdout/stderr file (``SIGXFSZ`` past it), no core;
@@ -140,9 +140,9 @@ def run_job(job: dict, guard: Guard) -> dict:
 
 
 def _prepare(limits: dict) -> None:
-    """The spare's setup that no job changes, done while it waits for its job: default signal
-    actions, stdout/stderr to a file capped by ``RLIMIT_FSIZE``, no other inherited descriptor
-    but the job and reply pipes, and the CPU, memory, file-size and core limits."""
+    """The spare's setup that no job changes, done before its job arrives: default signal
+    actions, stdin from ``/dev/null``, stdout and stderr to a file capped by ``RLIMIT_FSIZE``,
+    and the CPU, memory, file-size and core limits."""
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     out = os.open(f"/tmp/job-{os.getpid()}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
