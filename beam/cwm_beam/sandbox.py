@@ -31,7 +31,6 @@ import functools
 import json
 import os
 import queue
-import resource
 import selectors
 import shutil
 import signal
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import cwm_beam
+from cwm_beam._exec_limited import encode_spec
 from cwm_beam.trace_format import TraceFormatError, mark_entry
 from cwm_beam.tracer import TraceLimits, TraceResult
 
@@ -198,12 +198,6 @@ class _PidsCgroup:
     def available(cls) -> bool:
         return cls._root() is not None
 
-    def enter(self) -> None:
-        """Called in the child before exec: move it into the cgroup."""
-        if self.path is not None:
-            with open(self.path / "cgroup.procs", "w") as f:
-                f.write(str(os.getpid()))
-
     def kill_all(self) -> None:
         if self.path is None:
             return
@@ -293,20 +287,23 @@ def sandbox_argv(argv: Sequence[str], *, cwd: str, limits: Limits, env: Mapping[
     return cmd + ["--", *argv]
 
 
-def _preexec(limits: Limits, cgroup: _PidsCgroup | None, cpu: bool = True):
-    """Runs in the child between fork and exec: join the cgroup, set the rlimits."""
-    def apply() -> None:
-        if cgroup is not None:
-            cgroup.enter()
-        if cpu:
-            soft = int(limits.cpu_seconds + 0.999)
-            resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
-        memory = limits.memory_mb << 20
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if os.geteuid() != 0 and (cgroup is None or cgroup.path is None):
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
-    return apply
+_EXEC_LIMITED = ("import sys; sys.path.insert(0, {parent!r}); "
+                 "from cwm_beam._exec_limited import main; main()")
+
+
+def limited_argv(cmd: Sequence[str], limits: Limits, cgroup: _PidsCgroup | None,
+                 env: Mapping[str, str], *, cpu: bool = True) -> list[str]:
+    """``cmd`` started through :mod:`cwm_beam._exec_limited`, which joins the cgroup, sets the
+    rlimits and execs it with ``env``: nothing runs between fork and exec in this process, so
+    ``subprocess`` can use ``vfork``, which runs no fork handlers (gRPC's crash children)."""
+    in_cgroup = cgroup is not None and cgroup.path is not None
+    spec = {"cgroup": str(cgroup.path / "cgroup.procs") if in_cgroup else None,
+            "cpu_seconds": int(limits.cpu_seconds + 0.999) if cpu else None,
+            "memory_bytes": limits.memory_mb << 20,
+            "processes": limits.processes if os.geteuid() != 0 and not in_cgroup else None,
+            "env": dict(env)}
+    return [sys.executable, "-S", "-E", "-c", _EXEC_LIMITED.format(parent=PACKAGE_PARENT),
+            encode_spec(spec), *cmd]
 
 
 def exit_reason(returncode: int, limits: Limits, wrapped: bool) -> str | None:
@@ -348,9 +345,10 @@ def run_command(argv: Sequence[str], *, cwd: str | os.PathLike, limits: Limits,
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            cmd, cwd=cwd, env=environment, stdin=subprocess.PIPE if stdin is not None else
-            subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, preexec_fn=_preexec(limits, cgroup), close_fds=True)
+            limited_argv(cmd, limits, cgroup, environment), cwd=cwd, env=environment,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            close_fds=True)
     except OSError as err:
         if cgroup:
             cgroup.kill_all()
@@ -448,9 +446,9 @@ class _Zygote:
         self.cgroup = _PidsCgroup(limits.processes) if _PidsCgroup.available() else None
         # The server's own limits: memory as for a job, no CPU limit (it lives for many jobs).
         self.proc = subprocess.Popen(
-            cmd, cwd=self.workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-            preexec_fn=_preexec(limits, self.cgroup, cpu=False))
+            limited_argv(cmd, limits, self.cgroup, env, cpu=False), cwd=self.workdir, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True)
 
     def request(self, job: dict, timeout: float) -> dict | None:
         """Send one job and wait for its reply; ``None`` if the server died or hung."""

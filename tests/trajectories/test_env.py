@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from cwm_beam.forager.env import RepoEnvironment, make_executor
+from cwm_beam.forager.env import make_executor
 from cwm_beam.forager.repos import RepoSource, RepositoryError, fetch
 
 
@@ -74,20 +74,3 @@ def test_docker_backend_needs_an_engine(tmp_path):
     with pytest.raises(RepositoryError, match="backend 'docker': no Docker engine reachable"):
         make_executor("docker", tmp_path)
     assert type(make_executor("auto", tmp_path)).__name__ == "SandboxExecutor"
-
-
-def test_a_fork_abort_before_exec_is_told_from_a_program_that_aborts():
-    """gRPC threads in a Beam worker can make the child abort in abseil's fork handlers before
-    exec: silent, or with only abseil's RAW check lines. That is retried; anything else is not."""
-    from cwm_beam.forager.env import _died_before_exec
-    from cwm_beam.sandbox import ProcessResult
-
-    def result(stderr: bytes, stdout: bytes = b"", seconds: float = 0.01) -> ProcessResult:
-        return ProcessResult(-6, stdout, stderr, seconds, False, False, "killed by SIGABRT")
-
-    raw = b"[mutex.cc : 2457] RAW: Check w->waitp->cv_word == nullptr failed: Mutex::Fer\n"
-    assert _died_before_exec(result(b""))
-    assert _died_before_exec(result(raw))
-    assert not _died_before_exec(result(b"Fatal Python error: Aborted\n"))
-    assert not _died_before_exec(result(raw, stdout=b"collected 3 items"))
-    assert not _died_before_exec(result(raw, seconds=2.5))

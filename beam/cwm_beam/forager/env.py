@@ -19,8 +19,6 @@ the copy lives on the host (a replayed episode sees the same paths).
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import sys
 import tempfile
@@ -290,13 +288,9 @@ class RepoEnvironment:
         assert self._executor is not None, "prepare() first"
         root = MOUNT if at_mount and isinstance(self._executor, SandboxExecutor) \
             and sandbox.isolation() == "bwrap" else str(workdir)
-        for _ in range(3):
-            result = self._executor.run(argv, workdir=workdir, limits=limits or self.limits,
-                                        env=self.environment(root, extra_env), extra_rw=extra_rw,
-                                        at_mount=at_mount)
-            if not _died_before_exec(result):
-                break
-        return result
+        return self._executor.run(argv, workdir=workdir, limits=limits or self.limits,
+                                  env=self.environment(root, extra_env), extra_rw=extra_rw,
+                                  at_mount=at_mount)
 
     def run_tests(self, workdir: Path, tests: Sequence[str] | None = None, *,
                   coverage: bool = False, seconds: float | None = None) -> TestReport:
@@ -320,9 +314,6 @@ class RepoEnvironment:
         output = (result.stdout + result.stderr).decode("utf-8", errors="replace")
         return TestReport(outcomes, cov, result.returncode, result.reason, output,
                           result.wall_seconds)
-
-
-_ABSEIL_RAW = re.compile(rb"^\[[\w.]+ : \d+\] RAW: ")
 
 
 class Environments:
@@ -352,18 +343,6 @@ class Environments:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _died_before_exec(result: sandbox.ProcessResult) -> bool:
-    """A child killed by SIGABRT at once, silently or with only abseil's ``RAW:`` check
-    messages: inside a Beam worker (gRPC threads) the fork before ``exec`` can abort in
-    abseil's fork handlers (``[mutex.cc : 2457] RAW: Check w->waitp->cv_word == nullptr
-    failed``). Such a run never started the command, so it is retried (at most twice); a program
-    that aborts itself prints otherwise or takes longer, and an abort that persists is still
-    reported."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    return (result.reason or "").endswith("SIGABRT") and not result.stdout and \
-        all(_ABSEIL_RAW.match(line) for line in lines) and result.wall_seconds < 1.0
 
 
 def _read_report(path: Path) -> tuple[dict[str, str], dict[str, dict[str, list[int]]]]:
