@@ -19,7 +19,9 @@ Two layers, whichever the host allows (``isolation()`` names the one in force, a
 In both modes: ``RLIMIT_CPU``, ``RLIMIT_AS`` (memory), ``RLIMIT_CORE=0``, a wall-clock deadline
 enforced by killing the process group, output capped while it is read, and a process cap
 (a ``pids`` cgroup where this process may create one, else ``RLIMIT_NPROC``, which the kernel
-ignores for root).
+ignores for root). The limits and the cgroup are applied by a small exec wrapper
+(:mod:`cwm_beam._exec_limited`), never by Python code between fork and exec here, so that
+spawning stays safe in processes with gRPC threads (Beam's SDK workers).
 
 Many small trace jobs use :class:`TracePool`: a fork server (``cwm_beam._zygote``) started once
 inside the sandbox, which forks one child per job so no job pays interpreter start-up.
