@@ -6,8 +6,8 @@ Local parallelism (``--workers N`` with the in-process runner) uses the same spl
 Job: N processes, each the whole pipeline on its part of the work, the last to finish merging the
 manifest (:func:`run_as_parts`). Measured against Beam's own multi-processing mode (worker
 processes fed over a gRPC data plane) on 2 cores: 2 workers gave 1.36-1.59x one worker instead of
-1.22-1.29x, and no sandbox worker lost to a fork abort; see docs/benchmarks.md. Beam's mode stays
-one flag away (``--direct_running_mode=multi_processing``), as do other runners.
+1.07-1.29x; see docs/benchmarks.md. Beam's mode stays one flag away
+(``--direct_running_mode=multi_processing``), as do other runners.
 """
 
 from __future__ import annotations
