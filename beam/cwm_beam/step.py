@@ -4,10 +4,9 @@ is written — whole, or as one part of an Indexed Job (:mod:`cwm_beam.parts`).
 
 Local parallelism (``--workers N`` with the in-process runner) uses the same split as an Indexed
 Job: N processes, each the whole pipeline on its part of the work, the last to finish merging the
-manifest (:func:`run_as_parts`). Measured against Beam's own multi-processing mode (worker
-processes fed over a gRPC data plane) on 2 cores: 2 workers gave 1.36-1.59x one worker instead of
-1.07-1.29x; see docs/benchmarks.md. Beam's mode stays one flag away
-(``--direct_running_mode=multi_processing``), as do other runners.
+manifest (:func:`run_as_parts`). It was faster than Beam's own multi-processing mode (worker
+processes fed over a gRPC data plane) in every comparison measured (docs/benchmarks.md). Beam's
+mode stays one flag away (``--direct_running_mode=multi_processing``), as do other runners.
 """
 
 from __future__ import annotations
