@@ -4,8 +4,8 @@ is written — whole, or as one part of an Indexed Job (:mod:`cwm_beam.parts`).
 
 Local parallelism (``--workers N`` with the in-process runner) uses the same split as an Indexed
 Job: N processes, each the whole pipeline on its part of the work, the last to finish merging the
-manifest (:func:`run_as_parts`). It was faster than Beam's own multi-processing mode (worker
-processes fed over a gRPC data plane) in every comparison measured (docs/benchmarks.md). Beam's
+manifest (:func:`run_as_parts`). It was at least as fast as Beam's multi-processing mode (worker
+processes fed over a gRPC data plane) in each same-run comparison (docs/benchmarks.md). Beam's
 mode stays one flag away (``--direct_running_mode=multi_processing``), as do other runners.
 """
 
