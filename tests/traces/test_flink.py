@@ -6,11 +6,13 @@ Beam's Python SDK 2.77 supports Flink 1.19, 1.20, 2.0-2.2; when Maven Central ha
 jar for this Beam version the test skips with Maven's own error.
 
 What the Maven Central reachable from the project's machines served (probed November 2026 with
-``mvn dependency:get`` against a fresh local repository): no ``beam-runners-flink-{1.19,1.20,2.0}
--job-server`` and no ``beam-runners-java-job-service`` for any Beam version tried (2.61, 2.65,
-2.70-2.77); ``beam-runners-flink-1.19`` only at 2.70.0; ``beam-sdks-java-core`` up to 2.76.0.
-So no job server (not even an older one, to try across the version skew) can be fetched or
-assembled here, and the test skips.
+``mvn dependency:get`` against a fresh local repository, last on the 26th): no
+``beam-runners-flink-{1.17,1.18,1.19,1.20,2.0}-job-server`` and no
+``beam-runners-java-job-service`` (which the Flink runner's job server is built on) for any Beam
+version tried (2.60, 2.61, 2.65, 2.70-2.77), no Spark or Samza job server either;
+``beam-runners-flink-1.19`` only at 2.70.0; ``beam-sdks-java-core`` up to 2.76.0. So no job
+server (not even an older one, to try across the version skew) can be fetched or assembled here,
+and the test skips.
 """
 
 import filecmp
