@@ -139,13 +139,20 @@ def run_job(job: dict, guard: Guard) -> dict:
     return {"ok": result.to_json()}
 
 
+_SCRATCH = ["/tmp"]   # where jobs' stdout/stderr files go (``limits["scratch"]``, set by main)
+
+
+def _output_file(pid: int) -> str:
+    return f"{_SCRATCH[0]}/job-{pid}.out"
+
+
 def _prepare(limits: dict) -> None:
     """The spare's setup that no job changes, done before its job arrives: default signal
     actions, stdin from ``/dev/null``, stdout and stderr to a file capped by ``RLIMIT_FSIZE``,
     and the CPU, memory, file-size and core limits."""
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    out = os.open(f"/tmp/job-{os.getpid()}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    out = os.open(_output_file(os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(out, 1)
     os.dup2(out, 2)
     os.close(out)
@@ -238,7 +245,7 @@ def reap(pid: int) -> int:
             pass
     _, status = os.waitpid(pid, 0)
     try:
-        os.unlink(f"/tmp/job-{pid}.out")
+        os.unlink(_output_file(pid))
     except OSError:
         pass
     return status
@@ -275,6 +282,7 @@ def spawn(limits: dict, read_roots: tuple[str, ...]) -> tuple[int, int, int]:
             os.close(job_r)
             if job is not None:
                 _child(job, reply_w, read_roots)
+            os.unlink(_output_file(os.getpid()))   # no job: the server closed the pipe or died
         finally:
             _REAL_EXIT(4)
     os.setpgid(pid, pid)   # its own group from the start, so a kill never misses it
@@ -311,6 +319,7 @@ def _read_raw(stream) -> bytes | None:
 def main() -> None:
     limits = json.loads(sys.argv[1])
     read_roots = tuple(json.loads(sys.argv[2]))
+    _SCRATCH[0] = limits.get("scratch", "/tmp")
     stdin = sys.stdin.buffer
     out_fd = sys.stdout.fileno()
     warm_up(read_roots)

@@ -438,7 +438,10 @@ class _Zygote:
 
     def __init__(self, limits: Limits, reply_bytes: int) -> None:
         self.workdir = tempfile.mkdtemp(prefix="cwm-pool-")
-        job_limits = {**asdict(limits), "reply_bytes": reply_bytes}
+        # Jobs' stdout/stderr files: the sandbox's private /tmp, else this pool's own folder
+        # (removed with the pool, so a file a killed server left behind does not outlive it).
+        job_limits = {**asdict(limits), "reply_bytes": reply_bytes,
+                      "scratch": "/tmp" if isolation() == "bwrap" else self.workdir}
         read_roots = sorted({*_python_roots(), *(os.path.realpath(p) for p in sys.path if p),
                              str(Path(cwm_beam.__file__).resolve().parent)})
         argv = [sys.executable, "-S", "-E", "-c", _BOOT.format(parent=PACKAGE_PARENT),
