@@ -139,11 +139,9 @@ def run_job(job: dict, guard: Guard) -> dict:
     return {"ok": result.to_json()}
 
 
-_SCRATCH = ["/tmp"]   # where jobs' stdout/stderr files go (``limits["scratch"]``, set by main)
-
-
-def _output_file(pid: int) -> str:
-    return f"{_SCRATCH[0]}/job-{pid}.out"
+def _output_file(limits: dict, pid: int) -> str:
+    """Job ``pid``'s stdout and stderr: in the folder the pool named (``scratch``)."""
+    return f"{limits.get('scratch', '/tmp')}/job-{pid}.out"
 
 
 def _prepare(limits: dict) -> None:
@@ -152,7 +150,7 @@ def _prepare(limits: dict) -> None:
     and the CPU, memory, file-size and core limits."""
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    out = os.open(_output_file(os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    out = os.open(_output_file(limits, os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(out, 1)
     os.dup2(out, 2)
     os.close(out)
@@ -231,12 +229,12 @@ def supervise(pid: int, reply_fd: int, limits: dict) -> dict | bytes:
     if outcome is None and wanted is not None and total == wanted:
         os.close(reply_fd)
         return body[4:]   # passed on as is: the pool parses it (one JSON round, not three)
-    status = reap(pid)
+    status = reap(pid, limits)
     os.close(reply_fd)
     return outcome or _failure("trace", _describe_status(status, limits))
 
 
-def reap(pid: int) -> int:
+def reap(pid: int, limits: dict) -> int:
     """Kill a job's process group (anything it left behind) and collect its exit status."""
     for kill in (os.killpg, os.kill):
         try:
@@ -245,7 +243,7 @@ def reap(pid: int) -> int:
             pass
     _, status = os.waitpid(pid, 0)
     try:
-        os.unlink(_output_file(pid))
+        os.unlink(_output_file(limits, pid))
     except OSError:
         pass
     return status
@@ -282,7 +280,7 @@ def spawn(limits: dict, read_roots: tuple[str, ...]) -> tuple[int, int, int]:
             os.close(job_r)
             if job is not None:
                 _child(job, reply_w, read_roots)
-            os.unlink(_output_file(os.getpid()))   # no job: the server closed the pipe or died
+            os.unlink(_output_file(limits, os.getpid()))   # no job: the server closed or died
         finally:
             _REAL_EXIT(4)
     os.setpgid(pid, pid)   # its own group from the start, so a kill never misses it
@@ -319,7 +317,6 @@ def _read_raw(stream) -> bytes | None:
 def main() -> None:
     limits = json.loads(sys.argv[1])
     read_roots = tuple(json.loads(sys.argv[2]))
-    _SCRATCH[0] = limits.get("scratch", "/tmp")
     stdin = sys.stdin.buffer
     out_fd = sys.stdout.fileno()
     warm_up(read_roots)
@@ -330,7 +327,7 @@ def main() -> None:
         if job is None:
             os.close(job_w)      # the spare reads end-of-file and exits
             os.close(reply_r)
-            reap(pid)
+            reap(pid, limits)
             return
         try:
             _write_all(job_w, job)
@@ -341,7 +338,7 @@ def main() -> None:
         reply = supervise(pid, reply_r, limits)
         if isinstance(reply, bytes):
             _write_all(out_fd, struct.pack(">I", len(reply)) + reply)
-            reap(pid)
+            reap(pid, limits)
         else:
             write_message(out_fd, reply)
 

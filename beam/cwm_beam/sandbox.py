@@ -73,8 +73,9 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("wall_seconds", "cpu_seconds", "memory_mb", "output_bytes", "processes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"sandbox limit {name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"sandbox limit {name} must be positive, got {value}")
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | None) -> "Limits":
