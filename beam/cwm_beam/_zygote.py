@@ -141,7 +141,7 @@ def run_job(job: dict, guard: Guard) -> dict:
 
 def _output_file(limits: dict, pid: int) -> str:
     """Job ``pid``'s stdout and stderr: in the folder the pool named (``scratch``)."""
-    return f"{limits.get('scratch', '/tmp')}/job-{pid}.out"
+    return f"{limits['scratch']}/job-{pid}.out"
 
 
 def _prepare(limits: dict) -> None:
