@@ -11,8 +11,8 @@ PYTEST_ARGS ?=
 
 .PHONY: setup run test test-fast controlplane tools extensions crd clean
 
-# The C tracer (beam/cwm_beam/_ctracer.c) is compiled by the editable install: reinstall when it changes.
-$(STAMP): pyproject.toml beam/cwm_beam/_ctracer.c
+# The C tracer (beam/cwm_exec/_ctracer.c) is compiled by the editable install: reinstall when it changes.
+$(STAMP): pyproject.toml beam/cwm_exec/_ctracer.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet -e '.[dev]'

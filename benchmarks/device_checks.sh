@@ -38,7 +38,7 @@ $PY - <<'PYEOF' 2>&1 | tail -1 | tee "$OUT/ctracer.txt"
 import subprocess, sysconfig
 out = "beam/cwm_beam/_ctracer" + sysconfig.get_config_var("EXT_SUFFIX")
 cmd = ["gcc", "-O2", "-shared", "-fPIC", "-I" + sysconfig.get_paths()["include"],
-       "beam/cwm_beam/_ctracer.c", "-o", out]
+       "beam/cwm_exec/_ctracer.c", "-o", out]
 r = subprocess.run(cmd, capture_output=True, text=True)
 print("built " + out if r.returncode == 0 else "C recorder not built: " + (r.stderr or "")[-300:])
 PYEOF

@@ -22,7 +22,7 @@ import tempfile
 import time
 
 from cwm_beam import trajectories
-from cwm_beam.forager.repos import RepoSource, fetch
+from cwm_forager.repos import RepoSource, fetch
 
 PROJECTS = ("toolz==1.0.0", "cachetools==5.5.0", "inflection==0.5.1")
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/tracer.py [--repeats 3] [--limit 800]
 
 Times only the calls (programs compiled and inputs evaluated beforehand, inputs rebuilt for each
-call because some functions mutate them), for: the untraced call; ``cwm_beam.tracer.trace_call``
+call because some functions mutate them), for: the untraced call; ``cwm_exec.tracer.trace_call``
 (frames *and* the encoded trace text) with its C recorder (the default) and with its Python
 reference recorder; pysnooper writing to /dev/null (the reference the issue names); and a naive
 tracer that reprs every local at every line. The five run interleaved, program by program. CRUXEval is untrusted code like any other, so the measuring process runs inside the
@@ -34,8 +34,8 @@ def load(limit: int) -> list[dict]:
 
 def prepare(records: list[dict], repeats: int):
     """(function, marked source, [(args, kwargs)] per repeat) for each program."""
-    from cwm_beam.trace_format import mark_entry
-    from cwm_beam.tracer import FILENAME, parse_call_args
+    from cwm_exec.trace_format import mark_entry
+    from cwm_exec.tracer import FILENAME, parse_call_args
 
     jobs = []
     for record in records:
@@ -60,10 +60,10 @@ def naive_tracer(sink: list):
 def measure(jobs, repeats: int) -> dict[str, float]:
     import pysnooper
 
-    from cwm_beam.tracer import ACCELERATED, TraceLimits, trace_call
+    from cwm_exec.tracer import ACCELERATED, TraceLimits, trace_call
 
     if not ACCELERATED:
-        raise SystemExit("cwm_beam._ctracer is not built: reinstall (pip install -e .) with a C "
+        raise SystemExit("cwm_exec._ctracer is not built: reinstall (pip install -e .) with a C "
                          "compiler available")
     limits = TraceLimits()
     names = ("untraced", "cwm_tracer", "cwm_tracer_python", "naive_tracer", "pysnooper")
@@ -127,7 +127,7 @@ def main() -> None:
     if args.inner:
         inner(args)
         return
-    from cwm_beam.sandbox import Limits, describe_isolation, run_command
+    from cwm_exec.sandbox import Limits, describe_isolation, run_command
 
     with tempfile.TemporaryDirectory() as work:
         result = run_command(

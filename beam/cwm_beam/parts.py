@@ -4,7 +4,7 @@ With ``spec.data.beam.pods`` > 1 the operator runs a data step as an Indexed Job
 the same pipeline on the in-process runner and keeps only its part of the work (programs by
 program hash, repositories by position), writes a complete data set of its own under
 ``DIR/parts/part-NNNNN/``, and the last pod to finish merges the parts' manifests into
-``DIR/manifest.json`` (:func:`cwm_operator.artifacts.merge_parts`). The part is read from the
+``DIR/manifest.json`` (:func:`cwm_spec.artifacts.merge_parts`). The part is read from the
 flags ``--part``/``--parts``, else from ``JOB_COMPLETION_INDEX`` (set by Kubernetes) and
 ``CWM_PARTS`` (set by the operator).
 """

@@ -59,7 +59,7 @@ def read_step(rest: list[str], *, named_by_flags: bool) -> StepInput:
     the whole job; split it into the pipeline's spec, the sandbox limits and the Beam section."""
     config: dict[str, Any] = {}
     if "--config" in rest or any(a.startswith("--config=") for a in rest) or not named_by_flags:
-        from cwm_operator.stepconfig import load_step_config
+        from cwm_spec.stepconfig import load_step_config
 
         config, rest = load_step_config(rest)
     spec = dict(config.get("spec", {}))
@@ -127,7 +127,7 @@ def run_as_parts(module: str, argv: list[str], part: Part, workers: int,
     Nothing is shared between the processes but the output folder. A process that fails stops
     the others and raises (its part's manifest is missing, so no merge happens). Returns this
     pod's parts' stats merged and the wall-clock seconds."""
-    from cwm_operator import artifacts
+    from cwm_spec import artifacts
 
     parts = [Part(part.index * workers + j, part.count * workers) for j in range(workers)]
     started = time.monotonic()
@@ -172,7 +172,7 @@ def run_as_parts(module: str, argv: list[str], part: Part, workers: int,
 def target_of(output: str, part: Part) -> str:
     """Where this run writes: the data set itself, or its part's folder (emptied of a previous
     attempt's manifest, so that no merge pairs that attempt's part with this one's)."""
-    from cwm_operator import artifacts
+    from cwm_spec import artifacts
 
     if not part.split:
         return output
@@ -183,7 +183,7 @@ def target_of(output: str, part: Part) -> str:
 
 def merge_when_complete(output: str, part: Part) -> None:
     """After a part: the last one to finish writes the data set's manifest."""
-    from cwm_operator import artifacts
+    from cwm_spec import artifacts
 
     if part.split and artifacts.merge_parts(output, part.count) is not None:
         LOG.info("all %d parts done: merged into %s", part.count, output)

@@ -14,14 +14,14 @@ or standalone with plain flags::
         --flink_master=[local] --environment_type=LOOPBACK   # extra flags go to Beam unchanged
 
 The default runner is Beam's in-process ``FnApiRunner`` (``--workers N`` worker processes); any
-other runner's flags pass through. Output: a ``cwm-dataset/v1`` folder (``cwm_operator.artifacts``)
+other runner's flags pass through. Output: a ``cwm-dataset/v1`` folder (``cwm_spec.artifacts``)
 with ``train-*``, ``validation-*`` and ``deadletter-*`` JSONL shards and the manifest, written
 last. Records::
 
     {"id", "source", "program_hash", "code", "entry", "input", "text", "frames", "return",
      "exception", "truncated", "events"}
 
-Repository episodes (``--source repository:PATH_OR_GIT_URL``, see :mod:`cwm_beam.repository`) add
+Repository episodes (``--source repository:PATH_OR_GIT_URL``, see :mod:`cwm_exec.repository`) add
 ``"repository", "path", "test"``. Dead letters: ``{"id", "source", "stage", "reason", "detail"}``. Beam metrics (namespace
 ``traces``) count both; the manifest's ``stats`` repeats the counts.
 """
@@ -41,13 +41,14 @@ from typing import Any, Iterable, Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from cwm_beam import fuzz, repository, sources, synthetic
+from cwm_beam import fuzz, sources, synthetic
+from cwm_exec import repository
 from cwm_beam.parts import Part, job_part
 from cwm_beam.step import (add_common_flags, local_workers, merge_when_complete, output_and_runner,
                            part_label, pipeline_for, read_step, run_as_parts, target_of)
-from cwm_beam.sandbox import Failure, Limits, TracePool
-from cwm_beam.trace_format import contains_trace_token
-from cwm_beam.tracer import TraceLimits
+from cwm_exec.sandbox import Failure, Limits, TracePool
+from cwm_exec.trace_format import contains_trace_token
+from cwm_exec.tracer import TraceLimits
 
 LOG = logging.getLogger("cwm_beam.traces")
 NAMESPACE = "traces"
@@ -469,7 +470,7 @@ class WriteShards(beam.PTransform):
             return int(hashlib.sha256(record["id"].encode()).hexdigest()[:8], 16) % shards
 
         def write(item):
-            from cwm_operator import artifacts
+            from cwm_spec import artifacts
 
             index, grouped = item
             rows = sorted(grouped, key=lambda r: r["id"])
@@ -543,7 +544,7 @@ def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
     shards = settings.shards
 
     def write(item):
-        from cwm_operator import artifacts
+        from cwm_spec import artifacts
 
         (split, index), rows = item
         return artifacts.write_shard(output, shard_file(split, index, shards), rows).path
@@ -554,7 +555,7 @@ def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
 
 def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
     """After the pipeline: empty shards where a split got nothing, stats, manifest last."""
-    from cwm_operator import artifacts
+    from cwm_spec import artifacts
 
     fs_shards: dict[str, list[artifacts.Shard]] = {}
     stats: dict[str, Any] = {"sources": [dict(s) for s in settings.sources]}

@@ -47,9 +47,9 @@ from typing import Any, Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from cwm_beam.forager.mutations import FAMILIES
+from cwm_forager.mutations import FAMILIES
 from cwm_beam.parts import Part, job_part
-from cwm_beam.sandbox import Limits
+from cwm_exec.sandbox import Limits
 from cwm_beam.step import (add_common_flags, local_workers, merge_when_complete, output_and_runner,
                            part_label, pipeline_for, read_step, run_as_parts, target_of)
 from cwm_beam.traces import WriteShards, shard_file
@@ -86,8 +86,8 @@ class Settings:
     @classmethod
     def from_spec(cls, spec: dict[str, Any], sandbox: dict[str, Any] | None = None,
                   seed: int | None = None) -> "Settings":
-        """Validate with the CWMPipeline model (:class:`cwm_operator.api.TrajectoryDataSpec`)."""
-        from cwm_operator.api import TrajectoryDataSpec
+        """Validate with the CWMPipeline model (:class:`cwm_spec.api.TrajectoryDataSpec`)."""
+        from cwm_spec.api import TrajectoryDataSpec
 
         parsed = TrajectoryDataSpec.model_validate(spec)
         repositories = tuple(r.model_dump(exclude_none=True) for r in parsed.repositories) or (
@@ -123,7 +123,7 @@ class _Environments:
         self.settings = settings
 
     def get(self, spec: dict[str, Any]):
-        from cwm_beam.forager.env import Environments
+        from cwm_forager.env import Environments
 
         key = repr(self.settings.limits)
         if key not in _Environments._shared:
@@ -147,7 +147,7 @@ class SynthesizeTasks(_WithEnvironments):
     prepared (fetch failed, no passing test)."""
 
     def process(self, spec: dict[str, Any]):
-        from cwm_beam.forager.tasks import candidate_tasks
+        from cwm_forager.tasks import candidate_tasks
 
         s = self.settings
         try:
@@ -168,7 +168,7 @@ class ValidateTask(_WithEnvironments):
     """Keep a candidate only if some covering test fails on the mutated code."""
 
     def process(self, item: dict[str, Any]):
-        from cwm_beam.forager.tasks import Task, validate_task
+        from cwm_forager.tasks import Task, validate_task
 
         try:
             task = Task.from_json(item["task"])
@@ -190,7 +190,7 @@ def select_for_repository(item: tuple[str, Iterable[dict[str, Any]]], families: 
                           n: int, held_out: int):
     """``n`` tasks for the rollouts; then up to ``held_out`` of the rest, never rolled out, as
     the ``heldout`` output (the evaluation's mutate-fix tasks)."""
-    from cwm_beam.forager.tasks import Task, select_tasks
+    from cwm_forager.tasks import Task, select_tasks
 
     _, items = item
     items = list(items)
@@ -210,14 +210,14 @@ class Rollout(_WithEnvironments):
 
     def setup(self) -> None:
         super().setup()
-        from cwm_beam.forager.policies import make_policy
+        from cwm_forager.policies import make_policy
 
         key = os.environ.get("CWM_POLICY_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.policy = make_policy(self.settings.policy, key)
 
     def process(self, item: dict[str, Any]):
-        from cwm_beam.forager.rollout import run_episode
-        from cwm_beam.forager.tasks import Task
+        from cwm_forager.rollout import run_episode
+        from cwm_forager.tasks import Task
 
         s = self.settings
         try:
@@ -247,7 +247,7 @@ class Deduplicate(beam.DoFn):
         self.threshold = threshold
 
     def process(self, item: tuple[str, Iterable[dict[str, Any]]]):
-        from cwm_beam.forager.records import dedup
+        from cwm_forager.records import dedup
 
         _, records = item
         kept, dropped = dedup(list(records), self.threshold)
@@ -380,7 +380,7 @@ def _write_count(item: tuple[str, int], output: str, name: str) -> None:
 
     import fsspec
 
-    from cwm_operator import artifacts
+    from cwm_spec import artifacts
 
     key, count = item
     path = artifacts.join(output, "_stats", name, hashlib.sha1(key.encode()).hexdigest()[:12])
@@ -394,8 +394,8 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
     """After the pipeline: empty shards where a split got nothing, stats, manifest last."""
     import fsspec
 
-    from cwm_beam.forager.records import solve_rates
-    from cwm_operator import artifacts
+    from cwm_forager.records import solve_rates
+    from cwm_spec import artifacts
 
     shards: dict[str, list[artifacts.Shard]] = {}
     stats: dict[str, Any] = {"repositories": list(settings.repositories),

@@ -369,16 +369,16 @@ class StepContext:
 
 
 def validate_with_api(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate the stage section with ``cwm_operator.api.StageSpec`` (the single source of truth
+    """Validate the stage section with ``cwm_spec.api.StageSpec`` (the single source of truth
     for the spec) and return it with every default filled in, camelCase."""
-    from cwm_operator.api import StageSpec
+    from cwm_spec.api import StageSpec
 
     return StageSpec.model_validate(dict(spec)).dump()
 
 
 def load_context(stage: str, argv: Sequence[str] | None = None) -> StepContext:
     """Read ``--config FILE`` or ``$CWM_STEP_CONFIG`` and parse the stage section."""
-    from cwm_operator.stepconfig import load_step_config
+    from cwm_spec.stepconfig import load_step_config
 
     config, rest = load_step_config(argv)
     spec = validate_with_api(config["spec"])

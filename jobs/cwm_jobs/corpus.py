@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from cwm_operator.artifacts import Manifest, write_manifest, write_shard
+from cwm_spec.artifacts import Manifest, write_manifest, write_shard
 
 LOG = logging.getLogger("cwm_jobs.corpus")
 MAX_FILE_BYTES = 1_000_000
@@ -157,7 +157,7 @@ def build_corpus(out_uri: str, *, roots: Sequence[Root], max_files: int, max_byt
 
 
 def main(argv: Sequence[str] | None = None) -> Manifest:
-    from cwm_operator.stepconfig import load_step_config
+    from cwm_spec.stepconfig import load_step_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config, _ = load_step_config(argv)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import fsspec
 import torch
 
-from cwm_operator.artifacts import ArtifactError, join, read_manifest
+from cwm_spec.artifacts import ArtifactError, join, read_manifest
 
 
 def stable_random(*parts: Any) -> random.Random:
@@ -198,7 +198,7 @@ def agent_tools() -> list[dict[str, Any]] | None:
     """The ForagerAgent's tool definitions: trajectory records leave them out, and the agent saw
     them in its system prompt, so training renders them the same way."""
     try:
-        from cwm_beam.forager.tools import TOOLS
+        from cwm_forager.tools import TOOLS
     except ImportError:
         return None
     return list(TOOLS)

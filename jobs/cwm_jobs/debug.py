@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from cwm_beam.trace_format import (
+from cwm_exec.trace_format import (
     END_OF_TEXT,
     FRAME_SEP,
     UNCHANGED,
@@ -169,7 +169,7 @@ def model_predictor(checkpoint: str, *, max_new_tokens: int = 256) -> FramePredi
 
 def real_trace(source: str, entry: str, args_src: str):
     """The real trace, computed in the sandbox."""
-    from cwm_beam.sandbox import Failure, Limits, TracePool
+    from cwm_exec.sandbox import Failure, Limits, TracePool
 
     with TracePool(Limits(wall_seconds=20, cpu_seconds=20)) as pool:
         result = pool.trace(source, entry, args_src)
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     if not truth.frames:
         print(f"error: {entry}({args.args}) produced no trace", file=sys.stderr)
         return 1
-    from cwm_beam.trace_format import mark_entry
+    from cwm_exec.trace_format import mark_entry
 
     session = DebugSession(mark_entry(source, entry), truth.frames[0],
                            model_predictor(args.checkpoint, max_new_tokens=args.max_new_tokens))

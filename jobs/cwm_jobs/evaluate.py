@@ -143,7 +143,7 @@ def trace_exact_match(module: torch.nn.Module, tokenizer: Any, texts: Iterable[s
 
 def held_out_traces(uri: str, limit: int, rank: int, world: int) -> list[str]:
     """This rank's share of the first ``limit`` validation traces."""
-    from cwm_operator.artifacts import iter_records
+    from cwm_spec.artifacts import iter_records
 
     texts = []
     for i, record in enumerate(iter_records(uri, "validation")):
@@ -156,8 +156,8 @@ def held_out_traces(uri: str, limit: int, rank: int, world: int) -> list[str]:
 
 def held_out_trace_records(uri: str, limit: int, rank: int, world: int) -> list[dict[str, Any]]:
     """This rank's share of the first ``limit`` complete validation traces that returned."""
-    from cwm_beam.trace_format import END_OF_TEXT
-    from cwm_operator.artifacts import iter_records
+    from cwm_exec.trace_format import END_OF_TEXT
+    from cwm_spec.artifacts import iter_records
 
     records = []
     for record in iter_records(uri, "validation"):
@@ -172,7 +172,7 @@ def held_out_trace_records(uri: str, limit: int, rank: int, world: int) -> list[
 def predicted_return(frames_text: str) -> str | None:
     """The value of the frame that leaves the entry scope, from generated frame text (parsed
     frame by frame, so a truncated generation still yields what it got to)."""
-    from cwm_beam.trace_format import FRAME_SEP, TraceFormatError, parse_frame
+    from cwm_exec.trace_format import FRAME_SEP, TraceFormatError, parse_frame
 
     depth = 1  # the prompt ends after the entry's call frame
     for index, piece in enumerate(frames_text.split(FRAME_SEP)[:-1]):
@@ -193,7 +193,7 @@ def trace_output_accuracy(module: torch.nn.Module, tokenizer: Any,
     """Output prediction by trace completion, as CWM predicts execution: the prompt is the
     program and its call frame; the model generates the frames; its answer is the value of the
     frame that returns from the entry. Exact match of the repr (ranks summed)."""
-    from cwm_beam.trace_format import FRAME_SEP, parse_trace
+    from cwm_exec.trace_format import FRAME_SEP, parse_trace
     from cwm_model.generate import generate
 
     was_training = module.training
@@ -302,7 +302,7 @@ class ModelPolicy:
         self.turns = 0
 
     def act(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> Any:
-        from cwm_beam.forager.rollout import Action
+        from cwm_forager.rollout import Action
 
         body: dict[str, Any] = {"messages": list(messages), "tools": list(tools),
                                 "temperature": self.temperature, "max_tokens": self.max_new_tokens}
@@ -318,7 +318,7 @@ class ModelPolicy:
 
 def mutate_fix_records(uri: str, limit: int) -> list[dict[str, Any]]:
     """The trajectory data set's held-out tasks, in a stable order."""
-    from cwm_operator.artifacts import iter_records, read_manifest
+    from cwm_spec.artifacts import iter_records, read_manifest
 
     if not read_manifest(uri).splits.get("eval_tasks"):
         return []
@@ -333,10 +333,10 @@ def mutate_fix_solve_rate(module: torch.nn.Module, tokenizer: Any, records: Sequ
                           policy: Any = None) -> dict[str, float]:
     """Episodes of the model on held-out mutate-fix tasks (this rank's share); ranks summed.
     ``policy`` replaces the model as the agent (a baseline, e.g. the search-based repair policy)."""
-    from cwm_beam.forager.env import Environments
-    from cwm_beam.forager.rollout import run_episode
-    from cwm_beam.forager.tasks import Task
-    from cwm_beam.sandbox import Limits
+    from cwm_forager.env import Environments
+    from cwm_forager.rollout import run_episode
+    from cwm_forager.tasks import Task
+    from cwm_exec.sandbox import Limits
 
     was_training = module.training
     module.eval()
@@ -376,7 +376,7 @@ def evaluate_model(module: torch.nn.Module, tokenizer: Any, *, rank: int, world:
     results = validation_loss(module, validation)
     held_out = int(ev.get("heldOutTraces", 200))
     if traces_uri and held_out:
-        from cwm_operator.artifacts import read_manifest
+        from cwm_spec.artifacts import read_manifest
 
         if read_manifest(traces_uri).splits.get("validation"):
             texts = held_out_traces(traces_uri, held_out, rank, world)

@@ -1,7 +1,7 @@
 """Verified rewards: a model's answer counts only if running it says so.
 
 Answers are untrusted code (``eval`` of model output), so they are checked in
-:mod:`cwm_beam.sandbox` with its time, memory, process and output limits: one sandboxed Python
+:mod:`cwm_exec.sandbox` with its time, memory, process and output limits: one sandboxed Python
 process per batch evaluates every ``(predicted, expected)`` pair, each under its own CPU alarm.
 If the batch as a whole fails (a pathological answer exhausting memory, say), every pair is
 re-checked in a process of its own, so one bad answer costs only itself.
@@ -43,7 +43,7 @@ sys.stdout.write("\n" + json.dumps(out))
 
 
 def _limits(spec: Mapping[str, Any] | None, items: int):
-    from cwm_beam.sandbox import Limits
+    from cwm_exec.sandbox import Limits
 
     base = Limits.from_spec(spec)
     wall = min(base.wall_seconds * max(1, items), max(base.wall_seconds, 30.0))
@@ -52,7 +52,7 @@ def _limits(spec: Mapping[str, Any] | None, items: int):
 
 
 def _run(pairs: Sequence[tuple[str, str]], spec: Mapping[str, Any] | None, per_item: float) -> list[bool] | None:
-    from cwm_beam.sandbox import run_command
+    from cwm_exec.sandbox import run_command
 
     with tempfile.TemporaryDirectory(prefix="cwm-reward-") as cwd:
         result = run_command(

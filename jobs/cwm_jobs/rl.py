@@ -42,7 +42,7 @@ from cwm_jobs.data import stable_random
 from cwm_jobs.tasks import OutputTask, extract_answer, prompt_messages, task_from_trace
 
 if TYPE_CHECKING:
-    from cwm_beam.forager.env import Environments
+    from cwm_forager.env import Environments
 
 LOG = logging.getLogger("cwm_jobs.rl")
 
@@ -118,9 +118,9 @@ def task_pool(traces_uri: str, tokenizer: Any, *, split: str, limit: int, max_pr
     """Output-prediction tasks (with their prompt ids) from the traces data set, in data set
     order (identical on every rank). Traces that raise, never return or do not parse are
     counted and skipped."""
-    from cwm_beam.trace_format import TraceFormatError
+    from cwm_exec.trace_format import TraceFormatError
     from cwm_jobs.evaluate import chat_prompt_ids
-    from cwm_operator.artifacts import iter_records
+    from cwm_spec.artifacts import iter_records
 
     pool = []
     for record in iter_records(traces_uri, split):
@@ -176,7 +176,7 @@ def agent_episode(tokenizer: Any, messages: Sequence[dict[str, Any]], reward: fl
     everything before the agent's first turn; in the rest, the agent's tokens are trained (mask
     1) and the environment's — tool observations, nudges, turn headers — masked (0). Cut at
     ``max_tokens`` (the model's context)."""
-    from cwm_beam.forager.tools import TOOLS
+    from cwm_forager.tools import TOOLS
     from cwm_model.chat import encode_segments, render_messages
 
     ids, roles = encode_segments(tokenizer, render_messages(messages, tools=TOOLS))
@@ -188,8 +188,8 @@ def agent_episode(tokenizer: Any, messages: Sequence[dict[str, Any]], reward: fl
 
 def mutate_fix_pool(trajectories_uri: str, *, limit: int, stats: Counter) -> list[tuple[dict, Any]]:
     """(repository spec, task) of the trajectory data set's train records, in data set order."""
-    from cwm_beam.forager.tasks import Task
-    from cwm_operator.artifacts import iter_records
+    from cwm_forager.tasks import Task
+    from cwm_spec.artifacts import iter_records
 
     pool = []
     for record in iter_records(trajectories_uri, "train"):
@@ -208,7 +208,7 @@ def sample_agent_episodes(module: Any, tokenizer: Any, pool: Sequence[tuple[dict
                           max_turns: int, max_tokens: int) -> list[Episode]:
     """Draw this rank's mutate-fix tasks for ``step``; the model, sampling, works each one
     ``group`` times in a fresh copy of its repository; reward 1 if the task's tests pass."""
-    from cwm_beam.forager.rollout import run_episode
+    from cwm_forager.rollout import run_episode
     from cwm_jobs.evaluate import ModelPolicy
 
     rng = stable_random("rl-agent-tasks", seed, step, rank)
@@ -303,8 +303,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 if not agent_pool:
                     raise ValueError(f"inputs.trajectories {trajectories}: no train record carries "
                                      "its mutate-fix task (regenerate the data set)")
-                from cwm_beam.forager.env import Environments
-                from cwm_beam.sandbox import Limits
+                from cwm_forager.env import Environments
+                from cwm_exec.sandbox import Limits
 
                 envs = Environments(Limits.from_spec(ctx.config.get("sandbox")), "cwm-rl-envs-")
             context = stage.engine.module.config.max_seq_len
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def _has_split(uri: str, split: str) -> bool:
-    from cwm_operator.artifacts import read_manifest
+    from cwm_spec.artifacts import read_manifest
 
     return bool(read_manifest(uri).splits.get(split))
 

@@ -123,7 +123,7 @@ def validation_batches(sources: list[Source], env: DistEnv, *, seed: int, length
     """A fixed set of validation batches: each source's validation split read once, in order,
     up to ``max_sequences`` per source on this rank. Sources without one are left out."""
     from cwm_jobs.data import collate
-    from cwm_operator.artifacts import read_manifest
+    from cwm_spec.artifacts import read_manifest
 
     batches = []
     for src in sources:

@@ -62,7 +62,7 @@ def extract_answer(text: str) -> str:
 def task_from_trace(text: str) -> OutputTask | None:
     """An output-prediction task from a trace record's text; None for traces that raise or
     never returned (nothing to predict)."""
-    from cwm_beam.trace_format import START_MARKER, encode_frames, final_value, parse_trace
+    from cwm_exec.trace_format import START_MARKER, encode_frames, final_value, parse_trace
 
     source, frames = parse_trace(text)
     final = final_value(frames)

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import fsspec
 
-from cwm_operator.artifacts import iter_records
+from cwm_spec.artifacts import iter_records
 
 LOG = logging.getLogger("cwm_jobs.tokenizer")
 SOURCES = ("corpus", "traces", "trajectories")
@@ -96,7 +96,7 @@ def build_tokenizer(spec: dict[str, Any], inputs: dict[str, str]):
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from cwm_operator.stepconfig import load_step_config
+    from cwm_spec.stepconfig import load_step_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config, _ = load_step_config(argv)

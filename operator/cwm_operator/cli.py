@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cwm_operator.validation import ManifestError, load_file
+from cwm_spec.validation import ManifestError, load_file
 
 # subcommand -> module providing register(subparsers)
 COMPONENT_COMMANDS = {
@@ -36,7 +36,7 @@ def _err(message: str) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from cwm_operator.plan import Target, build_plan
+    from cwm_spec.plan import Target, build_plan
 
     failed = 0
     for path in args.files:
@@ -53,8 +53,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace):
-    from cwm_operator.plan import Target, build_plan
-    from cwm_operator.validation import resolve_target
+    from cwm_spec.plan import Target, build_plan
+    from cwm_spec.validation import resolve_target
 
     pipeline = load_file(args.file, target=args.target)
     if resolve_target(pipeline, args.target) == "cluster":
@@ -167,7 +167,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from cwm_operator.crd import crd_yaml
+    from cwm_spec.crd import crd_yaml
 
     sys.stdout.write(crd_yaml())
     return 0

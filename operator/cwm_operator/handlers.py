@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import kopf
 
-from cwm_operator.api import GROUP, PLURAL, VERSION
+from cwm_spec.api import GROUP, PLURAL, VERSION
 from cwm_operator.metrics import Metrics
 from cwm_operator.reconcile import (
     Child,

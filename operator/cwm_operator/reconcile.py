@@ -27,8 +27,8 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Literal, Mapping
 
-from cwm_operator.api import STAGE_ORDER, CWMPipeline, CWMPipelineStatus, StepStatus
-from cwm_operator.plan import Plan, Step, Target, build_plan
+from cwm_spec.api import STAGE_ORDER, CWMPipeline, CWMPipelineStatus, StepStatus
+from cwm_spec.plan import Plan, Step, Target, build_plan
 from cwm_operator.render import (
     ANNOTATION_METRICS,
     ANNOTATION_SUSPENDED,
@@ -39,7 +39,7 @@ from cwm_operator.render import (
     child_name,
 )
 from cwm_operator.settings import Settings
-from cwm_operator.validation import ManifestError, parse_pipeline
+from cwm_spec.validation import ManifestError, parse_pipeline
 
 ChildPhase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
 TERMINAL: tuple[ChildPhase, ...] = ("Succeeded", "Failed")
@@ -229,7 +229,7 @@ def set_condition(status: CWMPipelineStatus, type_: str, value: bool, reason: st
             cond.status, cond.reason, cond.message = text, reason, message
             cond.observed_generation = generation
             return flipped
-    from cwm_operator.api import Condition
+    from cwm_spec.api import Condition
 
     status.conditions.append(Condition(
         type=type_, status=text, reason=reason, message=message,

@@ -23,8 +23,8 @@ import sys
 from functools import lru_cache
 from typing import Any, Mapping
 
-from cwm_operator.api import API_VERSION, KIND, CWMPipeline, Resources
-from cwm_operator.plan import Step
+from cwm_spec.api import API_VERSION, KIND, CWMPipeline, Resources
+from cwm_spec.plan import Step
 from cwm_operator.settings import Settings
 
 LABEL_PIPELINE = "cwm.dev/pipeline"
@@ -301,8 +301,8 @@ def render_child(pipeline: CWMPipeline, namespace: str, step: Step, attempt: int
 
 def render_file(path: str, namespace: str | None, settings: Settings, *, step: str | None = None,
                 attempt: int = 1) -> list[dict[str, Any]]:
-    from cwm_operator.plan import Target, build_plan
-    from cwm_operator.validation import load_documents, parse_pipeline
+    from cwm_spec.plan import Target, build_plan
+    from cwm_spec.validation import load_documents, parse_pipeline
     from pathlib import Path
 
     docs = [d for d in load_documents(Path(path)) if isinstance(d, dict) and d.get("kind") == KIND]

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cwm_operator.api import STAGE_ORDER
+from cwm_spec.api import STAGE_ORDER
 from cwm_operator.runner import StepRecord, read_json
 
 # Evaluation metrics shown first, in this order, when present (others follow alphabetically).

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from cwm_operator.plan import Plan, Step
+from cwm_spec.plan import Plan, Step
 
 SUCCEEDED, FAILED, RUNNING, CACHED = "Succeeded", "Failed", "Running", "Cached"
 INTERRUPTED, PENDING = "Interrupted", "Pending"

@@ -47,7 +47,7 @@ def test_chart_versions_follow_the_project() -> None:
 
 def test_chart_crd_is_the_generated_one() -> None:
     """crds/ holds exactly what `cwm crd` prints (regenerate with `make crd`)."""
-    from cwm_operator.crd import crd_yaml
+    from cwm_spec.crd import crd_yaml
 
     shipped = (CHART / "crds" / "cwmpipelines.cwm.dev.yaml").read_text()
     assert shipped == crd_yaml(), "charts/cwm-operator/crds is stale: run `make crd`"

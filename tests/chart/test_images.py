@@ -234,8 +234,8 @@ def test_operator_requirements_come_from_pyproject(tmp_path: Path) -> None:
 
 def cluster_plan() -> Any:
     """The plan of examples/cluster.yaml for a cluster, with the corpus built by a step too."""
-    from cwm_operator.plan import Target, build_plan
-    from cwm_operator.validation import parse_pipeline
+    from cwm_spec.plan import Target, build_plan
+    from cwm_spec.validation import parse_pipeline
 
     doc = yaml.safe_load((REPO / "examples" / "cluster.yaml").read_text())
     doc = copy.deepcopy(doc)
@@ -288,7 +288,7 @@ def test_beam_image_builds_the_c_tracer() -> None:
     image checks it was built: a compiler in the build stage and an import of the module."""
     df = parse(DOCKERFILES["beam"])
     build = " ".join(i.args for i in df.stage("build").all("RUN"))  # type: ignore[union-attr]
-    assert "gcc" in build and "cwm_beam._ctracer" in build
+    assert "gcc" in build and "cwm_exec._ctracer" in build
 
 
 def test_trainer_default_command_is_a_plan_command() -> None:

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from cwm_beam.trace_format import FRAME_SEP, encode_frame, mark_entry, parse_trace
+from cwm_exec.trace_format import FRAME_SEP, encode_frame, mark_entry, parse_trace
 from cwm_jobs.debug import DebugSession, interact, real_trace
 
 SOURCE = '''\

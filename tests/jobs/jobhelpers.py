@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cwm_operator.artifacts import Manifest, write_manifest, write_shard
+from cwm_spec.artifacts import Manifest, write_manifest, write_shard
 
 
 def write_dataset(uri: Path, kind: str, splits: dict[str, list[dict]], shards: int = 2) -> str:
@@ -22,7 +22,7 @@ def write_dataset(uri: Path, kind: str, splits: dict[str, list[dict]], shards: i
 def traced_records(programs: list[tuple[str, str]]) -> list[dict]:
     """Trace our own (trusted, bundled) programs in this process: the tracer under test is the
     trace engineer's; here it only produces realistic fixture data."""
-    from cwm_beam.tracer import TraceLimits, trace_function
+    from cwm_exec.tracer import TraceLimits, trace_function
 
     records = []
     for source, args in programs:

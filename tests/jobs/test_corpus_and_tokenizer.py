@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cwm_jobs import corpus, tokenizer
-from cwm_operator.artifacts import iter_records, verify
+from cwm_spec.artifacts import iter_records, verify
 
 
 def write_config(path, step, spec, inputs, outputs):

@@ -18,7 +18,7 @@ from cwm_jobs.data import (
     masked_lm_loss,
     observation_masked,
 )
-from cwm_operator.artifacts import ArtifactError, Manifest, join, write_manifest, write_shard
+from cwm_spec.artifacts import ArtifactError, Manifest, join, write_manifest, write_shard
 
 
 def make_dataset(root, name: str, docs: list[list[int]], shards: int = 3, corrupt: bool = False) -> str:
@@ -184,7 +184,7 @@ def test_the_compiled_training_loss_equals_the_eager_one():
 
 
 def test_read_shard_describes_the_bytes_as_written_and_creates_missing_ones(tmp_path):
-    from cwm_operator.artifacts import read_shard
+    from cwm_spec.artifacts import read_shard
 
     rows = [{"id": "b", "text": "line\u2028sep \u00e9"}, {"id": "a", "n": 1}]
     written = write_shard(str(tmp_path), "train-00000-of-00001.jsonl", rows)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cwm_beam import trajectories
-from cwm_beam.forager.policies import SearchRepairPolicy
+from cwm_forager.policies import SearchRepairPolicy
 from cwm_jobs.evaluate import evaluate_model, mutate_fix_records, mutate_fix_solve_rate
 from cwm_model.model import CWM
 from cwm_model.presets import get_preset

@@ -1,7 +1,7 @@
 """Output prediction by trace completion: reading the answer off generated frames."""
 
-from cwm_beam.trace_format import FRAME_SEP, parse_trace
-from cwm_beam.tracer import trace_function
+from cwm_exec.trace_format import FRAME_SEP, parse_trace
+from cwm_exec.tracer import trace_function
 from cwm_jobs.evaluate import predicted_return
 
 SOURCE = "def g(v):\n    return v * 2\n\ndef f(xs):\n    out = 0\n    for x in xs:\n" \

@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
-from cwm_operator.plan import Target, build_plan
+from cwm_spec.plan import Target, build_plan
 from cwm_operator.render import child_name, render_child
-from cwm_operator.validation import parse_pipeline
+from cwm_spec.validation import parse_pipeline
 from tests.operator.helpers import REPO, SETTINGS, manifest, sdk_roundtrip
 
 CLUSTER = REPO / "examples" / "cluster.yaml"
@@ -187,10 +187,10 @@ def test_cwm_render_names_missing_images(capsys, monkeypatch) -> None:
 
 
 def test_openai_policy_key_comes_from_the_named_secret():
-    from cwm_operator.plan import Target, build_plan
+    from cwm_spec.plan import Target, build_plan
     from cwm_operator.render import render_child
     from cwm_operator.settings import Settings
-    from cwm_operator.validation import load_file
+    from cwm_spec.validation import load_file
 
     pipeline = load_file("examples/cluster.yaml")
     plan = build_plan(pipeline, Target.cluster(pipeline, "research"))

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from cwm_operator.stepconfig import load_step_config
+from cwm_spec.stepconfig import load_step_config
 
 
 def main() -> int:

@@ -11,9 +11,9 @@ import jsonschema
 import pytest
 import yaml
 
-from cwm_operator.api import CWMPipeline, TraceDataSpec
+from cwm_spec.api import CWMPipeline, TraceDataSpec
 from cwm_operator.cli import main as cwm
-from cwm_operator.crd import crd, crd_yaml
+from cwm_spec.crd import crd, crd_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cwm_beam.sandbox import Limits, TracePool
+from cwm_exec.sandbox import Limits, TracePool
 
 
 @pytest.fixture(scope="session")

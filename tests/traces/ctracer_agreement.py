@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from cwm_beam import synthetic, tracer
+from cwm_beam import synthetic
+from cwm_exec import tracer
 from cwm_beam.sources import cruxeval_records
-from cwm_beam.tracer import ProgramError, TraceLimits, trace_function
+from cwm_exec.tracer import ProgramError, TraceLimits, trace_function
 
 SETTINGS = (
     TraceLimits(),

@@ -1,4 +1,4 @@
-"""The C recorder (cwm_beam._ctracer) against the Python reference recorder: same frames, same
+"""The C recorder (cwm_exec._ctracer) against the Python reference recorder: same frames, same
 text, same outcome, on every CRUXEval program, synthetic programs and the corner cases below."""
 
 import json
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cwm_beam import tracer
-from cwm_beam.sandbox import Limits, run_command
-from cwm_beam.tracer import TraceLimits, trace_function
+from cwm_exec import tracer
+from cwm_exec.sandbox import Limits, run_command
+from cwm_exec.tracer import TraceLimits, trace_function
 
 HERE = Path(__file__).resolve().parent
 
@@ -18,7 +18,7 @@ def test_the_c_recorder_is_built_and_used():
     # An install without a C compiler falls back to the Python recorder (2x slower tracing):
     # that must show here, not pass silently.
     assert tracer._ctracer is not None, (
-        "cwm_beam._ctracer was not built: install a C compiler and rerun `pip install -e .`")
+        "cwm_exec._ctracer was not built: install a C compiler and rerun `pip install -e .`")
     assert tracer.ACCELERATED
 
 

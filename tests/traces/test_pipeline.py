@@ -9,7 +9,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from cwm_beam import traces
 from cwm_beam.sources import cruxeval_records
-from cwm_operator import artifacts
+from cwm_spec import artifacts
 
 from .hostile import HOSTILE, hostile_input
 

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from cwm_beam import repository, traces
-from cwm_beam.sandbox import Limits
-from cwm_beam.trace_format import START_MARKER, parse_trace
-from cwm_beam.tracer import TraceLimits
-from cwm_operator import artifacts
+from cwm_beam import traces
+from cwm_exec import repository
+from cwm_exec.sandbox import Limits
+from cwm_exec.trace_format import START_MARKER, parse_trace
+from cwm_exec.tracer import TraceLimits
+from cwm_spec import artifacts
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "minirepo"
 

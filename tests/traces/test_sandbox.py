@@ -5,7 +5,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from cwm_beam.sandbox import Failure, Limits, describe_isolation, isolation, run_command
+from cwm_exec.sandbox import Failure, Limits, describe_isolation, isolation, run_command
 from cwm_beam.sources import cruxeval_records
 
 from .hostile import HOSTILE, hostile_input

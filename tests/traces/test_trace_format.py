@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from cwm_beam.trace_format import (
+from cwm_exec.trace_format import (
     END_OF_TEXT, FRAME_SEP, Frame, TraceFormatError, encode_trace, mark_entry, parse_trace,
     START_MARKER, trace_prompt,
 )

@@ -1,8 +1,8 @@
 """The tracer in this process, on trusted snippets written here (untrusted code goes through
 the sandbox: see test_sandbox.py)."""
 
-from cwm_beam.trace_format import parse_trace
-from cwm_beam.tracer import TRUNCATION_MARKER, TraceLimits, capped_repr, trace_function
+from cwm_exec.trace_format import parse_trace
+from cwm_exec.tracer import TRUNCATION_MARKER, TraceLimits, capped_repr, trace_function
 
 
 def events(result):

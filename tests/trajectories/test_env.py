@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from cwm_beam.forager.env import make_executor
-from cwm_beam.forager.repos import RepoSource, RepositoryError, fetch
+from cwm_forager.env import make_executor
+from cwm_forager.repos import RepoSource, RepositoryError, fetch
 
 
 def test_sources_validate_and_name_themselves():

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from cwm_beam import sandbox
-from cwm_beam.forager.env import RepoEnvironment
-from cwm_beam.forager.repos import RepositoryError
-from cwm_beam.forager.tools import ToolRunner
+from cwm_exec import sandbox
+from cwm_forager.env import RepoEnvironment
+from cwm_forager.repos import RepositoryError
+from cwm_forager.tools import ToolRunner
 
 PAYLOADS = Path(__file__).parent / "fixtures" / "hostile"
 LIMITS = sandbox.Limits(wall_seconds=5, cpu_seconds=5, memory_mb=768, output_bytes=1_000_000,

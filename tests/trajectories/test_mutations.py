@@ -6,9 +6,9 @@ import ast
 
 import pytest
 
-from cwm_beam.forager.mutations import (FAMILIES, apply_edits, find_mutations, function_lines,
+from cwm_forager.mutations import (FAMILIES, apply_edits, find_mutations, function_lines,
                                         line_candidates, unified_diff)
-from cwm_beam.forager.repos import FIXTURE_ROOT
+from cwm_forager.repos import FIXTURE_ROOT
 
 SOURCE = '''\
 import math

@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cwm_beam.forager.policies import OpenAIPolicy
-from cwm_beam.forager.rollout import run_episode
-from cwm_beam.forager.tools import TOOL_NAMES
+from cwm_forager.policies import OpenAIPolicy
+from cwm_forager.rollout import run_episode
+from cwm_forager.tools import TOOL_NAMES
 
 from .conftest import task_of
 

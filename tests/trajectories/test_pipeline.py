@@ -8,8 +8,8 @@ import json
 import pytest
 
 from cwm_beam import trajectories
-from cwm_beam.forager.records import check_record
-from cwm_operator import artifacts
+from cwm_forager.records import check_record
+from cwm_spec import artifacts
 
 
 def step_config(tmp_path, **spec):

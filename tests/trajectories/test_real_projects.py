@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from cwm_beam.forager.env import RepoEnvironment
-from cwm_beam.forager.mutations import FAMILIES
-from cwm_beam.forager.policies import SearchRepairPolicy
-from cwm_beam.forager.rollout import run_episode
-from cwm_beam.forager.tasks import synthesize_tasks
+from cwm_forager.env import RepoEnvironment
+from cwm_forager.mutations import FAMILIES
+from cwm_forager.policies import SearchRepairPolicy
+from cwm_forager.rollout import run_episode
+from cwm_forager.tasks import synthesize_tasks
 
 from dataclasses import replace
 

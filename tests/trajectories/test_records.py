@@ -9,7 +9,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from cwm_beam.forager.records import (RecordError, action_text, check_record, dedup, render,
+from cwm_forager.records import (RecordError, action_text, check_record, dedup, render,
                                       solve_rates)
 from cwm_beam.trajectories import Deduplicate
 

@@ -6,11 +6,11 @@ import subprocess
 
 import pytest
 
-from cwm_beam.forager.mutations import FAMILIES
-from cwm_beam.forager.policies import SearchRepairPolicy
-from cwm_beam.forager.records import check_record
-from cwm_beam.forager.rollout import Trajectory, replay_actions, run_episode
-from cwm_beam.forager.tasks import Task, validate_task
+from cwm_forager.mutations import FAMILIES
+from cwm_forager.policies import SearchRepairPolicy
+from cwm_forager.records import check_record
+from cwm_forager.rollout import Trajectory, replay_actions, run_episode
+from cwm_forager.tasks import Task, validate_task
 
 from .conftest import task_of
 

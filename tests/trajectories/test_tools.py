@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cwm_beam.forager.tools import TOOLS, ToolRunner, cap_observation, mask_durations
+from cwm_forager.tools import TOOLS, ToolRunner, cap_observation, mask_durations
 
 
 @pytest.fixture()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import cwm_beam
+import cwm_forager
 
 FIXTURE_ROOT = Path(__file__).resolve().parent / "fixture_repos"
 IGNORED = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", ".tox", ".nox", ".pytest_cache",
@@ -79,7 +79,7 @@ def cache_root() -> Path:
     """``$CWM_CACHE/repos``, else ``<project checkout>/.cache/repos``, else ``~/.cache/cwm``."""
     if os.environ.get("CWM_CACHE"):
         return Path(os.environ["CWM_CACHE"]) / "repos"
-    project = Path(cwm_beam.__file__).resolve().parents[2]
+    project = Path(cwm_forager.__file__).resolve().parents[2]
     if (project / "pyproject.toml").exists():
         return project / ".cache" / "repos"
     return Path.home() / ".cache" / "cwm" / "repos"

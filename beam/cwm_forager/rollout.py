@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from cwm_beam import sandbox
-from cwm_beam.forager.env import RepoEnvironment
-from cwm_beam.forager.mutations import unified_diff
-from cwm_beam.forager.tasks import Task
-from cwm_beam.forager.tools import TOOLS, ToolRunner
+from cwm_exec import sandbox
+from cwm_forager.env import RepoEnvironment
+from cwm_forager.mutations import unified_diff
+from cwm_forager.tasks import Task
+from cwm_forager.tools import TOOLS, ToolRunner
 
 SYSTEM_PROMPT = (
     "You are a software engineering agent working in a Python repository inside a sandbox. "

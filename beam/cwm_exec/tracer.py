@@ -10,7 +10,7 @@ episodes step into callees at random). Comprehensions and generator expressions 
 their own (as in Python 3.12, PEP 709): their work shows in the enclosing line's next state.
 
 Two recorders give the same frames and text (``tests/traces/test_ctracer.py`` checks it on every
-CRUXEval program): :class:`_FunctionRecorder` here, the reference, and ``cwm_beam._ctracer``, the
+CRUXEval program): :class:`_FunctionRecorder` here, the reference, and ``cwm_exec._ctracer``, the
 same rules in C installed with ``_PyEval_SetTrace`` (no Python call and no locals round trip per
 event), used by :func:`trace_call` wherever it was built (``CWM_TRACER=python`` picks the
 reference). Repository episodes (:class:`EpisodeTracer`) use the Python recorder.
@@ -38,7 +38,7 @@ from json.encoder import encode_basestring
 from types import FrameType
 from typing import Any
 
-from cwm_beam.trace_format import (
+from cwm_exec.trace_format import (
     ACTION_SEP, ARG_SEP, CALL_SEP, END_OF_TEXT, EXCEPTION_SEP, FRAME_SEP, LINE_SEP, RETURN_SEP,
     UNCHANGED, Frame, TraceFormatError, mark_entry, mark_line, trace_prompt,
 )
@@ -746,7 +746,7 @@ def trace_call(function, args: tuple, kwargs: dict, marked_source: str,
     """Call ``function`` (compiled from ``marked_source`` under :data:`FILENAME`) under the
     tracer. Split from :func:`trace_function` so the benchmark can time the traced call alone.
 
-    ``accelerated`` picks the recorder: the C one (``cwm_beam._ctracer``, the default where it
+    ``accelerated`` picks the recorder: the C one (``cwm_exec._ctracer``, the default where it
     was built) or the Python reference (:class:`_FunctionRecorder`); both give the same result."""
     marked = marked_source
     # Line texts come from the marked source: the entry's call frame shows the marker, as the
@@ -811,7 +811,7 @@ def trace_call(function, args: tuple, kwargs: dict, marked_source: str,
 # The C recorder (built from _ctracer.c at install time; optional, so an install without a
 # compiler still works, with the Python recorder and its ~2x higher tracing cost).
 try:
-    from cwm_beam import _ctracer
+    from cwm_exec import _ctracer
 except ImportError:   # pragma: no cover - depends on the install
     _ctracer = None
 else:

@@ -1,11 +1,11 @@
 """How a step's process learns what to do: one JSON document, the same locally and in a pod.
 
-The plan (``cwm_operator.plan``) renders each step's configuration as JSON into the environment
+The plan (``cwm_spec.plan``) renders each step's configuration as JSON into the environment
 variable ``CWM_STEP_CONFIG``; entry points (``python -m cwm_beam.traces``, ``torchrun -m
 cwm_jobs.pretrain`` ...) read it back with :func:`load_step_config`. ``--config FILE`` overrides
 the variable, which is handy when running one step by hand.
 
-The document has this shape (built by ``cwm_operator.plan``; ``spec`` is the step's own
+The document has this shape (built by ``cwm_spec.plan``; ``spec`` is the step's own
 section of the CWMPipeline spec, camelCase, defaults filled in and validated — parse it back with
 its model, e.g. ``TraceDataSpec.model_validate(config["spec"])``)::
 

@@ -21,8 +21,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable, Sequence
 
-from cwm_beam.forager.env import RepoEnvironment
-from cwm_beam.forager.mutations import FAMILIES, Mutation, apply_edits, find_mutations, unified_diff
+from cwm_forager.env import RepoEnvironment
+from cwm_forager.mutations import FAMILIES, Mutation, apply_edits, find_mutations, unified_diff
 
 MAX_TESTS_PER_TASK = 200  # a function covered by more tests is graded on a seeded sample
 

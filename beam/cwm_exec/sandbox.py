@@ -20,10 +20,10 @@ In both modes: ``RLIMIT_CPU``, ``RLIMIT_AS`` (memory), ``RLIMIT_CORE=0``, a wall
 enforced by killing the process group, output capped while it is read, and a process cap
 (a ``pids`` cgroup where this process may create one, else ``RLIMIT_NPROC``, which the kernel
 ignores for root). The limits and the cgroup are applied by a small exec wrapper
-(:mod:`cwm_beam._exec_limited`), never by Python code between fork and exec here, so that
+(:mod:`cwm_exec._exec_limited`), never by Python code between fork and exec here, so that
 spawning stays safe in processes with gRPC threads (Beam's SDK workers).
 
-Many small trace jobs use :class:`TracePool`: a fork server (``cwm_beam._zygote``) started once
+Many small trace jobs use :class:`TracePool`: a fork server (``cwm_exec._zygote``) started once
 inside the sandbox, which forks one child per job so no job pays interpreter start-up.
 """
 
@@ -47,13 +47,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import cwm_beam
-from cwm_beam._exec_limited import encode_spec
-from cwm_beam.trace_format import TraceFormatError, mark_entry
-from cwm_beam.tracer import TraceLimits, TraceResult
+import cwm_exec
+from cwm_exec._exec_limited import encode_spec
+from cwm_exec.trace_format import TraceFormatError, mark_entry
+from cwm_exec.tracer import TraceLimits, TraceResult
 
 
-PACKAGE_PARENT = str(Path(cwm_beam.__file__).resolve().parent.parent)
+PACKAGE_PARENT = str(Path(cwm_exec.__file__).resolve().parent.parent)
 _ETC_FILES = (
     "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/ld.so.cache", "/etc/localtime",
     "/etc/alternatives", "/etc/ssl", "/etc/ca-certificates", "/etc/mime.types", "/etc/hosts",
@@ -291,12 +291,12 @@ def sandbox_argv(argv: Sequence[str], *, cwd: str, limits: Limits, env: Mapping[
 
 
 _EXEC_LIMITED = ("import sys; sys.path.insert(0, {parent!r}); "
-                 "from cwm_beam._exec_limited import main; main()")
+                 "from cwm_exec._exec_limited import main; main()")
 
 
 def limited_argv(cmd: Sequence[str], limits: Limits, cgroup: _PidsCgroup | None,
                  env: Mapping[str, str], *, cpu: bool = True) -> list[str]:
-    """``cmd`` started through :mod:`cwm_beam._exec_limited`, which joins the cgroup, sets the
+    """``cmd`` started through :mod:`cwm_exec._exec_limited`, which joins the cgroup, sets the
     rlimits and execs it with ``env``: nothing runs between fork and exec in this process, so
     ``subprocess`` can use ``vfork``, which runs no fork handlers (gRPC's crash children)."""
     in_cgroup = cgroup is not None and cgroup.path is not None
@@ -431,7 +431,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 # Fork server for many small trace jobs
 
 _BOOT = ("import sys; sys.path.insert(0, {parent!r}); "
-         "from cwm_beam._zygote import main; main()")
+         "from cwm_exec._zygote import main; main()")
 
 
 class _Zygote:
@@ -444,7 +444,7 @@ class _Zygote:
         job_limits = {**asdict(limits), "reply_bytes": reply_bytes,
                       "scratch": "/tmp" if isolation() == "bwrap" else self.workdir}
         read_roots = sorted({*_python_roots(), *(os.path.realpath(p) for p in sys.path if p),
-                             str(Path(cwm_beam.__file__).resolve().parent)})
+                             str(Path(cwm_exec.__file__).resolve().parent)})
         argv = [sys.executable, "-S", "-E", "-c", _BOOT.format(parent=PACKAGE_PARENT),
                 json.dumps(job_limits), json.dumps(read_roots)]
         env = default_env()

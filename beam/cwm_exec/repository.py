@@ -4,8 +4,8 @@ it into per-function episodes (CWM's repository traces).
     python -m cwm_beam.traces --source repository:path/to/repo --output /tmp/traces
 
 The repository (a local folder, or a git URL cloned with ``git clone --depth 1``) is copied into a
-private folder; ``pytest`` runs there through :func:`cwm_beam.sandbox.run_command` (time, memory,
-process and output limits; bubblewrap where available) with :mod:`cwm_beam.repo_trace_plugin`
+private folder; ``pytest`` runs there through :func:`cwm_exec.sandbox.run_command` (time, memory,
+process and output limits; bubblewrap where available) with :mod:`cwm_exec.repo_trace_plugin`
 loaded. Every call a test makes directly into a function of the repository becomes an episode:
 the entry's module source is the context (its ``def`` line marked), callees in the repository are
 stepped into up to ``depth`` levels with probability ``stepInProbability``.
@@ -35,8 +35,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from cwm_beam.sandbox import PACKAGE_PARENT, Limits, default_env, run_command
-from cwm_beam.tracer import TraceLimits, TraceResult
+from cwm_exec.sandbox import PACKAGE_PARENT, Limits, default_env, run_command
+from cwm_exec.tracer import TraceLimits, TraceResult
 
 _IGNORED = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", ".pytest_cache", ".tox",
                                   ".venv", "venv", "node_modules")
@@ -88,7 +88,7 @@ def run_suite(repo: Path, limits: TraceLimits, sandbox: Limits, *, per_function:
         "CWM_PER_FUNCTION": str(per_function), "CWM_MAX_EPISODES": str(max_episodes)})
     run_limits = replace(sandbox, wall_seconds=timeout, cpu_seconds=timeout)
     result = run_command([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "-p", "cwm_beam.repo_trace_plugin", "-o", "addopts="],
+                          "-p", "cwm_exec.repo_trace_plugin", "-o", "addopts="],
                          cwd=repo, limits=run_limits, env=env)
     episodes: list[dict] = []
     problem = None

@@ -6,7 +6,7 @@
 :class:`SearchRepairPolicy`
     Needs no model. Like a careful engineer with a fault localiser: it runs the failing tests
     and reads the traceback, runs the tests again with line coverage and ranks lines by Ochiai
-    suspiciousness (``python -m cwm_beam.forager.sbfl``), views the suspicious function, then
+    suspiciousness (``python -m cwm_forager.sbfl``), views the suspicious function, then
     tries candidate edits (inverse mutation operators: operator replacement, variable and
     argument swaps, a missing ``return``) one at a time, rerunning the failing tests after each,
     and submits after a passing regression run. Everything it knows comes from its own tool
@@ -21,9 +21,9 @@ import shlex
 import textwrap
 from typing import Any, Generator, Sequence
 
-from cwm_beam.forager.mutations import line_candidates
-from cwm_beam.forager.rollout import Action
-from cwm_beam.forager.sbfl import ROW
+from cwm_forager.mutations import line_candidates
+from cwm_forager.rollout import Action
+from cwm_forager.sbfl import ROW
 
 _FRAME = re.compile(r"^(?P<path>[^\s:]+\.py):(?P<line>\d+): in (?P<func>\S+)", re.M)
 _VIEW_LINE = re.compile(r"^\s*(\d+)  (.*)$")
@@ -51,7 +51,7 @@ def _kind(description: str) -> int:
 
 
 def _is_test_path(path: str) -> bool:
-    from cwm_beam.forager.pytest_plugin import is_test_file
+    from cwm_forager.pytest_plugin import is_test_file
 
     return is_test_file(path)
 
@@ -100,14 +100,14 @@ class SearchRepairPolicy:
         frames = [(m["path"], int(m["line"])) for m in _FRAME.finditer(observation)
                   if not _is_test_path(m["path"])]
         spectrum = (f"CWM_TRACE=. CWM_REPORT=/tmp/spectrum.jsonl timeout {self.test_timeout} "
-                    "python -m pytest -q -p cwm_beam.forager.pytest_plugin "
+                    "python -m pytest -q -p cwm_forager.pytest_plugin "
                     + " ".join(shlex.quote(f) for f in files)
-                    + " > /dev/null 2>&1; python -m cwm_beam.forager.sbfl /tmp/spectrum.jsonl --top 20")
+                    + " > /dev/null 2>&1; python -m cwm_forager.sbfl /tmp/spectrum.jsonl --top 20")
         observation = yield _call("bash", command=spectrum)
         rows = [m for m in map(ROW.match, observation.splitlines()) if m]
         if not rows and frames:  # nothing ran far enough for a spectrum: use the traceback
             places = " ".join(shlex.quote(f"{p}:{l}") for p, l in dict.fromkeys(frames))
-            observation = yield _call("bash", command=f"python -m cwm_beam.forager.sbfl --locate {places}")
+            observation = yield _call("bash", command=f"python -m cwm_forager.sbfl --locate {places}")
             rows = [m for m in map(ROW.match, observation.splitlines()) if m]
         # The file as the policy believes it is: original lines it viewed, and its own edits.
         original: dict[str, dict[int, str]] = {}

@@ -27,5 +27,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"cwm_beam.forager.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'cwm_beam.forager' has no attribute {name!r}")
+        return getattr(importlib.import_module(f"cwm_forager.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'cwm_forager' has no attribute {name!r}")

@@ -1,11 +1,11 @@
-"""A pytest plugin loaded into sandboxed test runs (``-p cwm_beam.forager.pytest_plugin``).
+"""A pytest plugin loaded into sandboxed test runs (``-p cwm_forager.pytest_plugin``).
 
 It reports, one JSON line per test as soon as the test ends (so a run killed half-way still
 tells which tests ran), the test's outcome and, when asked, the source lines it executed: the
 "spectrum" that task synthesis uses to find test-covered functions and that the search policy
 uses to localise faults (Ochiai over failing against passing tests).
 
-Environment (set by :mod:`cwm_beam.forager.env`):
+Environment (set by :mod:`cwm_forager.env`):
 ``CWM_REPORT``   file to append the JSON lines to;
 ``CWM_SELECT``   optional file of test ids (one a line): other collected tests are deselected;
 ``CWM_TRACE``    optional directory: record executed lines of non-test ``.py`` files below it.

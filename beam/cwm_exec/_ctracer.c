@@ -1,4 +1,4 @@
-/* The function tracer's recorder in C: the same frames and text as cwm_beam.tracer's
+/* The function tracer's recorder in C: the same frames and text as cwm_exec.tracer's
  * _FunctionRecorder (the reference implementation, kept in Python), at a fraction of the cost.
  *
  * Why C: a sys.settrace callback written in Python pays, at every event, the trampoline's sync of
@@ -18,7 +18,7 @@
 #include <frameobject.h>
 #include <structmember.h>
 
-/* ---- configuration shared with cwm_beam.tracer (set once by configure()) ------------------ */
+/* ---- configuration shared with cwm_exec.tracer (set once by configure()) ------------------ */
 static PyObject *FrameType;          /* trace_format.Frame (a named tuple) */
 static PyObject *LimitExceeded;      /* tracer.TraceLimitExceeded */
 static PyObject *EncodeString;       /* json.encoder.encode_basestring (for escapes) */
@@ -834,7 +834,7 @@ Recorder_init(Recorder *r, PyObject *args, PyObject *kwargs)
                                      &step_in, &max_depth, &cap, &max_events, &max_bytes))
         return -1;
     if (FrameType == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "cwm_beam._ctracer.configure() was not called");
+        PyErr_SetString(PyExc_RuntimeError, "cwm_exec._ctracer.configure() was not called");
         return -1;
     }
     if (r->frames != NULL) {
@@ -945,8 +945,8 @@ static PyMemberDef Recorder_members[] = {
 
 static PyTypeObject RecorderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "cwm_beam._ctracer.Recorder",
-    .tp_doc = "Records one traced call as CWM frames (see cwm_beam.tracer.trace_call).",
+    .tp_name = "cwm_exec._ctracer.Recorder",
+    .tp_doc = "Records one traced call as CWM frames (see cwm_exec.tracer.trace_call).",
     .tp_basicsize = sizeof(Recorder),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
@@ -993,13 +993,13 @@ configure(PyObject *module, PyObject *args, PyObject *kwargs)
 
 static PyMethodDef module_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
-     "Set the trace format's constants (called once by cwm_beam.tracer)."},
+     "Set the trace format's constants (called once by cwm_exec.tracer)."},
     {NULL}
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "cwm_beam._ctracer",
-    "C recorder for cwm_beam.tracer (same output as its Python _FunctionRecorder).", -1,
+    PyModuleDef_HEAD_INIT, "cwm_exec._ctracer",
+    "C recorder for cwm_exec.tracer (same output as its Python _FunctionRecorder).", -1,
     module_methods,
 };
 

@@ -26,7 +26,7 @@ import struct
 import sys
 import time
 
-from cwm_beam import tracer
+from cwm_exec import tracer
 
 _BLOCKED_PREFIXES = (
     "socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",

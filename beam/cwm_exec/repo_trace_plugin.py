@@ -1,8 +1,8 @@
 """pytest plugin that cuts a repository's test run into per-function trace episodes.
 
-Loaded into a sandboxed ``pytest`` run by :mod:`cwm_beam.repository` (``-p
-cwm_beam.repo_trace_plugin``); it traces only each test's *call* phase (not fixtures' set-up or
-tear-down) with :class:`cwm_beam.tracer.EpisodeTracer` and appends one JSON line per finished
+Loaded into a sandboxed ``pytest`` run by :mod:`cwm_exec.repository` (``-p
+cwm_exec.repo_trace_plugin``); it traces only each test's *call* phase (not fixtures' set-up or
+tear-down) with :class:`cwm_exec.tracer.EpisodeTracer` and appends one JSON line per finished
 episode to the file named by ``CWM_EPISODES`` (flushed at once, so a run killed half-way keeps
 what it traced). Configuration, from the environment:
 
@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-from cwm_beam.tracer import Episode, EpisodeTracer, TraceLimits
+from cwm_exec.tracer import Episode, EpisodeTracer, TraceLimits
 
 _OUT = os.environ.get("CWM_EPISODES")
 _TRACER: EpisodeTracer | None = None

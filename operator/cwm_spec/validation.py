@@ -12,7 +12,7 @@ from typing import Any, Iterable, Literal, Mapping
 import yaml
 from pydantic import ValidationError
 
-from cwm_operator.api import API_VERSION, KIND, CWMPipeline
+from cwm_spec.api import API_VERSION, KIND, CWMPipeline
 
 Target = Literal["local", "cluster", "auto"]
 

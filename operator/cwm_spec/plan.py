@@ -18,9 +18,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from cwm_operator import __version__
-from cwm_operator.api import CWMPipeline, Resources, StageSpec
-from cwm_operator.stepconfig import ENV_VAR, dump_step_config
+from cwm_spec import __version__
+from cwm_spec.api import CWMPipeline, Resources, StageSpec
+from cwm_spec.stepconfig import ENV_VAR, dump_step_config
 
 StepKind = Literal["beam", "job", "train"]
 

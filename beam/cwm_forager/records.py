@@ -2,7 +2,7 @@
 near-duplicate removal.
 
 A record is ``{"messages": [...OpenAI-style chat messages with tool calls...], "meta": {...}}``
-(the ``trajectories`` data-set kind of :mod:`cwm_operator.artifacts`). Training renders it with
+(the ``trajectories`` data-set kind of :mod:`cwm_spec.artifacts`). Training renders it with
 ``cwm_model.chat.render_messages`` and the tool schemas of :data:`TOOLS`; :func:`render` does
 exactly that.
 
@@ -18,7 +18,7 @@ import json
 import re
 from typing import Any, Iterable, Sequence
 
-from cwm_beam.forager.tools import TOOL_NAMES, TOOLS
+from cwm_forager.tools import TOOL_NAMES, TOOLS
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 ROLES = ("system", "user", "assistant", "tool")

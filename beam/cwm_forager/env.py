@@ -7,7 +7,7 @@ tests pass", as CWM/SWE-smith build); tests failing on the pristine tree are rec
 out. Every later run (task validation, grading, the agent's ``bash``) happens in a throw-away
 copy through an :class:`Executor`:
 
-- :class:`SandboxExecutor`: :func:`cwm_beam.sandbox.run_command` (bubblewrap on a workstation;
+- :class:`SandboxExecutor`: :func:`cwm_exec.sandbox.run_command` (bubblewrap on a workstation;
   rlimits inside a Kubernetes worker pod, where the pod itself is the per-repository image);
 - :class:`DockerExecutor`: one container per repository through the ``docker`` SDK, when a
   Docker engine is reachable (a developer laptop).
@@ -27,16 +27,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence
 
-from cwm_beam import sandbox
-from cwm_beam.forager.mutations import function_lines
-from cwm_beam.forager.pytest_plugin import is_test_file
-from cwm_beam.forager.repos import RepoSource, RepositoryError, copy_tree, fetch
+from cwm_exec import sandbox
+from cwm_forager.mutations import function_lines
+from cwm_forager.pytest_plugin import is_test_file
+from cwm_forager.repos import RepoSource, RepositoryError, copy_tree, fetch
 
 if TYPE_CHECKING:
-    from cwm_beam.forager.tasks import Task
+    from cwm_forager.tasks import Task
 
 MOUNT = "/repo"
-PLUGIN = "cwm_beam.forager.pytest_plugin"
+PLUGIN = "cwm_forager.pytest_plugin"
 PYTEST_ARGS = ("-q", "-p", "no:cacheprovider", "-p", PLUGIN, "-o", "addopts=",
                "--tb=short", "-W", "ignore::DeprecationWarning")
 
@@ -76,7 +76,7 @@ class Executor(Protocol):
 
 
 class SandboxExecutor:
-    """Runs in :mod:`cwm_beam.sandbox`. With ``at_mount`` and bubblewrap, ``workdir`` is also
+    """Runs in :mod:`cwm_exec.sandbox`. With ``at_mount`` and bubblewrap, ``workdir`` is also
     mounted at ``/repo`` and the command starts there."""
 
     def run(self, argv: Sequence[str], *, workdir: Path, limits: sandbox.Limits,

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cwm_beam import sandbox
-from cwm_beam.forager.env import MOUNT, RepoEnvironment, SandboxExecutor
+from cwm_exec import sandbox
+from cwm_forager.env import MOUNT, RepoEnvironment, SandboxExecutor
 
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {

@@ -1,12 +1,12 @@
 """Spectrum-based fault localisation (Ochiai), as a command the agent can run in its sandbox.
 
-Input: the per-test JSON lines written by :mod:`cwm_beam.forager.pytest_plugin` with line
+Input: the per-test JSON lines written by :mod:`cwm_forager.pytest_plugin` with line
 coverage on. A line executed by many failing and few passing tests is suspicious:
 ``ochiai = ef / sqrt((ef + nf) * (ef + ep))`` (ef/ep: failing/passing tests executing the line,
 nf: failing tests not executing it). Usage, inside the repository::
 
-    CWM_TRACE=. CWM_REPORT=/tmp/s.jsonl python -m pytest -q -p cwm_beam.forager.pytest_plugin tests/test_x.py
-    python -m cwm_beam.forager.sbfl /tmp/s.jsonl --top 15
+    CWM_TRACE=. CWM_REPORT=/tmp/s.jsonl python -m pytest -q -p cwm_forager.pytest_plugin tests/test_x.py
+    python -m cwm_forager.sbfl /tmp/s.jsonl --top 15
 
 Prints one suspicious line per row: ``score path:line function first-last``.
 """
@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from cwm_beam.forager.mutations import function_lines
+from cwm_forager.mutations import function_lines
 
 ROW = re.compile(r"^\s*(?P<score>\d\.\d+)\s+(?P<path>\S+):(?P<line>\d+)\s+(?P<func>\S+)\s+(?P<lo>\d+)-(?P<hi>\d+)\s*$")
 

@@ -1,6 +1,6 @@
 """Set the sandbox's resource limits on this process, then exec the sandboxed command.
 
-The first step of every sandboxed process: :mod:`cwm_beam.sandbox` starts it as
+The first step of every sandboxed process: :mod:`cwm_exec.sandbox` starts it as
 ``python -S -E -c ... SPEC COMMAND...`` instead of running a ``preexec_fn`` between fork and
 exec. Python code there makes ``subprocess`` use ``fork`` instead of ``vfork``, and a fork of a
 process with gRPC threads (every Beam SDK worker has them) runs gRPC's and abseil's fork
