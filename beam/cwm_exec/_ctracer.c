@@ -455,8 +455,9 @@ writer_init(Writer *w)
 #define WRITE(w, s) _PyUnicodeWriter_WriteStr((w), (s))
 #define WRITE_ASCII(w, lit) _PyUnicodeWriter_WriteASCIIString((w), (lit), sizeof(lit) - 1)
 
-/* text as a JSON string, exactly as encode_basestring writes it (non-ASCII kept as is): text
- * with nothing to escape is written between quotes directly. */
+/* text as a JSON string, exactly as encode_basestring_ascii (json.dumps' default, which CWM's
+ * traces use) writes it: text with nothing to escape (printable ASCII but '"' and '\\') is
+ * written between quotes directly. */
 static int
 write_json(Writer *w, PyObject *text)
 {
@@ -465,7 +466,7 @@ write_json(Writer *w, PyObject *text)
     const void *data = PyUnicode_DATA(text);
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_UCS4 c = PyUnicode_READ(kind, data, i);
-        if (c < 0x20 || c == '"' || c == '\\') {
+        if (c < 0x20 || c > 0x7e || c == '"' || c == '\\') {
             PyObject *encoded = PyObject_CallOneArg(EncodeString, text);
             if (encoded == NULL)
                 return -1;
@@ -479,8 +480,8 @@ write_json(Writer *w, PyObject *text)
     return WRITE_ASCII(w, "\"");
 }
 
-/* One local of a state frame: ', ' between locals, the name (an identifier: nothing to escape)
- * and the value's JSON string, or ".." when text is NULL (unchanged). */
+/* One local of a state frame: ', ' between locals, the name's JSON string and the value's, or
+ * ".." when text is NULL (unchanged). An ASCII name is an identifier: nothing to escape. */
 static int
 write_local(Writer *w, PyObject *name, PyObject *text, int first)
 {
@@ -488,8 +489,13 @@ write_local(Writer *w, PyObject *name, PyObject *text, int first)
         PyErr_SetString(PyExc_TypeError, "a local's name is not a str");
         return -1;
     }
-    if ((!first && WRITE_ASCII(w, ", ") < 0) || WRITE_ASCII(w, "\"") < 0 || WRITE(w, name) < 0
-            || WRITE_ASCII(w, "\": ") < 0)
+    if (!first && WRITE_ASCII(w, ", ") < 0)
+        return -1;
+    if (PyUnicode_IS_ASCII(name)) {
+        if (WRITE_ASCII(w, "\"") < 0 || WRITE(w, name) < 0 || WRITE_ASCII(w, "\": ") < 0)
+            return -1;
+    }
+    else if (write_json(w, name) < 0 || WRITE_ASCII(w, ": ") < 0)
         return -1;
     return text == NULL ? WRITE_ASCII(w, "\"..\"") : write_json(w, text);
 }
@@ -723,16 +729,14 @@ on_call(Recorder *r, PyFrameObject *frame)
 static int
 on_return(Recorder *r, Scope *s, PyFrameObject *frame, PyObject *arg)
 {
-    /* After an exception propagates, Python still reports "return None": the exception frame
-     * already says how the scope ended. */
-    if (!s->raised || arg != Py_None) {
-        PyObject *line = line_text(r, frame);
-        if (line == NULL)
-            return -1;
-        PyObject *value = r->nscopes == 1 ? PyObject_Repr(arg) : capped_repr(arg, r->cap);
-        if (value_frame(r, ReturnSep, EvReturn, line, value) < 0)
-            return -1;
-    }
+    /* After an exception propagates, Python still reports "return None": recorded, as CWM's
+     * debugger expects every scope to end with a return frame (trace_format). */
+    PyObject *line = line_text(r, frame);
+    if (line == NULL)
+        return -1;
+    PyObject *value = r->nscopes == 1 ? PyObject_Repr(arg) : capped_repr(arg, r->cap);
+    if (value_frame(r, ReturnSep, EvReturn, line, value) < 0)
+        return -1;
     pop_scope(r);
     if (r->nscopes)
         r->scopes[r->nscopes - 1].fresh = 1;

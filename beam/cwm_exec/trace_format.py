@@ -1,25 +1,46 @@
-"""CWM's execution-trace format: special-token text and the structured frames behind it.
+r"""CWM's execution-trace format: the structured frames, their text, and which parts are tokens.
 
-A trace is a prompt followed by frames (CWM technical report, arXiv 2510.02387, section 2)::
+A trace is a prompt followed by frames (github.com/facebookresearch/cwm ``PROMPTING_GUIDE.md``,
+"Trace Prediction"; ``demos/cwmdbg.py``, ``CWMDebugger._step``, which builds the same layout from
+tokens)::
 
     <|begin_of_text|><|trace_context_start|>SOURCE<|frame_sep|>
-    <|call_sep|>{"x": "3"}<|action_sep|>def f(x):  # << START_OF_TRACE<|frame_sep|>
-    <|line_sep|>{"x": ".."}<|action_sep|>    return x + 1<|frame_sep|>
-    <|return_sep|><|action_sep|>    return x + 1<|arg_sep|>"4"<|frame_sep|>
+    <|call_sep|>{"x": "3"}<|action_sep|>def f(x):\n<|frame_sep|>
+    <|line_sep|>{"x": ".."}<|action_sep|>    return x + 1\n<|frame_sep|>
+    <|return_sep|><|action_sep|>    return x + 1\n<|arg_sep|>"4"<|frame_sep|>
     <|end_of_text|>
 
-(without the line breaks). SOURCE marks the entry function's ``def`` line with
-``# << START_OF_TRACE``. LOCALS is a JSON object from each local name to a JSON string holding the
-value's ``repr``; ``".."`` means unchanged since the previous frame of the same scope. A line frame
-shows the state *before* its line runs. VALUE is the JSON string of the returned value's or the
-exception's ``repr``. Everything here is pure: no execution, no I/O.
+(``\n`` is a newline). The rules and where each comes from:
+
+* SOURCE marks the entry function's ``def`` line with ``  # << START_OF_TRACE``
+  (PROMPTING_GUIDE; ``cwmdbg.py``'s ``_START_MARKER`` has the two leading spaces). The marker is
+  in the context only: the call frame's action is the plain ``def`` line (``cwmdbg.py`` strips it
+  from looked-up lines as "usually not predicted by the model"; its README shows the call frame
+  as ``-> def f(c):``).
+* An action is the source line with its trailing newline, as ``linecache`` gives it (the last
+  line gets one too): ``cwmdbg.py`` strips a ``"\n"`` off predicted lines before looking them
+  up. Inferred, not stated: CWM's tracer is not public.
+* LOCALS is ``json.dumps`` of a dict from each local name to the value's ``repr`` (``cwmdbg.py``
+  calls ``json.dumps(frame.local_vars)``: default separators, ``ensure_ascii=True``, so non-ASCII
+  text is ``\uXXXX``-escaped); ``".."`` means unchanged since the previous frame of the same
+  scope (``CWMDebugger.local_vars``). A line frame shows the state *before* its line runs.
+* VALUE is ``json.dumps`` of the returned value's or the exception's ``repr`` (``cwmdbg.py``:
+  ``json.dumps(frame.arg)``).
+* A function left by an exception gets an exception frame and then a return frame (value
+  ``None``), as ``sys.settrace`` reports it: ``cwmdbg.py`` ends a scope only at a return event
+  (``next`` forces ``<|return_sep|>`` after any call, ``step_out`` waits for it).
+* The special tokens come from structure only (``cwm/text/tokenizers.py`` encodes text with
+  ``encode_ordinary``; ``cwmdbg.py`` appends the separator ids itself): :func:`trace_parts` says
+  which pieces are tokens, so a value spelling ``<|frame_sep|>`` stays ordinary text.
+
+Everything here is pure: no execution, no I/O.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-from json.encoder import encode_basestring
+from json.encoder import encode_basestring_ascii
 from typing import Any, NamedTuple
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
@@ -93,18 +114,32 @@ def trace_prompt(source_with_marker: str) -> str:
 
 
 def encode_locals(values: dict[str, str]) -> str:
-    """JSON object with ``", "``/``": "`` separators, non-ASCII kept as is (as json.dumps with
-    ``ensure_ascii=False``; written by hand because the tracer calls it per frame)."""
-    return "{" + ", ".join(f"{encode_basestring(k)}: {encode_basestring(v)}"
+    """``json.dumps(values)`` (``", "``/``": "`` separators, ``ensure_ascii=True``), written with
+    the C string encoder because the tracer's reference calls it per frame."""
+    return "{" + ", ".join(f"{encode_basestring_ascii(k)}: {encode_basestring_ascii(v)}"
                            for k, v in values.items()) + "}"
+
+
+def encode_value(value: str) -> str:
+    """A return or exception VALUE: ``json.dumps(repr_text)``."""
+    return encode_basestring_ascii(value)
+
+
+def action_line(line: str) -> str:
+    """A source line as a frame's action: without the entry marker, with one trailing newline."""
+    return unmark(line.rstrip("\n")) + "\n"
+
+
+def unmark(line: str) -> str:
+    """``line`` without a trailing ``  # << START_OF_TRACE``."""
+    return line.removesuffix(f"  {START_MARKER}")
 
 
 def encode_frame(frame: Frame) -> str:
     token = EVENT_TOKEN[frame.event]
     if frame.event in ("call", "line"):
         return f"{token}{encode_locals(frame.locals or {})}{ACTION_SEP}{frame.line}{FRAME_SEP}"
-    return (f"{token}{ACTION_SEP}{frame.line}{ARG_SEP}{encode_basestring(frame.value or '')}"
-            f"{FRAME_SEP}")
+    return f"{token}{ACTION_SEP}{frame.line}{ARG_SEP}{encode_value(frame.value or '')}{FRAME_SEP}"
 
 
 def encode_frames(frames: list[Frame]) -> str:
@@ -119,8 +154,48 @@ def encode_trace(source: str, frames: list[Frame], *, complete: bool = True) -> 
 
 
 def contains_trace_token(text: str) -> bool:
-    """True when ``text`` holds a special-token string, which would make a trace ambiguous."""
+    """True when ``text`` spells a trace special token (harmless when tokenized with
+    :func:`trace_parts`, which keeps it ordinary text; parsing such text back is ambiguous)."""
     return "<|" in text and any(token in text for token in TRACE_TOKENS)
+
+
+def frame_parts(frame: Frame) -> list[tuple[str, bool]]:
+    """A frame as ``(text, is_special_token)`` pieces: separators are tokens, the rest text."""
+    if frame.event in ("call", "line"):
+        return [(EVENT_TOKEN[frame.event], True), (encode_locals(frame.locals or {}), False),
+                (ACTION_SEP, True), (frame.line, False), (FRAME_SEP, True)]
+    return [(EVENT_TOKEN[frame.event], True), (ACTION_SEP, True), (frame.line, False),
+            (ARG_SEP, True), (encode_value(frame.value or ""), False), (FRAME_SEP, True)]
+
+
+def trace_parts(context: str, frames: list[Frame], *, complete: bool = True
+                ) -> list[tuple[str, bool]]:
+    """The trace of :func:`encode_trace` as ``(text, is_special_token)`` pieces, for a tokenizer
+    to encode the text pieces as ordinary text and the token pieces as their ids
+    (``cwm_model.tokenizer.CWMTokenizer.encode_parts``), as CWM's ``cwmdbg.py`` does."""
+    parts = [(BEGIN_OF_TEXT, True), (TRACE_CONTEXT_START, True), (context, False),
+             (FRAME_SEP, True)]
+    for frame in frames:
+        parts += frame_parts(frame)
+    if complete:
+        parts.append((END_OF_TEXT, True))
+    return [(text, special) for text, special in parts if special or text]
+
+
+def split_trace(text: str, frames: list[Frame]) -> tuple[str, bool]:
+    """``(context, complete)`` of a trace record from its text and its structured frames.
+
+    The text alone is ambiguous when a value or the source spells a special token; the frames
+    say where the frames' text starts, so the context is exactly what precedes it. Raises
+    :class:`TraceFormatError` when ``text`` is not ``encode_trace(context, frames, complete)``."""
+    head = BEGIN_OF_TEXT + TRACE_CONTEXT_START
+    complete = text.endswith(END_OF_TEXT)
+    body = text[: -len(END_OF_TEXT)] if complete else text
+    tail = FRAME_SEP + encode_frames(frames)
+    if not text.startswith(head) or not body.endswith(tail) or len(body) < len(head) + len(tail):
+        raise TraceFormatError("trace text does not match its frames (expected the prompt, "
+                               "then the frames' text, then optionally <|end_of_text|>)")
+    return body[len(head): len(body) - len(tail)], complete
 
 
 def parse_trace(text: str) -> tuple[str, list[Frame]]:
@@ -172,10 +247,14 @@ def parse_frame(piece: str, index: int = 0) -> Frame:
 
 
 def final_value(frames: list[Frame]) -> tuple[str, str] | None:
-    """``(event, value)`` of the frame that left the entry scope, if the trace got that far."""
-    if frames and frames[-1].event in ("return", "exception"):
-        return frames[-1].event, frames[-1].value or ""
-    return None
+    """``(event, value)`` of how the entry scope was left, if the trace got that far: its return,
+    or the exception of an exception frame directly followed by the (``None``) return frame that
+    ``sys.settrace`` reports when an exception leaves a function."""
+    if not frames or frames[-1].event not in ("return", "exception"):
+        return None
+    if frames[-1].event == "return" and len(frames) > 1 and frames[-2].event == "exception":
+        return "exception", frames[-2].value or ""
+    return frames[-1].event, frames[-1].value or ""
 
 
 def mark_line(source: str, lineno: int) -> str:

@@ -34,13 +34,15 @@ from itertools import islice
 from operator import is_
 import sys
 from dataclasses import dataclass
-from json.encoder import encode_basestring
+# JSON strings as json.dumps writes them by default (ensure_ascii=True), as CWM's traces have them.
+from json.encoder import encode_basestring_ascii as encode_basestring
 from types import FrameType
 from typing import Any
 
 from cwm_exec.trace_format import (
     ACTION_SEP, ARG_SEP, CALL_SEP, END_OF_TEXT, EXCEPTION_SEP, FRAME_SEP, LINE_SEP, RETURN_SEP,
-    UNCHANGED, Frame, TraceFormatError, mark_entry, mark_line, trace_prompt,
+    UNCHANGED, Frame, TraceFormatError, action_line, encode_frames, final_value, mark_entry, mark_line,
+    trace_prompt,
 )
 
 FILENAME = "<cwm-traced>"
@@ -396,12 +398,11 @@ class _Recorder:
         fast tracer)."""
         lines, cap = scope.lines, self.cap
         if event == "return":
-            # After an exception propagates, Python still reports "return None": skip it, the
-            # exception frame already says how the scope ended.
-            if not scope.raised or arg is not None:
-                value = repr(arg) if len(self.scopes) == 1 else capped_repr(arg, cap)
-                if self._value_frame(RETURN_SEP, "return", lines[frame.f_lineno], value):
-                    return self._stopped_tracer(scope)
+            # After an exception propagates, Python still reports "return None": recorded, as
+            # CWM's debugger expects every scope to end with a return frame (trace_format).
+            value = repr(arg) if len(self.scopes) == 1 else capped_repr(arg, cap)
+            if self._value_frame(RETURN_SEP, "return", lines[frame.f_lineno], value):
+                return self._stopped_tracer(scope)
             self._leave()
             return None
         if event == "exception":
@@ -560,12 +561,13 @@ class _EpisodeRecorder(_Recorder):
         super().__init__(entry_code, tracer.limits, stop_program=False)
         self.tracer = tracer
         self.marked_lines = marked_lines
+        self.lines = [""] + [action_line(line) for line in marked_lines[1:]]
         self.rng = tracer.rng if tracer.limits.step_in_probability < 1.0 else None
 
     def code_info(self, code) -> tuple | None:
         if self.tracer.kind(code) != "source" or self.skipped(code):
             return None
-        lines = (self.marked_lines if code.co_filename == self.entry_code.co_filename
+        lines = (self.lines if code.co_filename == self.entry_code.co_filename
                  else self.tracer.lines_of(code.co_filename))
         return (lines, self.call_line(lines, code)) if lines else None
 
@@ -616,7 +618,7 @@ class EpisodeTracer:
         if filename not in self.files:
             try:
                 with open(filename, encoding="utf-8") as f:
-                    self.files[filename] = [""] + f.read().split("\n")
+                    self.files[filename] = [""] + [f"{line}\n" for line in f.read().split("\n")]
             except (OSError, UnicodeDecodeError):
                 self.files[filename] = None
         return self.files[filename]
@@ -653,7 +655,8 @@ class EpisodeTracer:
         if lines is None:
             return None
         self.counts[key] = self.counts.get(key, 0) + 1
-        marked = mark_line("\n".join(lines[1:]), def_line_number(lines, code))
+        # lines_of's lines carry their newline (the action text): the context is the file.
+        marked = mark_line("".join(lines[1:])[:-1], def_line_number(lines, code))
         recorder = self.active = _EpisodeRecorder(self, code, [""] + marked.split("\n"))
         recorder.size = len(trace_prompt(marked))
         return recorder.on_call(frame, event, arg)
@@ -667,11 +670,11 @@ class EpisodeTracer:
                         None if value is None else _ADDRESS.sub(" at 0x...", value))
                   for e, v, line, value in recorder.frames]
         complete = recorder.truncated is None
-        final = frames[-1] if frames and complete else None
-        returned = final.value if final is not None and final.event == "return" else None
-        raised = final.value if final is not None and final.event == "exception" else None
-        text = trace_prompt(marked) + _ADDRESS.sub(" at 0x...", "".join(recorder.pieces)) + (
-            END_OF_TEXT if complete else "")
+        final = final_value(frames) if complete else None
+        returned = final[1] if final is not None and final[0] == "return" else None
+        raised = final[1] if final is not None and final[0] == "exception" else None
+        # Built from the cleaned frames, so that the text is exactly encode_trace(marked, frames).
+        text = trace_prompt(marked) + encode_frames(frames) + (END_OF_TEXT if complete else "")
         result = TraceResult(frames, text, returned, raised, recorder.truncated, len(frames),
                              None)
         path = os.path.realpath(code.co_filename)[len(self.root):]
@@ -749,9 +752,9 @@ def trace_call(function, args: tuple, kwargs: dict, marked_source: str,
     ``accelerated`` picks the recorder: the C one (``cwm_exec._ctracer``, the default where it
     was built) or the Python reference (:class:`_FunctionRecorder`); both give the same result."""
     marked = marked_source
-    # Line texts come from the marked source: the entry's call frame shows the marker, as the
-    # prompt does (the marker is a comment, so line numbers are unchanged).
-    lines = marked.split("\n")
+    # Action texts: the source lines with their newline, the entry's def line without the marker
+    # (CWM keeps the marker in the context only; see trace_format).
+    lines = [action_line(line) for line in marked.split("\n")]
     if accelerated is None:
         accelerated = ACCELERATED
     if accelerated:

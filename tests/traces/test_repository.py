@@ -42,7 +42,8 @@ def test_each_function_a_test_calls_is_an_episode_with_its_module_as_context(tra
     assert "    def push(self, value):  " + START_MARKER in source.splitlines()
     assert source.replace("  " + START_MARKER, "") == push["code"]
     assert push["code"] == (FIXTURE / "minirepo" / "core.py").read_text()
-    assert frames[0].event == "call" and frames[0].line.endswith(START_MARKER)
+    # CWM keeps the marker in the context only: the call frame's action is the plain def line.
+    assert frames[0].event == "call" and frames[0].line == "    def push(self, value):\n"
     assert push["_result"]["return_repr"] == "1" and push["input"].endswith("value=3")
 
 
@@ -50,7 +51,7 @@ def test_callees_in_other_modules_are_stepped_into(traced):
     episodes, _ = traced
     total = by_entry(episodes, "total")[0]
     _, frames = parse_trace(total["_result"]["text"])
-    assert [f.line for f in frames if f.event == "call"][1:] == ["def double(x):"] * 3
+    assert [f.line for f in frames if f.event == "call"][1:] == ["def double(x):\n"] * 3
     assert total["_result"]["return_repr"] == "12"
 
 

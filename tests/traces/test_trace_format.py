@@ -21,13 +21,13 @@ def test_mark_entry_names_a_missing_function():
 
 
 def test_encode_matches_the_cwm_layout():
-    frames = [Frame("call", {"x": "1"}, "def f(x):"), Frame("line", {"x": ".."}, "    y = x + 1"),
-              Frame("return", None, "    return y", "2")]
+    frames = [Frame("call", {"x": "1"}, "def f(x):\n"), Frame("line", {"x": ".."}, "    y = x + 1\n"),
+              Frame("return", None, "    return y\n", "2")]
     text = encode_trace(mark_entry(SOURCE, "f"), frames)
     assert text.startswith(trace_prompt(mark_entry(SOURCE, "f")))
-    assert ('<|call_sep|>{"x": "1"}<|action_sep|>def f(x):<|frame_sep|>'
-            '<|line_sep|>{"x": ".."}<|action_sep|>    y = x + 1<|frame_sep|>'
-            '<|return_sep|><|action_sep|>    return y<|arg_sep|>"2"<|frame_sep|>'
+    assert ('<|call_sep|>{"x": "1"}<|action_sep|>def f(x):\n<|frame_sep|>'
+            '<|line_sep|>{"x": ".."}<|action_sep|>    y = x + 1\n<|frame_sep|>'
+            '<|return_sep|><|action_sep|>    return y\n<|arg_sep|>"2"<|frame_sep|>'
             + END_OF_TEXT) in text
 
 
