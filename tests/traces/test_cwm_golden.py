@@ -158,7 +158,6 @@ def test_generators_return_at_each_yield(recorder):
                 + call('{"k": "2", "i": "1"}', "def gen(k):")
                 + step('{"k": "..", "i": ".."}', "    for i in range(k):")
                 + ret("    for i in range(k):", '"None"')
-                + step('{"k": "2"}', "    return list(gen(k))")
                 + ret("    return list(gen(k))", '"[0, 1]"')
                 + EOT)
     assert result.text == expected
