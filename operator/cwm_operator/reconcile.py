@@ -359,43 +359,22 @@ def _describe(child: Child) -> str:
 def _progress(old: CWMPipelineStatus, status: CWMPipelineStatus, pipeline: CWMPipeline,
               plan: Plan, children: list[Child], now: dt.datetime, settings: Settings,
               generation: int | None) -> Decision:
-    decision = Decision(status={}, changed=False, pipeline=pipeline, plan=plan)
-    suspend = pipeline.spec.suspend
+    """Walk the plan to the first unfinished step and act on its child: start, adopt, record
+    success, retry or fail, or watch it in flight; then summarise the whole pipeline."""
+    walk = _Walk(Decision(status={}, changed=False, pipeline=pipeline, plan=plan), pipeline,
+                 {rec.name: rec for rec in old.steps}, now, settings)
     records = _records(status, plan)
-    old_records = {rec.name: rec for rec in old.steps}
     by_name = {c.name: c for c in children}
-    failed_step: StepStatus | None = None
     current: Step | None = None
-    waiting_retry = False
-    stalled: tuple[str, str] | None = None
-
-    def start(step: Step, rec: StepStatus, attempt: int) -> None:
-        decision.create.append(Create(step, attempt))
-        name = child_name(pipeline.name, step.name, attempt)
-        rec.state, rec.attempts, rec.child = "Running", attempt, name
-        rec.fingerprint, rec.artifacts = step.fingerprint, dict(step.outputs)
-        rec.start_time, rec.finish_time, rec.message = format_time(now), None, None
-        total = step.retries + 1
-        decision.events.append(Event("Normal", "StepStarted",
-                                     f"step {step.name}: created {child_kind(step)} {name} "
-                                     f"(attempt {attempt} of {total})"))
-
     for step in plan.steps:
         rec = records[step.name]
         if rec.state in ("Succeeded", "Cached"):
             continue
         current = step
-        mine = [c for c in children if c.step == step.name]
-        newest = max(mine, key=lambda c: c.attempt, default=None)
-        if newest is not None and newest.attempt > rec.attempts:
-            # Created just before a restart that lost the status write: adopt it.
-            rec.attempts, rec.child, rec.state = newest.attempt, newest.name, "Running"
-            rec.fingerprint, rec.artifacts = step.fingerprint, dict(step.outputs)
-            rec.start_time = format_time(newest.created or now)
-            rec.finish_time = rec.message = None
+        walk.adopt(step, rec, [c for c in children if c.step == step.name])
         if rec.attempts == 0:
-            if not suspend:
-                start(step, rec, 1)
+            if not walk.suspend:
+                walk.start(step, rec, 1)
             break
         child = by_name.get(rec.child or "")
         if child is None:
@@ -404,71 +383,118 @@ def _progress(old: CWMPipelineStatus, status: CWMPipelineStatus, pipeline: CWMPi
                           attempt=rec.attempts, phase="Failed", finished=now,
                           message=f"{child_kind(step)} {rec.child} was deleted")
         if child.phase == "Succeeded":
-            rec.state, rec.message = "Succeeded", None
-            rec.finish_time = format_time(child.finished or now)
-            rec.metrics = {k: float(v) for k, v in child.metrics.items()}
-            started_at = parse_time(rec.start_time)
-            seconds = (child.finished or now) - started_at if started_at else dt.timedelta()
-            decision.durations.append((step.name, max(seconds.total_seconds(), 0.0)))
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(rec.metrics.items())[:4])
-            decision.events.append(Event(
-                "Normal", "StepSucceeded", f"step {step.name}: {_describe(child)} succeeded"
-                + (f" ({shown})" if shown else "")))
+            walk.succeeded(step, rec, child)
             continue
         if child.phase == "Failed":
-            finished = child.finished or now
-            rec.finish_time = format_time(finished)
-            first_seen = old_records.get(step.name)
-            announce = first_seen is None or first_seen.finish_time is None or \
-                first_seen.attempts != rec.attempts
-            if rec.attempts <= step.retries:
-                retry_at = finished + dt.timedelta(seconds=settings.retry_delay(rec.attempts))
-                rec.message = f"attempt {rec.attempts} failed: {child.message}"
-                if announce:
-                    decision.events.append(Event(
-                        "Warning", "StepFailed",
-                        f"step {step.name}: {_describe(child)} failed ({child.message}); "
-                        f"retrying at {format_time(retry_at)}"))
-                if suspend:
-                    rec.state = "Pending"
-                elif now >= retry_at:
-                    start(step, rec, rec.attempts + 1)
-                else:
-                    rec.state = "Pending"
-                    waiting_retry = True
-                    rec.message += f"; attempt {rec.attempts + 1} at {format_time(retry_at)}"
-                    decision.requeue((retry_at - now).total_seconds())
-            else:
-                rec.state = "Failed"
-                rec.message = (f"failed after {rec.attempts} attempt(s); last: {child.message}")
-                failed_step = rec
-                if announce or (first_seen and first_seen.state != "Failed"):
-                    decision.events.append(Event(
-                        "Warning", "StepFailed",
-                        f"step {step.name}: {_describe(child)} failed ({child.message}); "
-                        "no retries left"))
-            break
-        # Pending, Running, Restarting or Suspended: in flight.
-        rec.state = "Suspended" if child.phase == "Suspended" else "Running"
-        if suspend and not child.suspended:
-            decision.suspend.append(SetSuspend(child, True))
-        elif not suspend and child.suspended_by_operator:
-            decision.suspend.append(SetSuspend(child, False))
-        if child.phase in ("Pending", "Restarting") and child.since and not suspend:
-            stuck_at = child.since + dt.timedelta(seconds=settings.stuck_seconds)
-            if now >= stuck_at:
-                stalled = (f"Child{child.phase}",
-                           f"{_describe(child)} has been {child.phase} since "
-                           f"{format_time(child.since)} (threshold {settings.stuck_seconds:g} s)")
-            else:
-                decision.requeue((stuck_at - now).total_seconds())
+            walk.failed(step, rec, child)
+        else:
+            walk.in_flight(rec, child)
         break
     else:
         current = None
+    _summarise(old, status, plan, current, walk.failed_step, walk.waiting_retry, walk.stalled,
+               walk.suspend, now, generation, walk.decision)
+    return _finish(old, status, generation, walk.decision)
 
-    _summarise(old, status, plan, current, failed_step, waiting_retry, stalled, suspend, now,
-               generation, decision)
-    return _finish(old, status, generation, decision)
+
+@dataclass
+class _Walk:
+    """What one pass of :func:`_progress` decides, step by step (pure: no I/O)."""
+
+    decision: Decision
+    pipeline: CWMPipeline
+    old_records: dict[str, StepStatus]
+    now: dt.datetime
+    settings: Settings
+    failed_step: StepStatus | None = None
+    waiting_retry: bool = False
+    stalled: tuple[str, str] | None = None
+
+    @property
+    def suspend(self) -> bool:
+        return self.pipeline.spec.suspend
+
+    def adopt(self, step: Step, rec: StepStatus, mine: list[Child]) -> None:
+        """A child created just before a restart that lost the status write: adopt it."""
+        newest = max(mine, key=lambda c: c.attempt, default=None)
+        if newest is not None and newest.attempt > rec.attempts:
+            rec.attempts, rec.child, rec.state = newest.attempt, newest.name, "Running"
+            rec.fingerprint, rec.artifacts = step.fingerprint, dict(step.outputs)
+            rec.start_time = format_time(newest.created or self.now)
+            rec.finish_time = rec.message = None
+
+    def start(self, step: Step, rec: StepStatus, attempt: int) -> None:
+        self.decision.create.append(Create(step, attempt))
+        name = child_name(self.pipeline.name, step.name, attempt)
+        rec.state, rec.attempts, rec.child = "Running", attempt, name
+        rec.fingerprint, rec.artifacts = step.fingerprint, dict(step.outputs)
+        rec.start_time, rec.finish_time, rec.message = format_time(self.now), None, None
+        self.decision.events.append(Event(
+            "Normal", "StepStarted", f"step {step.name}: created {child_kind(step)} {name} "
+            f"(attempt {attempt} of {step.retries + 1})"))
+
+    def succeeded(self, step: Step, rec: StepStatus, child: Child) -> None:
+        finished = child.finished or self.now
+        rec.state, rec.message = "Succeeded", None
+        rec.finish_time = format_time(finished)
+        rec.metrics = {k: float(v) for k, v in child.metrics.items()}
+        started_at = parse_time(rec.start_time)
+        seconds = finished - started_at if started_at else dt.timedelta()
+        self.decision.durations.append((step.name, max(seconds.total_seconds(), 0.0)))
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(rec.metrics.items())[:4])
+        self.decision.events.append(Event(
+            "Normal", "StepSucceeded", f"step {step.name}: {_describe(child)} succeeded"
+            + (f" ({shown})" if shown else "")))
+
+    def failed(self, step: Step, rec: StepStatus, child: Child) -> None:
+        """Retry after the back-off while attempts remain (not while suspended), else fail."""
+        finished = child.finished or self.now
+        rec.finish_time = format_time(finished)
+        first_seen = self.old_records.get(step.name)
+        announce = first_seen is None or first_seen.finish_time is None or \
+            first_seen.attempts != rec.attempts
+        what = f"step {step.name}: {_describe(child)} failed ({child.message})"
+        if rec.attempts > step.retries:
+            rec.state = "Failed"
+            rec.message = f"failed after {rec.attempts} attempt(s); last: {child.message}"
+            self.failed_step = rec
+            if announce or (first_seen and first_seen.state != "Failed"):
+                self.decision.events.append(Event("Warning", "StepFailed",
+                                                  f"{what}; no retries left"))
+            return
+        retry_at = finished + dt.timedelta(seconds=self.settings.retry_delay(rec.attempts))
+        rec.message = f"attempt {rec.attempts} failed: {child.message}"
+        if announce:
+            self.decision.events.append(Event(
+                "Warning", "StepFailed", f"{what}; retrying at {format_time(retry_at)}"))
+        if self.suspend:
+            rec.state = "Pending"
+        elif self.now >= retry_at:
+            self.start(step, rec, rec.attempts + 1)
+        else:
+            rec.state = "Pending"
+            self.waiting_retry = True
+            rec.message += f"; attempt {rec.attempts + 1} at {format_time(retry_at)}"
+            self.decision.requeue((retry_at - self.now).total_seconds())
+
+    def in_flight(self, rec: StepStatus, child: Child) -> None:
+        """Pending, Running, Restarting or Suspended: keep suspension in line with the spec,
+        and report a child stuck Pending/Restarting past the threshold."""
+        rec.state = "Suspended" if child.phase == "Suspended" else "Running"
+        if self.suspend and not child.suspended:
+            self.decision.suspend.append(SetSuspend(child, True))
+        elif not self.suspend and child.suspended_by_operator:
+            self.decision.suspend.append(SetSuspend(child, False))
+        if child.phase not in ("Pending", "Restarting") or not child.since or self.suspend:
+            return
+        threshold = self.settings.stuck_seconds
+        stuck_at = child.since + dt.timedelta(seconds=threshold)
+        if self.now >= stuck_at:
+            self.stalled = (f"Child{child.phase}",
+                            f"{_describe(child)} has been {child.phase} since "
+                            f"{format_time(child.since)} (threshold {threshold:g} s)")
+        else:
+            self.decision.requeue((stuck_at - self.now).total_seconds())
 
 
 def _summarise(old: CWMPipelineStatus, status: CWMPipelineStatus, plan: Plan,
