@@ -51,6 +51,7 @@ import cwm_exec
 from cwm_exec._exec_limited import encode_spec
 from cwm_exec.trace_format import TraceFormatError, mark_entry
 from cwm_exec.tracer import TraceLimits, TraceResult
+from cwm_spec.storage import sandbox_env
 
 
 PACKAGE_PARENT = str(Path(cwm_exec.__file__).resolve().parent.parent)
@@ -252,7 +253,7 @@ def default_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
            "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
            "PYTHONHASHSEED": "0", "TMPDIR": "/tmp"}
     env.update(extra or {})
-    return env
+    return sandbox_env(env)  # never storage credentials (cwm_spec.storage)
 
 
 def sandbox_argv(argv: Sequence[str], *, cwd: str, limits: Limits, env: Mapping[str, str],
@@ -341,7 +342,7 @@ def run_command(argv: Sequence[str], *, cwd: str | os.PathLike, limits: Limits,
     stdout and stderr together are capped at ``limits.output_bytes``; past it, or past the
     wall-clock deadline, the whole process tree is killed and ``reason`` says why."""
     cwd = str(Path(cwd).resolve())
-    environment = dict(env) if env is not None else default_env()
+    environment = sandbox_env(env) if env is not None else default_env()
     cmd = sandbox_argv(argv, cwd=cwd, limits=limits, env=environment,
                        binds_ro=binds_ro, binds_rw=binds_rw)
     cgroup = _PidsCgroup(limits.processes) if _PidsCgroup.available() else None
