@@ -7,7 +7,14 @@ Dataflow. Training stages become kubeflow.org/v1 PyTorchJobs built from the ``ku
 SDK's models: a Master and ``nodes - 1`` Workers, container ``pytorch`` running ``torchrun``.
 
 Both carry the plan's command and environment unchanged (``$CWM_STEP_CONFIG``), so a pod does
-exactly what ``cwm run`` does locally. Retries belong to the operator, not the child: each
+exactly what ``cwm run`` does locally; pods that run untrusted programs add ``CWM_SANDBOX`` (how
+``cwm_exec.sandbox`` must isolate them). Every pod is fit for Pod Security ``restricted``: uid
+65532, no privilege escalation, no capabilities, a read-only root file system with an emptyDir at
+``/tmp``, no service-account token, and a seccomp profile: ``RuntimeDefault``, or for the pods
+that sandbox programs (data steps, and training stages whose RL and evaluation run the model's
+code) the chart's Localhost profile that lets bubblewrap create its namespaces
+(``CWM_SANDBOX_MODE=bwrap``, the default). Pod labels ``cwm.dev/network`` and ``cwm.dev/egress``
+are what the chart's NetworkPolicies select. Retries belong to the operator, not the child: each
 attempt is its own child named ``<pipeline>-<step>-<attempt>`` (``backoffLimit: 0``), which is
 what makes creation idempotent (a 409 means "already done") and every attempt visible.
 
@@ -38,6 +45,18 @@ GPU_RESOURCE = "nvidia.com/gpu"
 PYTORCHJOB_API = ("kubeflow.org", "v1", "pytorchjobs")
 JOB_API = ("batch", "v1", "jobs")
 DATA_VOLUME = "data"
+TMP_VOLUME = "tmp"
+#: Steps whose pods run untrusted programs in cwm_exec.sandbox: the Beam data steps (traces,
+#: trajectories) and the training stages (RL rollouts and mutate-fix evaluation run the model's
+#: code). The others (corpus, tokenizer) execute nothing they read.
+SANDBOX_KINDS = ("beam", "train")
+#: NetworkPolicy selectors (charts/cwm-operator/templates/networkpolicy.yaml): `sandbox` pods get
+#: no network but DNS and storage, `trainer` pods only their peers, DNS and storage.
+LABEL_NETWORK = "cwm.dev/network"
+#: "storage" on pods whose artifacts live in an object store: the egress allow-list applies.
+LABEL_EGRESS = "cwm.dev/egress"
+#: The images' non-root user (operator/, beam/ and jobs/Dockerfile create it).
+RUN_AS = 65532
 
 
 def child_name(pipeline: str, step: str, attempt: int) -> str:
@@ -171,38 +190,70 @@ def _volumes(pipeline: CWMPipeline, train: bool) -> tuple[list[Any], list[Any]]:
         # NCCL and DataLoader workers exchange tensors through /dev/shm (64 MiB by default).
         volumes.append(V1Volume(name="dshm", empty_dir=V1EmptyDirVolumeSource(medium="Memory")))
         mounts.append(V1VolumeMount(name="dshm", mount_path="/dev/shm"))
+    # The root file system is read-only: scratch space (Python, Beam, torch) lives here, per pod.
+    volumes.append(V1Volume(name=TMP_VOLUME, empty_dir=V1EmptyDirVolumeSource()))
+    mounts.append(V1VolumeMount(name=TMP_VOLUME, mount_path="/tmp"))
     return volumes, mounts
+
+
+def _network_labels(pipeline: CWMPipeline, step: Step) -> dict[str, str]:
+    role = {"beam": "sandbox", "train": "trainer"}.get(step.kind, "job")
+    uri = pipeline.spec.storage.uri or ""
+    remote = "://" in uri and not uri.startswith("file://")
+    return {LABEL_NETWORK: role, **({LABEL_EGRESS: "storage"} if remote else {})}
+
+
+def _security(step: Step, settings: Settings) -> tuple[Any, Any, list[Any]]:
+    """Pod and container security contexts, and the sandbox's environment, for one step.
+
+    Pods that sandbox programs run under the Localhost seccomp profile when the sandbox mode is
+    ``bwrap`` (RuntimeDefault refuses the user namespaces bubblewrap needs), and are told which
+    mode to enforce: ``CWM_SANDBOX=bwrap`` makes the step fail rather than run programs with
+    weaker isolation than the cluster was set up for."""
+    from kubernetes.client import (
+        V1Capabilities,
+        V1EnvVar,
+        V1PodSecurityContext,
+        V1SeccompProfile,
+        V1SecurityContext,
+    )
+
+    sandboxed = step.kind in SANDBOX_KINDS
+    if sandboxed and settings.sandbox_mode == "bwrap":
+        seccomp = V1SeccompProfile(type="Localhost", localhost_profile=settings.sandbox_seccomp_profile)
+    else:
+        seccomp = V1SeccompProfile(type="RuntimeDefault")
+    pod = V1PodSecurityContext(run_as_non_root=True, run_as_user=RUN_AS, run_as_group=RUN_AS,
+                               fs_group=RUN_AS, seccomp_profile=seccomp)
+    container = V1SecurityContext(
+        allow_privilege_escalation=False, capabilities=V1Capabilities(drop=["ALL"]),
+        read_only_root_filesystem=True, run_as_non_root=True)
+    env = [V1EnvVar(name="CWM_SANDBOX", value=settings.sandbox_mode)] if sandboxed else []
+    return pod, container, env
 
 
 def _pod_template(pipeline: CWMPipeline, step: Step, attempt: int, settings: Settings,
                   container_name: str) -> Any:
-    from kubernetes.client import (
-        V1Capabilities,
-        V1Container,
-        V1ObjectMeta,
-        V1PodSpec,
-        V1PodTemplateSpec,
-        V1SecurityContext,
-    )
+    from kubernetes.client import V1Container, V1ObjectMeta, V1PodSpec, V1PodTemplateSpec
 
     if not step.image:
         raise ValueError(f"step {step.name!r} has no image (validate with target='cluster')")
     train = step.kind == "train"
     env, env_from = _env(pipeline, step)
+    pod_security, container_security, sandbox_env = _security(step, settings)
     volumes, mounts = _volumes(pipeline, train)
     container = V1Container(
         name=container_name,
         image=step.image,
         image_pull_policy=settings.image_pull_policy,
         command=list(step.command),
-        env=env,
+        env=env + sandbox_env,
         env_from=env_from,
         resources=_resources(step.resources),
-        volume_mounts=mounts or None,
+        volume_mounts=mounts,
         # Stages may report their metrics as JSON here; logs are the fallback for crashes.
         termination_message_policy="FallbackToLogsOnError",
-        security_context=V1SecurityContext(
-            allow_privilege_escalation=False, capabilities=V1Capabilities(drop=["ALL"])),
+        security_context=container_security,
     )
     pod = V1PodSpec(
         containers=[container],
@@ -210,10 +261,12 @@ def _pod_template(pipeline: CWMPipeline, step: Step, attempt: int, settings: Set
         service_account_name=settings.service_account,
         # Data generation executes untrusted programs: no API credentials in any child pod.
         automount_service_account_token=False,
-        volumes=volumes or None,
+        security_context=pod_security,
+        volumes=volumes,
         **_placement(step.resources, settings),
     )
-    labels = {LABEL_PIPELINE: pipeline.name, LABEL_STEP: step.name, LABEL_ATTEMPT: str(attempt)}
+    labels = {LABEL_PIPELINE: pipeline.name, LABEL_STEP: step.name, LABEL_ATTEMPT: str(attempt),
+              **_network_labels(pipeline, step)}
     return V1PodTemplateSpec(metadata=V1ObjectMeta(labels=labels), spec=pod)
 
 

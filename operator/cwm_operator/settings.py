@@ -17,6 +17,11 @@ Environment variables (all optional):
 ``CWM_RETRY_BACKOFF_MAX_SECONDS``  cap of the retry delay (900)
 ``CWM_CHILD_SERVICE_ACCOUNT``      serviceAccountName of the children's pods (none: default)
 ``CWM_CLEAN_POD_POLICY``           PyTorchJob runPolicy.cleanPodPolicy: None (default), Running, All
+``CWM_SANDBOX_MODE``               how pods that run untrusted code isolate it: ``bwrap``
+                                   (default: bubblewrap required, under a Localhost seccomp
+                                   profile) or ``rlimits`` (weaker; see cwm_exec.sandbox)
+``CWM_SANDBOX_SECCOMP_PROFILE``    that Localhost profile, relative to the kubelet's seccomp
+                                   folder (``cwm-sandbox.json``)
 =================================  ==========================================================
 """
 
@@ -29,6 +34,7 @@ from typing import Any, Mapping
 
 PULL_POLICIES = ("IfNotPresent", "Always", "Never")
 CLEAN_POD_POLICIES = ("None", "Running", "All")
+SANDBOX_MODES = ("bwrap", "rlimits")
 
 
 class SettingsError(ValueError):
@@ -49,6 +55,8 @@ class Settings:
     retry_backoff_max_seconds: float = 900.0
     service_account: str | None = None
     clean_pod_policy: str = "None"
+    sandbox_mode: str = "bwrap"
+    sandbox_seccomp_profile: str = "cwm-sandbox.json"
 
     def __post_init__(self) -> None:
         if self.image_pull_policy not in PULL_POLICIES:
@@ -57,6 +65,12 @@ class Settings:
         if self.clean_pod_policy not in CLEAN_POD_POLICIES:
             raise SettingsError(f"CWM_CLEAN_POD_POLICY {self.clean_pod_policy!r} is not one of "
                                 f"{', '.join(CLEAN_POD_POLICIES)}")
+        if self.sandbox_mode not in SANDBOX_MODES:
+            raise SettingsError(f"CWM_SANDBOX_MODE {self.sandbox_mode!r} is not one of "
+                                f"{', '.join(SANDBOX_MODES)}")
+        if self.sandbox_mode == "bwrap" and not self.sandbox_seccomp_profile:
+            raise SettingsError("CWM_SANDBOX_SECCOMP_PROFILE is empty: bubblewrap needs a Localhost "
+                                "seccomp profile in the pod (or set CWM_SANDBOX_MODE=rlimits)")
         for name in ("stuck_seconds", "retry_backoff_seconds", "retry_backoff_max_seconds"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"CWM_{name.upper()} must not be negative")
@@ -109,6 +123,8 @@ class Settings:
             retry_backoff_max_seconds=number("CWM_RETRY_BACKOFF_MAX_SECONDS", 900.0),
             service_account=env.get("CWM_CHILD_SERVICE_ACCOUNT") or None,
             clean_pod_policy=env.get("CWM_CLEAN_POD_POLICY") or "None",
+            sandbox_mode=env.get("CWM_SANDBOX_MODE") or "bwrap",
+            sandbox_seccomp_profile=env.get("CWM_SANDBOX_SECCOMP_PROFILE") or "cwm-sandbox.json",
         )
 
     def fast(self, **changes: Any) -> "Settings":

@@ -35,7 +35,10 @@ def test_every_step_renders_its_plan_command_and_environment_unchanged() -> None
             pod = obj["spec"]["template"]["spec"]
         container = pod["containers"][0]
         assert container["command"] == list(step.command)
-        assert {e["name"]: e["value"] for e in container["env"] if "value" in e} == dict(step.env)
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        sandbox = env.pop("CWM_SANDBOX", None)  # the only addition: how to isolate programs
+        assert env == dict(step.env)
+        assert sandbox == ("bwrap" if step.kind in ("beam", "train") else None), step.name
         assert container["image"] == step.image
         assert obj["metadata"]["name"] == child_name("cwm-8b", step.name, 1)
         assert obj["metadata"]["labels"]["cwm.dev/step"] == step.name
@@ -198,3 +201,96 @@ def test_openai_policy_key_comes_from_the_named_secret():
     env = job["spec"]["template"]["spec"]["containers"][0]["env"]
     key = next(e for e in env if e["name"] == "CWM_POLICY_API_KEY")
     assert key["valueFrom"]["secretKeyRef"] == {"name": "vllm-api-key", "key": "apiKey"}
+
+
+# ------------------------------------------------------------------------------------------
+# Pod security: what the sandbox's documentation relies on
+
+
+LOCAL = REPO / "examples" / "local-cluster.yaml"
+
+
+def _pod_specs(obj):
+    if obj["kind"] == "PyTorchJob":
+        return [r["template"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+    return [obj["spec"]["template"]]
+
+
+def _all_templates(settings=SETTINGS):
+    for path in (CLUSTER, LOCAL):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d.get("kind") == "CWMPipeline"]
+        pipeline, plan = _plan(docs[0], settings)
+        for step in plan.steps:
+            for template in _pod_specs(render_child(pipeline, "research", step, 1, settings)):
+                yield path.name, step, template
+
+
+def test_every_pod_runs_non_root_read_only_without_capabilities_or_token() -> None:
+    for source, step, template in _all_templates():
+        pod = template["spec"]
+        what = f"{source}: {step.name}"
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65532, what
+        assert pod["automountServiceAccountToken"] is False, what
+        (container,) = pod["containers"]
+        ctx = container["securityContext"]
+        assert ctx == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                       "readOnlyRootFilesystem": True, "runAsNonRoot": True}, what
+        assert {"name": "tmp", "emptyDir": {}} in pod["volumes"], what
+        assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], what
+
+
+def test_pods_that_sandbox_programs_get_the_localhost_profile_and_the_mode() -> None:
+    """bubblewrap cannot create namespaces under RuntimeDefault: the pods that run untrusted
+    programs get the chart's Localhost profile, and are told to refuse weaker isolation."""
+    seen = set()
+    for _, step, template in _all_templates():
+        profile = template["spec"]["securityContext"]["seccompProfile"]
+        labels = template["metadata"]["labels"]
+        if step.kind in ("beam", "train"):
+            assert profile == {"type": "Localhost", "localhostProfile": "cwm-sandbox.json"}, step.name
+            assert labels["cwm.dev/network"] == ("sandbox" if step.kind == "beam" else "trainer")
+        else:
+            assert profile == {"type": "RuntimeDefault"}, step.name
+            assert labels["cwm.dev/network"] == "job"
+        seen.add(step.kind)
+    assert seen == {"beam", "job", "train"}
+    weaker = SETTINGS.fast(sandbox_mode="rlimits")
+    for _, step, template in _all_templates(weaker):
+        assert template["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+        assert env.get("CWM_SANDBOX") == ("rlimits" if step.kind in ("beam", "train") else None)
+
+
+def test_egress_label_only_where_artifacts_live_in_an_object_store() -> None:
+    for source, step, template in _all_templates():
+        egress = template["metadata"]["labels"].get("cwm.dev/egress")
+        assert egress == ("storage" if source == "cluster.yaml" else None), (source, step.name)
+
+
+def test_settings_refuse_an_unknown_sandbox_mode() -> None:
+    from cwm_operator.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="CWM_SANDBOX_MODE"):
+        Settings.from_env({"CWM_SANDBOX_MODE": "none"})
+    assert Settings.from_env({"CWM_SANDBOX_MODE": "rlimits"}).sandbox_mode == "rlimits"
+
+
+@pytest.mark.cluster
+def test_pod_security_restricted_admits_every_pod(kube, kube_namespace) -> None:
+    """The API server's own Pod Security admission, level `restricted`, enforced on a namespace:
+    a pod made of each rendered template is admitted (server-side dry run, nothing persists)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(kube.api_client)
+    core.patch_namespace(kube_namespace, {"metadata": {"labels": {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest"}}})
+    bad = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "root"},
+           "spec": {"containers": [{"name": "c", "image": "x"}]}}
+    with pytest.raises(client.ApiException, match="violates PodSecurity"):
+        core.create_namespaced_pod(kube_namespace, bad, dry_run="All")
+    for source, step, template in _all_templates():
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": f"{step.name}-probe", "labels": template["metadata"]["labels"]},
+               "spec": template["spec"]}
+        core.create_namespaced_pod(kube_namespace, pod, dry_run="All")  # raises if refused
