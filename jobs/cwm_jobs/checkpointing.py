@@ -7,27 +7,28 @@ Layout of a stage's ``outputs.state``::
     STATE/step00000050/data-rank0.json  each rank's data-stream position
     STATE/latest.json                 {"tag": "step00000050", "step": 50, "worldSize": 2}
 
-``latest.json`` is written last, atomically (temporary file + rename), by rank 0 after a barrier
-that every rank reaches only once its files are written. A process killed during a save leaves
-the previous ``latest.json`` in place, so the half-written tag is never read; the next save of
-that step overwrites it. Object-store URIs are staged in a local folder and uploaded before
-``latest.json`` is.
+``latest.json`` is written last, atomically (:func:`cwm_spec.storage.write_json_atomic`), by
+rank 0 after a barrier that every rank reaches only once its files are written. A process killed
+during a save leaves the previous ``latest.json`` in place, so the half-written tag is never
+read; the next save of that step overwrites it. DeepSpeed writes only local files: for an
+object-store URI it writes a staging folder, which :func:`cwm_spec.storage.upload_tree` publishes
+(each tag committed by its own marker) before ``latest.json`` names it; resuming downloads the
+committed tag back.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch.distributed as dist
 
-from cwm_jobs.common import DistEnv, default_cache_dir, write_json_atomic
+from cwm_jobs.common import DistEnv
+from cwm_spec import storage
+from cwm_spec.storage import is_remote, local_path, staging_dir, write_json_atomic
 
 LOG = logging.getLogger("cwm_jobs.checkpointing")
 LATEST = "latest.json"
@@ -35,19 +36,7 @@ KEEP = 2  # resumable states kept (the newest and one before it)
 
 
 def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def local_path(uri: str) -> Path:
-    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-
-
-def staging_dir(uri: str, what: str) -> Path:
-    """A local folder standing in for a remote ``uri`` (the same for every rank on a node)."""
-    if is_local(uri):
-        return local_path(uri)
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return default_cache_dir() / "staging" / f"{what}-{digest}"
+    return not is_remote(uri)
 
 
 def barrier() -> None:
@@ -76,14 +65,15 @@ class StateStore:
 
     def latest(self) -> dict[str, Any] | None:
         """The last complete save, or None."""
-        fs, path = fsspec.core.url_to_fs(f"{self.uri}/{LATEST}")
-        if not fs.exists(path):
+        uri = storage.join(self.uri, LATEST)
+        try:
+            text = storage.read_bytes(uri)
+        except FileNotFoundError:
             return None
-        with fs.open(path, "r") as f:
-            try:
-                return json.load(f)
-            except json.JSONDecodeError:
-                raise ValueError(f"{self.uri}/{LATEST}: not valid JSON") from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"{uri}: not valid JSON") from None
 
     def save(self, engine: Any, step: int, data_state: dict[str, Any], extra: dict[str, Any]) -> None:
         tag = self.tag(step)
@@ -93,22 +83,17 @@ class StateStore:
         write_json_atomic(self.local / tag / f"data-rank{self.env.rank}.json", data_state)
         barrier()
         if self.remote and self.env.local_rank == 0:
-            fs, path = fsspec.core.url_to_fs(f"{self.uri}/{tag}")
-            fs.put(str(self.local / tag), path, recursive=True)
+            storage.upload_tree(self.local / tag, storage.join(self.uri, tag))
         barrier()
         if self.env.is_main:
             latest = {"tag": tag, "step": step, "worldSize": self.env.world_size}
-            if self.remote:
-                with fsspec.open(f"{self.uri}/{LATEST}", "w") as f:
-                    json.dump(latest, f)
-            else:
-                write_json_atomic(self.local / LATEST, latest)
+            write_json_atomic(storage.join(self.uri, LATEST), latest)
             self._prune(keep={tag})
         barrier()
 
     def _prune(self, keep: set[str]) -> None:
         """Delete all but the newest ``KEEP`` tags (never the one ``latest.json`` names)."""
-        fs, root = fsspec.core.url_to_fs(self.uri)
+        fs, root = storage.filesystem(self.uri)
         tags = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)
                       if p.rsplit("/", 1)[-1].startswith("step"))
         for old in tags[:-KEEP]:
@@ -130,10 +115,7 @@ class StateStore:
                 f"{self.env.world_size}; resume with the same world size or clear outputs.state"
             )
         if self.remote and self.env.local_rank == 0:
-            fs, path = fsspec.core.url_to_fs(f"{self.uri}/{tag}")
-            shutil.rmtree(self.local / tag, ignore_errors=True)
-            (self.local / tag).mkdir(parents=True, exist_ok=True)
-            fs.get(path + "/", str(self.local / tag), recursive=True)
+            storage.download_tree(storage.join(self.uri, tag), self.local / tag)
         barrier()
         load_path, client = engine.load_checkpoint(str(self.local), tag=tag)
         if load_path is None:
@@ -146,14 +128,11 @@ class StateStore:
 
 
 def save_final_checkpoint(uri: str, model: Any, tokenizer: Any, extra: dict[str, Any]) -> None:
-    """Write the consolidated model checkpoint (rank 0). ``cwm_model.checkpoint`` writes a hidden
-    sibling folder and renames it into place; a remote URI is written locally, then uploaded."""
+    """Write the consolidated model checkpoint (rank 0) and commit it. ``cwm_model.checkpoint``
+    writes a hidden sibling folder and renames it into place; a remote URI is written to a
+    staging folder, then uploaded with its commit marker last."""
     from cwm_model.checkpoint import save_checkpoint
 
-    if is_local(uri):
-        save_checkpoint(local_path(uri), model, tokenizer, extra=extra)
-        return
-    staged = staging_dir(uri, "checkpoint")
+    staged = local_path(uri) if is_local(uri) else staging_dir(uri, "checkpoint")
     save_checkpoint(staged, model, tokenizer, extra=extra)
-    fs, path = fsspec.core.url_to_fs(uri)
-    fs.put(str(staged) + "/", path, recursive=True)
+    storage.upload_tree(staged, uri)

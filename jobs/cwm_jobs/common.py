@@ -16,7 +16,6 @@ function of the environment mapping so it is unit-tested without processes.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -416,15 +415,6 @@ def distributed_session(device: str | None = None) -> Iterator[DistEnv]:
     finally:
         if owned:
             teardown_distributed()
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary file and ``os.replace`` so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def warm_extension_cache() -> str:

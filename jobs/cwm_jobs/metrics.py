@@ -17,10 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
-from cwm_jobs.checkpointing import is_local, staging_dir
-from cwm_jobs.common import write_json_atomic
+from cwm_spec import storage
+from cwm_spec.storage import is_remote, staging_dir, write_json_atomic
 
 LOG = logging.getLogger("cwm_jobs.metrics")
 
@@ -43,7 +41,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.local.mkdir(parents=True, exist_ok=True)
-        if not is_local(self.uri):
+        if is_remote(self.uri):
             self._pull()
         self._jsonl = open(self.local / "metrics.jsonl", "a", encoding="utf-8")
         try:
@@ -62,9 +60,9 @@ class MetricsLogger:
             self._task = self._progress.add_task("", total=total_steps)
 
     def _pull(self) -> None:
-        fs, path = fsspec.core.url_to_fs(f"{self.uri}/metrics.jsonl")
-        if fs.exists(path):
-            fs.get(path, str(self.local / "metrics.jsonl"))
+        """A resumed stage continues the metrics its earlier attempt published."""
+        if storage.committed(self.uri) is not None:
+            storage.download_tree(self.uri, self.local)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -84,15 +82,14 @@ class MetricsLogger:
             LOG.info("%s step %d/%d %s", self.stage, step, self.total, summary)
 
     def sync(self) -> None:
-        """Flush, and upload to a remote URI."""
+        """Flush, and publish (a remote URI: upload, commit marker last)."""
         if not self.enabled:
             return
         self._jsonl.flush()
         if self._tb is not None:
             self._tb.flush()
-        if not is_local(self.uri):
-            fs, path = fsspec.core.url_to_fs(self.uri)
-            fs.put(str(self.local) + "/", path, recursive=True)
+        if is_remote(self.uri):
+            storage.upload_tree(self.local, self.uri)
 
     def write_eval(self, results: dict[str, float]) -> None:
         """``eval.json``: a flat object of numbers."""

@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import fsspec
-
+from cwm_spec import storage
 from cwm_spec.artifacts import iter_records
 
 LOG = logging.getLogger("cwm_jobs.tokenizer")
@@ -69,14 +68,17 @@ def adopt(uri: str):
     """Load a given tokenizer.json (local or fsspec URI)."""
     from cwm_model.tokenizer import CWMTokenizer
 
-    if "://" not in uri or uri.startswith("file://"):
-        return CWMTokenizer.load(uri.removeprefix("file://"))
-    with tempfile.TemporaryDirectory() as tmp:
-        source = uri.rstrip("/")
-        if not source.endswith(".json"):
-            source += "/tokenizer.json"
-        with fsspec.open(source, "rb") as f:
-            (Path(tmp) / "tokenizer.json").write_bytes(f.read())
+    if not storage.is_remote(uri):
+        return CWMTokenizer.load(storage.local_path(uri))
+    source = uri.rstrip("/")
+    if not source.endswith(".json"):
+        source += "/tokenizer.json"
+    try:
+        payload = storage.read_bytes(source)
+    except FileNotFoundError:
+        raise ValueError(f"spec.uri {uri}: no tokenizer.json at {source}") from None
+    with tempfile.TemporaryDirectory() as tmp:  # `tokenizers` reads local files only
+        (Path(tmp) / "tokenizer.json").write_bytes(payload)
         return CWMTokenizer.load(tmp)
 
 
@@ -104,16 +106,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if not out:
         raise ValueError("step configuration: outputs.tokenizer is required for the tokenizer step")
     tokenizer = build_tokenizer(dict(config.get("spec") or {}), dict(config.get("inputs") or {}))
-    if "://" in out and not out.startswith("file://"):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = tokenizer.save(tmp)
-            fs, remote = fsspec.core.url_to_fs(out)
-            fs.makedirs(remote, exist_ok=True)
-            fs.put(str(path), f"{remote}/tokenizer.json")
-        LOG.info("tokenizer: %d tokens -> %s", tokenizer.vocab_size, out)
-        return Path(out)
-    path = tokenizer.save(out.removeprefix("file://"))
-    LOG.info("tokenizer: %d tokens -> %s", tokenizer.vocab_size, path)
+    staged = storage.staging_dir(out, "tokenizer")
+    path = tokenizer.save(staged)
+    storage.upload_tree(staged, out)  # committed: readers take it through storage.local_copy
+    LOG.info("tokenizer: %d tokens -> %s", tokenizer.vocab_size, out)
     return path
 
 

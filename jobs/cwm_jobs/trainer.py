@@ -21,6 +21,7 @@ from cwm_jobs.common import DistEnv, StepContext, device_type, seed_everything
 from cwm_jobs.data import Batcher, training_loss
 from cwm_jobs.engine import build_engine
 from cwm_jobs.metrics import MetricsLogger
+from cwm_spec import storage
 
 LOG = logging.getLogger("cwm_jobs.trainer")
 
@@ -34,7 +35,7 @@ def load_tokenizer(ctx: StepContext) -> Any:
     uri = ctx.input("tokenizer")
     if uri is None:
         raise ValueError(f"step configuration: inputs.tokenizer is required for {ctx.settings.name}")
-    return CWMTokenizer.load(uri)
+    return CWMTokenizer.load(storage.local_copy(uri))  # `tokenizers` reads local files only
 
 
 def build_model(ctx: StepContext, tokenizer: Any) -> torch.nn.Module:
@@ -50,7 +51,7 @@ def build_model(ctx: StepContext, tokenizer: Any) -> torch.nn.Module:
     if init:
         from cwm_model.checkpoint import load_checkpoint
 
-        model, _, _ = load_checkpoint(init, device="cpu")
+        model, _, _ = load_checkpoint(storage.local_copy(init), device="cpu")
         vocab = model.config.vocab_size
         if vocab < tokenizer.vocab_size:
             raise ValueError(

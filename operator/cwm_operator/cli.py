@@ -62,7 +62,7 @@ def _plan(args: argparse.Namespace):
         target = Target.cluster(pipeline, namespace)
     else:
         workdir = Path(args.workdir or Path("runs") / pipeline.name).resolve()
-        target = Target.local(str(workdir / "artifacts"))
+        target = Target.local(str(workdir / "artifacts"), pipeline)
     return pipeline, build_plan(pipeline, target)
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 import kopf
 
+from cwm_spec import storage
 from cwm_spec.api import GROUP, PLURAL, VERSION
 from cwm_operator.metrics import Metrics
 from cwm_operator.reconcile import (
@@ -68,13 +69,11 @@ def _owner_uid(obj: Mapping[str, Any]) -> str | None:
 
 def read_stage_metrics(uri: str) -> dict[str, float]:
     """Best effort: the numbers in ``<metrics>/eval.json`` when storage is readable from here
-    (object stores with their fsspec driver, file:// URIs); {} otherwise."""
-    import fsspec
-
+    (through ``cwm_spec.storage``, with the operator's own credentials); {} otherwise, logged."""
     try:
-        with fsspec.open(f"{uri.rstrip('/')}/eval.json", "r") as f:
-            data = json.load(f)
-    except Exception:  # noqa: BLE001 - metrics are optional; the stage already succeeded
+        data = storage.read_json(storage.join(uri, "eval.json"))
+    except storage.StorageError as err:  # metrics are optional; the stage already succeeded
+        log.warning("stage metrics not read: %s", err)
         return {}
     return _numbers(data)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from cwm_spec.api import STAGE_ORDER
 from cwm_operator.runner import StepRecord, read_json
+from cwm_spec import storage
 
 # Evaluation metrics shown first, in this order, when present (others follow alphabetically).
 HEADLINE = (
@@ -28,11 +29,11 @@ HEADLINE = (
 )
 
 
-def _series(path: Path, key: str = "loss") -> list[tuple[int, float]]:
-    points = []
+def _series(uri: str, key: str = "loss") -> list[tuple[int, float]]:
+    points: list[tuple[int, float]] = []
     try:
-        lines = path.read_text().splitlines()
-    except OSError:
+        lines = storage.read_bytes(uri).decode(errors="replace").splitlines()
+    except (OSError, storage.StorageError):
         return points
     for line in lines:
         try:
@@ -112,10 +113,10 @@ def _plot_metrics(records: list[StepRecord], names: list[str], out: Path) -> boo
     return True
 
 
-def _data_rows(workdir: Path) -> list[str]:
+def _data_rows(root: str) -> list[str]:
     rows = []
     for step in ("traces", "trajectories", "corpus"):
-        manifest = read_json(workdir / "artifacts" / step / "dataset" / "manifest.json")
+        manifest = read_json(storage.join(root, step, "dataset", "manifest.json"))
         if not manifest:
             continue
         splits = manifest.get("splits", {})
@@ -145,12 +146,13 @@ def write_report(workdir: Path) -> Path:
     total = sum(r.seconds or 0 for r in records if not r.cached)
     lines += ["", f"Compute time of the steps run this time: {total:.0f} s.", ""]
 
-    data = _data_rows(workdir)
+    root = run.get("storage") or str(workdir / "artifacts")  # the plan's storage root
+    data = _data_rows(root)
     if data:
         lines += ["## Data", "", "| data set | train | validation | dead letters | size |",
                   "| --- | --- | --- | --- | --- |", *data, ""]
 
-    losses = [(r.name, _series(workdir / "artifacts" / r.name / "metrics" / "metrics.jsonl"))
+    losses = [(r.name, _series(storage.join(root, r.name, "metrics", "metrics.jsonl")))
               for r in stages]
     if _plot_losses(losses, out_dir / "loss.png"):
         lines += ["## Training loss", "", "![training loss](loss.png)", ""]

@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import hashlib
 import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -32,7 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+from cwm_spec import storage
 from cwm_spec.plan import Plan, Step
+from cwm_spec.storage import tree_digest, write_json_atomic
 
 SUCCEEDED, FAILED, RUNNING, CACHED = "Succeeded", "Failed", "Running", "Cached"
 INTERRUPTED, PENDING = "Interrupted", "Pending"
@@ -47,36 +47,10 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def tree_digest(path: str) -> str | None:
-    """Content hash of a file or folder tree (names, sizes, bytes); None if it is missing."""
-    root = Path(path)
-    if not root.exists():
-        return None
-    digest = hashlib.sha256()
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(root) if file != root else "").encode() + b"\0")
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+def read_json(path: Path | str) -> dict[str, Any] | None:
+    """A JSON object from the work directory or from storage; None when missing or not one."""
+    data = storage.read_json(str(path))
+    return data if isinstance(data, dict) else None
 
 
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -224,6 +198,7 @@ class LocalRunner:
         self.plan, self.workdir = plan, Path(workdir)
         self.display = display or PlainDisplay()
         self.env = env
+        self._checked: set[str] = set()  # object-store roots probed this run
 
     # ---- paths and records
     def step_dir(self, name: str) -> Path:
@@ -277,7 +252,7 @@ class LocalRunner:
             run_file = self.workdir / "run.json"
             write_json_atomic(run_file, {
                 "pipeline": self.plan.pipeline, "steps": self.plan.names, "state": RUNNING,
-                "started": now(), "finished": None,
+                "started": now(), "finished": None, "storage": self.plan.target.storage_root,
             })
             state = INTERRUPTED
             try:
@@ -292,21 +267,41 @@ class LocalRunner:
 
     def _run_steps(self) -> bool:
         for step in self.plan.steps:
-            rec = self.record(step.name)
-            if rec.state == RUNNING and _process_alive(rec.pid, step.module):
-                # A runner killed with -9 may leave a step's process group behind.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(rec.pid, signal.SIGKILL)
-            if self.up_to_date(step, rec):
-                if not rec.cached:
-                    rec.cached, rec.state = True, CACHED
-                    self.save(rec)
+            try:
+                self._run_step(step)
+            except storage.StorageError as err:  # the store refused or is unreachable
+                rec = self.record(step.name)
+                rec.state, rec.message = FAILED, str(err)
+                self.save(rec)
                 self._show(None, "")
-                continue
-            if not self._execute(step, rec):
-                return False
+                raise RunError(f"step {step.name!r}: {err}") from None
         self._show(None, "")
         return True
+
+    def _check_storage(self, step: Step) -> None:
+        """Probe each object store this step writes (once per run), so bad credentials, a
+        missing bucket or an unreachable endpoint stop the run before the step starts."""
+        for uri in step.outputs.values():
+            root = self.plan.target.storage_root if uri.startswith(
+                self.plan.target.storage_root) else uri
+            if storage.is_remote(root) and root not in self._checked:
+                storage.check_access(root)
+                self._checked.add(root)
+
+    def _run_step(self, step: Step) -> None:
+        rec = self.record(step.name)
+        if rec.state == RUNNING and _process_alive(rec.pid, step.module):
+            # A runner killed with -9 may leave a step's process group behind.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(rec.pid, signal.SIGKILL)
+        self._check_storage(step)
+        if self.up_to_date(step, rec):
+            if not rec.cached:
+                rec.cached, rec.state = True, CACHED
+                self.save(rec)
+            self._show(None, "")
+            return
+        self._execute(step, rec)
 
     def _show(self, current: str | None, detail: str) -> None:
         self.display.update(self.records(), current, detail)
@@ -365,8 +360,7 @@ class LocalRunner:
     @staticmethod
     def _metrics(step: Step) -> dict[str, Any]:
         metrics_dir = step.outputs.get("metrics")
-        data = read_json(Path(metrics_dir) / "eval.json") if metrics_dir else None
-        return data if isinstance(data, dict) else {}
+        return (read_json(storage.join(metrics_dir, "eval.json")) if metrics_dir else None) or {}
 
     @staticmethod
     def _stop(proc: subprocess.Popen) -> None:

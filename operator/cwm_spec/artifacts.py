@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import fsspec
+
+from cwm_spec import storage
 
 FORMAT = "cwm-dataset/v1"
 MANIFEST = "manifest.json"
@@ -120,20 +121,16 @@ def read_shard(dir_uri: str, name: str) -> tuple[Shard, list[dict[str, Any]]]:
 
 
 def write_manifest(dir_uri: str, manifest: Manifest) -> None:
-    """Write the manifest last, atomically where the file system allows: its presence marks the
-    data set complete."""
-    fs, path = fsspec.core.url_to_fs(join(dir_uri, MANIFEST))
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # concurrent writers (merging parts) never share one
-    with fs.open(tmp, "w") as f:
-        json.dump(manifest.to_json(), f, indent=1, sort_keys=True)
-    fs.mv(tmp, path)
+    """Write the manifest last, atomically (:func:`cwm_spec.storage.write_json_atomic`: a
+    renamed temporary file locally, one PUT on an object store): its presence marks the data set
+    complete."""
+    storage.write_json_atomic(join(dir_uri, MANIFEST), manifest.to_json())
 
 
 def read_manifest(dir_uri: str) -> Manifest:
     uri = join(dir_uri, MANIFEST)
     try:
-        with fsspec.open(uri, "r") as f:
-            data = json.load(f)
+        data = json.loads(storage.read_bytes(uri))
     except FileNotFoundError:
         raise ArtifactError(f"{uri}: no manifest (data set missing or incomplete)") from None
     except json.JSONDecodeError as err:
@@ -185,9 +182,7 @@ def part_dir(dir_uri: str, index: int) -> str:
 def discard_manifest(dir_uri: str) -> None:
     """Mark a data set incomplete again (a part about to be rewritten by a retried pod), so that
     no merge takes the previous attempt's part for this one's."""
-    fs, path = fsspec.core.url_to_fs(join(dir_uri, MANIFEST))
-    if fs.exists(path):
-        fs.rm(path)
+    storage.remove(join(dir_uri, MANIFEST))
 
 
 def merge_stats(values: list[Any]) -> Any:

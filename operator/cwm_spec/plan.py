@@ -35,8 +35,13 @@ class Target:
     python: str = "python"
 
     @classmethod
-    def local(cls, artifacts_dir: str) -> "Target":
-        return cls("local", artifacts_dir.rstrip("/"), python=sys.executable)
+    def local(cls, artifacts_dir: str, pipeline: CWMPipeline | None = None) -> "Target":
+        """This machine; artifacts under ``artifacts_dir``, or under ``spec.storage.uri``
+        (``<uri>/<pipeline name>``) when ``pipeline`` sets one, credentials from the
+        environment (see ``cwm_spec.storage``)."""
+        uri = pipeline.spec.storage.uri if pipeline is not None else None
+        root = f"{uri}/{pipeline.name}" if uri and pipeline is not None else artifacts_dir
+        return cls("local", root.rstrip("/"), python=sys.executable)
 
     @classmethod
     def cluster(
