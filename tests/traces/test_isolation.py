@@ -1,0 +1,76 @@
+"""How the sandbox decides between bubblewrap and rlimits, and that the choice is never silent:
+required bubblewrap fails loudly, a fallback is logged, and data sets record the mode."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator
+
+import pytest
+
+from cwm_beam import traces
+from cwm_exec import sandbox
+from cwm_spec import artifacts
+
+
+@pytest.fixture(autouse=True)
+def fresh_decision() -> Iterator[None]:
+    """The decision is cached per process: forget it before and after each test."""
+    sandbox._decide.cache_clear()
+    yield
+    sandbox._decide.cache_clear()
+
+
+@pytest.fixture
+def broken_bwrap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bubblewrap that cannot create namespaces (what RuntimeDefault seccomp does in a pod)."""
+    monkeypatch.setattr(sandbox, "bwrap_binary", lambda: "/bin/false")
+
+
+def test_required_bubblewrap_that_cannot_work_fails_with_its_reason(monkeypatch, broken_bwrap) -> None:
+    monkeypatch.setenv("CWM_SANDBOX", "bwrap")
+    with pytest.raises(sandbox.SandboxError, match=r"CWM_SANDBOX=bwrap .*/bin/false: exit status 1.*seccomp"):
+        sandbox.isolation()
+
+
+def test_fallback_is_logged_and_recorded(monkeypatch, broken_bwrap, caplog) -> None:
+    monkeypatch.delenv("CWM_SANDBOX", raising=False)
+    with caplog.at_level(logging.WARNING, logger="cwm_exec.sandbox"):
+        assert sandbox.isolation() == "rlimits"
+    assert "bubblewrap unavailable (/bin/false: exit status 1)" in caplog.text
+    assert sandbox.isolation_record() == {"mode": "rlimits", "requested": "auto",
+                                          "reason": "fallback: /bin/false: exit status 1"}
+    assert "NO file-system, network or credential isolation" in sandbox.describe_isolation()
+
+
+def test_missing_binary_is_named(monkeypatch) -> None:
+    monkeypatch.setattr(sandbox, "bwrap_binary", lambda: None)
+    monkeypatch.delenv("CWM_SANDBOX", raising=False)
+    assert sandbox.isolation_record()["reason"].startswith("fallback: no bubblewrap binary")
+
+
+def test_chosen_rlimits_is_not_a_fallback(monkeypatch) -> None:
+    monkeypatch.setenv("CWM_SANDBOX", "rlimits")
+    assert sandbox.isolation_record() == {"mode": "rlimits", "requested": "rlimits",
+                                          "reason": "CWM_SANDBOX=rlimits: chosen, not a fallback"}
+
+
+def test_unknown_mode_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("CWM_SANDBOX", "none")
+    with pytest.raises(sandbox.SandboxError, match="CWM_SANDBOX='none'"):
+        sandbox.isolation()
+
+
+def test_trace_data_set_records_the_isolation_and_required_bwrap_fails_the_step(
+        tmp_path, monkeypatch, broken_bwrap) -> None:
+    monkeypatch.setenv("CWM_SANDBOX", "rlimits")
+    flags = ["--source", "synthetic:10", "--shards", "1"]
+    traces.run([*flags, "--output", str(tmp_path / "ok")])
+    recorded = artifacts.read_manifest(str(tmp_path / "ok")).stats["sandbox"]
+    assert recorded["mode"] == "rlimits" and recorded["requested"] == "rlimits"
+    sandbox._decide.cache_clear()
+    monkeypatch.setenv("CWM_SANDBOX", "bwrap")
+    with pytest.raises(sandbox.SandboxError, match="cannot isolate programs"):
+        traces.run([*flags, "--output", str(tmp_path / "refused")])
+    assert not os.path.exists(tmp_path / "refused" / "manifest.json")
