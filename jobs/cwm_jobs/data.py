@@ -136,8 +136,8 @@ Encoder = Callable[[dict[str, Any], Position], "Document | None"]
 
 
 def text_document(tokenizer: Any, text: str) -> Document:
-    """``<|begin_of_text|> text <|end_of_text|>``, every token in the loss; a text that already
-    carries the markers (traces do) is not given them twice."""
+    """``<|begin_of_text|> text <|end_of_text|>``, every token in the loss; ``text`` is ordinary
+    text (a trace record goes through ``cwm_jobs.tasks.trace_ids``, which adds its tokens)."""
     ids = tokenizer.encode(text)
     if not ids or ids[0] != tokenizer.bos_id:
         ids = [tokenizer.bos_id, *ids]
@@ -151,7 +151,8 @@ def segments_document(tokenizer: Any, segments: Sequence[Any], weight: Callable[
     tokens: list[int] = []
     mask: list[int] = []
     for index, segment in enumerate(segments):
-        ids = tokenizer.encode(segment.text)
+        # A special segment is its token; any other text is ordinary (cwm_model.chat).
+        ids = tokenizer.encode_parts([(segment.text, segment.special)])
         tokens += ids
         mask += [weight(index, segment)] * len(ids)
     return Document(tokens, mask)

@@ -30,7 +30,9 @@ import torch
 import torch.distributed as dist
 
 from cwm_jobs.data import masked_lm_loss
-from cwm_jobs.tasks import OutputTask, extract_answer, prompt_messages, task_from_cruxeval
+from cwm_jobs.tasks import (
+    OutputTask, extract_answer, prompt_messages, record_frames, task_from_cruxeval, trace_ids,
+)
 
 LOG = logging.getLogger("cwm_jobs.evaluate")
 
@@ -100,17 +102,18 @@ def frame_spans(ids: Sequence[int], frame_sep: int, action_sep: int) -> list[tup
 
 
 @torch.no_grad()
-def trace_exact_match(module: torch.nn.Module, tokenizer: Any, texts: Iterable[str],
+def trace_exact_match(module: torch.nn.Module, tokenizer: Any, records: Iterable[dict[str, Any]],
                       max_tokens: int) -> dict[str, float]:
-    """Per-frame exact match of state, action and both (ranks summed); see the module doc."""
+    """Per-frame exact match of state, action and both (ranks summed); see the module doc.
+    ``records`` are trace records (``text`` and ``frames``), tokenized by structure."""
     frame_sep = tokenizer.token_id("<|frame_sep|>")
     action_sep = tokenizer.token_id("<|action_sep|>")
     device = next(module.parameters()).device
     was_training = module.training
     module.eval()
     counts = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # frames, state, action, both; tokens, hits, nll
-    for text in texts:
-        ids = tokenizer.encode(text)[:max_tokens]
+    for record in records:
+        ids = trace_ids(tokenizer, record)[:max_tokens]
         spans = [s for s in frame_spans(ids, frame_sep, action_sep) if s[2] <= len(ids)]
         if not spans:
             continue
@@ -141,17 +144,17 @@ def trace_exact_match(module: torch.nn.Module, tokenizer: Any, texts: Iterable[s
             "trace_token_accuracy": hits / tokens, "trace_token_loss": nll / tokens}
 
 
-def held_out_traces(uri: str, limit: int, rank: int, world: int) -> list[str]:
-    """This rank's share of the first ``limit`` validation traces."""
+def held_out_traces(uri: str, limit: int, rank: int, world: int) -> list[dict[str, Any]]:
+    """This rank's share of the first ``limit`` validation trace records."""
     from cwm_spec.artifacts import iter_records
 
-    texts = []
+    records = []
     for i, record in enumerate(iter_records(uri, "validation")):
         if i >= limit:
             break
         if i % world == rank and isinstance(record.get("text"), str):
-            texts.append(record["text"])
-    return texts
+            records.append(record)
+    return records
 
 
 def held_out_trace_records(uri: str, limit: int, rank: int, world: int) -> list[dict[str, Any]]:
@@ -175,14 +178,16 @@ def predicted_return(frames_text: str) -> str | None:
     from cwm_exec.trace_format import FRAME_SEP, TraceFormatError, parse_frame
 
     depth = 1  # the prompt ends after the entry's call frame
+    previous = None
     for index, piece in enumerate(frames_text.split(FRAME_SEP)[:-1]):
         try:
             frame = parse_frame(piece, index)
         except TraceFormatError:
             return None
-        depth += {"call": 1, "return": -1, "exception": -1}.get(frame.event, 0)
-        if depth == 0:
-            return frame.value if frame.event == "return" else None
+        depth += {"call": 1, "return": -1}.get(frame.event, 0)
+        if depth == 0:   # a return right after an exception: the entry raised
+            return frame.value if previous != "exception" else None
+        previous = frame.event
     return None
 
 
@@ -193,7 +198,7 @@ def trace_output_accuracy(module: torch.nn.Module, tokenizer: Any,
     """Output prediction by trace completion, as CWM predicts execution: the prompt is the
     program and its call frame; the model generates the frames; its answer is the value of the
     frame that returns from the entry. Exact match of the repr (ranks summed)."""
-    from cwm_exec.trace_format import FRAME_SEP, parse_trace
+    from cwm_exec.trace_format import final_value, split_trace, trace_parts
     from cwm_model.generate import generate
 
     was_training = module.training
@@ -204,12 +209,12 @@ def trace_output_accuracy(module: torch.nn.Module, tokenizer: Any,
         batch = records[i:i + batch_size]
         prompts, expected = [], []
         for record in batch:
-            text = record["text"]
-            head = text.index(FRAME_SEP) + len(FRAME_SEP)  # end of the source
-            call_end = text.index(FRAME_SEP, head) + len(FRAME_SEP)  # end of the call frame
-            prompts.append(tokenizer.encode(text[:call_end]))
-            _, frames = parse_trace(text)
-            expected.append(frames[-1].value)
+            frames = record_frames(record)
+            context, _ = split_trace(record["text"], frames)
+            # The prompt: the program and the entry's call frame, tokens from structure.
+            prompts.append(tokenizer.encode_parts(trace_parts(context, frames[:1], complete=False)))
+            final = final_value(frames)
+            expected.append(final[1] if final else None)
         outs = generate(module, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
                         stop_ids=(eos,))
         for out, want in zip(outs, expected):
@@ -228,8 +233,9 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]
     from cwm_model.chat import render_messages
 
     ids: list[int] = []
-    for segment in render_messages(messages, add_generation_prompt=True):
-        ids += tokenizer.encode(segment.text)
+    # CWM's reasoning prompt: the generation prompt ends with "<think>\n" (cwm_jobs.tasks).
+    for segment in render_messages(messages, add_generation_prompt=True, think=True):
+        ids += tokenizer.encode_parts([(segment.text, segment.special)])
     if not ids or ids[0] != tokenizer.bos_id:
         ids = [tokenizer.bos_id, *ids]
     return ids
@@ -379,8 +385,8 @@ def evaluate_model(module: torch.nn.Module, tokenizer: Any, *, rank: int, world:
         from cwm_spec.artifacts import read_manifest
 
         if read_manifest(traces_uri).splits.get("validation"):
-            texts = held_out_traces(traces_uri, held_out, rank, world)
-            results.update(trace_exact_match(module, tokenizer, texts, max_tokens))
+            held = held_out_traces(traces_uri, held_out, rank, world)
+            results.update(trace_exact_match(module, tokenizer, held, max_tokens))
         outputs = int(ev.get("traceOutputs", 0))
         if outputs:
             records = held_out_trace_records(traces_uri, outputs, rank, world)

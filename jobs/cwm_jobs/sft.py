@@ -1,8 +1,8 @@
 """Supervised fine-tuning on chat examples built from the pipeline's own data (no download).
 
-* from traces: output-prediction questions ("What does ``f(3, 'a')`` return?") whose answer
-  carries the execution trace as reasoning between ``<|reasoning_thinking_start|>`` and
-  ``<|reasoning_thinking_end|>``, then the value;
+* from traces: output-prediction questions ("What does ``f(3, 'a')`` return?") after CWM's
+  reasoning system prompt, whose answer carries the execution trace as plain-text reasoning
+  (``<think>\n...\n</think>\n``, CWM's format: ``cwm_jobs.tasks``), then the value;
 * from trajectories: the agent's messages.
 
 The loss covers assistant turns only; the learning rate is constant after warmup. Starts from

@@ -26,7 +26,7 @@ from cwm_jobs.data import (
     text_document,
     trajectory_document,
 )
-from cwm_jobs.tasks import sft_messages, task_from_trace
+from cwm_jobs.tasks import sft_messages, task_from_trace, trace_ids
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,15 @@ def _text(tokenizer: Any) -> Encoder:
     return encode
 
 
+def _trace(tokenizer: Any) -> Encoder:
+    """A trace record, its special tokens placed from its structure (cwm_jobs.tasks.trace_ids)."""
+    def encode(record: dict[str, Any], _position: Position) -> Document | None:
+        ids = trace_ids(tokenizer, record)
+        return Document(ids, [1] * len(ids))
+
+    return encode
+
+
 def _trajectory(tokenizer: Any, seed: int, rate: float, assistant_only: bool) -> Encoder:
     def encode(record: dict[str, Any], position: Position) -> Document | None:
         return trajectory_document(tokenizer, record, position, seed=seed, mask_rate=rate,
@@ -60,7 +69,7 @@ def _trajectory(tokenizer: Any, seed: int, rate: float, assistant_only: bool) ->
 
 def _trace_question(tokenizer: Any) -> Encoder:
     def encode(record: dict[str, Any], _position: Position) -> Document | None:
-        task = task_from_trace(record["text"])
+        task = task_from_trace(record["text"], record.get("frames"))
         return None if task is None else chat_document(tokenizer, sft_messages(task))
 
     return encode
@@ -80,7 +89,7 @@ def stage_sources(ctx: StepContext, tokenizer: Any) -> list[Source]:
                              "inputs.trajectories is given")
         share = mix["cwm"] / len(cwm_inputs)
         if ctx.input("traces"):
-            enc = _trace_question(tokenizer) if sft else _text(tokenizer)
+            enc = _trace_question(tokenizer) if sft else _trace(tokenizer)
             sources.append(Source("traces", ctx.input("traces"), enc, share))
         if ctx.input("trajectories"):
             enc = _trajectory(tokenizer, ctx.seed, s.observation_mask_rate, assistant_only=sft)

@@ -1,9 +1,12 @@
 """Output prediction, the verifiable task shared by SFT, RL and evaluation.
 
 One question format everywhere: SFT teaches it (with the execution trace as the reasoning), RL
-rewards it, CruxEval-O measures it. The answer is whatever follows ``<|reasoning_thinking_end|>``
-(or the whole reply when the model did not reason), first line, stripped. Whether an answer is
-right is decided by :func:`cwm_jobs.rewards.check_outputs`, in the sandbox.
+rewards it, CruxEval-O measures it. Reasoning is CWM's plain-text ``<think>`` format
+(github.com/facebookresearch/cwm ``PROMPTING_GUIDE.md`` "Reasoning", ``cwm/rl/envs/prompts.py``):
+the conversation starts with CWM's reasoning system prompt, the generation prompt ends with
+``<think>\n`` (``cwm_model.chat.render_messages(..., think=True)``) and the answer is whatever
+follows ``</think>`` (or the whole reply when the model did not reason), first line, stripped.
+Whether an answer is right is decided by :func:`cwm_jobs.rewards.check_outputs`, in the sandbox.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-THINK_START = "<|reasoning_thinking_start|>"
-THINK_END = "<|reasoning_thinking_end|>"
+from cwm_exec.trace_format import (
+    START_MARKER, Frame, encode_frames, final_value, parse_trace, split_trace, trace_parts,
+)
+from cwm_model.chat import REASONING_SYSTEM_PROMPT, THINK_END, THINK_START
 
 
 @dataclass(frozen=True)
@@ -33,15 +38,18 @@ def question(task: OutputTask) -> str:
 
 
 def prompt_messages(task: OutputTask) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": question(task)}]
+    """CWM's reasoning system prompt, then the question (render with ``think=True``)."""
+    return [{"role": "system", "content": REASONING_SYSTEM_PROMPT},
+            {"role": "user", "content": question(task)}]
 
 
 def sft_messages(task: OutputTask) -> list[dict[str, Any]]:
-    """The SFT example: the trace as reasoning, then the value."""
-    answer = task.expected
+    """The SFT example: the trace as reasoning (``<think>\n...\n</think>\n``, ordinary text
+    as CWM encodes message bodies), then the value."""
+    answer: dict[str, Any] = {"role": "assistant", "content": task.expected}
     if task.reasoning:
-        answer = f"{THINK_START}{task.reasoning}{THINK_END}{task.expected}"
-    return [*prompt_messages(task), {"role": "assistant", "content": answer}]
+        answer["reasoning_content"] = task.reasoning
+    return [*prompt_messages(task), answer]
 
 
 STOP_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
@@ -53,18 +61,41 @@ def extract_answer(text: str) -> str:
         text = text.split(stop, 1)[0]
     if THINK_END in text:
         text = text.rsplit(THINK_END, 1)[1]
-    elif THINK_START in text:  # reasoning never closed: no answer
+    elif THINK_START.strip() in text:  # reasoning never closed: no answer
         return ""
     text = text.strip()
     return text.splitlines()[0].strip() if text else ""
 
 
-def task_from_trace(text: str) -> OutputTask | None:
-    """An output-prediction task from a trace record's text; None for traces that raise or
-    never returned (nothing to predict)."""
-    from cwm_exec.trace_format import START_MARKER, encode_frames, final_value, parse_trace
+def record_frames(record: dict[str, Any]) -> list[Frame]:
+    frames = record.get("frames")
+    if not isinstance(frames, list):
+        raise ValueError(f"trace record {record.get('id', '?')}: 'frames' must be a list")
+    return [f if isinstance(f, Frame) else Frame.from_json(f) for f in frames]
 
-    source, frames = parse_trace(text)
+
+def trace_ids(tokenizer: Any, record: dict[str, Any]) -> list[int]:
+    """Token ids of a trace record: the special tokens where the trace's structure puts them
+    (its ``frames``), every value, line and the source encoded as ordinary text, so a value
+    spelling ``<|frame_sep|>`` cannot forge a frame (CWM's ``encode_ordinary`` rule)."""
+    frames = record_frames(record)
+    try:
+        context, complete = split_trace(record["text"], frames)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"trace record {record.get('id', '?')}: {err}") from None
+    return tokenizer.encode_parts(trace_parts(context, frames, complete=complete))
+
+
+def task_from_trace(text: str, frames: list | None = None) -> OutputTask | None:
+    """An output-prediction task from a trace record's text (and its ``frames``, which make
+    it unambiguous when values spell special tokens); None for traces that raise or never
+    returned (nothing to predict)."""
+    if frames is None:
+        source, parsed = parse_trace(text)
+    else:
+        parsed = [f if isinstance(f, Frame) else Frame.from_json(f) for f in frames]
+        source, _ = split_trace(text, parsed)
+    frames = parsed
     final = final_value(frames)
     if final is None or final[0] != "return" or not frames or frames[0].event != "call":
         return None

@@ -5,6 +5,21 @@ Endpoints: ``POST /v1/chat/completions`` (messages, tools, tool calls in the rep
 Clients that speak to vLLM (the agent policy, evaluation, the neural debugger) use it unchanged,
 e.g. ``openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")``.
 
+The chat endpoint applies CWM's chat template (:mod:`cwm_model.chat`), as CWM's own server does
+(github.com/facebookresearch/cwm ``serve/fgserve.py``): tools become a plain-text system message
+after the last system message, tool calls are ``<tool: NAME>`` blocks, and reasoning is on unless
+the request says ``"reasoning": {"enabled": false}`` (or ``chat_template_kwargs.enable_thinking``
+false): the generation prompt then ends with ``<think>\n`` and the reply is split at ``</think>``
+into ``reasoning_content`` and ``content`` (CWM's ``MODEL_CARD.md``: "reasoning is enabled by
+default"). As in CWM, the reasoning system prompt is the client's to send
+(``cwm_model.chat.REASONING_SYSTEM_PROMPT``).
+
+``/v1/completions`` takes a text prompt (encoded as ordinary text after ``<|begin_of_text|>``:
+special-token spellings in it are text, as in ``fgserve.py``) or a list of token ids (how a trace
+prompt with its special tokens is sent, as CWM's ``demos/cwmdbg.py`` does); each choice carries
+its generated ``tokens``. A ``stop`` string that names a special token stops at that token, which
+the ``tokens`` keep (``cwmdbg.py`` reads frames up to ``<|frame_sep|>``).
+
 Standard library only (``http.server.ThreadingHTTPServer``): one model, generation serialised by
 a lock, requests parsed and answered on their own threads. ``stream`` is not supported (400).
 :class:`ModelServer` holds the request -> response logic and can be used without HTTP.
@@ -47,6 +62,17 @@ def stop_strings(body: dict) -> list[str]:
     return stop
 
 
+def reasoning_enabled(body: dict) -> bool:
+    """CWM's OpenAI-API default: reasoning on unless the request turns it off."""
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and "enabled" in reasoning:
+        return bool(reasoning["enabled"])
+    kwargs = body.get("chat_template_kwargs")
+    if isinstance(kwargs, dict) and "enable_thinking" in kwargs:
+        return bool(kwargs["enable_thinking"])
+    return True
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     cuts = [text.find(s) for s in stops if s in text]
     return (text[:min(cuts)], True) if cuts else (text, False)
@@ -79,15 +105,18 @@ class ModelServer:
                 "temperature": number(body, "temperature", 1.0, 0.0, 2.0),
                 "top_p": number(body, "top_p", 1.0, 1e-6, 1.0)}
 
-    def run(self, prompt: list[int], params: dict) -> tuple[list[list[int]], list[list[float]]]:
+    def run(self, prompt: list[int], params: dict, extra_stops: tuple[int, ...] = ()
+            ) -> tuple[list[list[int]], list[list[float]]]:
         n = params.pop("n")
         with self.lock:
-            return generate(self.model, [prompt] * n, stop_ids=self.tokenizer.stop_ids,
+            return generate(self.model, [prompt] * n,
+                            stop_ids=(*self.tokenizer.stop_ids, *extra_stops),
                             return_logprobs=True, **params)
 
-    def finish(self, ids: list[int], body: dict) -> tuple[str, str]:
+    def finish(self, ids: list[int], body: dict, extra_stops: tuple[int, ...] = ()
+               ) -> tuple[str, str]:
         """Text without a trailing stop token or anything after a stop string; why it ended."""
-        if ids and ids[-1] in self.tokenizer.stop_ids:
+        if ids and ids[-1] in (*self.tokenizer.stop_ids, *extra_stops):
             ids, reason = ids[:-1], "stop"
         else:
             reason = "length"
@@ -99,21 +128,27 @@ class ModelServer:
                              "bytes": list(self.tokenizer.decode([t]).encode()), "top_logprobs": []}
                             for t, lp in zip(ids, lps)]}
 
-    def chat(self, body: dict) -> dict:
+    def chat_prompt(self, body: dict) -> tuple[list[int], list | None, bool]:
+        """Prompt ids (CWM's template), the tools, and whether reasoning is on."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError("'messages' must be a non-empty list")
         tools = body.get("tools") if body.get("tool_choice") != "none" else None
+        think = reasoning_enabled(body)
         try:
-            segments = render_messages(messages, tools=tools, add_generation_prompt=True)
+            segments = render_messages(messages, tools=tools, add_generation_prompt=True,
+                                       think=think)
         except ValueError as err:
             raise RequestError(str(err)) from None
-        prompt, _ = encode_segments(self.tokenizer, segments)
+        return encode_segments(self.tokenizer, segments)[0], tools, think
+
+    def chat(self, body: dict) -> dict:
+        prompt, tools, think = self.chat_prompt(body)
         outputs, lps = self.run(prompt, self.sampling(body, len(prompt), default_max=1024))
         choices = []
         for i, (ids, lp) in enumerate(zip(outputs, lps)):
             text, reason = self.finish(ids, body)
-            message = parse_assistant(text, tools)
+            message = parse_assistant(text, tools, think=think)
             if message.get("tool_calls"):
                 reason = "tool_calls"
             choice = {"index": i, "message": message, "finish_reason": reason}
@@ -123,21 +158,49 @@ class ModelServer:
         return self.envelope("chat.completion", choices, len(prompt), outputs)
 
     def complete(self, body: dict) -> dict:
-        prompts = body.get("prompt")
-        prompts = [prompts] if isinstance(prompts, str) else prompts
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise RequestError("'prompt' must be a string or a non-empty list of strings")
         choices, used, produced = [], 0, []
-        for text in prompts:
-            prompt = self.tokenizer.encode(text, bos=not text.startswith("<|begin_of_text|>"))
-            outputs, _ = self.run(prompt, self.sampling(body, len(prompt), default_max=16))
+        stops = self.stop_token_ids(body)
+        for prompt in self.completion_prompts(body.get("prompt")):
+            outputs, _ = self.run(prompt, self.sampling(body, len(prompt), default_max=16),
+                                  extra_stops=stops)
             used += len(prompt)
             produced += outputs
             for ids in outputs:
-                completion, reason = self.finish(ids, body)
-                choices.append({"index": len(choices), "text": completion, "logprobs": None,
-                                "finish_reason": reason})
+                completion, reason = self.finish(ids, body, extra_stops=stops)
+                choices.append({"index": len(choices), "text": completion, "tokens": ids,
+                                "logprobs": None, "finish_reason": reason})
         return self.envelope("text_completion", choices, used, produced)
+
+    def completion_prompts(self, prompt: Any) -> list[list[int]]:
+        """A string, a list of strings, a list of token ids, or a list of such lists."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise RequestError("'prompt' must be a string, a list of token ids, or a non-empty "
+                               "list of either")
+        prompts = []
+        for item in prompt:
+            if isinstance(item, str):
+                prompts.append(self.tokenizer.encode(item, bos=True))
+            elif (isinstance(item, list) and item and all(
+                    isinstance(t, int) and not isinstance(t, bool)
+                    and 0 <= t < self.tokenizer.vocab_size for t in item)):
+                prompts.append(list(item))
+            else:
+                raise RequestError("'prompt': each prompt must be a string or a non-empty list of "
+                                   f"token ids below {self.tokenizer.vocab_size}")
+        return prompts
+
+    def stop_token_ids(self, body: dict) -> tuple[int, ...]:
+        """The ids of ``stop`` strings that name a special token (``"<|frame_sep|>"``)."""
+        ids = []
+        for text in stop_strings(body):
+            token = self.tokenizer.tokenizer.token_to_id(text)
+            if token is not None and token in self.tokenizer.special_ids:
+                ids.append(token)
+        return tuple(ids)
 
     def envelope(self, kind: str, choices: list, prompt_tokens: int, outputs: list) -> dict:
         completion_tokens = sum(len(o) for o in outputs)

@@ -28,11 +28,18 @@ for the released weights, and Llama-3's layout) puts ``<|eom_id|>`` at 128008 an
 With a 128,000-token base the IDs are CWM's exactly; a smaller base (trained here on pipeline
 data) keeps the same offsets: special ``name`` sits at ``base + offset``, total ``base + 256``.
 The pre-tokenizer regex is Llama-3's (``DEFAULT_TIKTOKEN_PATTERN`` in the same file).
+
+Special tokens come from structure only, as in CWM: its ``TikTokenTokenizer._encode`` uses
+``encode_ordinary``, so text spelling ``<|eot_id|>`` or ``<|frame_sep|>`` (a traced string, a
+tool's output, a commit message) is ordinary text. :meth:`CWMTokenizer.encode` does the same;
+the separators are added by the code that knows the structure, through :meth:`encode_parts`
+(``(text, is_special)`` pieces: ``cwm_exec.trace_format.trace_parts``, ``cwm_model.chat``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -59,6 +66,7 @@ NAMED_SPECIALS: dict[str, int] = {
     "<|reasoning_thinking_start|>": 120,
     "<|reasoning_thinking_end|>": 121,
 }
+_SPECIAL_TEXT = re.compile("|".join(re.escape(name) for name in NAMED_SPECIALS))
 STOP_TOKENS = ("<|eom_id|>", "<|eot_id|>", "<|end_of_text|>")
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
                   r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -76,6 +84,10 @@ class CWMTokenizer:
     def __init__(self, tokenizer: Tokenizer, base: int):
         self.tokenizer = tokenizer
         self.base = base
+        # A copy that encodes special-token spellings as ordinary text (tiktoken's
+        # encode_ordinary); ``tokenizer`` itself stays as saved, for transformers and vLLM.
+        self._ordinary = Tokenizer.from_str(tokenizer.to_str())
+        self._ordinary.encode_special_tokens = True
         for name, offset in NAMED_SPECIALS.items():
             found = tokenizer.token_to_id(name)
             if found != base + offset:
@@ -124,12 +136,30 @@ class CWMTokenizer:
 
     # ----------------------------------------------------------------------- text <-> ids
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of ``text``; special-token text such as ``<|frame_sep|>`` becomes its id."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text`` as ordinary text: ``<|frame_sep|>`` written in ``text`` is
+        encoded as the characters it is made of, never as the special token."""
+        ids = self._ordinary.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        """:meth:`encode` of each text (ordinary text, no special tokens)."""
+        return [e.ids for e in self._ordinary.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_parts(self, parts: Sequence[tuple[str, bool]]) -> list[int]:
+        """Ids of ``(text, is_special)`` pieces: a special piece is one token named by its text
+        (``KeyError`` if there is none), every other piece ordinary text."""
+        texts = [text for text, special in parts if not special]
+        encoded = iter(self.encode_batch(texts)) if texts else iter(())
+        ids: list[int] = []
+        for text, special in parts:
+            if special:
+                token = self.token_id(text)
+                if not self.base <= token < self.base + N_SPECIAL:
+                    raise KeyError(f"{text!r} is not a special token of this tokenizer")
+                ids.append(token)
+            else:
+                ids += next(encoded)
+        return ids
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
@@ -204,7 +234,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> CWMTokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer)
+    # Structural special tokens in the texts (trace records spell them out) are not text to
+    # learn merges from: each becomes a line break.
+    tokenizer.train_from_iterator((_SPECIAL_TEXT.sub("\n", text) for text in texts), trainer)
     shortfall = vocab_size - tokenizer.get_vocab_size(with_added_tokens=True)
     if shortfall > 0:
         # \x00-prefixed names never come out of byte-level pre-tokenization.

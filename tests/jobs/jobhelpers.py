@@ -28,7 +28,8 @@ def traced_records(programs: list[tuple[str, str]]) -> list[dict]:
     for source, args in programs:
         result = trace_function(source, "f", args, limits=TraceLimits(max_events=200))
         if result.truncated_reason is None:
-            records.append({"text": result.text, "return_repr": result.return_repr})
+            records.append({"text": result.text, "return_repr": result.return_repr,
+                            "frames": [f.to_json() for f in result.frames]})
     return records
 
 

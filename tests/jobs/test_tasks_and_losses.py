@@ -16,6 +16,7 @@ from cwm_jobs.tasks import (
     sft_messages,
     task_from_cruxeval,
     task_from_trace,
+    trace_ids,
 )
 from tests.jobs.jobhelpers import traced_records, trajectory_records
 
@@ -23,20 +24,23 @@ from tests.jobs.jobhelpers import traced_records, trajectory_records
 def test_a_trace_becomes_an_output_prediction_task_with_the_trace_as_reasoning():
     [record] = traced_records([("def f(xs):\n    s = 0\n    for x in xs:\n        s += x\n    return s\n",
                                 "[1, 2]")])
-    task = task_from_trace(record["text"])
+    task = task_from_trace(record["text"], record["frames"])
+    assert task == task_from_trace(record["text"])  # the frames only settle ambiguous text
     assert task.call == "f([1, 2])" and task.expected == "3"
     assert "START_OF_TRACE" not in task.source
     assert task.reasoning.startswith("<|call_sep|>") and task.reasoning.endswith("<|frame_sep|>")
-    answer = sft_messages(task)[-1]["content"]
-    assert answer.startswith("<|reasoning_thinking_start|>") and answer.endswith("<|reasoning_thinking_end|>3")
+    system, _, answer = sft_messages(task)
+    assert system["content"].startswith("You are a helpful AI assistant. You always reason")
+    assert answer == {"role": "assistant", "content": "3", "reasoning_content": task.reasoning}
     [raising] = traced_records([("def f(x):\n    return 1 // x\n", "0")])
     assert task_from_trace(raising["text"]) is None  # nothing to predict
 
 
 def test_answers_are_read_after_the_reasoning_without_stop_tokens():
-    assert extract_answer("<|reasoning_thinking_start|>...<|reasoning_thinking_end|> [1, 2]\nmore") == "[1, 2]"
+    # CWM's reasoning is plain text: the prompt ends with "<think>\n", the reply closes it.
+    assert extract_answer("x is 1, so...\n</think>\n [1, 2]\nmore") == "[1, 2]"
     assert extract_answer("True<|eot_id|>") == "True"
-    assert extract_answer("<|reasoning_thinking_start|>never closed") == ""
+    assert extract_answer("<think>\nnever closed") == ""
     crux = task_from_cruxeval({"code": "def f(a):\n    return a", "input": "'x'", "output": "'x'"})
     assert crux.call == "f('x')"
 
@@ -123,20 +127,20 @@ def test_trajectories_train_on_both_sides_with_observations_masked_at_the_rate(t
 
 def test_frame_spans_split_state_from_action(tokenizer):
     [record] = traced_records([("def f(x):\n    y = x + 1\n    return y\n", "1")])
-    ids = tokenizer.encode(record["text"])
+    ids = trace_ids(tokenizer, record)
     fs, acts = tokenizer.token_id("<|frame_sep|>"), tokenizer.token_id("<|action_sep|>")
     spans = frame_spans(ids, fs, acts)
     assert len(spans) == 4  # call, two lines, return
     start, split, end = spans[1]
     assert tokenizer.decode(ids[start:split]).startswith("<|line_sep|>{")
-    assert tokenizer.decode(ids[split:end]) == "    y = x + 1<|frame_sep|>"
+    assert tokenizer.decode(ids[split:end]) == "    y = x + 1\n<|frame_sep|>"
 
 
 def test_trace_exact_match_is_perfect_for_a_model_that_knows_the_trace(tokenizer):
     """A stand-in model that always predicts the true next token scores 1.0; one that is one
     token off in every action scores 0 on actions but still 1.0 on states."""
     [record] = traced_records([("def f(x):\n    y = x + 1\n    return y\n", "1")])
-    ids = tokenizer.encode(record["text"])
+    ids = trace_ids(tokenizer, record)
 
     class Oracle(torch.nn.Module):
         def __init__(self, corrupt_actions: bool):
@@ -153,9 +157,9 @@ def test_trace_exact_match_is_perfect_for_a_model_that_knows_the_trace(tokenizer
                     nxt[split - 1] = (nxt[split - 1] + 1) % tokenizer.vocab_size
             return torch.nn.functional.one_hot(torch.tensor([nxt]), tokenizer.vocab_size).float()
 
-    perfect = trace_exact_match(Oracle(False), tokenizer, [record["text"]], 4096)
+    perfect = trace_exact_match(Oracle(False), tokenizer, [record], 4096)
     assert perfect["trace_step_exact_match"] == 1.0 and perfect["trace_frames"] == 4
-    off = trace_exact_match(Oracle(True), tokenizer, [record["text"]], 4096)
+    off = trace_exact_match(Oracle(True), tokenizer, [record], 4096)
     assert off["trace_state_exact_match"] == 1.0 and off["trace_action_exact_match"] == 0.0
     # token level: every frame token right, bar one token per action
     assert perfect["trace_token_accuracy"] == 1.0

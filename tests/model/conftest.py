@@ -17,13 +17,13 @@ from cwm_model.model import CWM
 from cwm_model.presets import get_preset
 from cwm_model.tokenizer import CWMTokenizer, train_tokenizer
 from tests.model.memorised import (BASH_TOOL, CHAT_PROMPT, CHAT_REPLY, COMPLETION_PROMPT,
-                                   COMPLETION_REPLY)
+                                   COMPLETION_REPLY, THINK_PROMPT, THINK_REPLY)
 
 def corpus() -> list[str]:
     import json.decoder
     import textwrap as tw
 
-    return [inspect.getsource(json.decoder), inspect.getsource(tw), CHAT_REPLY,
+    return [inspect.getsource(json.decoder), inspect.getsource(tw), CHAT_REPLY, THINK_REPLY,
             COMPLETION_PROMPT + COMPLETION_REPLY] * 2
 
 
@@ -77,11 +77,15 @@ def trained_checkpoint(tmp_path_factory, tokenizer):
     model = CWM(get_preset("debug", vocab_size=tokenizer.vocab_size))
     chat, _ = encode_segments(tokenizer, render_messages(CHAT_PROMPT, tools=[BASH_TOOL],
                                                          add_generation_prompt=True))
-    sequences = [chat + tokenizer.encode(CHAT_REPLY),
-                 tokenizer.encode(COMPLETION_PROMPT + COMPLETION_REPLY, bos=True)]
+    think, _ = encode_segments(tokenizer, render_messages(THINK_PROMPT, add_generation_prompt=True,
+                                                          think=True))
+    eot = [tokenizer.eot_id]
+    sequences = [chat + tokenizer.encode(CHAT_REPLY) + eot,
+                 think + tokenizer.encode(THINK_REPLY) + eot,
+                 tokenizer.encode(COMPLETION_PROMPT + COMPLETION_REPLY, bos=True, eos=True)]
     with single_thread():
         loss = memorise(model, sequences)
-    assert loss < 0.05, f"debug model did not memorise its two sequences (loss {loss:.3f})"
+    assert loss < 0.05, f"debug model did not memorise its sequences (loss {loss:.3f})"
     path = tmp_path_factory.mktemp("ckpt") / "trained"
     save_checkpoint(path, model, tokenizer, extra={"purpose": "serve test"})
     return path

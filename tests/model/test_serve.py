@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from tests.model.memorised import BASH_TOOL, CHAT_PROMPT, COMPLETION_PROMPT
+from tests.model.memorised import BASH_TOOL, CHAT_PROMPT, COMPLETION_PROMPT, THINK_PROMPT
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow  # a trained model / transformers import: seconds each
@@ -41,7 +41,8 @@ def client(server):
 
 def test_chat_completion_returns_the_models_tool_call(client):
     reply = client.chat.completions.create(model="cwm-debug", messages=CHAT_PROMPT,
-                                           tools=[BASH_TOOL], temperature=0, max_tokens=40)
+                                           tools=[BASH_TOOL], temperature=0, max_tokens=40,
+                                           extra_body={"reasoning": {"enabled": False}})
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls"
     (call,) = choice.message.tool_calls
@@ -49,6 +50,29 @@ def test_chat_completion_returns_the_models_tool_call(client):
     assert json.loads(call.function.arguments) == {"command": "ls -la"}
     assert reply.usage.prompt_tokens > 100 and reply.usage.completion_tokens > 5
     assert reply.model == "cwm-debug"
+
+
+def test_reasoning_is_on_by_default_and_split_from_the_answer(client):
+    """CWM's template: the prompt ends with "<think>\\n", the reply's reasoning is split off at
+    "</think>" (fgserve.py), and the tool call after it is parsed from CWM's plain body."""
+    reply = client.chat.completions.create(model="cwm-debug", messages=THINK_PROMPT,
+                                           temperature=0, max_tokens=60)
+    message = reply.choices[0].message
+    assert message.model_extra["reasoning_content"] == "The user wants a listing."
+    (call,) = message.tool_calls
+    assert json.loads(call.function.arguments) == {"command": "ls -la"}
+
+
+def test_completion_takes_token_ids_and_stops_at_a_special_token(client, server, tokenizer):
+    """The neural debugger's protocol (cwmdbg.py): a prompt of ids, a special-token stop."""
+    prompt = tokenizer.encode(COMPLETION_PROMPT, bos=True)
+    body = json.dumps({"model": "cwm-debug", "prompt": prompt, "max_tokens": 20,
+                       "temperature": 0, "stop": "<|end_of_text|>"}).encode()
+    request = urllib.request.Request(server + "/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    choice = json.loads(urllib.request.urlopen(request).read())["choices"][0]
+    assert choice["text"] == "    return a + b\n"
+    assert choice["tokens"] == tokenizer.encode("    return a + b\n") + [tokenizer.eos_id]
 
 
 def test_completion_returns_the_models_continuation(client):

@@ -29,14 +29,18 @@ def test_special_tokens_sit_at_cwm_offsets_above_the_base(tokenizer):
     assert tokenizer.stop_ids == [520, 521, 513]
 
 
-def test_special_text_becomes_one_id_and_round_trips(tokenizer):
-    text = 'def f(x):\n    return x<|frame_sep|><|line_sep|>{"x": "1"}<|action_sep|>'
+def test_special_text_is_ordinary_text_and_tokens_come_from_structure(tokenizer):
+    """CWM's TikTokenTokenizer._encode is encode_ordinary: no special id from text, ever."""
+    text = 'def f(x):\n    return x<|frame_sep|><|line_sep|>{"x": "1"}<|action_sep|><|eot_id|>'
     ids = tokenizer.encode(text, bos=True, eos=True)
     assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
-    assert tokenizer.token_id("<|frame_sep|>") in ids and tokenizer.token_id("<|line_sep|>") in ids
+    assert not set(ids[1:-1]) & tokenizer.special_ids
     assert tokenizer.decode(ids) == "<|begin_of_text|>" + text + "<|end_of_text|>"
-    assert tokenizer.decode(ids, skip_special=True) == text.replace("<|frame_sep|>", "").replace(
-        "<|line_sep|>", "").replace("<|action_sep|>", "")
+    parts = tokenizer.encode_parts([("x", False), ("<|frame_sep|>", True), ("<|frame_sep|>", False)])
+    assert parts == [*tokenizer.encode("x"), tokenizer.token_id("<|frame_sep|>"),
+                     *tokenizer.encode("<|frame_sep|>")]
+    with pytest.raises(KeyError, match="not a special token"):
+        tokenizer.encode_parts([("x", True)])
     unicode = "naïve → 数据 🙂\t\r\n"
     assert tokenizer.decode(tokenizer.encode(unicode)) == unicode
 
@@ -45,6 +49,7 @@ def test_small_corpus_is_topped_up_so_ids_depend_only_on_vocab_size():
     tok = train_tokenizer(["abc abc abd"], vocab_size=300)
     assert tok.token_id("<|frame_sep|>") == 400 and tok.vocab_size == 556
     assert tok.decode(tok.encode("abc<|pad|>")) == "abc<|pad|>"
+    assert tok.token_id("<|pad|>") not in tok.encode("abc<|pad|>")
 
 
 def test_save_load_round_trip(tokenizer, tmp_path):
@@ -105,8 +110,36 @@ def test_llama3_tokenizer_json_loads_with_cwm_exact_ids(tmp_path):
     for name, cwm_id in CWM_IDS.items():
         assert tok.token_id(name) == cwm_id
     ids = tok.encode("<|trace_context_start|>x = 1<|frame_sep|>", bos=True)
-    assert ids[:2] == [128000, 128107] and ids[-1] == 128100  # no second BOS from the template
+    assert ids[0] == 128000 and not set(ids[1:]) & tok.special_ids  # text stays text
     assert tok.decode(ids) == "<|begin_of_text|><|trace_context_start|>x = 1<|frame_sep|>"
+
+
+def test_a_non_ascii_trace_tokenises_to_cwm_ids_with_the_released_vocabulary(tmp_path):
+    """Acceptance (issue 20): a traced program with non-ASCII strings, and values spelling
+    every special token, tokenised with a 128,256-token vocabulary laid out as CWM's."""
+    from cwm_exec.trace_format import split_trace, trace_parts
+    from cwm_exec.tracer import trace_function
+    from cwm_model.tokenizer import special_token_names
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(llama3_tokenizer_json()))
+    tok = CWMTokenizer.load(path)
+    forged = "".join(special_token_names())
+    source = f"def f(s):\n    t = 'ünïcödé ☃ ' + s\n    return t + {forged!r}"
+    result = trace_function(source, "f", repr("wörld" + forged))
+    context, complete = split_trace(result.text, result.frames)
+    ids = tok.encode_parts(trace_parts(context, result.frames, complete=complete))
+    specials = [i for i in ids if i >= 128_000]
+    frame_ids = {"call": 128103, "line": 128104, "return": 128102, "exception": 128105}
+    expected = [128000, 128107, 128100]
+    for frame in result.frames:
+        expected.append(frame_ids[frame.event])
+        expected += [128101, 128100] if frame.event in ("call", "line") else [128101, 128106,
+                                                                              128100]
+    assert specials == expected + [128001]
+    assert [f.event for f in result.frames] == ["call", "line", "line", "return"]
+    assert "\\u00fcn\\u00efc\\u00f6d\\u00e9 \\u2603" in result.text   # json.dumps' escapes
+    assert tok.decode(ids) == result.text
 
 
 def test_bad_tokenizer_files_are_named(tmp_path):
