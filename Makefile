@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CWM_CACHE)/torch_extensions
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast controlplane tools extensions crd clean
+.PHONY: s3server setup run test test-fast controlplane tools extensions crd clean
 
 # The C tracer (beam/cwm_exec/_ctracer.c) is compiled by the editable install: reinstall when it changes.
 $(STAMP): pyproject.toml beam/cwm_exec/_ctracer.c
@@ -30,6 +30,11 @@ controlplane: setup
 
 tools: setup
 	@if [ -x tests/controlplane/tools.sh ]; then tests/controlplane/tools.sh; fi
+
+# The tests' S3 server: SeaweedFS's `weed` (its S3 gateway) built from its Go module once, cached
+# under $(CWM_CACHE)/seaweedfs (CGO off, 2 jobs). Cold ~10-15 min on 2 cores, warm ~1 s.
+s3server: setup
+	tests/storage/build.sh
 
 # DeepSpeed's CPU communication op, JIT-compiled once into $(TORCH_EXTENSIONS_DIR) for the
 # multi-process tests (single-process stages never build it).
