@@ -41,6 +41,17 @@ s3server: setup
 extensions: setup
 	$(BIN)/python -m cwm_jobs.common
 
+# The three images (cwm-operator, cwm-beam, cwm-trainer) from their Dockerfiles, with the local
+# Docker engine (started, and installed from Debian, when its socket does not answer) and local
+# stand-in base images: see tests/images/README.md. Cached by content: warm, it takes seconds.
+.PHONY: images engine
+images: setup
+	$(BIN)/python -m tests.images.build
+
+# Only the Docker engine: dockerd started if its socket does not answer (it keeps running).
+engine: setup
+	@$(BIN)/python -c "from tests.images.engine import ensure_engine; ensure_engine().ping()"
+
 # pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.
 test: setup tools controlplane extensions
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
