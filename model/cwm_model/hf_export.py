@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from cwm_model.chat import NATIVE_TOOL_SPECS
 from cwm_model.config import ModelConfig
 
 
@@ -97,36 +98,49 @@ def hf_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[s
     return {name: tensor.detach().contiguous().clone() for name, tensor in out.items()}
 
 
+def _native_specs_jinja() -> str:
+    """CWM's native tool specs as a Jinja dict literal (strings JSON-quoted)."""
+    return "{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}"
+                           for k, v in NATIVE_TOOL_SPECS.items()) + "}"
+
+
 CHAT_TEMPLATE = (
-    # cwm_model.chat.render_messages as Jinja, for transformers' apply_chat_template and vLLM;
-    # tests/model/test_hf_export.py checks the two render the same text.
-    "{%- set ns = namespace(tools='') -%}"
+    # cwm_model.chat.render_messages (CWM's template) as Jinja, for transformers'
+    # apply_chat_template and vLLM; tests/model/test_hf_export.py checks the two render the same
+    # text. ``enable_thinking`` (default true, as CWM's own template) ends the generation prompt
+    # with "<think>\n". Tool-call arguments: a dict (what transformers and vLLM hand templates)
+    # becomes CWM's plain-text body for bash/edit/create/submit; a string is used verbatim.
+    "{%- set native = " + _native_specs_jinja() + " -%}"
+    "{%- set ns = namespace(tools='', last=-1) -%}"
     "{%- for tool in (tools or []) -%}"
     "{%- set fn = tool.function if tool.function is defined else tool -%}"
-    "{%- set params = fn.parameters if fn.parameters is defined else {'type': 'object', 'properties': {}} -%}"
-    "{%- set block = '<tool: ' ~ fn.name ~ '>\n' ~ (params | tojson) ~ '\n</tool>\n' ~ (fn.description or '') -%}"
-    "{%- set ns.tools = ns.tools ~ ('' if loop.first else '\n\n') ~ block.rstrip() -%}"
+    "{%- if fn.name in native -%}{%- set spec = native[fn.name] -%}"
+    "{%- else -%}"
+    "{%- set params = fn.parameters if fn.parameters is defined and fn.parameters else {'type': 'object', 'properties': {}} -%}"
+    "{%- set spec = '<tool: ' ~ fn.name ~ '>\n[json params]\n</tool>' ~ (('\n' ~ fn.description ~ '\n') if fn.description else '') ~ '\nParameters must respect the following schema: ' ~ (params | tojson(indent=2)) ~ (('\nRequired parameters: ' ~ (params.required | join(', ')) ~ '\n') if params.required else '') -%}"
+    "{%- endif -%}"
+    "{%- set ns.tools = ns.tools ~ ('' if loop.first else '\n\n') ~ spec -%}"
     "{%- endfor -%}"
+    "{%- for message in messages -%}{%- if message.role == 'system' -%}{%- set ns.last = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{%- set tools_message = '<|start_header_id|>system<|end_header_id|>\n\n' ~ ('You have access to the following tools:\n' ~ ns.tools).strip() ~ '<|eot_id|>' -%}"
     "<|begin_of_text|>"
-    "{%- set rest = messages -%}"
-    "{%- if tools -%}"
-    "{%- set intro = 'You have access to the following tools. Call one by writing its name and a JSON object of arguments:\n\n' ~ ns.tools -%}"
-    "{%- if messages and messages[0].role == 'system' -%}"
-    "{%- set intro = (messages[0].content or '').strip() ~ '\n\n' ~ intro -%}"
-    "{%- set rest = messages[1:] -%}"
-    "{%- endif -%}"
-    "{{- '<|start_header_id|>system<|end_header_id|>\n\n' ~ intro.strip() ~ '<|eot_id|>' -}}"
-    "{%- endif -%}"
-    "{%- for message in rest -%}"
+    "{%- if tools and ns.last < 0 -%}{{- tools_message -}}{%- endif -%}"
+    "{%- for message in messages -%}"
     "{%- if message.role == 'assistant' -%}"
     "{%- set body = namespace(text=(message.content or '').strip()) -%}"
     "{%- for call in (message.tool_calls or []) -%}"
-    "{%- set args = call.function.arguments if call.function.arguments is string else (call.function.arguments | tojson) -%}"
-    "{%- set body.text = body.text ~ ('\n' if body.text else '') ~ '<tool: ' ~ call.function.name ~ '>\n' ~ args ~ '\n</tool>' -%}"
+    "{%- set a = call.function.arguments -%}{%- set name = call.function.name -%}"
+    "{%- if a is string -%}{%- set text = a -%}"
+    "{%- elif name == 'bash' -%}{%- set text = a.command -%}"
+    "{%- elif name == 'edit' -%}{%- set text = a.path ~ '\n<<<<<<< SEARCH\n' ~ a.search ~ '\n=======\n' ~ a.replace ~ '\n>>>>>>> REPLACE' -%}"
+    "{%- elif name == 'create' -%}{%- set text = a.path ~ '\n' ~ a.content -%}"
+    "{%- elif name == 'submit' -%}{%- set text = a.path -%}"
+    "{%- else -%}{%- set text = a | tojson -%}{%- endif -%}"
+    "{%- set body.text = body.text ~ ('\n' if body.text else '') ~ '<tool: ' ~ name ~ '>\n' ~ text ~ '\n</tool>' -%}"
     "{%- endfor -%}"
-    "{%- set thought = message.reasoning or message.reasoning_content -%}"
+    "{%- set thought = message.reasoning_content or message.reasoning -%}"
     "{%- if thought -%}"
-    "{%- set body.text = '<|reasoning_thinking_start|>' ~ thought.strip() ~ '<|reasoning_thinking_end|>' ~ body.text -%}"
+    "{%- set body.text = '<think>\n' ~ thought.strip() ~ '\n</think>\n' ~ body.text -%}"
     "{%- endif -%}"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' ~ body.text ~ '<|eot_id|>' -}}"
     "{%- elif message.role == 'tool' -%}"
@@ -138,8 +152,11 @@ CHAT_TEMPLATE = (
     "{%- else -%}"
     "{{- '<|start_header_id|>' ~ message.role ~ '<|end_header_id|>\n\n' ~ (message.content or '').strip() ~ '<|eot_id|>' -}}"
     "{%- endif -%}"
+    "{%- if tools and loop.index0 == ns.last -%}{{- tools_message -}}{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}"
+    "{%- if enable_thinking is not defined or enable_thinking -%}{{- '<think>\n' -}}{%- endif -%}"
+    "{%- endif -%}"
 )
 
 

@@ -48,7 +48,12 @@ def test_exported_tokenizer_loads_with_auto_tokenizer(exported, tokenizer):
     _, folder = exported
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     text = "def f(x):<|frame_sep|><|eot_id|>"
-    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+    # Ours encodes special spellings as text (CWM's encode_ordinary); transformers does with
+    # split_special_tokens, and parses them by default (for rendered chat templates).
+    assert hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == \
+        tokenizer.encode(text)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"][-2:] == [
+        tokenizer.token_id("<|frame_sep|>"), tokenizer.eot_id]
     assert hf_tok.eos_token == "<|end_of_text|>"
     config = json.loads((folder / "config.json").read_text())
     assert config["eos_token_id"] == sorted(tokenizer.stop_ids)
@@ -64,15 +69,36 @@ def test_export_refuses_a_global_window_shorter_than_the_context(tmp_path):
     assert main(["export-hf", str(tmp_path / "ckpt"), str(out)]) == 1
 
 
+def hf_messages(messages):
+    """Tool-call arguments as dicts, as transformers and vLLM hand them to templates."""
+    out = []
+    for message in messages:
+        message = dict(message)
+        if message.get("tool_calls"):
+            message["tool_calls"] = [
+                {**c, "function": {**c["function"],
+                                   "arguments": json.loads(c["function"]["arguments"])}}
+                for c in message["tool_calls"]]
+        out.append(message)
+    return out
+
+
 def test_exported_chat_template_renders_like_render_messages(exported):
     from cwm_model.chat import render_messages, render_text
     from tests.model.test_chat import CONVERSATION, TOOLS
 
     _, folder = exported
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
-    for messages, tools in ((CONVERSATION, None), (CONVERSATION, TOOLS), (CONVERSATION[1:2], TOOLS)):
-        for prompt in (False, True):
-            expected = render_text(render_messages(messages, tools=tools, add_generation_prompt=prompt))
-            got = hf_tok.apply_chat_template(messages, tools=tools, add_generation_prompt=prompt,
-                                             tokenize=False)
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}
+    for messages, tools in ((CONVERSATION, None), (CONVERSATION, TOOLS), (CONVERSATION[1:2], TOOLS),
+                            (CONVERSATION[1:2], [weather, *TOOLS])):
+        for prompt, think in ((False, False), (True, False), (True, True)):
+            expected = render_text(render_messages(messages, tools=tools,
+                                                   add_generation_prompt=prompt, think=think))
+            got = hf_tok.apply_chat_template(hf_messages(messages), tools=tools,
+                                             add_generation_prompt=prompt, tokenize=False,
+                                             enable_thinking=think)
             assert got == expected
