@@ -53,7 +53,7 @@ SANDBOX_KINDS = ("beam", "train")
 #: NetworkPolicy selectors (charts/cwm-operator/templates/networkpolicy.yaml): `sandbox` pods get
 #: no network but DNS and storage, `trainer` pods only their peers, DNS and storage.
 LABEL_NETWORK = "cwm.dev/network"
-#: "storage" on pods whose artifacts live in an object store: the egress allow-list applies.
+#: "storage" on sandboxing pods whose artifacts live in an object store: the egress allow-list.
 LABEL_EGRESS = "cwm.dev/egress"
 #: The images' non-root user (operator/, beam/ and jobs/Dockerfile create it).
 RUN_AS = 65532
@@ -197,10 +197,13 @@ def _volumes(pipeline: CWMPipeline, train: bool) -> tuple[list[Any], list[Any]]:
 
 
 def _network_labels(pipeline: CWMPipeline, step: Step) -> dict[str, str]:
+    """Sandboxing pods are network-restricted by the chart; the others (corpus, tokenizer) are not
+    selected by any policy, so they carry no egress label."""
     role = {"beam": "sandbox", "train": "trainer"}.get(step.kind, "job")
     uri = pipeline.spec.storage.uri or ""
     remote = "://" in uri and not uri.startswith("file://")
-    return {LABEL_NETWORK: role, **({LABEL_EGRESS: "storage"} if remote else {})}
+    egress = remote and step.kind in SANDBOX_KINDS
+    return {LABEL_NETWORK: role, **({LABEL_EGRESS: "storage"} if egress else {})}
 
 
 def _security(step: Step, settings: Settings) -> tuple[Any, Any, list[Any]]:
