@@ -33,6 +33,7 @@ from cwm_jobs.data import masked_lm_loss
 from cwm_jobs.tasks import (
     OutputTask, extract_answer, prompt_messages, record_frames, task_from_cruxeval, trace_ids,
 )
+from cwm_spec import storage
 
 LOG = logging.getLogger("cwm_jobs.evaluate")
 
@@ -412,7 +413,7 @@ def evaluate_model(module: torch.nn.Module, tokenizer: Any, *, rank: int, world:
 def main(argv: Sequence[str] | None = None) -> None:
     """Evaluate a saved checkpoint in one process and print the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (path or URI)")
     parser.add_argument("--traces", default=None, help="a traces data set (validation split)")
     parser.add_argument("--limit", type=int, default=800, help="CRUXEval problems")
     parser.add_argument("--held-out", type=int, default=200)
@@ -429,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=device)
+    model, tokenizer, _ = load_checkpoint(storage.local_copy(args.checkpoint), device=device)
     if tokenizer is None:
         raise SystemExit(f"{args.checkpoint}: the checkpoint carries no tokenizer")
     results = evaluate_model(
