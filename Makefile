@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CWM_CACHE)/torch_extensions
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: s3server setup run test test-fast controlplane tools extensions crd clean
+.PHONY: s3server setup run test test-fast controlplane tools extensions crd clean node cluster cluster-down
 
 # The C tracer (beam/cwm_exec/_ctracer.c) is compiled by the editable install: reinstall when it changes.
 $(STAMP): pyproject.toml beam/cwm_exec/_ctracer.c
@@ -27,6 +27,21 @@ run: setup
 # modules once (kubectl too), cached under $(CWM_CACHE); helm from a PyPI wheel.
 controlplane: setup
 	@if [ -x tests/controlplane/build.sh ]; then tests/controlplane/build.sh; fi
+
+# The test cluster's node (needs root): kubelet, kube-scheduler, kube-proxy and CoreDNS built from
+# Go modules like the control plane; Debian's containerd, runc, CNI plugins, iptables, conntrack
+# and busybox-static installed when missing; the pause binary. Cold ~15-25 min, warm ~1 s.
+node: setup
+	tests/controlplane/build.sh --with-node
+	tests/controlplane/node-deps.sh
+
+# A one-node cluster in the background (control plane + node + CoreDNS); prints the kubeconfig
+# path. `make cluster-down` stops it and removes its containers, mounts, bridge and iptables chains.
+cluster: node
+	@$(BIN)/python -m tests.controlplane.cluster --node --detach
+
+cluster-down: setup
+	@$(BIN)/python -m tests.controlplane.cluster --down
 
 tools: setup
 	@if [ -x tests/controlplane/tools.sh ]; then tests/controlplane/tools.sh; fi

@@ -12,16 +12,17 @@ is set, uses that cluster (kind, k3d, a real one) so the same tests run anywhere
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
-import ctypes
 import json
+import logging
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -33,7 +34,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tests.controlplane import lifecycle
+from tests.controlplane import lifecycle, node
+from tests.controlplane.procs import ControlPlaneError, Component, _die_with_parent, free_port, wait_until
 from tests.controlplane.pki import CertificateAuthority, signing_key_pair
 
 HERE = Path(__file__).resolve().parent
@@ -47,12 +49,11 @@ PYTORCHJOB_CRD = HERE / "crds" / "pytorchjobs.kubeflow.org.yaml"
 #: kubelet its pods would never run, and it would race the status that `lifecycle` writes.
 CONTROLLERS = ("garbage-collector-controller", "namespace-controller", "serviceaccount-controller")
 
+#: What a node adds to the control plane's binaries (build.sh builds them into the same folder).
+NODE_BINARIES = ("kubelet", "kube-scheduler", "kube-proxy")
+
 ADMIN_USER = "cwm-test-admin"
 T = TypeVar("T")
-
-
-class ControlPlaneError(RuntimeError):
-    """The control plane could not be started or used; the message carries the log tails."""
 
 
 def read_versions() -> dict[str, str]:
@@ -102,79 +103,6 @@ class Binaries:
         return cls(**paths)
 
 
-def free_port() -> int:
-    """A loopback TCP port that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL if pytest dies, so no apiserver outlives a killed test run."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def wait_until(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll `check` until it returns something truthy; raise naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except ControlPlaneError:
-            raise  # fatal (a component exited): waiting longer cannot help
-        except Exception as e:  # noqa: BLE001 - any other failure just means "not yet"
-            last_error = e
-        if time.monotonic() > deadline:
-            detail = f" (last error: {last_error!r})" if last_error else ""
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
-        time.sleep(interval)
-        interval = min(interval * 1.5, 0.5)
-
-
-@dataclass
-class Component:
-    """One control-plane process, its command line and its log file."""
-
-    name: str
-    argv: list[str]
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after `grace` seconds: always leaves the process reaped."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
 
 def _https_get(url: str, ctx: ssl.SSLContext, timeout: float = 2.0) -> tuple[int, str]:
     try:
@@ -205,6 +133,9 @@ class LocalControlPlane:
     bins: Binaries
     workdir: Path
     ca: CertificateAuthority = field(default_factory=CertificateAuthority)
+    #: Serve a node (node.py): API on the node's bridge address, Service range and admission as
+    #: a kubelet needs them, and kube-controller-manager running its default controller set.
+    with_node: bool = False
     components: list[Component] = field(default_factory=list)
     server: str = ""
     kubeconfig: Path = field(init=False)
@@ -253,8 +184,9 @@ class LocalControlPlane:
         pki.mkdir()
         (pki / "ca.crt").write_bytes(self.ca.cert_pem)
         serving_crt, serving_key = self.ca.serving(
-            ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"],
-            ["127.0.0.1", "10.0.0.1"],
+            ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+             f"kubernetes.default.svc.{node.CLUSTER_DOMAIN}"],
+            ["127.0.0.1", "10.0.0.1", node.NODE_IP, node.KUBERNETES_SERVICE_IP],
         ).write(pki, "apiserver")
         sa_key, sa_pub = pki / "service-account.key", pki / "service-account.pub"
         private, public = signing_key_pair()
@@ -262,26 +194,29 @@ class LocalControlPlane:
         sa_key.write_bytes(private)
         sa_pub.write_bytes(public)
         port = free_port()
-        self.server = f"https://127.0.0.1:{port}"
+        address = node.NODE_IP if self.with_node else "127.0.0.1"
+        self.server = f"https://{address}:{port}"
         apiserver = self._component("kube-apiserver", [
             str(self.bins.kube_apiserver),
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={address}",
+            f"--advertise-address={address}",
             f"--secure-port={port}",
             f"--cert-dir={pki}",
             f"--tls-cert-file={serving_crt}",
             f"--tls-private-key-file={serving_key}",
             f"--client-ca-file={pki / 'ca.crt'}",
-            "--authorization-mode=RBAC",
             f"--service-account-issuer={self.server}",
             f"--service-account-key-file={sa_pub}",
             f"--service-account-signing-key-file={sa_key}",
-            "--service-cluster-ip-range=10.0.0.0/24",
             "--allow-privileged=true",
-            "--disable-admission-plugins=ServiceAccount",
-            "--endpoint-reconciler-type=none",
             "--profiling=false",
+            *(self._node_apiserver_flags(pki) if self.with_node else [
+                "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--disable-admission-plugins=ServiceAccount",
+                "--endpoint-reconciler-type=none",
+            ]),
         ])
         self.kubeconfig.write_text(self._user_kubeconfig(ADMIN_USER, ("system:masters",)))
         admin = self.ca.client(ADMIN_USER, ("system:masters",)).write(pki, "admin")
@@ -297,6 +232,24 @@ class LocalControlPlane:
             return status == 200
 
         wait_until(ready, 90, "kube-apiserver /readyz and the default namespace")
+
+    def _node_apiserver_flags(self, pki: Path) -> list[str]:
+        """With a node: the Node authorizer and NodeRestriction for the kubelet, ServiceAccount
+        admission (pods get tokens), the `kubernetes` Service's endpoint kept by the lease
+        reconciler, and the kubelet reached by its InternalIP with a client certificate, its
+        serving certificate checked against our CA."""
+        kubelet_crt, kubelet_key = self.ca.client("kube-apiserver-kubelet-client", ("system:masters",)).write(
+            pki, "kubelet-client")
+        return [
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--service-cluster-ip-range={node.SERVICE_RANGE}",
+            "--endpoint-reconciler-type=lease",
+            f"--kubelet-client-certificate={kubelet_crt}",
+            f"--kubelet-client-key={kubelet_key}",
+            f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
 
     def start_controller_manager(self) -> None:
         folder = self.workdir / "kube-controller-manager"
@@ -315,7 +268,7 @@ class LocalControlPlane:
             "--bind-address=127.0.0.1",
             f"--secure-port={port}",
             f"--cert-dir={folder}",
-            f"--controllers={','.join(CONTROLLERS)}",
+            *(self._node_controller_flags() if self.with_node else [f"--controllers={','.join(CONTROLLERS)}"]),
         ])
         insecure = ssl.create_default_context()
         insecure.check_hostname = False
@@ -326,6 +279,19 @@ class LocalControlPlane:
             return _https_get(f"https://127.0.0.1:{port}/healthz", insecure)[0] == 200
 
         wait_until(healthy, 60, "kube-controller-manager /healthz")
+
+    def _node_controller_flags(self) -> list[str]:
+        """With a node, the default controller set (job, endpointslice, node-lifecycle, ...: pods
+        really run, so nothing else writes their status), the root CA published to every
+        namespace (`kube-root-ca.crt`, part of each pod's token volume) and the Service range."""
+        pki = self.workdir / "pki"
+        return [
+            "--controllers=*",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            f"--service-account-private-key-file={pki / 'service-account.key'}",
+            f"--service-cluster-ip-range={node.SERVICE_RANGE}",
+            "--node-monitor-period=2s",
+        ]
 
     def _user_kubeconfig(self, user: str, groups: tuple[str, ...]) -> str:
         pair = self.ca.client(user, groups)
@@ -386,15 +352,18 @@ class Kube:
     """What the `kube` fixture yields: a cluster to test against, with kubectl and helpers.
 
     Attributes: `kubeconfig` (admin kubeconfig path), `api_client` (a kubernetes.client.ApiClient
-    for that admin), `local` (the LocalControlPlane, or None on an external cluster).
+    for that admin), `local` (the LocalControlPlane, or None on an external cluster), `node` (the
+    LocalNode when one runs here, else None).
     """
 
-    def __init__(self, kubeconfig: Path, kubectl_bin: Path, local: LocalControlPlane | None, workdir: Path) -> None:
+    def __init__(self, kubeconfig: Path, kubectl_bin: Path, local: LocalControlPlane | None, workdir: Path,
+                 node: node.LocalNode | None = None) -> None:
         from kubernetes import config
 
         self.kubeconfig = kubeconfig
         self.kubectl_bin = kubectl_bin
         self.local = local
+        self.node = node
         self.workdir = workdir
         self.api_client = config.new_client_from_config(config_file=str(kubeconfig))
 
@@ -557,12 +526,56 @@ def _sweep_stale_workdirs() -> None:
             continue  # no pid file yet, or not ours to judge
 
 
+def _start_local(workdir: Path, docs: list[dict[str, Any]], with_node: bool) -> tuple[Kube, LocalControlPlane, node.LocalNode | None]:
+    """Start a control plane (and a node when `with_node`) and install the CRDs. On failure
+    everything started is stopped and ControlPlaneError carries the components' log tails."""
+    bins = Binaries.find()
+    plane = LocalControlPlane(bins, workdir, with_node=with_node)
+    the_node: node.LocalNode | None = None
+    kube: Kube | None = None
+    if with_node:
+        missing = [b for b in NODE_BINARIES if not os.access(bin_dir() / b, os.X_OK)]
+        if missing:
+            raise ControlPlaneError(f"node binaries missing in {bin_dir()}: {', '.join(missing)}. Build them "
+                                    "with `make node` (tests/controlplane/build.sh and node-deps.sh)")
+        try:
+            programs = node.HostPrograms.find(cache_dir(), read_versions()["COREDNS_VERSION"])
+        except node.NodeError as e:
+            raise ControlPlaneError(str(e)) from e
+        the_node = node.LocalNode(plane, bin_dir(), programs, read_versions()["COREDNS_VERSION"])
+
+    def install_crds() -> None:
+        nonlocal kube
+        kube = Kube(plane.kubeconfig, bins.kubectl, plane, workdir, the_node)
+        for doc in docs:
+            kube.apply_crd(doc)
+
+    try:
+        if the_node is not None:
+            the_node.prepare()
+        plane.start(install_crds)
+        if the_node is not None:
+            the_node.start(wait_until)
+    except Exception as e:
+        logs = plane.logs()
+        if the_node is not None:
+            the_node.stop()
+        plane.stop()
+        if isinstance(e, ControlPlaneError):
+            raise
+        raise ControlPlaneError(f"test node failed to start: {e}\n{logs}") from e
+    assert kube is not None
+    return kube, plane, the_node
+
+
 @contextlib.contextmanager
-def connect(crds: list[Path] | None = None) -> Iterator[Kube]:
+def connect(crds: list[Path] | None = None, with_node: bool = False) -> Iterator[Kube]:
     """Yield a `Kube` with our CRDs installed; stop everything (even after errors) on exit.
 
-    With `CWM_TEST_KUBECONFIG` set, that cluster is used and left running (our CRD is applied,
-    the PyTorchJob CRD only if the cluster has none: a real training operator's wins).
+    `with_node`: also run a node (node.py) so pods really run; the controller manager then runs
+    its default controllers. With `CWM_TEST_KUBECONFIG` set, that cluster is used and left
+    running (our CRD is applied, the PyTorchJob CRD only if the cluster has none: a real training
+    operator's wins); it is trusted to have nodes.
     """
     crd_paths = crds if crds is not None else [CWM_CRD, PYTORCHJOB_CRD]
     docs = [load_crd(p) for p in crd_paths]
@@ -570,6 +583,7 @@ def connect(crds: list[Path] | None = None) -> Iterator[Kube]:
     workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
     (workdir / "owner.pid").write_text(str(os.getpid()))
     local: LocalControlPlane | None = None
+    the_node: node.LocalNode | None = None
     kube: Kube | None = None
     try:
         external = os.environ.get("CWM_TEST_KUBECONFIG")
@@ -578,42 +592,127 @@ def connect(crds: list[Path] | None = None) -> Iterator[Kube]:
             for doc in docs:
                 kube.apply_crd(doc, replace=doc["spec"]["group"] != "kubeflow.org")
         else:
-            bins = Binaries.find()
-            local = plane = LocalControlPlane(bins, workdir)
-
-            def install_crds() -> None:
-                nonlocal kube
-                kube = Kube(plane.kubeconfig, bins.kubectl, plane, workdir)
-                for doc in docs:
-                    kube.apply_crd(doc)
-
-            local.start(install_crds)
-        assert kube is not None
+            kube, local, the_node = _start_local(workdir, docs, with_node)
         yield kube
     finally:
         if kube is not None:
             kube.close()
+        if the_node is not None:
+            the_node.stop()
         if local is not None:
             local.stop()
         if os.environ.get("CWM_KEEP_CONTROLPLANE_DIR") != "1":
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def main() -> None:
-    """`python -m tests.controlplane.cluster`: run a control plane until Ctrl-C (for manual work:
-    kopf, kubectl, helm against a real API server). Prints the admin kubeconfig path."""
-    import sys
+def cluster_state_dir() -> Path:
+    """Where `make cluster` keeps its kubeconfig, pid and log: `<cache>/cluster`."""
+    return cache_dir() / "cluster"
 
-    with connect() as kube:
-        timings = ", ".join(f"{k} {v:.1f} s" for k, v in kube.local.timings.items()) if kube.local else ""
-        print(f"control plane up ({timings})\nexport KUBECONFIG={kube.kubeconfig}", flush=True)
+
+def _serve(with_node: bool) -> None:
+    """Run a cluster until SIGTERM/Ctrl-C; write its kubeconfig where `make cluster` reads it."""
+    state = cluster_state_dir()
+    with connect(with_node=with_node) as kube:
+        parts = dict(kube.local.timings) if kube.local else {}
+        parts.update({f"node {k}": v for k, v in (kube.node.timings if kube.node else {}).items()})
+        shutil.copyfile(kube.kubeconfig, state / "kubeconfig.partial")
+        (state / "kubeconfig.partial").rename(state / "kubeconfig")
+        notes = "".join(f"\nnote: {n}" for n in (kube.node.notes if kube.node else []))
+        print("cluster up (" + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ")" + notes, flush=True)
+        print(f"export KUBECONFIG={state / 'kubeconfig'}", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds `connect`: stops everything
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+        finally:
+            (state / "kubeconfig").unlink(missing_ok=True)
+
+
+def _detach(with_node: bool, timeout: float = 600) -> int:
+    """Start `_serve` as a background process (`make cluster`); print the kubeconfig path once
+    the cluster is up, or the log tail if it fails."""
+    state = cluster_state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    pid_file, log_path, kubeconfig = state / "pid", state / "cluster.log", state / "kubeconfig"
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+        print(f"a cluster is already running (pid {pid_file.read_text()}): KUBECONFIG={kubeconfig}; "
+              "stop it with `make cluster-down`", file=sys.stderr)
+        return 1
+    kubeconfig.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "tests.controlplane.cluster", *(["--node"] if with_node else [])]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    pid_file.write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    while not kubeconfig.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.terminate()
+            pid_file.unlink(missing_ok=True)
+            print(log_path.read_text(errors="replace")[-6000:], file=sys.stderr)
+            print(f"cluster failed to start (log: {log_path})", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    for line in log_path.read_text(errors="replace").splitlines():
+        if line.startswith(("cluster up", "note:")):
+            print(line, file=sys.stderr)
+    print(kubeconfig)
+    return 0
+
+
+def _down(timeout: float = 120) -> int:
+    """Stop the cluster `make cluster` started, then sweep what a killed node could leave."""
+    pid_file = cluster_state_dir() / "pid"
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, signal.SIGTERM)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pid = 0
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        if pid:
+            os.kill(pid, signal.SIGKILL)  # its components die with it (PR_SET_PDEATHSIG)
+            print(f"cluster pid {pid} did not stop in {timeout:.0f} s: killed", file=sys.stderr)
+    pid_file.unlink(missing_ok=True)
+    (cluster_state_dir() / "kubeconfig").unlink(missing_ok=True)
+    leftovers = node.sweep_if_unowned()
+    print("cluster stopped" + (f"; swept: {'; '.join(leftovers)}" if leftovers else ""), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tests.controlplane.cluster [--node] [--detach | --down]`.
+
+    Without flags: run a control plane until Ctrl-C (kopf, kubectl, helm against a real API
+    server) and print its kubeconfig. `--node`: with a node, so pods run. `--detach` (make
+    cluster): in the background, print the kubeconfig path when up. `--down` (make cluster-down):
+    stop it and sweep."""
+    parser = argparse.ArgumentParser(prog="python -m tests.controlplane.cluster")
+    parser.add_argument("--node", action="store_true", help="run a node too (pods run)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--detach", action="store_true", help="start in the background, print the kubeconfig path")
+    group.add_argument("--down", action="store_true", help="stop what --detach started and sweep")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.down:
+        return _down()
+    if args.detach:
+        return _detach(args.node)
+    cluster_state_dir().mkdir(parents=True, exist_ok=True)
+    _serve(args.node)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
