@@ -6,11 +6,13 @@
 :class:`SearchRepairPolicy`
     Needs no model. Like a careful engineer with a fault localiser: it runs the failing tests
     and reads the traceback, runs the tests again with line coverage and ranks lines by Ochiai
-    suspiciousness (``python -m cwm_forager.sbfl``), views the suspicious function, then
-    tries candidate edits (inverse mutation operators: operator replacement, variable and
-    argument swaps, a missing ``return``) one at a time, rerunning the failing tests after each,
-    and submits after a passing regression run. Everything it knows comes from its own tool
-    observations, never from the task's hidden fields.
+    suspiciousness (``python -m cwm_forager.sbfl``), reads the suspicious function with ``bash``
+    (numbered lines; a pristine copy kept under ``.cwm/``), then tries candidate edits (inverse
+    mutation operators: operator replacement, variable and argument swaps, a missing ``return``)
+    one at a time, rerunning the failing tests after each; after a passing regression run it
+    writes its patch (git diff format, ``.cwm/fix.diff``) and submits that path, as CWM's
+    ``submit`` takes. Everything it knows comes from its own tool observations, never from the
+    task's hidden fields.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from cwm_forager.rollout import Action
 from cwm_forager.sbfl import ROW
 
 _FRAME = re.compile(r"^(?P<path>[^\s:]+\.py):(?P<line>\d+): in (?P<func>\S+)", re.M)
-_VIEW_LINE = re.compile(r"^\s*(\d+)  (.*)$")
+_VIEW_LINE = re.compile(r"^\s*(\d+)\t(.*)$")
+PATCH = ".cwm/fix.diff"
 _TEST_ID = re.compile(r"^  (\S+::\S.*)$", re.M)
 _EXIT = re.compile(r"\[exit code (-?\d+)\]\s*$")
 
@@ -40,6 +43,28 @@ def _call(name: str, **arguments: Any) -> dict[str, Any]:
 def _exit_code(observation: str) -> int | None:
     match = _EXIT.search(observation)
     return int(match.group(1)) if match else None
+
+
+def _read_lines(path: str, lo: int, hi: int) -> str:
+    """Keep a pristine copy of ``path`` (for the patch), show lines lo..hi numbered as CWM's
+    edit tool numbers them (``%6d\\t``)."""
+    quoted, copy = shlex.quote(path), shlex.quote(f".cwm/orig/{path}")
+    return (f"mkdir -p \"$(dirname {copy})\" && {{ [ -e {copy} ] || cp {quoted} {copy}; }} && "
+            f"awk 'NR>={lo} && NR<={hi} {{printf \"%6d\\t%s\\n\", NR, $0}}' {quoted}")
+
+
+def _write_patch(paths: list[str]) -> str:
+    """A bash command writing the git-diff-format patch of ``paths`` against their pristine
+    copies to :data:`PATCH`."""
+    script = (
+        "import difflib, pathlib, sys\n"
+        f"for path in {paths!r}:\n"
+        "    a = pathlib.Path('.cwm/orig', path).read_text().splitlines(True)\n"
+        "    b = pathlib.Path(path).read_text().splitlines(True)\n"
+        "    if a != b:\n"
+        "        sys.stdout.write(f'diff --git a/{path} b/{path}\\n')\n"
+        "        sys.stdout.writelines(difflib.unified_diff(a, b, f'a/{path}', f'b/{path}'))\n")
+    return f"python - > {PATCH} <<'EOF'\n{script}EOF"
 
 
 KINDS = ("replaced", "swapped", "reordered", "added 'not'", "added 'return'", "added unary")
@@ -79,8 +104,8 @@ class SearchRepairPolicy:
             observation = next((m["content"] for m in reversed(messages) if m["role"] == "tool"), "")
             try:
                 call = self._plan.send(observation)
-            except StopIteration:
-                call = _call("submit")
+            except StopIteration:   # the plan is over (a submission was refused): say so
+                return Action({"role": "assistant", "content": "I could not submit a fix."})
         self._seen += 1
         return Action({"role": "assistant", "content": "",
                        "tool_calls": [{"id": f"call_{self._seen}", "type": "function",
@@ -91,7 +116,6 @@ class SearchRepairPolicy:
     def _episode(self, statement: str) -> Step:
         failing = _TEST_ID.findall(statement)
         if not failing:
-            yield _call("submit")
             return
         files = sorted({t.split("::", 1)[0] for t in failing})
         run_failing = (f"timeout {self.test_timeout} python -m pytest -q --tb=short "
@@ -115,7 +139,7 @@ class SearchRepairPolicy:
         ranked = self._rank(rows, frames)[: self.max_lines]
         functions = list(dict.fromkeys((path, lo, hi) for path, _, lo, hi in ranked))[: self.max_functions]
         for path, lo, hi in functions:
-            observation = yield _call("view", path=path, start_line=lo, end_line=hi)
+            observation = yield _call("bash", command=_read_lines(path, lo, hi))
             seen = {int(m.group(1)): m.group(2) for m in map(_VIEW_LINE.match, observation.splitlines()) if m}
             for number, text in seen.items():
                 original.setdefault(path, {}).setdefault(number, text)
@@ -146,11 +170,11 @@ class SearchRepairPolicy:
                           + " ".join(shlex.quote(f) for f in files))
             observation = yield _call("bash", command=regression)
             if _exit_code(observation) == 0:
-                yield _call("submit")
+                yield _call("bash", command=_write_patch(sorted(current)))
+                yield _call("submit", path=PATCH)
                 return
         for path in current:  # nothing worked: leave the code as it was found
             yield from self._move(path, current[path], original[path])
-        yield _call("submit")
 
     def _move(self, path: str, current: dict[int, str], desired: dict[int, str]
               ) -> Generator[dict[str, Any], str, bool]:
@@ -170,10 +194,10 @@ class SearchRepairPolicy:
             search = "\n".join(current[i] for i in lines)
             replace = "\n".join(desired.get(i, current[i]) for i in lines)
             observation = yield _call("edit", path=path, search=search, replace=replace)
-            if observation.startswith("Edited"):
+            if "has been successfully updated" in observation:
                 current.update({i: desired.get(i, current[i]) for i in lines})
                 return True
-            if "found 0 times" in observation:
+            if "did not appear verbatim" in observation:
                 return False
         return False
 

@@ -21,12 +21,15 @@ from cwm_forager.mutations import unified_diff
 from cwm_forager.tasks import Task
 from cwm_forager.tools import TOOLS, ToolRunner
 
+# CWM's system prompt layout (cwm/rl/envs/prompts.py get_cwm_sys_prompt: description, then a
+# "# Environment" section); the tool specs follow in their own system message, rendered by
+# cwm_model.chat from TOOLS as CWM's server does.
 SYSTEM_PROMPT = (
-    "You are a software engineering agent working in a Python repository inside a sandbox. "
-    "You can run shell commands (bash), view files (view), create files (create), edit files "
-    "with an exact SEARCH/REPLACE (edit) and finish (submit). Each action's output is shown to "
-    "you, shortened if long. Investigate, fix the bug in the source code, check with the tests, "
-    "then submit."
+    "You are a helpful AI assistant.\n\n# Environment\n\n"
+    "You are working in a Python repository inside a sandbox, with the tools below: bash, edit "
+    "(one SEARCH/REPLACE block), create (a new file) and submit. Each action's output is shown "
+    "to you, shortened if long. Investigate, fix the bug in the source code, check with the "
+    "tests, then write your fix as a patch file in git diff format and submit its path."
 )
 NUDGE = "Continue with a tool call, or call submit when you are done."
 

@@ -1,8 +1,17 @@
-"""The agent's tools, as in CWM's ForagerAgent harness: ``bash``, ``view``, ``create``, ``edit``
-(SEARCH/REPLACE) and ``submit``.
+"""The agent's tools, as CWM's: ``bash``, ``edit`` (SEARCH/REPLACE), ``create`` and ``submit``.
+
+Specs, call bodies and behaviour follow github.com/facebookresearch/cwm: the plain-text specs
+and bodies are ``cwm_model.chat.NATIVE_TOOL_SPECS`` / ``call_body`` (``serve/tools.py``,
+``cwm/rl/envs/envs/swerl_tool.py``); the behaviour and messages are those of
+``cwm/rl/swerl/plugins/edit.py`` (one SEARCH/REPLACE block, matched at line starts, unique, a
+numbered snippet of the result), ``cwm/rl/swerl/plugins/create.py`` (refuses an existing path
+or a missing parent folder) and ``cwm/rl/swerl/tools.py`` ``submit_diff_file`` (a path to a
+readable, non-empty file starting with ``diff``; its content is the submission). Records keep
+OpenAI-style calls whose JSON arguments map one to one onto those bodies (:data:`TOOLS`).
+CWM has no ``view`` tool: files are read with ``bash``.
 
 ``bash`` runs in the environment's executor (the sandbox, with the per-action timeout as its
-wall-clock limit); ``view``, ``create`` and ``edit`` only read and write files of the task copy
+wall-clock limit); ``create``, ``edit`` and ``submit`` only read and write files of the task copy
 and refuse paths that resolve outside it. Every observation is capped (head and tail kept, the
 middle elided with a note of how much), and wall-clock durations printed by pytest are masked so
 that replaying the same actions yields the same observations.
@@ -19,43 +28,30 @@ from typing import Any
 from cwm_exec import sandbox
 from cwm_forager.env import MOUNT, RepoEnvironment, SandboxExecutor
 
+
+def _tool(name: str, description: str, **params: str) -> dict[str, Any]:
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object",
+                       "properties": {k: {"type": "string", "description": v}
+                                      for k, v in params.items()},
+                       "required": list(params)}}}
+
+
 TOOLS: list[dict[str, Any]] = [
-    {"type": "function", "function": {
-        "name": "bash",
-        "description": "Run a bash command in the repository (working directory: the repository "
-                       "root). Returns stdout and stderr together, and the exit code.",
-        "parameters": {"type": "object", "properties": {
-            "command": {"type": "string", "description": "The command line."}},
-            "required": ["command"]}}},
-    {"type": "function", "function": {
-        "name": "view",
-        "description": "Show a file with line numbers (optionally a line range), or list a "
-                       "directory.",
-        "parameters": {"type": "object", "properties": {
-            "path": {"type": "string", "description": "Path relative to the repository root."},
-            "start_line": {"type": "integer", "description": "First line (1-based)."},
-            "end_line": {"type": "integer", "description": "Last line (inclusive)."}},
-            "required": ["path"]}}},
-    {"type": "function", "function": {
-        "name": "create",
-        "description": "Create or overwrite a file with the given content.",
-        "parameters": {"type": "object", "properties": {
-            "path": {"type": "string"}, "content": {"type": "string"}},
-            "required": ["path", "content"]}}},
-    {"type": "function", "function": {
-        "name": "edit",
-        "description": "Replace the one occurrence of SEARCH in a file by REPLACE (exact text, "
-                       "whitespace included).",
-        "parameters": {"type": "object", "properties": {
-            "path": {"type": "string"}, "search": {"type": "string"},
-            "replace": {"type": "string"}},
-            "required": ["path", "search", "replace"]}}},
-    {"type": "function", "function": {
-        "name": "submit",
-        "description": "Declare the task done; the tests are then run to grade it.",
-        "parameters": {"type": "object", "properties": {}}}},
+    _tool("bash", "Executes bash command(s) in the current session: any non-interactive bash "
+          "command(s), either single or multi-line.", command="The command(s)."),
+    _tool("edit", "Replaces search lines from path with replacement lines, where path must exist "
+          "and the search lines must uniquely and exactly match one or more consecutive lines "
+          "from the original file, including indentations and whitespaces.",
+          path="The file.", search="The lines to replace.", replace="The replacement lines."),
+    _tool("create", "Creates a new file at path with content, where path must not exist, but its "
+          "parent directory must exist.", path="The new file.", content="Its content."),
+    _tool("submit", "Marks the result as your final submission: the path to a patch file in git "
+          "diff format.", path="The patch file."),
 ]
 TOOL_NAMES = tuple(t["function"]["name"] for t in TOOLS)
+SNIPPET_LINES = 8   # edit.py's SNIPPET_LINES: lines shown around an edit
 _DURATION = re.compile(r"\b(in|took) \d+(\.\d+)?s\b( \(\d+:\d\d:\d\d\))?")
 
 
@@ -126,44 +122,38 @@ class ToolRunner:
         text += f"\n[exit code {result.returncode}]"
         return ToolResult(text)
 
-    def _view(self, path: str, start_line: int | None = None, end_line: int | None = None) -> ToolResult:
-        target = self._resolve(path)
-        if target.is_dir():
-            entries = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir())
-            return ToolResult("\n".join(entries) or "(empty directory)")
-        if not target.is_file():
-            raise ToolError(f"{path}: no such file")
-        lines = target.read_text(encoding="utf-8", errors="replace").splitlines()
-        lo = max(1, int(start_line or 1))
-        hi = min(len(lines), int(end_line or len(lines)))
-        if lo > hi:
-            return ToolResult(f"{path}: {len(lines)} lines; range {lo}-{hi} is empty")
-        width = len(str(hi))
-        return ToolResult("\n".join(f"{i:>{width}}  {lines[i - 1]}" for i in range(lo, hi + 1)))
-
     def _create(self, path: str, content: str) -> ToolResult:
+        """CWM's ``create.py``: never overwrites; the parent folder must exist."""
         target = self._resolve(path)
-        if target.is_dir():
-            raise ToolError(f"{path}: is a directory")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            return ToolResult(f"{path} already exists. Cannot create a new file at an existing "
+                              "path.")
+        if not target.parent.is_dir():
+            return ToolResult(f"File creation failed. The parent directory {target.parent} does "
+                              "not exist.")
         target.write_text(content, encoding="utf-8")
-        return ToolResult(f"Wrote {len(content.splitlines())} lines to {path}")
+        return ToolResult(f"File created successfully at: {path} "
+                          f"({content.count(chr(10)) + 1} lines).")
 
     def _edit(self, path: str, search: str, replace: str) -> ToolResult:
+        """CWM's ``edit.py``: SEARCH must match whole lines from a line start, exactly once."""
         target = self._resolve(path)
         if not target.is_file():
-            raise ToolError(f"{path}: no such file")
-        text = target.read_text(encoding="utf-8")
-        count = text.count(search) if search else 0
-        if count != 1:
-            raise ToolError(f"{path}: SEARCH text found {count} times; it must match exactly "
-                            "once (add surrounding lines to make it unique)")
-        target.write_text(text.replace(search, replace, 1), encoding="utf-8")
-        line = text[: text.index(search)].count("\n") + 1
-        return ToolResult(f"Edited {path} at line {line}")
+            return ToolResult(f"The path {path} does not exist. Please provide a valid path.")
+        return ToolResult(apply_search_replace(target, path, search, replace))
 
-    def _submit(self) -> ToolResult:
-        return ToolResult("Submitted.", done=True)
+    def _submit(self, path: str) -> ToolResult:
+        """CWM's ``submit_diff_file``: the content of a readable, non-empty diff file."""
+        target = self._resolve(path.strip())
+        try:
+            content = target.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return ToolResult(f"Failed to submit {path}. Make sure it exists and is readable.")
+        if not content.strip():
+            return ToolResult(f"Failed to submit {path}. It is an empty file.")
+        if not content.startswith("diff"):
+            return ToolResult(f"Failed to submit {path}. It is not a valid diff file.")
+        return ToolResult(content, done=True)
 
     def _resolve(self, path: str) -> Path:
         """A path inside the task copy; absolute paths are read relative to the repo root."""
@@ -194,3 +184,32 @@ def _parse_arguments(arguments: str | dict[str, Any] | None) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise ToolError("arguments must be a JSON object")
     return parsed
+
+
+def apply_search_replace(target: Path, shown: str, search: str, replace: str) -> str:
+    """Apply one SEARCH/REPLACE to ``target`` (named ``shown`` in messages) and say what
+    happened, in CWM's words (``cwm/rl/swerl/plugins/edit.py``)."""
+    text = "\n" + target.read_text(encoding="utf-8")   # "\n": matches start at a line start
+    needle = "\n" + search
+    starts = [m.start() for m in re.finditer(f"(?={re.escape(needle)})", text)]
+    if not starts:
+        message = (f"No replacement was performed, the search lines did not appear verbatim in "
+                   f"{shown}.")
+        if search.split("\n", 1)[0].lstrip() in text:
+            message += (" The search lines must exactly match one or more consecutive lines from "
+                        "the file, with indentations preserved.")
+        return message
+    if len(starts) > 1:
+        lines = [text.count("\n", 0, start) + 1 for start in starts]
+        return (f"No replacement was performed. Multiple occurrences of the search text in lines "
+                f"{lines} of {shown}. Please ensure it is unique.")
+    new = text.replace(needle, "\n" + replace)[1:]
+    target.write_text(new, encoding="utf-8")
+    line = text.count("\n", 0, starts[0]) + 1
+    first = max(1, line - SNIPPET_LINES)
+    last = line + SNIPPET_LINES + replace.count("\n")
+    snippet = "\n".join(f"{i:6}\t{row}" for i, row in
+                        enumerate(new.split("\n")[first - 1:last], start=first))
+    return (f"File {shown} has been successfully updated at line {line} and now contains "
+            f"{new.count(chr(10)) + 1} lines. The surrounding lines after the edit are shown "
+            f"below:\n{snippet}\nReview the changes and make sure they are as expected.")

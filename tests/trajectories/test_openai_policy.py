@@ -82,23 +82,29 @@ def test_openai_policy_fixes_a_task_through_the_protocol(server, calc_env, calc_
     bad, good = next((a, b) for a, b in zip(task.mutated.splitlines(), task.original.splitlines())
                      if a != b)
     test = task.failing_tests[0]
+    patch = "".join(difflib.unified_diff(task.mutated.splitlines(True),
+                                         task.original.splitlines(True),
+                                         f"a/{task.path}", f"b/{task.path}"))
     ScriptedModel.script = [
         ("bash", {"command": f"python -m pytest -q {test}"}),
-        ("view", {"path": task.path}),
+        ("bash", {"command": f"cat -n {task.path}"}),
         ("edit", {"path": task.path, "search": bad, "replace": good}),
         ("bash", {"command": f"python -m pytest -q {test}"}),
-        ("submit", {}),
+        ("create", {"path": "fix.diff",
+                    "content": f"diff --git a/{task.path} b/{task.path}\n{patch}"}),
+        ("submit", {"path": "fix.diff"}),
     ]
     ScriptedModel.requests, ScriptedModel.problems = [], []
     policy = OpenAIPolicy(server, "cwm-test", api_key="test-key", temperature=0.0)
     trajectory = run_episode(calc_env, task, policy, max_turns=10, action_timeout=20)
 
     assert ScriptedModel.problems == []
-    assert len(ScriptedModel.requests) == 5 and ScriptedModel.requests[0]["model"] == "cwm-test"
+    assert len(ScriptedModel.requests) == 6 and ScriptedModel.requests[0]["model"] == "cwm-test"
     meta = trajectory.meta
-    assert meta["success"] and meta["stop"] == "submitted" and meta["turns"] == 5, meta
+    assert meta["success"] and meta["stop"] == "submitted" and meta["turns"] == 6, meta
     assert meta["policy"] == "openai:cwm-test"
-    assert meta["tokens"] == {"prompt": 104, "completion": 100, "total": 204}
+    assert meta["tokens"] == {"prompt": 105, "completion": 120, "total": 225}
     observations = trajectory.observations()
     assert "failed" in observations[0] and "passed" in observations[3]
-    assert observations[2].startswith("Edited")
+    assert "has been successfully updated" in observations[2]
+    assert observations[5].startswith(f"diff --git a/{task.path}")
