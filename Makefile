@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CWM_CACHE)/torch_extensions
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: s3server setup run test test-fast controlplane tools extensions crd clean node cluster cluster-down
+.PHONY: s3server setup run test test-fast controlplane tools extensions crd clean node cluster cluster-down kubeflow netpol
 
 # The C tracer (beam/cwm_exec/_ctracer.c) is compiled by the editable install: reinstall when it changes.
 $(STAMP): pyproject.toml beam/cwm_exec/_ctracer.c
@@ -46,6 +46,14 @@ cluster-down: setup
 tools: setup
 	@if [ -x tests/controlplane/tools.sh ]; then tests/controlplane/tools.sh; fi
 
+# Kubeflow's training operator (v1.8.1) and the NetworkPolicy agent kube-network-policies
+# (v0.8.0), each built once from its Go module into $(CWM_CACHE) (~1.5-5 min cold each).
+kubeflow:
+	tests/kubeflow/build.sh
+
+netpol:
+	tests/netpol/build.sh
+
 # The tests' S3 server: SeaweedFS's `weed` (its S3 gateway) built from its Go module once, cached
 # under $(CWM_CACHE)/seaweedfs (CGO off, 2 jobs). Cold ~10-15 min on 2 cores, warm ~1 s.
 s3server: setup
@@ -68,7 +76,7 @@ engine: setup
 	@$(BIN)/python -c "from tests.images.engine import ensure_engine; ensure_engine().ping()"
 
 # pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.
-test: setup tools controlplane extensions
+test: setup tools controlplane extensions kubeflow
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
