@@ -48,7 +48,6 @@ from cwm_beam.step import (add_common_flags, local_workers, merge_when_complete,
                            part_label, pipeline_for, read_step, run_as_parts, target_of)
 from cwm_exec import sandbox
 from cwm_exec.sandbox import Failure, Limits, TracePool
-from cwm_exec.trace_format import contains_trace_token
 from cwm_exec.tracer import TraceLimits
 
 LOG = logging.getLogger("cwm_beam.traces")
@@ -312,12 +311,8 @@ def to_record(program: dict[str, Any], limits: TraceLimits) -> dict[str, Any]:
     if len(result["text"].encode("utf-8", "surrogatepass")) > limits.max_bytes:
         return {"_deadletter": dead_letter(program, "limits",
                                            f"trace limit: max_bytes ({limits.max_bytes})")}
-    if contains_trace_token(program["code"]) or contains_trace_token(program["input"]) or any(
-            contains_trace_token(f["value"] or "") or any(contains_trace_token(v) for v in
-                                                          (f["locals"] or {}).values())
-            for f in result["frames"]):
-        return {"_deadletter": dead_letter(program, "format",
-                                           "program or values contain special-token text")}
+    # Text spelling a special token (``<|frame_sep|>`` in a string) is kept: training encodes it
+    # as ordinary text, the tokens come from the record's frames (cwm_jobs.tasks.trace_ids).
     record = {"id": program["id"], "source": program["source"],
               "program_hash": program_hash(program["code"]), "code": program["code"],
               "entry": program["entry"], "input": program["input"], "text": result["text"],
