@@ -271,28 +271,20 @@ def rl_step(engine: Any, episodes: list[Episode], *, pad_id: int, group: int, ma
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse, build, train, evaluate; the spec's rules (ZeRO stage, required data) were
+    checked by validation before any stage ran (`cwm_spec.validation.SPEC_RULES`)."""
     from cwm_jobs.common import distributed_session, load_context
-    from cwm_jobs.evaluate import evaluate_model, output_prediction_accuracy
-    from cwm_jobs.trainer import all_mean, full_parameters, open_stage
+    from cwm_jobs.trainer import open_stage
 
     ctx = load_context("rl", argv)
     s, rl = ctx.settings, ctx.settings.rl
-    if s.zero_stage == 3:
-        raise ValueError("spec.zeroStage 3 is not supported for rl (sampling needs whole parameters)")
     traces, trajectories = ctx.input("traces"), ctx.input("trajectories")
-    if not traces:
-        raise ValueError("inputs.traces is required for rl (output-prediction tasks and the "
-                         "held-out evaluation come from it)")
-    if "mutate_fix" in rl.tasks and not trajectories:
-        raise ValueError("spec.rl.tasks names mutate_fix: inputs.trajectories is required "
-                         "(enable spec.data.trajectories)")
     n_output, n_agent = split_prompts(rl.prompts_per_step, rl.tasks)
     with distributed_session() as env:
         stage = open_stage(ctx, env, micro_batch_size=1)
         envs = None
         try:
             stats: Counter = Counter()
-            pad = stage.tokenizer.pad_id
             pool = task_pool(traces, stage.tokenizer, split="train", limit=10_000,
                              max_prompt=rl.max_length - rl.max_new_tokens, stats=stats)
             if n_output and not pool:
@@ -307,60 +299,75 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 from cwm_exec.sandbox import Limits
 
                 envs = Environments(Limits.from_spec(ctx.config.get("sandbox")), "cwm-rl-envs-")
-            context = stage.engine.module.config.max_seq_len
             while stage.step < s.steps:
-                start = time.perf_counter()
-                lr = float(stage.engine.get_lr()[0])
-                episodes = sample_episodes(
-                    stage.engine.module, stage.tokenizer, pool, step=stage.step, seed=ctx.seed,
-                    rank=env.rank, prompts=n_output, group=rl.group_size,
-                    max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                    sandbox=ctx.config.get("sandbox")) if n_output else []
-                agent = sample_agent_episodes(
-                    stage.engine.module, stage.tokenizer, agent_pool, envs, step=stage.step,
-                    seed=ctx.seed, rank=env.rank, prompts=n_agent, group=rl.group_size,
-                    first_group=n_output, max_new_tokens=rl.max_new_tokens,
-                    temperature=rl.temperature, max_turns=rl.max_turns,
-                    max_tokens=context) if n_agent else []
-                episodes += agent
-                values = rl_step(stage.engine, episodes, pad_id=pad, group=rl.group_size,
-                                 max_length=rl.max_length, eps_low=rl.eps_low,
-                                 eps_high=rl.eps_high, micro_steps=s.gradient_accumulation)
-                stage.step += 1
-                values = {k: all_mean([v]) for k, v in values.items()}
-                if n_output and n_agent:
-                    values["reward_mean/output_prediction"] = all_mean(
-                        [sum(e.reward for e in episodes[:-len(agent)]) / (len(episodes) - len(agent))])
-                if agent:
-                    values["reward_mean/mutate_fix"] = all_mean(
-                        [sum(e.reward for e in agent) / len(agent)])
-                values.update(lr=lr,
-                              step_seconds=time.perf_counter() - start)
-                stage.metrics.log(stage.step, values)
-                if stage.step % s.checkpoint_every == 0 or stage.step == s.steps:
-                    stage.save_state({})
-            with full_parameters(stage.engine) as module:
-                results = evaluate_model(module, stage.tokenizer, rank=env.rank,
-                                         world=env.world_size, traces_uri=traces,
-                                         trajectories_uri=ctx.input("trajectories"),
-                                         evaluation=ctx.evaluation, sandbox=ctx.config.get("sandbox"),
-                                         max_tokens=rl.max_length * 4)
-                held_out = task_pool(traces, stage.tokenizer, split="validation",
-                                     limit=int(ctx.evaluation.get("heldOutTraces", 200)),
-                                     max_prompt=rl.max_length, stats=stats) \
-                    if _has_split(traces, "validation") else []
-                if held_out:
-                    results["rl_heldout_accuracy"] = output_prediction_accuracy(
-                        module, stage.tokenizer, [t for t, _ in held_out], rank=env.rank,
-                        world=env.world_size, max_new_tokens=rl.max_new_tokens,
-                        sandbox=ctx.config.get("sandbox"))
-            results.update({f"data/{k}": float(v) for k, v in stats.items()})
+                _train_step(ctx, stage, env, pool, agent_pool, envs, n_output, n_agent)
+            results = _final_evaluation(ctx, stage, env, stats)
             stage.finish(results)
             return results
         finally:
             if envs is not None:
                 envs.close()
             stage.metrics.close()
+
+
+def _train_step(ctx: Any, stage: Any, env: Any, pool: Sequence, agent_pool: Sequence,
+                envs: "Environments | None", n_output: int, n_agent: int) -> None:
+    """Sample this step's episodes, take one GRPO step, log, checkpoint when due."""
+    from cwm_jobs.trainer import all_mean
+
+    s, rl = ctx.settings, ctx.settings.rl
+    start = time.perf_counter()
+    lr = float(stage.engine.get_lr()[0])
+    episodes = sample_episodes(
+        stage.engine.module, stage.tokenizer, pool, step=stage.step, seed=ctx.seed,
+        rank=env.rank, prompts=n_output, group=rl.group_size,
+        max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+        sandbox=ctx.config.get("sandbox")) if n_output else []
+    agent = sample_agent_episodes(
+        stage.engine.module, stage.tokenizer, agent_pool, envs, step=stage.step,
+        seed=ctx.seed, rank=env.rank, prompts=n_agent, group=rl.group_size,
+        first_group=n_output, max_new_tokens=rl.max_new_tokens,
+        temperature=rl.temperature, max_turns=rl.max_turns,
+        max_tokens=stage.engine.module.config.max_seq_len) if n_agent else []
+    values = rl_step(stage.engine, episodes + agent, pad_id=stage.tokenizer.pad_id,
+                     group=rl.group_size, max_length=rl.max_length, eps_low=rl.eps_low,
+                     eps_high=rl.eps_high, micro_steps=s.gradient_accumulation)
+    stage.step += 1
+    values = {k: all_mean([v]) for k, v in values.items()}
+    if episodes and agent:
+        values["reward_mean/output_prediction"] = all_mean(
+            [sum(e.reward for e in episodes) / len(episodes)])
+    if agent:
+        values["reward_mean/mutate_fix"] = all_mean([sum(e.reward for e in agent) / len(agent)])
+    values.update(lr=lr, step_seconds=time.perf_counter() - start)
+    stage.metrics.log(stage.step, values)
+    if stage.step % s.checkpoint_every == 0 or stage.step == s.steps:
+        stage.save_state({})
+
+
+def _final_evaluation(ctx: Any, stage: Any, env: Any, stats: Counter) -> dict[str, float]:
+    """The end-of-stage evaluation, plus output-prediction accuracy on held-out traces."""
+    from cwm_jobs.evaluate import evaluate_model, output_prediction_accuracy
+    from cwm_jobs.trainer import full_parameters
+
+    rl, traces = ctx.settings.rl, ctx.input("traces")
+    with full_parameters(stage.engine) as module:
+        results = evaluate_model(module, stage.tokenizer, rank=env.rank,
+                                 world=env.world_size, traces_uri=traces,
+                                 trajectories_uri=ctx.input("trajectories"),
+                                 evaluation=ctx.evaluation, sandbox=ctx.config.get("sandbox"),
+                                 max_tokens=rl.max_length * 4)
+        held_out = task_pool(traces, stage.tokenizer, split="validation",
+                             limit=int(ctx.evaluation.get("heldOutTraces", 200)),
+                             max_prompt=rl.max_length, stats=stats) \
+            if _has_split(traces, "validation") else []
+        if held_out:
+            results["rl_heldout_accuracy"] = output_prediction_accuracy(
+                module, stage.tokenizer, [t for t, _ in held_out], rank=env.rank,
+                world=env.world_size, max_new_tokens=rl.max_new_tokens,
+                sandbox=ctx.config.get("sandbox"))
+    results.update({f"data/{k}": float(v) for k, v in stats.items()})
+    return results
 
 
 def _has_split(uri: str, split: str) -> bool:

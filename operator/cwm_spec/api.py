@@ -449,6 +449,7 @@ class RLSpec(Spec):
     tasks: list[Literal["output_prediction", "mutate_fix"]] = Field(
         default_factory=lambda: ["output_prediction"],
         min_length=1,
+        max_length=2,
         description="Verifiable task families, rewards by execution: output_prediction (traced "
         "programs) and mutate_fix (the model as the agent on the trajectory data's tasks; "
         "needs spec.data.trajectories). Both: half the prompts each.",
@@ -612,7 +613,9 @@ class CWMPipelineSpec(Spec):
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="The tokenizer.")
     data: DataSpec = Field(default_factory=DataSpec, description="Data generation.")
     stages: list[StageSpec] = Field(
-        min_length=1, description="Training stages in order: pretrain, midtrain, sft, rl."
+        min_length=1,
+        max_length=len(STAGE_ORDER),
+        description="Training stages in order: pretrain, midtrain, sft, rl.",
     )
     evaluation: EvaluationSpec = Field(
         default_factory=EvaluationSpec, description="End-of-stage evaluation."

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from cwm_spec import api
+from cwm_spec.validation import SPEC_RULES
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase",
@@ -143,6 +144,10 @@ def openapi_schema() -> dict[str, Any]:
         },
     }
     _mark_list_maps(schema)
+    schema["properties"]["spec"]["x-kubernetes-validations"] = [
+        {"rule": r.cel, "message": r.message, "fieldPath": r.field, "reason": "FieldValueInvalid"}
+        for r in SPEC_RULES
+    ]
     return schema
 
 

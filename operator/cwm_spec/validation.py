@@ -96,6 +96,64 @@ def target_errors(
     return errors
 
 
+# Rules across fields. Each is checked twice from this one table: in Python by
+# :func:`rule_errors` (``cwm validate``, the local runner, the operator's Accepted condition) and
+# by the API server itself as a CEL rule on the CRD (``x-kubernetes-validations``, placed on the
+# spec by :mod:`cwm_spec.crd`), so `kubectl apply` refuses the manifest before anything runs.
+# CEL sees the object after the API server filled in the schema's defaults; fields whose
+# defaults come from a factory (objects, lists) may be absent, hence the ``has()`` guards.
+
+
+@dataclass(frozen=True)
+class SpecRule:
+    """One rule: ``cel`` must hold for the spec; ``field`` is the path a refusal names."""
+
+    field: str  # relative to spec, as the CRD's fieldPath (``.data.traces.enabled``)
+    message: str
+    cel: str
+
+
+_RL = "self.stages.exists(s, s.name == 'rl'"
+SPEC_RULES = (
+    SpecRule(
+        ".stages",
+        "the rl stage cannot use zeroStage 3: sampling needs whole parameters on every rank "
+        "(use zeroStage 0, 1 or 2)",
+        f"!{_RL} && has(s.zeroStage) && s.zeroStage == 3)",
+    ),
+    SpecRule(
+        ".data.traces.enabled",
+        "the rl stage needs trace data (its output-prediction tasks and held-out evaluation "
+        "come from it): enable spec.data.traces",
+        f"!{_RL}) || !has(self.data) || !has(self.data.traces) || "
+        "!has(self.data.traces.enabled) || self.data.traces.enabled",
+    ),
+    SpecRule(
+        ".data.trajectories.enabled",
+        "rl.tasks names mutate_fix, which needs trajectory data (the tasks come from it): "
+        "enable spec.data.trajectories",
+        f"!{_RL} && has(s.rl) && has(s.rl.tasks) && 'mutate_fix' in s.rl.tasks) || "
+        "!has(self.data) || !has(self.data.trajectories) || "
+        "!has(self.data.trajectories.enabled) || self.data.trajectories.enabled",
+    ),
+)
+
+
+def rule_errors(pipeline: CWMPipeline) -> list[FieldError]:
+    """The :data:`SPEC_RULES` in Python, each error at the exact field (stage index included)."""
+    spec, errors = pipeline.spec, []
+    for i, stage in enumerate(spec.stages):
+        if stage.name != "rl" or stage.rl is None:
+            continue
+        if stage.zero_stage == 3:
+            errors.append(FieldError(f"spec.stages[{i}].zeroStage", SPEC_RULES[0].message))
+        if not spec.data.traces.enabled:
+            errors.append(FieldError("spec.data.traces.enabled", SPEC_RULES[1].message))
+        if "mutate_fix" in stage.rl.tasks and not spec.data.trajectories.enabled:
+            errors.append(FieldError(f"spec.stages[{i}].rl.tasks", SPEC_RULES[2].message))
+    return errors
+
+
 def resolve_target(pipeline: CWMPipeline, target: Target) -> Literal["local", "cluster"]:
     if target == "auto":
         return "cluster" if pipeline.spec.storage.is_cluster else "local"
@@ -123,7 +181,7 @@ def parse_pipeline(
         pipeline = CWMPipeline.model_validate(doc)
     except ValidationError as err:
         raise ManifestError(source, pydantic_errors(err)) from None
-    errors = target_errors(pipeline, target, default_images)
+    errors = rule_errors(pipeline) + target_errors(pipeline, target, default_images)
     if errors:
         raise ManifestError(source, errors)
     return pipeline

@@ -74,6 +74,20 @@ def _set(path: str, value: Any) -> Callable[[dict], None]:
 
 FOUR = [{"name": n} for n in ("pretrain", "midtrain", "sft", "rl")]
 
+# RL misconfigurations that used to fail only when the rl stage started, hours into a run; now
+# `cwm validate` refuses them (and the CRD's CEL rules: tests/pipeline/test_admission.py).
+RL_MISCONFIGURED = [
+    ("rl-zero-stage-3", _set("spec.stages", [{"name": "pretrain"}, {"name": "rl", "zeroStage": 3}]),
+     "spec.stages[1].zeroStage", "cannot use zeroStage 3"),
+    ("rl-without-traces",
+     lambda d: d["spec"].update(stages=[{"name": "rl"}], data={"traces": {"enabled": False}}),
+     "spec.data.traces.enabled", "rl stage needs trace data"),
+    ("rl-mutate-fix-without-trajectories",
+     lambda d: d["spec"].update(stages=[{"name": "rl", "rl": {"tasks": ["mutate_fix"]}}],
+                                data={"trajectories": {"enabled": False}}),
+     "spec.stages[0].rl.tasks", "needs trajectory data"),
+]
+
 # (id, mutation, the field path the error must name, a fragment of the message)
 MALFORMED = [
     ("wrong-api-version", _set("apiVersion", "cwm.dev/v1"), "apiVersion", "must be"),
@@ -140,6 +154,7 @@ MALFORMED = [
          "traces": {"enabled": False}, "trajectories": {"enabled": False}}),
      "spec", "both data.traces and data.trajectories are disabled"),
     ("suspend-not-bool", _set("spec.suspend", "maybe"), "spec.suspend", "valid boolean"),
+    *RL_MISCONFIGURED,
 ]
 
 
@@ -247,7 +262,8 @@ def crd_validator() -> jsonschema.Draft4Validator:
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
 def test_examples_validate_against_the_crd_schema(example, crd_validator):
-    doc = yaml.safe_load(example.read_text())
+    # an example may carry what it needs beside the pipeline (a Namespace, a PVC)
+    [doc] = [d for d in yaml.safe_load_all(example.read_text()) if d and d["kind"] == "CWMPipeline"]
     errors = [e.message for e in crd_validator.iter_errors(doc)]
     assert not errors
     # and as the API server stores it: with every default filled in
