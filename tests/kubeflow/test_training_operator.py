@@ -95,7 +95,10 @@ def kubeflow(kube: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     module's ClusterRole; on CWM_TEST_KUBECONFIG's cluster, the one installed there."""
     core = client.CoreV1Api(kube.api_client)
     namespace = f"kf-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": namespace, "labels": {"cwm.dev/test": "true"}}})
+    # Pod Security `restricted` enforced: the pods the operator creates (with its init container)
+    # are refused unless they comply.
+    core.create_namespace({"metadata": {"name": namespace, "labels": {
+        "cwm.dev/test": "true", "pod-security.kubernetes.io/enforce": "restricted"}}})
     try:
         if kube.local is None:
             if not installed(kube.api_client):
@@ -139,8 +142,9 @@ def _env(pod: client.V1Pod) -> dict[str, str]:
 @pytest.mark.cluster
 def test_operator_reconciles_the_rendered_pytorchjob(kube: Any, kubeflow: str) -> None:
     """The pretrain stage of examples/local-cluster.yaml (2 nodes, 1 process each): admitted
-    unchanged by the module's schema and webhook, then a Master and a Worker pod and their
-    Services created by the training operator, with its torchrun environment."""
+    unchanged by the module's schema and webhook, then a Master and a Worker pod (admitted by
+    Pod Security `restricted`) and their Services created by the training operator, with its
+    torchrun environment."""
     custom, core = client.CustomObjectsApi(kube.api_client), client.CoreV1Api(kube.api_client)
     job = _rendered(kubeflow, "pretrain")
     name = job["metadata"]["name"]
