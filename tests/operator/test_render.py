@@ -295,3 +295,38 @@ def test_pod_security_restricted_admits_every_pod(kube, kube_namespace) -> None:
                "metadata": {"name": f"{step.name}-probe", "labels": template["metadata"]["labels"]},
                "spec": template["spec"]}
         core.create_namespaced_pod(kube_namespace, pod, dry_run="All")  # raises if refused
+
+
+def test_local_cluster_example_is_what_the_readme_says(capsys) -> None:
+    """examples/local-cluster.yaml, through `cwm validate` and `cwm render` as a user runs them:
+    Beam steps as Indexed Jobs of 2 pods, every training stage a Master and a Worker on the
+    CPU (gloo), artifacts on the PVC the file also declares, in a restricted namespace."""
+    from cwm_operator.cli import main
+
+    assert main(["validate", str(LOCAL)]) == 0
+    assert "valid CWMPipeline 'local' (8 steps" in capsys.readouterr().out
+    assert main(["render", str(LOCAL)]) == 0
+    objects = list(yaml.safe_load_all(capsys.readouterr().out))
+    kinds = {o["metadata"]["name"]: (o["kind"], o["metadata"]["namespace"]) for o in objects}
+    assert kinds == {f"local-{s}-1": ("PyTorchJob" if s in ("pretrain", "midtrain", "sft", "rl") else "Job",
+                                      "cwm-local")
+                     for s in ("traces", "trajectories", "corpus", "tokenizer", "pretrain", "midtrain",
+                               "sft", "rl")}
+    for obj in objects:
+        name = obj["metadata"]["name"]
+        if obj["kind"] == "Job":
+            indexed = name in ("local-traces-1", "local-trajectories-1")
+            assert (obj["spec"].get("completionMode"), obj["spec"]["completions"]) == \
+                (("Indexed", 2) if indexed else (None, 1)), name
+        else:
+            replicas = obj["spec"]["pytorchReplicaSpecs"]
+            assert {k: r["replicas"] for k, r in replicas.items()} == {"Master": 1, "Worker": 1}, name
+            assert obj["spec"]["nprocPerNode"] == "1"
+        for template in _pod_specs(obj):
+            resources = template["spec"]["containers"][0]["resources"]
+            assert "nvidia.com/gpu" not in resources["requests"], name  # CPU: gloo
+            assert {"name": "data", "persistentVolumeClaim": {"claimName": "cwm-local-data"}} in \
+                template["spec"]["volumes"], name
+    docs = {d["kind"]: d for d in yaml.safe_load_all(LOCAL.read_text())}
+    assert docs["Namespace"]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert docs["PersistentVolumeClaim"]["metadata"]["name"] == "cwm-local-data"
