@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -59,6 +60,10 @@ CLUSTER_DOMAIN = "cluster.local"
 RUN_DIR = Path("/run/cwm-node")          # sockets, containerd state, CNI config and IPAM
 STATE_DIR = Path("/var/lib/cwm-node")    # containerd's image store (kept: a cache), kubelet root
 NETNS_DIR = Path("/var/run/netns")       # where containerd 1.6's CRI plugin pins pod netns
+
+#: Localhost seccomp profiles the chart's pods use (the sandbox's, which lets bubblewrap make its
+#: namespaces); a cluster operator installs them on each node, we copy them into the kubelet's root.
+SECCOMP_PROFILES = tuple(p for p in [REPO / "charts" / "cwm-operator" / "files" / "cwm-sandbox.json"] if p.is_file())
 
 PAUSE_IMAGE = "cwm.local/pause:1"
 BUSYBOX_IMAGE = "cwm.local/busybox:1"
@@ -390,7 +395,7 @@ def _iptables_sweep(tool: str) -> None:
         rules = run([tool, "-t", table, "-S"], check=False).stdout.decode().splitlines()
         ours = {r.split()[1] for r in rules if r.startswith("-N ") and r.split()[1].startswith(("KUBE-", "CNI-"))}
         for rule in rules:
-            parts = rule.split()
+            parts = shlex.split(rule)
             if parts[0] == "-A" and parts[1] not in ours and "-j" in parts and parts[parts.index("-j") + 1] in ours:
                 run([tool, "-t", table, "-D", *parts[1:]], check=False)
         for chain in ours:
@@ -441,6 +446,7 @@ def sweep() -> list[str]:
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     shutil.rmtree(STATE_DIR / "kubelet", ignore_errors=True)
     shutil.rmtree(STATE_DIR / "pod-logs", ignore_errors=True)
+    shutil.rmtree(STATE_DIR / "volumes", ignore_errors=True)  # hostPath volumes tests made
     if found:
         log.warning("node sweep removed: %s", "; ".join(found))
     return found
@@ -591,6 +597,10 @@ class LocalNode:
         (self.workdir / "ca.crt").write_bytes(ca.cert_pem)
         ca.serving([NODE_NAME], [NODE_IP]).write(self.workdir, "kubelet")
         (self.workdir / "resolv.conf").write_text("")  # pods get cluster DNS only: no host search paths
+        seccomp = STATE_DIR / "kubelet" / "seccomp"
+        seccomp.mkdir(parents=True, exist_ok=True)
+        for profile in SECCOMP_PROFILES:  # what the chart's pods name as Localhost profiles
+            shutil.copyfile(profile, seccomp / profile.name)
         kubeconfig = self._kubeconfig("kubelet", f"system:node:{NODE_NAME}", ("system:nodes",))
         config = self.workdir / "kubelet.yaml"
         config.write_text(yaml.safe_dump(kubelet_config(self.workdir, free_port(), free_port())))
@@ -664,6 +674,9 @@ class LocalNode:
             running["containerd"].stop(grace=10)
         if (self.bins / "kube-proxy").exists():
             run([str(self.bins / "kube-proxy"), "--cleanup"], check=False)
+        kubelet_root = STATE_DIR / "kubelet"
+        if os.path.ismount(kubelet_root):  # the kubelet bind-mounts its root (shared propagation)
+            run(["umount", str(kubelet_root)], check=False)
         sweep()
         with contextlib.suppress(FileNotFoundError):
             (RUN_DIR / "owner.pid").unlink()
