@@ -95,7 +95,8 @@ def image_specs(bases: Bases) -> list[ImageSpec]:
         ImageSpec("cwm-trainer", "jobs/Dockerfile", refs["cwm-trainer"],
                   {"PYTORCH_DEVEL_IMAGE": bases.python, "PYTORCH_RUNTIME_IMAGE": bases.python,
                    "TORCH_INSTALL": f"torch=={TORCH_VERSION}", "TORCH_INDEX": PYPI,
-                   "DEEPSPEED_FUSED_ADAM": "0", "SYSTEM_PACKAGES": "gcc g++ libc6-dev"}),
+                   "DEEPSPEED_FUSED_ADAM": "0", "BUILD_SYSTEM_PACKAGES": "gcc libc6-dev",
+                   "SYSTEM_PACKAGES": "gcc g++ libc6-dev"}),
     ]
 
 
