@@ -413,3 +413,49 @@ def run(api_client: Any, kubeconfig: Path, namespace: str, workdir: Path, *, ini
         finally:
             operator.stop()
             uninstall(api_client, user or "")
+
+
+def main() -> None:
+    """`python -m tests.kubeflow.training_operator --kubeconfig K --namespace NS`: install the
+    module's PyTorchJob CRD and run the operator for NS until Ctrl-C (the user path of README's
+    "Try it on a local cluster"; the API server must reach this host's loopback)."""
+    import argparse
+    import signal
+    import sys
+    import tempfile
+    import time
+
+    from kubernetes import client, config
+    from kubernetes.client.rest import ApiException
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--kubeconfig", required=True, type=Path)
+    parser.add_argument("--namespace", required=True, help="where PyTorchJobs are created")
+    parser.add_argument("--init-image", default="ghcr.io/cwm-pipeline/cwm-trainer:0.1.0",
+                        help="image of the workers' wait-for-master init container (has python3)")
+    args = parser.parse_args()
+    api = config.new_client_from_config(config_file=str(args.kubeconfig))
+    try:
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": args.namespace}})
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    crd = Build.find().crd()
+    _create_or_replace(client.ApiextensionsV1Api(api).create_custom_resource_definition,
+                       client.ApiextensionsV1Api(api).replace_custom_resource_definition,
+                       client.ApiextensionsV1Api(api).read_custom_resource_definition,
+                       crd["metadata"]["name"], crd)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with tempfile.TemporaryDirectory(prefix="cwm-kubeflow-") as workdir, \
+            run(api, args.kubeconfig, args.namespace, Path(workdir), init_image=args.init_image) as op:
+        print(f"training operator ready for namespace {args.namespace} (log {op.component.log_path})",
+              flush=True)
+        try:
+            while op.component is not None and op.component.alive():
+                time.sleep(2)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
