@@ -1,6 +1,8 @@
 """The operator against a real API server (tests/controlplane), as a ServiceAccount bound to
 exactly `permissions.RULES`. No kubelet runs: the tests move Jobs and PyTorchJobs through their
-lifecycle the way their controllers would (tests/controlplane/lifecycle.py)."""
+lifecycle the way their controllers would (tests/controlplane/lifecycle.py): these scenarios need
+outcomes (success, an out-of-memory message, a stuck child) that only the project's images could
+produce for real. test_on_node.py runs a step's failure through real pods on the test node."""
 
 from __future__ import annotations
 
