@@ -41,8 +41,8 @@ from typing import Any
 
 from cwm_exec.trace_format import (
     ACTION_SEP, ARG_SEP, CALL_SEP, END_OF_TEXT, EXCEPTION_SEP, FRAME_SEP, LINE_SEP, RETURN_SEP,
-    UNCHANGED, Frame, TraceFormatError, action_line, encode_frames, final_value, mark_entry, mark_line,
-    trace_prompt,
+    START_MARKER, UNCHANGED, Frame, TraceFormatError, action_line, encode_frames, final_value,
+    mark_entry, mark_line, trace_prompt,
 )
 
 FILENAME = "<cwm-traced>"
@@ -754,7 +754,11 @@ def trace_call(function, args: tuple, kwargs: dict, marked_source: str,
     marked = marked_source
     # Action texts: the source lines with their newline, the entry's def line without the marker
     # (CWM keeps the marker in the context only; see trace_format).
-    lines = [action_line(line) for line in marked.split("\n")]
+    lines = [f"{line}\n" for line in marked.split("\n")]
+    at = marked.find(START_MARKER)
+    if at >= 0:
+        number = marked.count("\n", 0, at)
+        lines[number] = action_line(lines[number])
     if accelerated is None:
         accelerated = ACCELERATED
     if accelerated:
