@@ -153,12 +153,6 @@ def encode_trace(source: str, frames: list[Frame], *, complete: bool = True) -> 
     return trace_prompt(source) + encode_frames(frames) + (END_OF_TEXT if complete else "")
 
 
-def contains_trace_token(text: str) -> bool:
-    """True when ``text`` spells a trace special token (harmless when tokenized with
-    :func:`trace_parts`, which keeps it ordinary text; parsing such text back is ambiguous)."""
-    return "<|" in text and any(token in text for token in TRACE_TOKENS)
-
-
 def frame_parts(frame: Frame) -> list[tuple[str, bool]]:
     """A frame as ``(text, is_special_token)`` pieces: separators are tokens, the rest text."""
     if frame.event in ("call", "line"):

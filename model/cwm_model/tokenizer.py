@@ -17,7 +17,8 @@ offset name                       use
 9      <|eot_id|>                 end of turn: every CWM chat message ends with it
 100-107 trace tokens              frame_sep, action_sep, return_sep, call_sep, line_sep,
                                   exception_sep, arg_sep, trace_context_start (MISSION.md)
-120,121 <|reasoning_thinking_start|>, <|reasoning_thinking_end|>  SFT reasoning delimiters
+120,121 <|reasoning_thinking_start|>, <|reasoning_thinking_end|>  reserved: CWM's think-token
+                                  mode; the released model reasons in plain-text ``<think>``
 ====== ========================== ======================================================
 
 Every other slot is ``<|reserved_special_token_{offset}|>``, as in CWM's code. Note: CWM's
