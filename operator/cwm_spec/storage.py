@@ -87,8 +87,9 @@ def describe(exc: BaseException) -> str:
     """The cause of a storage failure in words: credentials, bucket, endpoint, or as raised."""
     text = f"{type(exc).__name__}: {exc}"
     lowered = text.lower()
-    if any(k in lowered for k in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied",
-                                  "forbidden", "invalidtoken", "403")):
+    if isinstance(exc, PermissionError) or any(k in lowered for k in (
+            "invalidaccesskeyid", "signaturedoesnotmatch", "signature we calculated",
+            "accessdenied", "access denied", "forbidden", "invalidtoken")):
         return f"access denied: check the credentials (AWS_ACCESS_KEY_ID/..._SECRET...) [{text}]"
     if missing_bucket(exc):
         return f"the bucket does not exist [{text}]"

@@ -29,18 +29,14 @@ export GOTOOLCHAIN=local
 export CGO_ENABLED=0
 export GOFLAGS="-p=${CWM_BUILD_JOBS:-2} -buildvcs=false"
 
-version="$(sed -n "s#^require $module \(v[^ ]*\)\$#\1#p" "$here/gomod/go.mod")"
+version="$(sed -En "s#^(require |\t)$module (v[^ ]+)( // indirect)?\$#\2#p" "$here/gomod/go.mod")"
 [[ -n "$version" ]] || die "gomod/go.mod does not pin $module (run $0 --regen)"
 dest="$cache/seaweedfs/$version"
 bin="$dest/weed"
 
 regen() {
-  local latest
-  latest="$(cd "$here/gomod" && go list -m -f '{{.Version}}' "$module@latest")"
-  log "pinning $module $latest"
-  sed -i "s#^require $module .*#require $module $latest#" "$here/gomod/go.mod"
-  rm -f "$here/gomod/go.sum"
-  (cd "$here/gomod" && go mod tidy)
+  log "pinning $module@latest"
+  (cd "$here/gomod" && go get "$module@latest" && go mod tidy)
 }
 
 case "${1:-}" in

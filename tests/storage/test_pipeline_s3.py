@@ -1,0 +1,141 @@
+"""`cwm run` with ``spec.storage.uri: s3://cwm/run`` against the real S3 server: every step
+reads its inputs from and writes its outputs to the bucket (nothing under the work directory's
+artifacts), the stages chain through it (midtrain starts from pretrain's checkpoint in the
+bucket), and the data sets equal those of a local-disk run of the same spec, shard by shard.
+Then the errors a user meets before anything is written: bad credentials, a missing bucket, an
+unreachable endpoint, each naming the step, the URI and the cause."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+CWM = [sys.executable, "-m", "cwm_operator.cli"]
+STAGE = {"microBatchSize": 2, "sequenceLength": 64, "warmupSteps": 1, "checkpointEvery": 1,
+         "learningRate": 1e-3}
+MANIFEST = {
+    "apiVersion": "cwm.dev/v1alpha1",
+    "kind": "CWMPipeline",
+    "metadata": {"name": "s3e2e"},
+    "spec": {
+        "model": {"preset": "debug"},
+        "tokenizer": {"vocabSize": 400, "sampleRecords": 200},
+        "data": {
+            "traces": {"sources": [{"kind": "cruxeval", "count": 30},
+                                   {"kind": "synthetic", "count": 30}],
+                       "fuzzInputsPerFunction": 0, "shards": 2, "validationFraction": 0.2},
+            "trajectories": {"tasksPerRepository": 1, "heldOutTasks": 1,
+                             "policy": {"maxTurns": 6}, "shards": 1},
+            "corpus": {"maxFiles": 100, "maxBytes": 1000000},
+            "beam": {"workers": 1},
+        },
+        "stages": [
+            {"name": "pretrain", "steps": 2, **STAGE},
+            {"name": "midtrain", "steps": 2, **STAGE},
+            {"name": "sft", "steps": 2, **STAGE},
+        ],
+        "evaluation": {"heldOutTraces": 2, "cruxeval": False, "mutateFix": False,
+                       "maxNewTokens": 4},
+    },
+}
+DATA = ("traces", "trajectories", "corpus")
+
+
+def cwm(*args: str, env: dict[str, str], timeout: float = 1500) -> subprocess.CompletedProcess:
+    return subprocess.run([*CWM, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def write_spec(path: Path, storage: dict | None) -> Path:
+    doc = copy.deepcopy(MANIFEST)
+    if storage:
+        doc["spec"]["storage"] = storage
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def splits(manifest: dict) -> dict:
+    """What must be equal between two runs: every shard's name, records, bytes and digest."""
+    return manifest["splits"]
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_server, tmp_path_factory):
+    root = tmp_path_factory.mktemp("s3run")
+    spec = write_spec(root / "pipeline.yaml", {"uri": "s3://cwm/run"})
+    workdir = root / "work"
+    result = cwm("run", str(spec), "--workdir", str(workdir), "--plain", env=s3_server.env())
+    assert result.returncode == 0, result.stderr[-6000:]
+    return workdir
+
+
+def test_every_step_reads_and_writes_the_bucket(s3_run, bucket_fs):
+    base = "s3://cwm/run/s3e2e"
+    assert not (s3_run / "artifacts").exists()  # nothing local but the runner's own records
+    for step in ("traces", "trajectories", "corpus", "tokenizer", "pretrain", "midtrain", "sft"):
+        state = json.loads((s3_run / "steps" / step / "state.json").read_text())
+        assert state["state"] == "Succeeded", state
+        assert all(v is not None for v in state["outputs"].values()), state
+    for name in DATA:
+        assert bucket_fs.exists(f"cwm/run/s3e2e/{name}/dataset/manifest.json")
+    for committed in ("tokenizer/tokenizer", "pretrain/checkpoint", "midtrain/checkpoint",
+                      "sft/checkpoint"):
+        assert bucket_fs.exists(f"cwm/run/s3e2e/{committed}/_COMMITTED.json"), committed
+    midtrain = json.loads((s3_run / "steps" / "midtrain" / "state.json").read_text())
+    assert set(midtrain["inputs"]) >= {"init", "tokenizer", "traces", "corpus"}
+    plan = json.loads(subprocess.run(
+        [*CWM, "plan", str(s3_run.parent / "pipeline.yaml"), "--target", "local", "--json",
+         "--workdir", str(s3_run)], capture_output=True, text=True, check=True).stdout)
+    inputs = {s["name"]: s["inputs"] for s in plan["steps"]}
+    assert inputs["midtrain"]["init"] == f"{base}/pretrain/checkpoint"
+    assert all(v.startswith(base) for step in ("pretrain", "midtrain", "sft")
+               for v in inputs[step].values())
+    evaluation = json.loads(bucket_fs.cat_file("cwm/run/s3e2e/midtrain/metrics/eval.json"))
+    assert midtrain["metrics"] == pytest.approx(evaluation)  # the runner read it from the bucket
+
+
+def test_data_sets_equal_a_local_disk_run(s3_run, bucket_fs, tmp_path):
+    spec = write_spec(tmp_path / "pipeline.yaml", None)
+    doc = yaml.safe_load(spec.read_text())
+    doc["spec"]["stages"] = doc["spec"]["stages"][:1]  # the data steps are what is compared
+    spec.write_text(yaml.safe_dump(doc))
+    result = cwm("run", str(spec), "--workdir", str(tmp_path / "work"), "--plain", env={})
+    assert result.returncode == 0, result.stderr[-6000:]
+    for name in DATA:
+        local = json.loads((tmp_path / "work" / "artifacts" / name / "dataset" /
+                            "manifest.json").read_text())
+        remote = json.loads(bucket_fs.cat_file(f"cwm/run/s3e2e/{name}/dataset/manifest.json"))
+        assert splits(remote) == splits(local), name
+        assert sum(s["records"] for s in local["splits"]["train"]) > 0
+
+
+@pytest.mark.parametrize("case,cause", [
+    ("bad-credentials", "access denied"),
+    ("missing-bucket", "bucket does not exist"),
+    ("unreachable", "endpoint is unreachable"),
+])
+def test_cwm_run_stops_with_one_clear_error(s3_server, bucket_fs, tmp_path, case, cause):
+    env, uri = s3_server.env(), "s3://cwm/errors"
+    if case == "bad-credentials":
+        env["AWS_SECRET_ACCESS_KEY"] = "wrong" + env["AWS_SECRET_ACCESS_KEY"][5:]
+    elif case == "missing-bucket":
+        uri = "s3://no-such-bucket/errors"
+    else:
+        env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # discard port: nothing listens
+    spec = write_spec(tmp_path / "pipeline.yaml", {"uri": uri})
+    result = cwm("run", str(spec), "--workdir", str(tmp_path / "work"), "--plain", env=env,
+                 timeout=300)
+    assert result.returncode == 1
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, result.stderr[-3000:]
+    assert "step 'traces'" in error[0] and f"{uri}/s3e2e" in error[0] and cause in error[0]
+    assert not bucket_fs.find("cwm/errors", refresh=True)  # nothing half-written
