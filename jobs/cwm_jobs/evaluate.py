@@ -311,8 +311,11 @@ class ModelPolicy:
     def act(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> Any:
         from cwm_forager.rollout import Action
 
+        # The agent's trajectories are trained without reasoning: ask for none (cwm serve, like
+        # CWM's OpenAI API, reasons by default).
         body: dict[str, Any] = {"messages": list(messages), "tools": list(tools),
-                                "temperature": self.temperature, "max_tokens": self.max_new_tokens}
+                                "temperature": self.temperature, "max_tokens": self.max_new_tokens,
+                                "reasoning": {"enabled": False}}
         if self.seed is not None:
             body["seed"] = self.seed + self.turns
         self.turns += 1
