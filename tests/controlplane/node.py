@@ -458,6 +458,19 @@ def ctr(programs: HostPrograms, *args: str, input: bytes | None = None, timeout:
     return run(argv, input=input, timeout=timeout).stdout
 
 
+def _stream_import(programs: HostPrograms, producer: list[str], timeout: float = 1800) -> None:
+    """`producer | ctr images import -`, streamed (the project's images are several GB)."""
+    argv = [programs.ctr, "--address", str(RUN_DIR / "containerd.sock"), "--namespace", "k8s.io",
+            "images", "import", "-"]
+    with subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as save:
+        done = subprocess.run(argv, stdin=save.stdout, capture_output=True, timeout=timeout)
+        save_err = save.stderr.read() if save.stderr else b""
+    if save.returncode != 0:
+        raise NodeError(f"`{' '.join(producer)}` failed ({save.returncode}): {save_err.decode(errors='replace')}")
+    if done.returncode != 0:
+        raise NodeError(f"ctr images import failed ({done.returncode}): {done.stderr.decode(errors='replace')}")
+
+
 def json_dump(path: Path, data: Any) -> Path:
     path.write_text(json.dumps(data, indent=2))
     return path
@@ -576,14 +589,9 @@ class LocalNode:
             marker = STATE_DIR / "image-archives" / f"{ref.replace('/', '_').replace(':', '_')}.id"
             if ref in present and marker.exists() and marker.read_text() == image_id:
                 continue
-            save = subprocess.Popen([docker, "save", ref], stdout=subprocess.PIPE)
-            try:
-                run([self.programs.ctr, "--address", str(RUN_DIR / "containerd.sock"), "--namespace", "k8s.io",
-                     "images", "import", "-"], input=save.stdout.read() if save.stdout else b"", timeout=900)
-            finally:
-                save.wait()
-            if save.returncode != 0:
-                raise NodeError(f"`docker save {ref}` failed ({save.returncode})")
+            t0 = time.monotonic()
+            _stream_import(self.programs, [docker, "save", ref])
+            log.info("loaded %s into the node in %.0f s", ref, time.monotonic() - t0)
             marker.write_text(image_id)
 
     def _start_kube_proxy(self) -> None:

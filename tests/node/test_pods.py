@@ -206,3 +206,21 @@ def test_restricted_namespace_admits_the_operators_pods(kube_node: Kube, ns: str
                 "spec": {"containers": [{"name": "c", "image": rendered[0][1]["spec"]["containers"][0]["image"]}]}}
     done = kube_node.kubectl("create", "-n", ns, "--dry-run=server", "-f", "-", input=json.dumps(root_pod))
     assert done.returncode != 0 and 'violates PodSecurity "restricted:latest"' in done.stderr, done.stderr
+
+
+def test_the_charts_seccomp_profile_lets_a_pod_make_a_user_namespace(kube_node: Kube, ns: str) -> None:
+    """What bubblewrap needs in a step pod: under RuntimeDefault an unprivileged user namespace
+    is refused; under the chart's Localhost profile (installed on our node by node.py) it is made."""
+    if kube_node.node is None:
+        pytest.skip("needs the chart's seccomp profile on the node: installed only on our own node")
+    assert cwm_node.SECCOMP_PROFILES, "charts/cwm-operator/files/cwm-sandbox.json is missing"
+    script = "unshare -U -r id -u && echo made-user-namespace"
+    for name, profile in (("default", {"type": "RuntimeDefault"}),
+                          ("sandbox", {"type": "Localhost", "localhostProfile": cwm_node.SECCOMP_PROFILES[0].name})):
+        spec = pods.pod_spec([pods.container("main", script)])
+        spec["securityContext"]["seccompProfile"] = profile
+        pods.create(kube_node, ns, pods.job(name, spec))
+    default, sandbox = (pods.job_finished(kube_node, ns, n) for n in ("default", "sandbox"))
+    assert "Failed" in pods.conditions(default), pods.logs(kube_node, ns, "job/default")
+    assert "Complete" in pods.conditions(sandbox), pods.describe(kube_node, ns)
+    assert pods.logs(kube_node, ns, "job/sandbox").split() == ["0", "made-user-namespace"]
