@@ -4,8 +4,8 @@ The Dockerfiles start from `python:3.11.14-slim-bookworm`, `apache/beam_python3.
 and `pytorch/pytorch:...` through build ARGs. None can be pulled on this machine, so:
 
 - Python: Debian bookworm's root filesystem from `debootstrap` (minbase, plus python3 3.11,
-  venv, pip and `python` -> python3), imported with `docker import`. Same Debian release and
-  Python minor version as the official image; Debian's patch release (3.11.2) instead of
+  its headers, venv, pip and `python` -> python3), imported with `docker import`. Same Debian
+  release and Python minor version as the official image; Debian's patch release (3.11.2) instead of
   3.11.14, and Python lives in /usr instead of /usr/local. Like the official image, pip may
   install into the system Python (Debian's EXTERNALLY-MANAGED marker is removed). It trusts the
   certificate authorities this host added locally (/usr/local/share/ca-certificates, installed
@@ -46,7 +46,10 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPE_LABEL = "dev.cwm.recipe"
 DEBIAN_RELEASE = "bookworm"
 DEBIAN_MIRROR = os.environ.get("CWM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-PYTHON_PACKAGES = ("python3", "python3-venv", "python3-pip", "python-is-python3", "ca-certificates")
+# python3-dev: the official image ships Python's headers, and the beam image's C tracer
+# (an optional extension: built only where Python.h exists) needs them.
+PYTHON_PACKAGES = ("python3", "python3-dev", "python3-venv", "python3-pip", "python-is-python3",
+                   "ca-certificates")
 SOURCES_LIST = (f"deb {DEBIAN_MIRROR} {DEBIAN_RELEASE} main\n"
                 f"deb {DEBIAN_MIRROR} {DEBIAN_RELEASE}-updates main\n"
                 f"deb http://deb.debian.org/debian-security {DEBIAN_RELEASE}-security main\n")
@@ -87,7 +90,8 @@ def _current(client: docker.DockerClient, ref: str, recipe: str) -> bool:
 
 def _run(cmd: list[str], what: str, **kwargs: object) -> None:
     log.warning("%s: %s", what, " ".join(cmd))
-    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+    done = subprocess.run(cmd, capture_output=True, text=True,  # type: ignore[call-overload]
+                          **kwargs)
     if done.returncode != 0:
         raise BaseImageError(f"{what}: `{' '.join(cmd)}` exited {done.returncode}:\n"
                              f"{(done.stdout + done.stderr)[-3000:]}")

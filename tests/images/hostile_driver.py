@@ -18,6 +18,7 @@ Targets the payloads aim at, inside the container:
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import uuid
 from pathlib import Path
 
 from cwm_exec import sandbox
-from tests.trajectories.test_hostile import LIMITS, PAYLOADS, prepare, survivors, plant
+from tests.trajectories.test_hostile import PAYLOADS, plant, prepare, survivors
 
 VICTIM = Path("/data/outside/victim.py")
 SECRET = Path("/secrets/secret.txt")
@@ -56,7 +57,7 @@ def run_case(case: str) -> dict:
     root = Path(f"/tmp/hostile-{case}-{uuid.uuid4().hex[:6]}")
     listener, accepted, done = _listen()
     values = {"OUTSIDE": VICTIM, "SECRET": SECRET, "PORT": listener.getsockname()[1],
-              "HOST_PID": __import__("os").getpid()}
+              "HOST_PID": os.getpid()}
     before = VICTIM.read_text()
     marker = plant(root / "repo", case, **values)
     env, error, seconds = prepare(root / "repo", root / "work")

@@ -45,7 +45,8 @@ def test_the_traces_step_traces_cruxeval_programs(images: dict[str, str], pod: P
     doc["spec"]["data"]["traces"] = {"sources": [{"kind": "cruxeval", "count": CRUXEVAL_PROGRAMS}],
                                      "fuzzInputsPerFunction": 0, "shards": 2}
     step = cluster_plan(doc).step("traces")
-    assert step.image == images["cwm-beam"] and step.command[:3] == ("python", "-m", "cwm_beam.traces")
+    assert step.image == images["cwm-beam"]
+    assert step.command[:3] == ("python", "-m", "cwm_beam.traces")
     data = data_volume(tmp_path)
     result = pod.run(step.image, step.command, env=step.env, mounts=[bind(str(data), "/data",
                      read_only=False)], timeout=900)

@@ -49,7 +49,8 @@ def test_hostile_programs_in_the_traces_step(images: dict[str, str], pod: PodRun
     """Every hostile program of tests/traces/hostile.py is a dead letter with a reason, through
     the traces step's own command; nothing is written outside, the secret is in no record."""
     data, _, mounts = volumes(tmp_path)
-    targets = {"write_outside": "'/data/outside/pwned.txt'", "read_outside": "'/secrets/secret.txt'"}
+    targets = {"write_outside": "'/data/outside/pwned.txt'",
+               "read_outside": "'/secrets/secret.txt'"}
     rows = [{"id": name, "code": code, "input": targets.get(name, "1")}
             for name, code in HOSTILE.items()]
     (data / "hostile.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
