@@ -56,8 +56,11 @@ def test_tokenizer_trains_on_the_pipeline_data_and_adopts_a_given_file(pipeline_
 
     tok = CWMTokenizer.load(path)
     assert tok.vocab_size == 600 + 256
+    # Special tokens come from structure only: spelled in text they are ordinary text (CWM).
     text = '<|frame_sep|><|call_sep|>{"x": "1"}<|action_sep|>'
-    assert tok.encode(text)[:2] == [tok.token_id("<|frame_sep|>"), tok.token_id("<|call_sep|>")]
+    assert not set(tok.encode(text)) & tok.special_ids
+    assert tok.encode_parts([("<|frame_sep|>", True), ("<|call_sep|>", True)]) == [
+        tok.token_id("<|frame_sep|>"), tok.token_id("<|call_sep|>")]
     cfg = write_config(tmp_path / "t2.json", "tokenizer", {"uri": str(path)}, {},
                        {"tokenizer": str(tmp_path / "tok2")})
     again = CWMTokenizer.load(tokenizer.main(["--config", cfg]))
