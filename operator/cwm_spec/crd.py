@@ -144,9 +144,10 @@ def openapi_schema() -> dict[str, Any]:
         },
     }
     _mark_list_maps(schema)
+    # The message names the field itself: `fieldPath` would, but needs Kubernetes 1.28 and the
+    # chart supports 1.27.
     schema["properties"]["spec"]["x-kubernetes-validations"] = [
-        {"rule": r.cel, "message": r.message, "fieldPath": r.field, "reason": "FieldValueInvalid"}
-        for r in SPEC_RULES
+        {"rule": r.cel, "message": f"spec{r.field}: {r.message}"} for r in SPEC_RULES
     ]
     return schema
 

@@ -108,7 +108,7 @@ def target_errors(
 class SpecRule:
     """One rule: ``cel`` must hold for the spec; ``field`` is the path a refusal names."""
 
-    field: str  # relative to spec, as the CRD's fieldPath (``.data.traces.enabled``)
+    field: str  # relative to spec (``.data.traces.enabled``); the CEL refusal's message names it
     message: str
     cel: str
 

@@ -9,13 +9,16 @@ import copy
 import pytest
 import yaml
 
+from cwm_spec.validation import SPEC_RULES
 from tests.pipeline.test_api import MINIMAL, RL_MISCONFIGURED
 
 pytestmark = pytest.mark.cluster
 
 
-@pytest.mark.parametrize("case", RL_MISCONFIGURED, ids=[c[0] for c in RL_MISCONFIGURED])
-def test_api_server_refuses_rl_misconfiguration(case, kube, kube_namespace, tmp_path):
+# RL_MISCONFIGURED breaks SPEC_RULES one by one, in order.
+@pytest.mark.parametrize("case,rule", list(zip(RL_MISCONFIGURED, SPEC_RULES, strict=True)),
+                         ids=[c[0] for c in RL_MISCONFIGURED])
+def test_api_server_refuses_rl_misconfiguration(case, rule, kube, kube_namespace, tmp_path):
     name, mutate, _, fragment = case
     doc = copy.deepcopy(MINIMAL)
     doc["metadata"]["name"] = name
@@ -24,7 +27,7 @@ def test_api_server_refuses_rl_misconfiguration(case, kube, kube_namespace, tmp_
     manifest.write_text(yaml.safe_dump(doc))
     done = kube.kubectl("apply", "-n", kube_namespace, "-f", str(manifest))
     assert done.returncode != 0, f"the API server admitted {name}"
-    assert fragment in done.stderr and "spec." in done.stderr, done.stderr
+    assert f"spec{rule.field}: " in done.stderr and fragment in done.stderr, done.stderr
 
 
 def test_api_server_admits_a_valid_rl_pipeline(kube, kube_namespace, tmp_path):
