@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP API for a trained checkpoint (``cwm serve CHECKPOINT``).
 
 Endpoints: ``POST /v1/chat/completions`` (messages, tools, tool calls in the reply),
-``POST /v1/completions`` (raw prompts: trace prediction), ``GET /v1/models``, ``GET /health``.
+``POST /v1/completions`` (raw prompts: trace prediction), ``GET /v1/models``, ``GET /health``;
+also without the ``/v1`` prefix, as CWM's ``fgserve`` serves them.
 Clients that speak to vLLM (the agent policy, evaluation, the neural debugger) use it unchanged,
 e.g. ``openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")``.
 
@@ -215,6 +216,13 @@ class ModelServer:
                                             "created": 0, "owned_by": "cwm-pipeline"}]}
 
 
+def versioned(path: str) -> str:
+    """The route of a request path: CWM's own server (``serve/fgserve.py``) and its debugger
+    use ``/completions`` and ``/chat/completions`` without ``/v1``; both are accepted."""
+    path = path.split("?")[0].rstrip("/")
+    return path if path.startswith("/v1/") or path == "/health" else "/v1" + path
+
+
 def make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
     """The HTTP edge: JSON in, JSON out, OpenAI-shaped errors."""
 
@@ -233,7 +241,7 @@ def make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
             self.send_json(status, {"error": {"message": message, "type": kind, "code": status}})
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            path = self.path.split("?")[0].rstrip("/")
+            path = versioned(self.path)
             if path == "/health":
                 self.send_json(200, {"status": "ok"})
             elif path == "/v1/models":
@@ -243,7 +251,7 @@ def make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:  # noqa: N802
             routes = {"/v1/chat/completions": server.chat, "/v1/completions": server.complete}
-            route = routes.get(self.path.split("?")[0].rstrip("/"))
+            route = routes.get(versioned(self.path))
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             if route is None:

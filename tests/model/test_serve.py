@@ -68,7 +68,9 @@ def test_completion_takes_token_ids_and_stops_at_a_special_token(client, server,
     prompt = tokenizer.encode(COMPLETION_PROMPT, bos=True)
     body = json.dumps({"model": "cwm-debug", "prompt": prompt, "max_tokens": 20,
                        "temperature": 0, "stop": "<|end_of_text|>"}).encode()
-    request = urllib.request.Request(server + "/completions", data=body, method="POST",
+    # As CWM's cwmdbg.py posts it: /completions without /v1.
+    request = urllib.request.Request(server.removesuffix("/v1") + "/completions", data=body,
+                                     method="POST",
                                      headers={"Content-Type": "application/json"})
     choice = json.loads(urllib.request.urlopen(request).read())["choices"][0]
     assert choice["text"] == "    return a + b\n"
