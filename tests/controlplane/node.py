@@ -565,13 +565,18 @@ class LocalNode:
         ]
         folder = STATE_DIR / "image-archives"
         present = self._images_present()
+        current = set()
         for spec in specs:
             path, _ = nodeimages.write_archive(spec, folder)
             marker = path.with_suffix(".imported")
+            current |= {path, marker}
             if spec.name in present and marker.exists():
                 continue
-            ctr(self.programs, "images", "import", "--no-unpack=false", str(path))
+            ctr(self.programs, "images", "import", str(path))
             marker.touch()
+        for stale in [*folder.glob("*.tar"), *folder.glob("*.imported")]:
+            if stale not in current:  # archives of images since rebuilt
+                stale.unlink()
         self._load_project_images(present)
 
     def _load_project_images(self, present: dict[str, str]) -> None:

@@ -153,9 +153,13 @@ def test_pods_reach_each_other_through_service_dns(kube_node: Kube, ns: str) -> 
     pods.create(kube_node, ns, *_server(token))
     kube_node.kubectl("wait", "-n", ns, "pod/master", "--for=condition=Ready", "--timeout=120s", check=True)
     names = ["master", f"master.{ns}.svc.cluster.local", "master-headless"]
-    # busybox nc, not wget: Debian's static busybox wget crashes (SIGSEGV) on any URL.
+    # busybox nc, not wget: Debian's static busybox wget crashes (SIGSEGV) on any URL. Each name
+    # is retried for up to 30 s, as a rendezvous client would: kube-proxy and CoreDNS pick up a
+    # new Service within seconds, not at once (the number of tries is printed for diagnosis).
     request = r"printf 'GET / HTTP/1.0\r\n\r\n'"
-    script = "; ".join(f"echo {n}=$({request} | nc -w 5 {n} 8080 | tail -n 1)" for n in names)
+    script = "; ".join(
+        f"for i in $(seq 30); do r=$({request} | nc -w 2 {n} 8080 | tail -n 1); [ -n \"$r\" ] && break; "
+        f"sleep 1; done; echo {n}=$r tries=$i" for n in names)
     pods.create(kube_node, ns, pods.job("client", pods.pod_spec([pods.container("client", script)])))
     pods.job_finished(kube_node, ns, "client")
     out = pods.logs(kube_node, ns, "job/client")
