@@ -526,7 +526,8 @@ def _sweep_stale_workdirs() -> None:
             continue  # no pid file yet, or not ours to judge
 
 
-def _start_local(workdir: Path, docs: list[dict[str, Any]], with_node: bool) -> tuple[Kube, LocalControlPlane, node.LocalNode | None]:
+def _start_local(workdir: Path, docs: list[dict[str, Any]], with_node: bool,
+                 project_images: bool) -> tuple[Kube, LocalControlPlane, node.LocalNode | None]:
     """Start a control plane (and a node when `with_node`) and install the CRDs. On failure
     everything started is stopped and ControlPlaneError carries the components' log tails."""
     bins = Binaries.find()
@@ -555,7 +556,7 @@ def _start_local(workdir: Path, docs: list[dict[str, Any]], with_node: bool) -> 
             the_node.prepare()
         plane.start(install_crds)
         if the_node is not None:
-            the_node.start(wait_until)
+            the_node.start(wait_until, project_images=project_images)
     except Exception as e:
         logs = plane.logs()
         if the_node is not None:
@@ -569,13 +570,14 @@ def _start_local(workdir: Path, docs: list[dict[str, Any]], with_node: bool) -> 
 
 
 @contextlib.contextmanager
-def connect(crds: list[Path] | None = None, with_node: bool = False) -> Iterator[Kube]:
+def connect(crds: list[Path] | None = None, with_node: bool = False, project_images: bool = False) -> Iterator[Kube]:
     """Yield a `Kube` with our CRDs installed; stop everything (even after errors) on exit.
 
     `with_node`: also run a node (node.py) so pods really run; the controller manager then runs
-    its default controllers. With `CWM_TEST_KUBECONFIG` set, that cluster is used and left
-    running (our CRD is applied, the PyTorchJob CRD only if the cluster has none: a real training
-    operator's wins); it is trusted to have nodes.
+    its default controllers. `project_images`: load the project's images from Docker into that
+    node at start (else on demand: `kube.node.load_project_images`). With `CWM_TEST_KUBECONFIG`
+    set, that cluster is used and left running (our CRD is applied, the PyTorchJob CRD only if
+    the cluster has none: a real training operator's wins); it is trusted to have nodes.
     """
     crd_paths = crds if crds is not None else [CWM_CRD, PYTORCHJOB_CRD]
     docs = [load_crd(p) for p in crd_paths]
@@ -592,7 +594,7 @@ def connect(crds: list[Path] | None = None, with_node: bool = False) -> Iterator
             for doc in docs:
                 kube.apply_crd(doc, replace=doc["spec"]["group"] != "kubeflow.org")
         else:
-            kube, local, the_node = _start_local(workdir, docs, with_node)
+            kube, local, the_node = _start_local(workdir, docs, with_node, project_images)
         yield kube
     finally:
         if kube is not None:
@@ -613,7 +615,7 @@ def cluster_state_dir() -> Path:
 def _serve(with_node: bool) -> None:
     """Run a cluster until SIGTERM/Ctrl-C; write its kubeconfig where `make cluster` reads it."""
     state = cluster_state_dir()
-    with connect(with_node=with_node) as kube:
+    with connect(with_node=with_node, project_images=with_node) as kube:
         parts = dict(kube.local.timings) if kube.local else {}
         parts.update({f"node {k}": v for k, v in (kube.node.timings if kube.node else {}).items()})
         shutil.copyfile(kube.kubeconfig, state / "kubeconfig.partial")

@@ -505,12 +505,14 @@ class LocalNode:
         setup_network()
         self.workdir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, wait: Callable[[Callable[[], Any], float, str], Any]) -> None:
-        """Start the node's parts in dependency order; `wait(check, timeout, what)` polls."""
+    def start(self, wait: Callable[[Callable[[], Any], float, str], Any], project_images: bool = False) -> None:
+        """Start the node's parts in dependency order; `wait(check, timeout, what)` polls.
+        `project_images`: also copy the project's images from Docker (GBs: `make cluster` does,
+        the test fixture only when a test asks for them, see `load_project_images`)."""
         steps: list[tuple[str, Callable[[], None]]] = [
             ("kube-scheduler", self._start_scheduler),
             ("containerd", lambda: self._start_containerd(wait)),
-            ("images", self._load_images),
+            ("images", lambda: self._load_images(project_images)),
             ("kube-proxy", self._start_kube_proxy),
             ("kubelet", lambda: self._start_kubelet(wait)),
             ("coredns", lambda: self._start_coredns(wait)),
@@ -555,8 +557,8 @@ class LocalNode:
         out = ctr(self.programs, "images", "ls").decode().splitlines()[1:]
         return {line.split()[0]: line.split()[2] for line in out if line.strip()}
 
-    def _load_images(self) -> None:
-        """Our three images (always; cheap when unchanged) and the project's (when Docker has them)."""
+    def _load_images(self, project_images: bool) -> None:
+        """Our three images (always; cheap when unchanged) and, if asked, the project's."""
         applets = nodeimages.busybox_applets(self.programs.busybox)
         specs = [
             nodeimages.pause_image(PAUSE_IMAGE, self.programs.pause),
@@ -577,19 +579,27 @@ class LocalNode:
         for stale in [*folder.glob("*.tar"), *folder.glob("*.imported")]:
             if stale not in current:  # archives of images since rebuilt
                 stale.unlink()
-        self._load_project_images(present)
+        if project_images:
+            self.load_project_images(required=False)
 
-    def _load_project_images(self, present: dict[str, str]) -> None:
+    def load_project_images(self, required: bool) -> list[str]:
         """`docker save | ctr images import` for each project image the local engine has, once per
-        image id (a marker file records the id imported). Missing ones are noted, not faked."""
+        image id (a marker file records the id imported); returns the references loaded. A
+        missing one raises NodeError when `required`, else it is noted (`notes`), never faked."""
         docker = shutil.which("docker")
+        present = self._images_present()
+        loaded = []
         for ref in project_image_refs():
             inspect = run([docker, "image", "inspect", "--format", "{{.Id}}", ref], check=False) if docker else None
             if inspect is None or inspect.returncode != 0:
                 why = "no docker CLI" if inspect is None else inspect.stderr.decode(errors="replace").strip()
-                self.notes.append(f"{ref} not loaded into the node ({why}): build it with `make images`")
-                log.warning(self.notes[-1])
+                problem = f"{ref} not loaded into the node ({why}): build it with `make images`"
+                if required:
+                    raise NodeError(problem)
+                self.notes.append(problem)
+                log.warning(problem)
                 continue
+            loaded.append(ref)
             image_id = inspect.stdout.decode().strip()
             marker = STATE_DIR / "image-archives" / f"{ref.replace('/', '_').replace(':', '_')}.id"
             if ref in present and marker.exists() and marker.read_text() == image_id:
@@ -598,6 +608,7 @@ class LocalNode:
             _stream_import(self.programs, [docker, "save", ref])
             log.info("loaded %s into the node in %.0f s", ref, time.monotonic() - t0)
             marker.write_text(image_id)
+        return loaded
 
     def _start_kube_proxy(self) -> None:
         kubeconfig = self._kubeconfig("kube-proxy", "system:kube-proxy", ("system:masters",))

@@ -9,6 +9,7 @@ Fixtures
                   containerd, kubelet, kube-proxy, kube-scheduler, CoreDNS; see node.py), or the
                   cluster in CWM_TEST_KUBECONFIG. Its tests carry the `node` marker.
   node_namespace  function: a fresh namespace in the node cluster, its default ServiceAccount ready.
+  node_project_images  session: the project's images loaded into the node (fails: `make images`).
 
 When the binaries are missing and no CWM_TEST_KUBECONFIG is set, `kube` FAILS with the command that
 builds them (a skip would hide a missing install step); CWM_SKIP_CLUSTER=1 skips on purpose.
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.controlplane.cluster import ControlPlaneError, Kube, connect
+from tests.controlplane.node import NodeError, project_image_refs
 
 _STASH_KUBE = pytest.StashKey[Kube]()
 _STASH_KUBE_NODE = pytest.StashKey[Kube]()
@@ -75,6 +77,20 @@ def kube_node(request: pytest.FixtureRequest) -> Iterator[Kube]:
     kube-proxy, kube-scheduler, CoreDNS), the controller manager running its default controllers.
     A separate cluster from `kube`'s (that one's tests write Job status themselves)."""
     yield from _session_cluster(request, with_node=True, key=_STASH_KUBE_NODE)
+
+
+@pytest.fixture(scope="session")
+def node_project_images(kube_node: Kube) -> list[str]:
+    """The project's images (cwm-operator, cwm-beam, cwm-trainer as the chart names them), loaded
+    into the node's containerd from the local Docker engine on first use (GBs: only tests that
+    run them ask). FAILS naming `make images` when one is missing; on an external cluster the
+    references are returned as they are (its registry or preloading is its own business)."""
+    if kube_node.node is None:
+        return project_image_refs()
+    try:
+        return kube_node.node.load_project_images(required=True)
+    except NodeError as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 def _namespace(k: Kube, labels: dict[str, str] | None = None) -> Iterator[str]:
