@@ -45,10 +45,10 @@ def prompt_messages(task: OutputTask) -> list[dict[str, Any]]:
 
 def sft_messages(task: OutputTask) -> list[dict[str, Any]]:
     """The SFT example: the trace as reasoning (``<think>\n...\n</think>\n``, ordinary text
-    as CWM encodes message bodies), then the value."""
-    answer: dict[str, Any] = {"role": "assistant", "content": task.expected}
-    if task.reasoning:
-        answer["reasoning_content"] = task.reasoning
+    as CWM encodes message bodies; empty when there is no trace, so the reply still has the
+    reasoning-mode shape the ``<think>\n`` prompt expects), then the value."""
+    answer = {"role": "assistant", "content": task.expected,
+              "reasoning_content": task.reasoning or ""}
     return [*prompt_messages(task), answer]
 
 

@@ -12,7 +12,7 @@ Each rule and the CWM file it comes from (github.com/facebookresearch/cwm):
   system prompt starts with :data:`REASONING_SYSTEM_PROMPT`, the generation prompt ends with
   ``<think>\n``, the reply is ``REASONING\n</think>\nANSWER``; ``serve/fgserve.py`` splits a reply
   at ``\n</think>\n`` into ``reasoning_content`` and ``content``. A past assistant turn with
-  ``reasoning_content`` is rendered ``<think>\nREASONING\n</think>\nANSWER``.
+  ``reasoning_content`` (even ``""``) is rendered ``<think>\nREASONING\n</think>\nANSWER``.
 * Tools (``PROMPTING_GUIDE.md`` "Tool Use"; ``serve/tools.py``; ``cwm/rl/envs/envs/swerl_tool.py``
   ``SYSTEM_UBUNTU``): a call is ``<tool: NAME>\nBODY\n</tool>`` in the assistant's text. The tools
   are announced as plain-text command descriptions in their own system message after the last
@@ -28,8 +28,9 @@ An OpenAI tool call's ``arguments`` JSON maps to BODY and back (:func:`call_body
 Special tokens come from structure only: :func:`render_messages` returns :class:`Segment` s,
 each either one special token (``special=True``) or ordinary text, so a body that spells
 ``<|eot_id|>`` is encoded as text (CWM encodes bodies with ``encode_ordinary``). ``header``
-segments are given, ``assistant`` segments (body + eot) are what SFT trains on, ``tool``
-segments are environment output that RL / trajectory training masks.
+segments (and a reasoning reply's leading ``<think>\n``, the generation prompt) are given,
+``assistant`` segments (body + eot) are what SFT trains on, ``tool`` segments are environment
+output that RL / trajectory training masks.
 """
 
 from __future__ import annotations
@@ -189,8 +190,10 @@ def assistant_body(message: dict, where: str) -> str:
         calls.append(f"<tool: {fn['name']}>\n{text}\n</tool>")
     if calls:
         body = "\n".join([body, *calls] if body else calls)
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if reasoning:
+    reasoning = message.get("reasoning_content")
+    if reasoning is None:
+        reasoning = message.get("reasoning")
+    if reasoning is not None:   # "" too: a reasoning-mode reply that closed its reasoning at once
         body = f"{THINK_START}{reasoning.strip()}\n{THINK_END}\n{body}"
     return body
 
@@ -224,6 +227,10 @@ def render_messages(messages: Sequence[dict], *, tools: Sequence[dict] | None = 
         else:
             body, title = content_text(message.get("content"), where).strip(), role
         segments += header(title)
+        if role == "assistant" and body.startswith(THINK_START):
+            # "<think>\n" is the reasoning-mode generation prompt: given, encoded on its own.
+            segments.append(Segment("header", THINK_START))
+            body = body[len(THINK_START):]
         if body:
             segments.append(Segment(role, body))
         segments.append(Segment(role, EOT, True))

@@ -30,15 +30,17 @@ def test_mean_reward_rises(pipeline_data, dist_group, tmp_path):
     traces_uri = write_dataset(tmp_path / "traces", "traces",
                                {"train": traces[:280], "validation": traces[280:]})
     rng = random.Random(0)
+    # Reasoning-mode replies (CWM's prompt ends with "<think>\n"), the reasoning left empty.
     warmup = [{"messages": [*prompt_messages(t),
-                            {"role": "assistant", "content": rng.choice(["True", "False"])}]}
+                            {"role": "assistant", "content": rng.choice(["True", "False"]),
+                             "reasoning_content": ""}]}
               for t in comparison_tasks(400, seed=11)]
     warmup_uri = write_dataset(tmp_path / "warmup", "trajectories", {"train": warmup})
     no_eval = {"cruxeval": False, "heldOutTraces": 0}
 
     inputs = {**pipeline_data, "traces": None, "corpus": None, "trajectories": warmup_uri}
     cfg = stage_config(tmp_path, "sft", inputs, evaluation=no_eval,
-                       spec={"steps": 60, "microBatchSize": 8, "sequenceLength": 128,
+                       spec={"steps": 60, "microBatchSize": 8, "sequenceLength": 256,
                              "learningRate": 1e-2, "warmupSteps": 5, "checkpointEvery": 1000})
     sft.main(["--config", str(cfg)])
 
@@ -48,7 +50,7 @@ def test_mean_reward_rises(pipeline_data, dist_group, tmp_path):
                        spec={"steps": RL_STEPS, "learningRate": 3e-3, "minLearningRate": 3e-3,
                              "warmupSteps": 0, "checkpointEvery": 1000,
                              "rl": {"groupSize": 8, "promptsPerStep": 8, "maxNewTokens": 3,
-                                    "maxLength": 128, "temperature": 1.0}})
+                                    "maxLength": 256, "temperature": 1.0}})
     results = rl.main(["--config", str(cfg)])
 
     rewards = [r["reward_mean"] for r in read_metrics(tmp_path / "rl" / "metrics" / "metrics.jsonl")]

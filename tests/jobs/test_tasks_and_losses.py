@@ -104,7 +104,8 @@ def test_sft_trains_on_assistant_turns_only(tokenizer):
     task = OutputTask("def f():\n    return 1\n", "f()", "1")
     doc = chat_document(tokenizer, sft_messages(task))
     trained = tokenizer.decode([t for t, m in zip(doc.tokens, doc.mask) if m])
-    assert trained == "1<|eot_id|>"
+    # Reasoning mode: "<think>\n" is the prompt's; the reply closes the (empty) reasoning.
+    assert trained == "\n</think>\n1<|eot_id|>"
     assert doc.tokens[0] == tokenizer.bos_id
 
 
