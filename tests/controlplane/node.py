@@ -377,13 +377,43 @@ def _our_shims() -> list[int]:
 
 
 def _our_mounts() -> list[str]:
-    """Mount points under our folders and pod network namespaces, deepest first."""
+    """Mount points under our folders and pod network namespaces, deepest first (/var/run is a
+    link to /run, and mountinfo names the target)."""
+    prefixes = (str(RUN_DIR) + "/", str(STATE_DIR) + "/", str(NETNS_DIR / "cni-"), str(NETNS_DIR.resolve() / "cni-"))
     points = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         point = line.split()[4].replace("\\040", " ")
-        if point.startswith((str(RUN_DIR) + "/", str(STATE_DIR) + "/", str(NETNS_DIR / "cni-"))):
+        if point.startswith(prefixes):
             points.append(point)
     return sorted(set(points), key=len, reverse=True)
+
+
+def _kubepods_cgroups() -> list[Path]:
+    """The kubelet's `kubepods` cgroup trees in every hierarchy (v1 controllers, or v2)."""
+    root = Path("/sys/fs/cgroup")
+    tops = [root / "kubepods", *(h / "kubepods" for h in root.iterdir() if h.is_dir())] if root.is_dir() else []
+    return [t for t in tops if t.is_dir()]
+
+
+def _kill_pod_processes(timeout: float = 10) -> list[int]:
+    """SIGKILL every process in the kubepods cgroups: the containers of a node whose kubelet and
+    shims died (a killed shim leaves its container running, reparented to init)."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = set()
+        for top in _kubepods_cgroups():
+            for procs in top.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    pids |= {int(p) for p in procs.read_text().split()}
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed |= pids
+        time.sleep(0.2)
+    return sorted(killed)
 
 
 def _iptables_sweep(tool: str) -> None:
@@ -406,11 +436,7 @@ def _iptables_sweep(tool: str) -> None:
 
 def _cgroup_sweep() -> None:
     """Remove the kubepods cgroups the kubelet made (empty once the containers are gone)."""
-    root = Path("/sys/fs/cgroup")
-    for hierarchy in root.iterdir() if root.is_dir() else ():
-        top = hierarchy / "kubepods"
-        if not top.is_dir():
-            continue
+    for top in _kubepods_cgroups():
         for folder in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -423,7 +449,7 @@ def sweep() -> list[str]:
     (and with them the containers), mounts, pod network namespaces, iptables chains, the bridge,
     cgroups, run-time state. Keeps the image store under STATE_DIR/containerd (a cache). Returns
     what it found (empty after a clean stop)."""
-    found = []
+    found = [f"container process {pid}" for pid in _kill_pod_processes()]
     for pid in _our_shims():
         found.append(f"shim pid {pid}")
         with contextlib.suppress(ProcessLookupError):
@@ -433,6 +459,7 @@ def sweep() -> list[str]:
         run(["umount", "-l", point], check=False)
     for netns in NETNS_DIR.glob("cni-*") if NETNS_DIR.is_dir() else ():
         found.append(f"netns {netns}")
+        run(["umount", str(netns)], check=False)  # if it was still mounted (bind mount of a netns)
         with contextlib.suppress(OSError):
             netns.unlink()
     _iptables_sweep("iptables")
