@@ -184,20 +184,28 @@ def webhook_configuration(upstream: dict[str, Any], url: str, ca_pem: bytes, sch
     return config
 
 
-def init_container_template(image: str) -> str:
+def init_container_template(image: str, wait_with: str = "python3") -> str:
     """The operator's init container for Worker pods (a Go template: .MasterAddr, .MaxTries):
     wait until the master's Service name resolves, with Python (present in the trainer image)
-    instead of alpine's nslookup, fit for Pod Security ``restricted``."""
-    wait = ("import socket,sys,time\n"
-            "for _ in range({{.MaxTries}}):\n"
-            "    try:\n"
-            "        socket.getaddrinfo('{{.MasterAddr}}', None); sys.exit(0)\n"
-            "    except OSError:\n"
-            "        print('waiting for master {{.MasterAddr}}', flush=True); time.sleep(2)\n"
-            "sys.exit(1)\n")
+    or busybox's nslookup (``wait_with="nslookup"``) instead of alpine's, fit for Pod Security
+    ``restricted``."""
+    if wait_with == "python3":
+        wait = ("import socket,sys,time\n"
+                "for _ in range({{.MaxTries}}):\n"
+                "    try:\n"
+                "        socket.getaddrinfo('{{.MasterAddr}}', None); sys.exit(0)\n"
+                "    except OSError:\n"
+                "        print('waiting for master {{.MasterAddr}}', flush=True); time.sleep(2)\n"
+                "sys.exit(1)\n")
+        command = ["python3", "-c", wait]
+    elif wait_with == "nslookup":
+        command = ["/bin/sh", "-c", "for i in $(seq {{.MaxTries}}); do nslookup {{.MasterAddr}} && exit 0; "
+                   "echo waiting for master {{.MasterAddr}}; sleep 2; done; exit 1"]
+    else:
+        raise TrainingOperatorError(f"init container wait_with={wait_with!r}: python3 or nslookup")
     container = {
         "name": "init-pytorch", "image": image, "imagePullPolicy": "IfNotPresent",
-        "command": ["python3", "-c", wait],
+        "command": command,
         "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                             "readOnlyRootFilesystem": True, "runAsNonRoot": True, "runAsUser": 65532,
@@ -314,6 +322,7 @@ class TrainingOperator:
     namespace: str
     workdir: Path
     init_image: str
+    init_wait_with: str = "python3"
     schemes: tuple[str, ...] = ("pytorchjob",)
     ports: Ports = field(default_factory=Ports.free)
     component: _Process | None = None
@@ -340,7 +349,7 @@ class TrainingOperator:
         for name, data in (("tls.crt", certs.cert_pem), ("tls.key", certs.key_pem)):
             (CERT_DIR / name).write_bytes(data)
         template = self.workdir / "init-container.yaml"
-        template.write_text(init_container_template(self.init_image))
+        template.write_text(init_container_template(self.init_image, self.init_wait_with))
         argv = operator_argv(self.build.binary, self.ports, self.namespace, template,
                              self.init_image, self.schemes)
         env = {"KUBECONFIG": str(self.kubeconfig), "MY_POD_NAMESPACE": self.namespace,
@@ -394,14 +403,14 @@ def uninstall(api_client: Any, user: str) -> None:
 
 @contextlib.contextmanager
 def run(api_client: Any, kubeconfig: Path, namespace: str, workdir: Path, *, init_image: str,
-        user: str | None = None) -> Iterator[TrainingOperator]:
+        user: str | None = None, init_wait_with: str = "python3") -> Iterator[TrainingOperator]:
     """Install the Secret, webhook configuration and RBAC, start the operator watching
     ``namespace``, wait until it is ready; on exit stop it and remove the webhook configuration
     (so no PyTorchJob in the cluster depends on a stopped process). ``kubeconfig`` is the
     identity it runs as (``user``, bound to the module's ClusterRole when given)."""
     build = Build.find()
     with _cert_dir_lock():
-        operator = TrainingOperator(build, kubeconfig, namespace, workdir, init_image)
+        operator = TrainingOperator(build, kubeconfig, namespace, workdir, init_image, init_wait_with)
         certs = webhook_certs(namespace)
         try:
             if user:
