@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.controlplane import node as cwm_node
-from tests.controlplane.cluster import REPO, Kube, read_versions
+from tests.controlplane.cluster import REPO, ControlPlaneError, Kube, read_versions
 from tests.controlplane.nodeimages import NONROOT_UID
 from tests.node import pods
 
@@ -228,3 +228,13 @@ def test_the_charts_seccomp_profile_lets_a_pod_make_a_user_namespace(kube_node: 
     assert "Failed" in pods.conditions(default), pods.logs(kube_node, ns, "job/default")
     assert "Complete" in pods.conditions(sandbox), pods.describe(kube_node, ns)
     assert pods.logs(kube_node, ns, "job/sandbox").split() == ["0", "made-user-namespace"]
+
+
+def test_job_status_cannot_be_written_by_hand_where_a_node_runs(kube_node: Kube, ns: str) -> None:
+    """The lifecycle helpers of the API-only cluster refuse here: the controllers write status."""
+    if kube_node.node is None:
+        pytest.skip("the guard belongs to our node; an external cluster's Kube has none")
+    with pytest.raises(ControlPlaneError, match="runs a node"):
+        kube_node.complete_job("anything", ns)
+    with pytest.raises(ControlPlaneError, match="runs a node"):
+        kube_node.fail_pytorchjob("anything", ns)
