@@ -2,9 +2,10 @@
 
 What controller-runtime's envtest does for Go operators, for our Python tests: the binaries are
 built from Go modules by `tests/controlplane/build.sh`; this module starts them on free loopback
-ports with a generated PKI, waits until each is healthy, and stops them. No kubelet or scheduler
-runs, so pods never start: `lifecycle.py` moves Jobs and PyTorchJobs through their states the way
-their controllers would.
+ports with a generated PKI, waits until each is healthy, and stops them. By default no kubelet or
+scheduler runs, so pods never start: `lifecycle.py` moves Jobs and PyTorchJobs through their states
+the way their controllers would. With `with_node=True` a node runs beside it (node.py: pods really
+run, the controllers write every status, and the lifecycle helpers refuse).
 
 `connect()` is the entry point: it starts a local control plane, or, when `CWM_TEST_KUBECONFIG`
 is set, uses that cluster (kind, k3d, a real one) so the same tests run anywhere.

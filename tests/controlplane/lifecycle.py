@@ -1,6 +1,6 @@
 """Move Jobs and PyTorchJobs through their lifecycle the way their controllers do.
 
-No kubelet runs in the test control plane, so no pod ever starts and neither the Job controller
+No kubelet runs in the API-only test control plane (the `kube` fixture), so no pod ever starts and neither the Job controller
 nor the Kubeflow training operator has anything to observe. These helpers write the status those
 controllers would write, in the same order and through the same `/status` subresource with
 optimistic concurrency (read, change, PUT with resourceVersion, retry on conflict). The API server
