@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import kopf
 
 from cwm_spec import storage
-from cwm_spec.api import GROUP, PLURAL, VERSION
+from cwm_spec.api import GROUP, PLURAL, VERSION, StepState
 from cwm_operator.metrics import Metrics
 from cwm_operator.reconcile import (
     Child,
@@ -324,7 +324,7 @@ class Controller:
                 if found is not None:
                     self.remember_child(found)
         done = {s.get("name") for s in (obj.get("status") or {}).get("steps") or []
-                if s.get("state") == "Succeeded"}
+                if s.get("state") == StepState.SUCCEEDED}
         observed = []
         for raw in list(kids.values()):
             if uid and _owner_uid(raw) not in (uid, None):

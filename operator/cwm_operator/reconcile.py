@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Literal, Mapping
 
-from cwm_spec.api import STAGE_ORDER, CWMPipeline, CWMPipelineStatus, StepStatus
+from cwm_spec.api import STAGE_ORDER, CWMPipeline, CWMPipelineStatus, StepState, StepStatus
 from cwm_spec.plan import Plan, Step, Target, build_plan
 from cwm_operator.render import (
     ANNOTATION_METRICS,
@@ -211,7 +211,7 @@ def children_to_confirm(obj: Mapping[str, Any]) -> list[tuple[str, str]]:
     lagging watch is never mistaken for a deleted one."""
     wanted = []
     for rec in read_status(obj).steps:
-        if rec.child and rec.state not in ("Succeeded", "Cached"):
+        if rec.child and not rec.state.done:
             wanted.append(("PyTorchJob" if rec.name in STAGE_ORDER else "Job", rec.child))
     return wanted
 
@@ -368,7 +368,7 @@ def _progress(old: CWMPipelineStatus, status: CWMPipelineStatus, pipeline: CWMPi
     current: Step | None = None
     for step in plan.steps:
         rec = records[step.name]
-        if rec.state in ("Succeeded", "Cached"):
+        if rec.state.done:
             continue
         current = step
         walk.adopt(step, rec, [c for c in children if c.step == step.name])
@@ -418,7 +418,7 @@ class _Walk:
         """A child created just before a restart that lost the status write: adopt it."""
         newest = max(mine, key=lambda c: c.attempt, default=None)
         if newest is not None and newest.attempt > rec.attempts:
-            rec.attempts, rec.child, rec.state = newest.attempt, newest.name, "Running"
+            rec.attempts, rec.child, rec.state = newest.attempt, newest.name, StepState.RUNNING
             rec.fingerprint, rec.artifacts = step.fingerprint, dict(step.outputs)
             rec.start_time = format_time(newest.created or self.now)
             rec.finish_time = rec.message = None
@@ -426,7 +426,7 @@ class _Walk:
     def start(self, step: Step, rec: StepStatus, attempt: int) -> None:
         self.decision.create.append(Create(step, attempt))
         name = child_name(self.pipeline.name, step.name, attempt)
-        rec.state, rec.attempts, rec.child = "Running", attempt, name
+        rec.state, rec.attempts, rec.child = StepState.RUNNING, attempt, name
         rec.fingerprint, rec.artifacts = step.fingerprint, dict(step.outputs)
         rec.start_time, rec.finish_time, rec.message = format_time(self.now), None, None
         self.decision.events.append(Event(
@@ -435,7 +435,7 @@ class _Walk:
 
     def succeeded(self, step: Step, rec: StepStatus, child: Child) -> None:
         finished = child.finished or self.now
-        rec.state, rec.message = "Succeeded", None
+        rec.state, rec.message = StepState.SUCCEEDED, None
         rec.finish_time = format_time(finished)
         rec.metrics = {k: float(v) for k, v in child.metrics.items()}
         started_at = parse_time(rec.start_time)
@@ -455,10 +455,10 @@ class _Walk:
             first_seen.attempts != rec.attempts
         what = f"step {step.name}: {_describe(child)} failed ({child.message})"
         if rec.attempts > step.retries:
-            rec.state = "Failed"
+            rec.state = StepState.FAILED
             rec.message = f"failed after {rec.attempts} attempt(s); last: {child.message}"
             self.failed_step = rec
-            if announce or (first_seen and first_seen.state != "Failed"):
+            if announce or (first_seen and first_seen.state != StepState.FAILED):
                 self.decision.events.append(Event("Warning", "StepFailed",
                                                   f"{what}; no retries left"))
             return
@@ -468,11 +468,11 @@ class _Walk:
             self.decision.events.append(Event(
                 "Warning", "StepFailed", f"{what}; retrying at {format_time(retry_at)}"))
         if self.suspend:
-            rec.state = "Pending"
+            rec.state = StepState.PENDING
         elif self.now >= retry_at:
             self.start(step, rec, rec.attempts + 1)
         else:
-            rec.state = "Pending"
+            rec.state = StepState.PENDING
             self.waiting_retry = True
             rec.message += f"; attempt {rec.attempts + 1} at {format_time(retry_at)}"
             self.decision.requeue((retry_at - self.now).total_seconds())
@@ -480,7 +480,7 @@ class _Walk:
     def in_flight(self, rec: StepStatus, child: Child) -> None:
         """Pending, Running, Restarting or Suspended: keep suspension in line with the spec,
         and report a child stuck Pending/Restarting past the threshold."""
-        rec.state = "Suspended" if child.phase == "Suspended" else "Running"
+        rec.state = StepState.SUSPENDED if child.phase == "Suspended" else StepState.RUNNING
         if self.suspend and not child.suspended:
             self.decision.suspend.append(SetSuspend(child, True))
         elif not self.suspend and child.suspended_by_operator:
@@ -502,7 +502,7 @@ def _summarise(old: CWMPipelineStatus, status: CWMPipelineStatus, plan: Plan,
                stalled: tuple[str, str] | None, suspend: bool, now: dt.datetime,
                generation: int | None, decision: Decision) -> None:
     """Phase, progress and the conditions, from the step records just computed."""
-    done = sum(1 for rec in status.steps if rec.state in ("Succeeded", "Cached"))
+    done = sum(1 for rec in status.steps if rec.state.done)
     status.progress = f"{done}/{len(plan.steps)}"
     g, events = generation, decision.events
     set_condition(status, "Accepted", True, "Valid",

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from cwm_spec import storage
+from cwm_spec.api import StepState
 from cwm_spec.plan import Plan, Step
 from cwm_spec.storage import tree_digest, write_json_atomic
 
-SUCCEEDED, FAILED, RUNNING, CACHED = "Succeeded", "Failed", "Running", "Cached"
-INTERRUPTED, PENDING = "Interrupted", "Pending"
 LOG_TAIL_LINES = 25
 
 
@@ -74,7 +73,7 @@ class StepRecord:
     """What the work directory knows of one step."""
 
     name: str
-    state: str = PENDING
+    state: StepState = StepState.PENDING
     fingerprint: str | None = None
     attempts: int = 0
     started: str | None = None
@@ -94,6 +93,8 @@ class StepRecord:
         if not data:
             return cls(name)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "state" in known:
+            known["state"] = StepState(known["state"])
         return cls(**known)
 
 
@@ -115,7 +116,8 @@ class PlainDisplay:
         for r in records:
             if self.seen.get(r.name) != r.state:
                 self.seen[r.name] = r.state
-                extra = f" ({r.seconds:.1f}s)" if r.seconds is not None and r.state != RUNNING else ""
+                running = r.state == StepState.RUNNING
+                extra = f" ({r.seconds:.1f}s)" if r.seconds is not None and not running else ""
                 print(f"[cwm] {r.name}: {r.state}{extra}", file=self.stream, flush=True)
         due = time.monotonic() - self.last_beat > self.heartbeat
         if current and due and detail != self.last_detail:
@@ -129,8 +131,9 @@ class PlainDisplay:
 class RichDisplay:
     """A live table of steps, their state, time, and the running step's latest log line."""
 
-    STYLE = {SUCCEEDED: "green", CACHED: "cyan", FAILED: "bold red", RUNNING: "yellow",
-             INTERRUPTED: "magenta", PENDING: "dim"}
+    STYLE = {StepState.SUCCEEDED: "green", StepState.CACHED: "cyan",
+             StepState.FAILED: "bold red", StepState.RUNNING: "yellow",
+             StepState.INTERRUPTED: "magenta", StepState.PENDING: "dim"}
 
     def __init__(self) -> None:
         from rich.console import Console
@@ -148,7 +151,7 @@ class RichDisplay:
         for col in ("step", "state", "time", "detail"):
             table.add_column(col)
         for r in records:
-            if r.state == RUNNING:
+            if r.state == StepState.RUNNING:
                 self.started.setdefault(r.name, time.monotonic())
                 secs = time.monotonic() - self.started[r.name]
             else:
@@ -218,7 +221,7 @@ class LocalRunner:
         return {k: tree_digest(v) for k, v in sorted(step.inputs.items())}
 
     def up_to_date(self, step: Step, rec: StepRecord) -> bool:
-        if rec.state not in (SUCCEEDED, CACHED) or rec.fingerprint != step.fingerprint:
+        if not rec.state.done or rec.fingerprint != step.fingerprint:
             return False
         if rec.inputs != self.input_digests(step):
             return False
@@ -251,13 +254,14 @@ class LocalRunner:
         with self.lock():
             run_file = self.workdir / "run.json"
             write_json_atomic(run_file, {
-                "pipeline": self.plan.pipeline, "steps": self.plan.names, "state": RUNNING,
+                "pipeline": self.plan.pipeline, "steps": self.plan.names,
+                "state": StepState.RUNNING,
                 "started": now(), "finished": None, "storage": self.plan.target.storage_root,
             })
-            state = INTERRUPTED
+            state = StepState.INTERRUPTED
             try:
                 ok = self._run_steps()
-                state = SUCCEEDED if ok else FAILED
+                state = StepState.SUCCEEDED if ok else StepState.FAILED
                 return ok
             finally:
                 info = read_json(run_file) or {}
@@ -271,7 +275,7 @@ class LocalRunner:
                 self._run_step(step)
             except storage.StorageError as err:  # the store refused or is unreachable
                 rec = self.record(step.name)
-                rec.state, rec.message = FAILED, str(err)
+                rec.state, rec.message = StepState.FAILED, str(err)
                 self.save(rec)
                 self._show(None, "")
                 raise RunError(f"step {step.name!r}: {err}") from None
@@ -290,14 +294,14 @@ class LocalRunner:
 
     def _run_step(self, step: Step) -> None:
         rec = self.record(step.name)
-        if rec.state == RUNNING and _process_alive(rec.pid, step.module):
+        if rec.state == StepState.RUNNING and _process_alive(rec.pid, step.module):
             # A runner killed with -9 may leave a step's process group behind.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(rec.pid, signal.SIGKILL)
         self._check_storage(step)
         if self.up_to_date(step, rec):
             if not rec.cached:
-                rec.cached, rec.state = True, CACHED
+                rec.cached, rec.state = True, StepState.CACHED
                 self.save(rec)
             self._show(None, "")
             return
@@ -312,7 +316,7 @@ class LocalRunner:
         for out in step.outputs.values():
             if "://" not in out:
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
-        rec = StepRecord(step.name, state=RUNNING, fingerprint=step.fingerprint,
+        rec = StepRecord(step.name, state=StepState.RUNNING, fingerprint=step.fingerprint,
                          attempts=rec.attempts + 1, started=now(),
                          inputs=self.input_digests(step))
         env = {**(self.env if self.env is not None else os.environ), **step.env}
@@ -335,7 +339,7 @@ class LocalRunner:
                     self._show(step.name, last_line(log))
         except KeyboardInterrupt:
             self._stop(proc)
-            rec.state, rec.message = INTERRUPTED, "interrupted (Ctrl-C)"
+            rec.state, rec.message = StepState.INTERRUPTED, "interrupted (Ctrl-C)"
             rec.finished, rec.seconds = now(), time.monotonic() - start
             self.save(rec)
             raise
@@ -346,12 +350,12 @@ class LocalRunner:
         if proc.returncode != 0 or absent:
             why = (f"exited with status {proc.returncode}" if proc.returncode != 0
                    else f"exited 0 but wrote no {', '.join(absent)}")
-            rec.state, rec.message = FAILED, why
+            rec.state, rec.message = StepState.FAILED, why
             self.save(rec)
             self._show(None, "")
             raise RunError(f"step {step.name!r} failed: {why}\n--- last lines of {log} ---\n"
                            f"{tail(log)}")
-        rec.state, rec.outputs, rec.message = SUCCEEDED, outputs, None
+        rec.state, rec.outputs, rec.message = StepState.SUCCEEDED, outputs, None
         rec.metrics = self._metrics(step)
         self.save(rec)
         self._show(None, "")
@@ -382,6 +386,6 @@ def summarize(workdir: Path) -> dict[str, Any]:
         raise RunError(f"{workdir}: no run here (no run.json)")
     steps = [StepRecord.load(Path(workdir) / "steps" / n / "state.json", n) for n in run["steps"]]
     for rec in steps:
-        if rec.state == RUNNING and not _process_alive(rec.pid, ""):
-            rec.state, rec.message = INTERRUPTED, "process gone (runner killed?)"
+        if rec.state == StepState.RUNNING and not _process_alive(rec.pid, ""):
+            rec.state, rec.message = StepState.INTERRUPTED, "process gone (runner killed?)"
     return {"run": run, "steps": steps}

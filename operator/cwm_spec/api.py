@@ -11,6 +11,7 @@ errors. Defaults keep a minimal manifest short: ``spec: {stages: [{name: pretrai
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -663,7 +664,21 @@ class CWMPipelineSpec(Spec):
 # Status
 
 
-StepState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Cached"]
+class StepState(StrEnum):
+    """The state of one step: one spelling for the local runner, the operator and the status."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    CACHED = "Cached"  # reused: its fingerprint and artifacts' digests are unchanged
+    INTERRUPTED = "Interrupted"  # the local runner was stopped (Ctrl-C) while the step ran
+
+    @property
+    def done(self) -> bool:
+        """Finished well: later steps may start."""
+        return self in (StepState.SUCCEEDED, StepState.CACHED)
 
 
 class Condition(Spec):
@@ -681,7 +696,8 @@ class StepStatus(Spec):
     """The record of one step (data generation or a training stage)."""
 
     name: str = Field(description="Step name (traces, trajectories, corpus, tokenizer, stage).")
-    state: StepState = Field("Pending", description="Pending, Running, Succeeded, Failed...")
+    state: StepState = Field(StepState.PENDING, description="Pending, Running, Succeeded, Failed, "
+                             "Suspended, Cached (reused from an earlier run) or Interrupted.")
     attempts: int = Field(0, ge=0, description="Attempts started.")
     child: str | None = Field(None, description="Name of the Job or PyTorchJob running it.")
     fingerprint: str | None = Field(None, description="Hash of the step's spec and inputs.")
