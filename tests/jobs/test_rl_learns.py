@@ -49,7 +49,7 @@ def test_mean_reward_rises(pipeline_data, dist_group, tmp_path):
                        evaluation={"cruxeval": False, "heldOutTraces": 20},
                        spec={"steps": RL_STEPS, "learningRate": 3e-3, "minLearningRate": 3e-3,
                              "warmupSteps": 0, "checkpointEvery": 1000,
-                             "rl": {"groupSize": 8, "promptsPerStep": 8, "maxNewTokens": 3,
+                             "rl": {"groupSize": 8, "promptsPerStep": 8, "maxNewTokens": 12,
                                     "maxLength": 256, "temperature": 1.0}})
     results = rl.main(["--config", str(cfg)])
 
