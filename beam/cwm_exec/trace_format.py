@@ -77,8 +77,9 @@ class TraceFormatError(ValueError):
 class Frame(NamedTuple):
     """One step of a trace (a named tuple: the tracer makes tens of thousands per second).
 
-    ``locals`` (call and line frames) maps names to ``repr`` strings or ``".."``; ``value``
-    (return and exception frames) is the ``repr`` of the returned value or the exception."""
+    ``locals`` (call and line frames) maps names to ``repr`` strings or ``".."``; ``line`` is the
+    action text (the source line with its newline, see :func:`action_line`); ``value`` (return
+    and exception frames) is the ``repr`` of the returned value or the exception."""
 
     event: str
     locals: dict[str, str] | None
