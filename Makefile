@@ -76,12 +76,12 @@ engine: setup
 	@$(BIN)/python -c "from tests.images.engine import ensure_engine; ensure_engine().ping()"
 
 # pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.
-test: setup tools controlplane node extensions kubeflow
+test: setup tools controlplane node extensions kubeflow s3server
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not cluster and not flink" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not cluster and not flink and not s3" $(PYTEST_ARGS)
 
 crd: setup
 	$(BIN)/cwm crd > charts/cwm-operator/crds/cwmpipelines.cwm.dev.yaml

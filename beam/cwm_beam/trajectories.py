@@ -51,6 +51,7 @@ from cwm_forager.mutations import FAMILIES
 from cwm_beam.parts import Part, job_part
 from cwm_exec import sandbox
 from cwm_exec.sandbox import Limits
+from cwm_spec import storage
 from cwm_beam.step import (add_common_flags, local_workers, merge_when_complete, output_and_runner,
                            part_label, pipeline_for, read_step, run_as_parts, target_of)
 from cwm_beam.traces import WriteShards, shard_file
@@ -379,22 +380,13 @@ def _write_count(item: tuple[str, int], output: str, name: str) -> None:
     """Side counters for the manifest's stats, one small file per key under ``_stats/``."""
     import hashlib
 
-    import fsspec
-
-    from cwm_spec import artifacts
-
     key, count = item
-    path = artifacts.join(output, "_stats", name, hashlib.sha1(key.encode()).hexdigest()[:12])
-    fs, local = fsspec.core.url_to_fs(path)
-    fs.makedirs(local.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(local, "w") as f:
-        json.dump({"key": key, "count": count}, f)
+    path = storage.join(output, "_stats", name, hashlib.sha1(key.encode()).hexdigest()[:12])
+    storage.write_json_atomic(path, {"key": key, "count": count})
 
 
 def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
     """After the pipeline: empty shards where a split got nothing, stats, manifest last."""
-    import fsspec
-
     from cwm_forager.records import solve_rates
     from cwm_spec import artifacts
 
@@ -412,7 +404,7 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
     counted: dict[str, Counter] = {}
     for name in ("rejected", "duplicates", "tasks"):
         counts: Counter = Counter()
-        fs, base = fsspec.core.url_to_fs(artifacts.join(output, "_stats", name))
+        fs, base = storage.filesystem(artifacts.join(output, "_stats", name))
         if fs.exists(base):
             for path in fs.ls(base, detail=False):
                 with fs.open(path, "r") as f:

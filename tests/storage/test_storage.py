@@ -19,6 +19,7 @@ from cwm_exec.sandbox import Limits, isolation, run_command
 from cwm_spec import artifacts, storage
 from cwm_spec.storage import COMMIT, StorageError
 
+pytestmark = pytest.mark.s3
 BUCKET = "s3://cwm"
 
 
