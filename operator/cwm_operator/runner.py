@@ -42,6 +42,14 @@ class RunError(RuntimeError):
     """The run cannot start or a step failed; the message says which and why."""
 
 
+class StepFailed(RunError):
+    """One attempt of a step failed; ``why`` is the short reason (the message adds the log)."""
+
+    def __init__(self, why: str, message: str):
+        super().__init__(message)
+        self.why = why
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -305,7 +313,21 @@ class LocalRunner:
                 self.save(rec)
             self._show(None, "")
             return
-        self._execute(step, rec)
+        # The operator's semantics: `retries` more attempts after a failure, each attempt with
+        # its own deadline. The operator waits a back-off between attempts (the chart's
+        # children.retryBackoffSeconds); locally there is nothing to wait for, so the next
+        # attempt starts at once.
+        for attempt in range(step.retries + 1):
+            try:
+                self._execute(step, rec)
+                return
+            except StepFailed as failure:
+                if attempt == step.retries:
+                    raise RunError(str(failure)) from None
+                rec = self.record(step.name)
+                rec.message = f"attempt {rec.attempts} failed: {failure.why}; retrying"
+                self.save(rec)
+                self._show(step.name, rec.message)
 
     def _show(self, current: str | None, detail: str) -> None:
         self.display.update(self.records(), current, detail)
@@ -330,12 +352,18 @@ class LocalRunner:
                                     preexec_fn=_die_with_parent)
         rec.pid = proc.pid
         self.save(rec)
+        deadline = start + step.deadline_seconds if step.deadline_seconds else None
+        late = False
         try:
             while True:
                 try:
                     proc.wait(timeout=0.5)
                     break
                 except subprocess.TimeoutExpired:
+                    if deadline is not None and time.monotonic() > deadline:
+                        late = True
+                        self._stop(proc)
+                        break
                     self._show(step.name, last_line(log))
         except KeyboardInterrupt:
             self._stop(proc)
@@ -347,14 +375,16 @@ class LocalRunner:
         rec.seconds, rec.pid = round(time.monotonic() - start, 2), None
         outputs = {k: tree_digest(v) for k, v in sorted(step.outputs.items())}
         absent = [k for k, d in outputs.items() if d is None]
-        if proc.returncode != 0 or absent:
-            why = (f"exited with status {proc.returncode}" if proc.returncode != 0
+        if late or proc.returncode != 0 or absent:
+            why = (f"ran past its deadline of {step.deadline_seconds} s (deadlineSeconds)"
+                   if late else f"exited with status {proc.returncode}" if proc.returncode != 0
                    else f"exited 0 but wrote no {', '.join(absent)}")
             rec.state, rec.message = StepState.FAILED, why
             self.save(rec)
             self._show(None, "")
-            raise RunError(f"step {step.name!r} failed: {why}\n--- last lines of {log} ---\n"
-                           f"{tail(log)}")
+            raise StepFailed(why, f"step {step.name!r} failed: {why}"
+                             f" (attempt {rec.attempts} of {step.retries + 1})\n"
+                             f"--- last lines of {log} ---\n{tail(log)}")
         rec.state, rec.outputs, rec.message = StepState.SUCCEEDED, outputs, None
         rec.metrics = self._metrics(step)
         self.save(rec)

@@ -2,7 +2,8 @@
 
 It reads its configuration exactly as a real entry point does ($CWM_STEP_CONFIG), appends its
 name to $STANDIN_CALLS (so tests see the order), writes each output, and can be told to sleep
-or fail through $STANDIN_SLEEP_<STEP> / $STANDIN_FAIL_<STEP>.
+or fail through $STANDIN_SLEEP_<STEP> / $STANDIN_FAIL_<STEP> (every attempt) /
+$STANDIN_FAIL_ONCE_<STEP> (the first attempt: the variable names a marker file).
 """
 
 import json
@@ -28,6 +29,11 @@ def main() -> int:
     time.sleep(delay)
     if os.environ.get(f"STANDIN_FAIL_{step.upper()}"):
         print(f"{step}: deliberate failure for the test", file=sys.stderr)
+        return 7
+    once = os.environ.get(f"STANDIN_FAIL_ONCE_{step.upper()}")  # a marker file's path
+    if once and not Path(once).exists():
+        Path(once).touch()
+        print(f"{step}: deliberate failure, this attempt only", file=sys.stderr)
         return 7
     for name, uri in config["outputs"].items():
         out = Path(uri)

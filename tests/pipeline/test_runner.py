@@ -92,20 +92,44 @@ def test_resume_after_a_stop_between_steps(env):
     assert called(calls) == ORDER
 
 
-def test_failing_step_stops_the_run_and_shows_its_log(env, monkeypatch):
+def test_failing_step_stops_the_run_after_its_retries_and_shows_its_log(env, monkeypatch):
     tmp, manifest, calls = env
     monkeypatch.setenv("STANDIN_FAIL_PRETRAIN", "1")
     with pytest.raises(RunError) as err:
         run(manifest, tmp / "w")
-    assert "step 'pretrain' failed: exited with status 7" in str(err.value)
+    assert "step 'pretrain' failed: exited with status 7 (attempt 3 of 3)" in str(err.value)
     assert "deliberate failure for the test" in str(err.value)
-    assert called(calls) == ORDER[:5]
+    assert called(calls) == ORDER[:5] + ["pretrain"] * 2  # retries: 2, as the operator does
     assert states(tmp / "w")["pretrain"] == "Failed"
     assert states(tmp / "w")["midtrain"] == "Pending"
 
     monkeypatch.delenv("STANDIN_FAIL_PRETRAIN")
     run(manifest, tmp / "w")
-    assert called(calls) == ORDER[:5] + ORDER[4:]
+    assert called(calls) == ORDER[:5] + ["pretrain"] * 2 + ORDER[4:]
+
+
+def test_a_step_that_fails_once_succeeds_on_its_retry(env, monkeypatch):
+    tmp, manifest, calls = env
+    monkeypatch.setenv("STANDIN_FAIL_ONCE_CORPUS", str(tmp / "corpus-failed-once"))
+    run(manifest, tmp / "w")
+    assert called(calls) == ORDER[:3] + ["corpus"] + ORDER[3:]
+    record = {r.name: r for r in summarize(tmp / "w")["steps"]}["corpus"]
+    assert record.state == "Succeeded" and record.attempts == 2
+    log = (tmp / "w/steps/corpus/log.txt").read_text()
+    assert "==> attempt 1" in log and "==> attempt 2" in log
+
+
+def test_a_step_past_its_deadline_is_stopped_and_fails(env, monkeypatch):
+    tmp, manifest, calls = env
+    doc = yaml.safe_load(manifest.read_text())
+    doc["spec"]["stages"][0].update(deadlineSeconds=2, retries=0)
+    manifest.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("STANDIN_SLEEP_PRETRAIN", "60")
+    started = time.monotonic()
+    with pytest.raises(RunError, match=r"ran past its deadline of 2 s \(deadlineSeconds\)"):
+        run(manifest, tmp / "w")
+    assert time.monotonic() - started < 30  # stopped, not waited for
+    assert states(tmp / "w")["pretrain"] == "Failed"
 
 
 def _start_runner(tmp: Path, manifest: Path, workdir: Path, **env: str) -> subprocess.Popen:
