@@ -34,15 +34,26 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from cwm_exec.sandbox import Limits
+from cwm_exec.trace_format import TraceFormatError
+from cwm_forager.env import Environments
+from cwm_forager.rollout import run_episode
+from cwm_forager.tasks import Task
+from cwm_forager.tools import TOOLS
+from cwm_jobs.common import distributed_session, load_context
 from cwm_jobs.data import stable_random
+from cwm_jobs.evaluate import (ModelPolicy, chat_prompt_ids, evaluate_model,
+                               output_prediction_accuracy, stop_ids)
+from cwm_jobs.rewards import check_outputs
 from cwm_jobs.tasks import OutputTask, extract_answer, prompt_messages, task_from_trace
-
-if TYPE_CHECKING:
-    from cwm_forager.env import Environments
+from cwm_jobs.trainer import all_mean, full_parameters, open_stage
+from cwm_model.chat import encode_segments, render_messages
+from cwm_model.generate import generate
+from cwm_spec.artifacts import iter_records, read_manifest
 
 LOG = logging.getLogger("cwm_jobs.rl")
 
@@ -91,7 +102,6 @@ def token_logprobs(model: Any, sequences: torch.Tensor) -> torch.Tensor:
 class Episode:
     """One sampled answer: prompt ids, completion ids, which completion tokens are the agent's
     (1) rather than the environment's (0), and its reward."""
-
     prompt: list[int]
     completion: list[int]
     agent_mask: list[int]
@@ -118,10 +128,6 @@ def task_pool(traces_uri: str, tokenizer: Any, *, split: str, limit: int, max_pr
     """Output-prediction tasks (with their prompt ids) from the traces data set, in data set
     order (identical on every rank). Traces that raise, never return or do not parse are
     counted and skipped."""
-    from cwm_exec.trace_format import TraceFormatError
-    from cwm_jobs.evaluate import chat_prompt_ids
-    from cwm_spec.artifacts import iter_records
-
     pool = []
     for record in iter_records(traces_uri, split):
         if len(pool) >= limit:
@@ -146,10 +152,6 @@ def sample_episodes(module: Any, tokenizer: Any, pool: Sequence[tuple[OutputTask
                     *, step: int, seed: int, rank: int, prompts: int, group: int,
                     max_new_tokens: int, temperature: float, sandbox: Any) -> list[Episode]:
     """Draw this rank's prompts for ``step``, sample a group of answers each, score them."""
-    from cwm_jobs.evaluate import stop_ids
-    from cwm_jobs.rewards import check_outputs
-    from cwm_model.generate import generate
-
     rng = stable_random("rl-prompts", seed, step, rank)
     chosen = [pool[rng.randrange(len(pool))] for _ in range(prompts)]
     prompt_ids = [ids for _, ids in chosen for _ in range(group)]
@@ -176,9 +178,6 @@ def agent_episode(tokenizer: Any, messages: Sequence[dict[str, Any]], reward: fl
     everything before the agent's first turn; in the rest, the agent's tokens are trained (mask
     1) and the environment's — tool observations, nudges, turn headers — masked (0). Cut at
     ``max_tokens`` (the model's context)."""
-    from cwm_forager.tools import TOOLS
-    from cwm_model.chat import encode_segments, render_messages
-
     ids, roles = encode_segments(tokenizer, render_messages(messages, tools=TOOLS))
     ids, roles = ids[:max_tokens], roles[:max_tokens]
     first = max(1, next((i for i, r in enumerate(roles) if r == "assistant"), len(ids)))
@@ -188,9 +187,6 @@ def agent_episode(tokenizer: Any, messages: Sequence[dict[str, Any]], reward: fl
 
 def mutate_fix_pool(trajectories_uri: str, *, limit: int, stats: Counter) -> list[tuple[dict, Any]]:
     """(repository spec, task) of the trajectory data set's train records, in data set order."""
-    from cwm_forager.tasks import Task
-    from cwm_spec.artifacts import iter_records
-
     pool = []
     for record in iter_records(trajectories_uri, "train"):
         if len(pool) >= limit:
@@ -208,9 +204,6 @@ def sample_agent_episodes(module: Any, tokenizer: Any, pool: Sequence[tuple[dict
                           max_turns: int, max_tokens: int) -> list[Episode]:
     """Draw this rank's mutate-fix tasks for ``step``; the model, sampling, works each one
     ``group`` times in a fresh copy of its repository; reward 1 if the task's tests pass."""
-    from cwm_forager.rollout import run_episode
-    from cwm_jobs.evaluate import ModelPolicy
-
     rng = stable_random("rl-agent-tasks", seed, step, rank)
     chosen = [pool[rng.randrange(len(pool))] for _ in range(prompts)]
     episodes = []
@@ -273,9 +266,6 @@ def rl_step(engine: Any, episodes: list[Episode], *, pad_id: int, group: int, ma
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Parse, build, train, evaluate; the spec's rules (ZeRO stage, required data) were
     checked by validation before any stage ran (`cwm_spec.validation.SPEC_RULES`)."""
-    from cwm_jobs.common import distributed_session, load_context
-    from cwm_jobs.trainer import open_stage
-
     ctx = load_context("rl", argv)
     s, rl = ctx.settings, ctx.settings.rl
     traces, trajectories = ctx.input("traces"), ctx.input("trajectories")
@@ -295,9 +285,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 if not agent_pool:
                     raise ValueError(f"inputs.trajectories {trajectories}: no train record carries "
                                      "its mutate-fix task (regenerate the data set)")
-                from cwm_forager.env import Environments
-                from cwm_exec.sandbox import Limits
-
                 envs = Environments(Limits.from_spec(ctx.config.get("sandbox")), "cwm-rl-envs-")
             while stage.step < s.steps:
                 _train_step(ctx, stage, env, pool, agent_pool, envs, n_output, n_agent)
@@ -311,10 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def _train_step(ctx: Any, stage: Any, env: Any, pool: Sequence, agent_pool: Sequence,
-                envs: "Environments | None", n_output: int, n_agent: int) -> None:
+                envs: Environments | None, n_output: int, n_agent: int) -> None:
     """Sample this step's episodes, take one GRPO step, log, checkpoint when due."""
-    from cwm_jobs.trainer import all_mean
-
     s, rl = ctx.settings, ctx.settings.rl
     start = time.perf_counter()
     lr = float(stage.engine.get_lr()[0])
@@ -347,9 +332,6 @@ def _train_step(ctx: Any, stage: Any, env: Any, pool: Sequence, agent_pool: Sequ
 
 def _final_evaluation(ctx: Any, stage: Any, env: Any, stats: Counter) -> dict[str, float]:
     """The end-of-stage evaluation, plus output-prediction accuracy on held-out traces."""
-    from cwm_jobs.evaluate import evaluate_model, output_prediction_accuracy
-    from cwm_jobs.trainer import full_parameters
-
     rl, traces = ctx.settings.rl, ctx.input("traces")
     with full_parameters(stage.engine) as module:
         results = evaluate_model(module, stage.tokenizer, rank=env.rank,
@@ -371,8 +353,6 @@ def _final_evaluation(ctx: Any, stage: Any, env: Any, stats: Counter) -> dict[st
 
 
 def _has_split(uri: str, split: str) -> bool:
-    from cwm_spec.artifacts import read_manifest
-
     return bool(read_manifest(uri).splits.get(split))
 
 
