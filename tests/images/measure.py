@@ -42,7 +42,7 @@ def main() -> None:
             times = []
             for i in range(args.repeats + 1):
                 started = time.monotonic()
-                result = runner.run(ref, command[1:], entrypoint=command[:1], timeout=300)
+                result = runner.run(ref, command, timeout=300)
                 if result.exit_code != 0:
                     raise SystemExit(f"{name}: {' '.join(command)} failed:\n{result.logs[-2000:]}")
                 if i:

@@ -50,12 +50,14 @@ class PodRunner:
         self.containers: list[Container] = []
 
     def start(self, image: str, command: Sequence[str] | None = None, *,
-              env: Mapping[str, str] | None = None, mounts: Sequence[Mount] = (),
-              network: str = "none", tmp_size: str = "2g", entrypoint: Sequence[str] | None = None,
+              args: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
+              mounts: Sequence[Mount] = (), network: str = "none", tmp_size: str = "2g",
               limits: Mapping[str, object] | None = None) -> Container:
+        """`command` and `args` mean what they mean in a pod's container: `command` replaces the
+        image's ENTRYPOINT (the operator sets it for every step), `args` its CMD."""
         container = self.client.containers.run(
-            image, list(command) if command is not None else None, detach=True,
-            entrypoint=list(entrypoint) if entrypoint is not None else None,
+            image, list(args) if args is not None else None, detach=True,
+            entrypoint=list(command) if command is not None else None,
             environment=dict(env or {}), mounts=list(mounts), network_mode=network,
             user=UID_GID, read_only=True, cap_drop=["ALL"],
             security_opt=["no-new-privileges"],

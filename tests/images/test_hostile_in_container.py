@@ -71,39 +71,55 @@ def test_hostile_programs_in_the_traces_step(images: dict[str, str], pod: PodRun
     assert not kept and SECRET not in json.dumps(list(dead.values()))
 
 
-# What the environment reports for each repository payload inside the container, and whether
-# the case stayed inside: "contained" means the sandbox (limits, session, process group) or the
-# pod's own settings stopped it; the fs/network cases are NOT stopped by the sandbox here.
-EXPECTED_ESCAPES = {"write_outside"}  # a writable volume is writable by the pod's own user
+# Inside the container the sandbox has no namespaces (see the module docstring): what holds is
+# its limits, its session/process group and the pod's own settings. These cases get past it, as
+# measured (docs/benchmarks.md); a change of behaviour fails here, so the docs stay true.
+NOT_CONTAINED = {
+    "write_outside": "wrote into a writable volume (the pod's user may write it)",
+    "read_outside": "read a file of a read-only volume (the pod's user may read it)",
+    "network": "connected to a listener on the pod's own loopback",
+    "kill_parent": "SIGKILLed the process running the sandbox (same user, same PID namespace)",
+}
 
 
-def test_hostile_repositories_in_the_container(images: dict[str, str], pod: PodRunner,
-                                               tmp_path: Path) -> None:
+def test_what_contains_hostile_repositories_in_the_container(
+        images: dict[str, str], pod: PodRunner, tmp_path: Path) -> None:
     data, victim, mounts = volumes(tmp_path)
     mounts.append(bind(str(REPO / "tests"), "/opt/cwm-tests/tests"))
-    result = pod.run(images["cwm-beam"], ["-m", "tests.images.hostile_driver"],
-                     entrypoint=["python"], mounts=mounts, timeout=900,
+    result = pod.run(images["cwm-beam"], ["python", "-m", "tests.images.hostile_driver"],
+                     mounts=mounts, timeout=900,
                      env={"PYTHONPATH": "/opt/cwm-tests", "PYTHONDONTWRITEBYTECODE": "1"})
     assert result.exit_code == 0, result.logs[-4000:]
     report = json.loads(result.logs.strip().splitlines()[-1])
-    (tmp_path / "report.json").write_text(json.dumps(report, indent=1))
     print(f"\nisolation in the container: {report['isolation']}: {report['describe']}")
     cases = report["cases"]
     for name, case in cases.items():
-        print(f"  {name}: {json.dumps(case)}")
+        print(f"  {name}: " + json.dumps({k: (v[:200] if isinstance(v, str) else v)
+                                          for k, v in case.items()}))
     assert report["isolation"] == "rlimits", "bubblewrap worked in the container: update the docs"
+    # Contained by the sandbox's limits, each with the environment's reason:
+    assert cases["infinite_loop"]["reason"].startswith(("wall-clock timeout", "cpu limit")), \
+        cases["infinite_loop"]
+    assert cases["fork_bomb"]["reason"].startswith("wall-clock timeout"), cases["fork_bomb"]
+    assert cases["memory_bomb"]["memory_error"], cases["memory_bomb"]
+    assert cases["memory_bomb"]["hostile_outcome"] == "failed", cases["memory_bomb"]
+    assert cases["deep_recursion"]["reason"].startswith("killed by SIG"), cases["deep_recursion"]
+    assert "output limit" in cases["big_stdout"]["error"], cases["big_stdout"]
+    assert "exit 3" in cases["os_exit_conftest"]["error"], cases["os_exit_conftest"]
+    assert cases["os_exit"]["hostile_outcome"] is None, cases["os_exit"]
+    assert cases["os_exit"]["returncode"] == 0, cases["os_exit"]
     for name, case in cases.items():
-        assert "runner_exit" not in case, f"{name}: the process running the case died: {case}"
-        assert case["survivors"] == [], f"{name}: processes outlived the sandbox"
-        assert case["seconds"] < 60, name
-    assert cases["infinite_loop"]["reason"].startswith(("wall-clock timeout", "cpu limit"))
-    assert cases["fork_bomb"]["reason"].startswith("wall-clock timeout")
-    assert cases["memory_bomb"]["memory_error"]
-    assert cases["deep_recursion"]["reason"].startswith("killed by SIG")
-    assert "output limit" in (cases["big_stdout"]["reason"] or cases["big_stdout"]["error"])
-    assert cases["os_exit_conftest"]["error"] and "exit 3" in cases["os_exit_conftest"]["error"]
-    assert cases["kill_parent"]["suite"] == ["tests/test_a_ok.py::test_double"]
-    escaped = {name for name, case in cases.items() if case["victim_changed"]}
-    assert escaped == EXPECTED_ESCAPES and victim.read_text() == "escaped"
-    assert cases["read_outside"]["secret_in_output"], "the read-only secret volume is readable"
-    assert cases["network"]["connections"] == 1, "loopback inside the pod is reachable"
+        if name != "kill_parent":
+            assert case["survivors"] == [], f"{name}: processes outlived the sandbox"
+            assert case["seconds"] < 60, name
+    # Not contained by the sandbox here (the pod's settings bound what they reach):
+    assert cases["write_outside"]["victim_changed"], cases["write_outside"]
+    assert victim.read_text() == "escaped"
+    # the hostile test passed: its open() of the secret succeeded
+    assert cases["read_outside"]["hostile_outcome"] == "passed", cases["read_outside"]
+    assert cases["network"]["connections"] == 1, cases["network"]
+    assert cases["kill_parent"].get("runner_exit") == -9, cases["kill_parent"]
+    escaped = {n for n, c in cases.items()
+               if c.get("victim_changed") or c.get("connections") or c.get("runner_exit")
+               or (n == "read_outside" and c["hostile_outcome"] == "passed")}
+    assert escaped == set(NOT_CONTAINED), escaped

@@ -51,8 +51,8 @@ def test_the_operator_image_reconciles_a_pipeline(images: dict[str, str], pod: P
     started = time.monotonic()
     container = pod.start(
         images["cwm-operator"],
-        ["--namespace", kube_namespace, f"--liveness={liveness}", "--kubeconfig",
-         "/etc/cwm/config"],
+        args=["--namespace", kube_namespace, f"--liveness={liveness}",
+              "--kubeconfig", "/etc/cwm/config"],
         env={"CWM_BEAM_IMAGE": images["cwm-beam"], "CWM_TRAINER_IMAGE": images["cwm-trainer"]},
         mounts=[bind(str(secrets), "/etc/cwm")], network="host")
 
