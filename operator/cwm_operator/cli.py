@@ -19,7 +19,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cwm_spec.validation import ManifestError, load_file
+from rich.console import Console
+from rich.table import Table
+
+from cwm_operator.report import write_comparison, write_report
+from cwm_operator.runner import LocalRunner, PlainDisplay, RichDisplay, RunError, summarize
+from cwm_spec.crd import crd_yaml
+from cwm_spec.plan import Target, build_plan
+from cwm_spec.validation import ManifestError, load_file, resolve_target
 
 # subcommand -> module providing register(subparsers)
 COMPONENT_COMMANDS = {
@@ -36,8 +43,6 @@ def _err(message: str) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from cwm_spec.plan import Target, build_plan
-
     failed = 0
     for path in args.files:
         try:
@@ -53,9 +58,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace):
-    from cwm_spec.plan import Target, build_plan
-    from cwm_spec.validation import resolve_target
-
     pipeline = load_file(args.file, target=args.target)
     if resolve_target(pipeline, args.target) == "cluster":
         namespace = args.namespace or pipeline.metadata.namespace or "default"
@@ -91,8 +93,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cwm_operator.runner import LocalRunner, PlainDisplay, RichDisplay, RunError
-
     args.target = "local"
     pipeline, plan = _plan(args)
     workdir = Path(args.workdir or Path("runs") / pipeline.name).resolve()
@@ -108,8 +108,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _err(f"interrupted; `cwm run {args.file} --workdir {workdir}` resumes")
         return 130
-    from cwm_operator.report import write_report
-
     report = write_report(workdir)
     print(f"cwm run: {pipeline.name} succeeded; report: {report}; `cwm status {workdir}` "
           "summarises it", file=sys.stderr)
@@ -117,8 +115,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cwm_operator.report import write_report
-
     if not (Path(args.workdir) / "run.json").exists():
         _err(f"{args.workdir}: no run here (no run.json)")
         return 1
@@ -127,11 +123,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from cwm_operator.runner import RunError, summarize
-
     try:
         summary = summarize(Path(args.workdir))
     except RunError as err:
@@ -155,8 +146,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from cwm_operator.report import write_comparison
-
     try:
         path = write_comparison(list(args.workdirs), args.out)
     except FileNotFoundError as err:
@@ -167,8 +156,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from cwm_spec.crd import crd_yaml
-
     sys.stdout.write(crd_yaml())
     return 0
 

@@ -24,6 +24,8 @@ from collections import defaultdict
 from typing import Any, Callable, Mapping
 
 import kopf
+from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from cwm_spec import storage
 from cwm_spec.api import GROUP, PLURAL, VERSION, StepState
@@ -90,8 +92,6 @@ class Controller:
 
     def __init__(self, settings: Settings, api_client: Any, metrics: Metrics | None = None,
                  clock: Callable[[], dt.datetime] | None = None) -> None:
-        from kubernetes import client
-
         self.settings = settings
         self.api_client = api_client
         self.metrics = metrics or Metrics()
@@ -122,8 +122,6 @@ class Controller:
         return obj if isinstance(obj, dict) else self.api_client.sanitize_for_serialization(obj)
 
     async def _get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.rest import ApiException
-
         try:
             if kind == "PyTorchJob":
                 return await self._call("get", "pytorchjobs", self.custom.get_namespaced_custom_object,
@@ -144,8 +142,6 @@ class Controller:
     async def _create_child(self, namespace: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Create; on 409 read back what an earlier incarnation of the operator created.
         Returns the object and whether this call created it."""
-        from kubernetes.client.rest import ApiException
-
         kind, name = body["kind"], body["metadata"]["name"]
         try:
             if kind == "PyTorchJob":

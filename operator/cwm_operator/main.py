@@ -18,13 +18,17 @@ import sys
 import threading
 from typing import Any, Sequence
 
+import kopf
+from kubernetes import client, config
+
+from cwm_operator.handlers import Controller, build_registry, operator_settings
+from cwm_operator.metrics import Metrics
+from cwm_operator.render import warm_up
 from cwm_operator.settings import Settings, SettingsError
 
 
 def load_configuration(kubeconfig: str | None = None) -> Any:
     """A kubernetes.client.Configuration: in-cluster if possible, else the kubeconfig."""
-    from kubernetes import client, config
-
     configuration = client.Configuration()
     if kubeconfig is None:
         try:
@@ -43,12 +47,6 @@ def _tune(configuration: Any) -> Any:
 
 def build(settings: Settings, configuration: Any) -> tuple[Any, Any]:
     """The controller and its kopf registry, for one operator instance."""
-    from kubernetes import client
-
-    from cwm_operator.handlers import Controller, build_registry
-    from cwm_operator.metrics import Metrics
-    from cwm_operator.render import warm_up
-
     warm_up()  # import the training SDK now, not during the first pipeline's reconcile
     controller = Controller(settings, client.ApiClient(configuration), Metrics())
     return controller, build_registry(controller, configuration)
@@ -59,10 +57,6 @@ async def run(settings: Settings, configuration: Any, *, namespaces: Sequence[st
               metrics_port: int | None = None, stop_flag: Any = None, ready_flag: Any = None,
               controller_ready: Any = None) -> None:
     """Run until stopped. `controller_ready(controller)` is called once it exists (tests)."""
-    import kopf
-
-    from cwm_operator.handlers import operator_settings
-
     controller, registry = build(settings, configuration)
     if metrics_port is not None:
         controller.metrics.serve(metrics_port)
@@ -111,8 +105,6 @@ class OperatorThread:
 
 
 def _configure_logging(level: str) -> None:
-    import kopf
-
     kopf.configure(verbose=level == "DEBUG", log_format=kopf.LogFormat.JSON, log_prefix=False)
     logging.getLogger().setLevel(level)
     logging.getLogger("cwm_operator").setLevel(level)

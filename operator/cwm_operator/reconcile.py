@@ -27,7 +27,8 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Literal, Mapping
 
-from cwm_spec.api import STAGE_ORDER, CWMPipeline, CWMPipelineStatus, StepState, StepStatus
+from cwm_spec.api import (STAGE_ORDER, CWMPipeline, CWMPipelineStatus, Condition, StepState,
+                          StepStatus)
 from cwm_spec.plan import Plan, Step, Target, build_plan
 from cwm_operator.render import (
     ANNOTATION_METRICS,
@@ -229,8 +230,6 @@ def set_condition(status: CWMPipelineStatus, type_: str, value: bool, reason: st
             cond.status, cond.reason, cond.message = text, reason, message
             cond.observed_generation = generation
             return flipped
-    from cwm_spec.api import Condition
-
     status.conditions.append(Condition(
         type=type_, status=text, reason=reason, message=message,
         last_transition_time=format_time(now), observed_generation=generation))

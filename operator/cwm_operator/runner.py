@@ -30,6 +30,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
 from cwm_spec import storage
 from cwm_spec.api import StepState
 from cwm_spec.plan import Plan, Step
@@ -144,17 +148,12 @@ class RichDisplay:
              StepState.INTERRUPTED: "magenta", StepState.PENDING: "dim"}
 
     def __init__(self) -> None:
-        from rich.console import Console
-        from rich.live import Live
-
         self.console = Console(stderr=True)
         self.live = Live(console=self.console, refresh_per_second=4, transient=False)
         self.live.start()
         self.started: dict[str, float] = {}
 
     def update(self, records: list[StepRecord], current: str | None, detail: str) -> None:
-        from rich.table import Table
-
         table = Table(title="cwm run", expand=False)
         for col in ("step", "state", "time", "detail"):
             table.add_column(col)
