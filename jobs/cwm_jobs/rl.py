@@ -133,7 +133,7 @@ def task_pool(traces_uri: str, tokenizer: Any, *, split: str, limit: int, max_pr
         if len(pool) >= limit:
             break
         try:
-            task = task_from_trace(record["text"])
+            task = task_from_trace(record["text"], record.get("frames"))
         except (KeyError, TypeError, TraceFormatError):
             stats["rl/unparsable_traces"] += 1
             continue
