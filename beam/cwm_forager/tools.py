@@ -7,7 +7,9 @@ and bodies are ``cwm_model.chat.NATIVE_TOOL_SPECS`` / ``call_body`` (``serve/too
 numbered snippet of the result), ``cwm/rl/swerl/plugins/create.py`` (refuses an existing path
 or a missing parent folder) and ``cwm/rl/swerl/tools.py`` ``submit_diff_file`` (a path to a
 readable, non-empty file starting with ``diff``; its content is the submission). Records keep
-OpenAI-style calls whose JSON arguments map one to one onto those bodies (:data:`TOOLS`).
+OpenAI-style calls whose JSON arguments map one to one onto those bodies (:data:`TOOLS`); a call
+whose arguments are CWM's plain-text body instead (what CWM's own server hands back for tools it
+does not map natively) is read as that body.
 CWM has no ``view`` tool: files are read with ``bash``.
 
 ``bash`` runs in the environment's executor (the sandbox, with the per-action timeout as its
@@ -27,6 +29,7 @@ from typing import Any
 
 from cwm_exec import sandbox
 from cwm_forager.env import MOUNT, RepoEnvironment, SandboxExecutor
+from cwm_model.chat import call_arguments
 
 
 def _tool(name: str, description: str, **params: str) -> dict[str, Any]:
@@ -97,7 +100,7 @@ class ToolRunner:
     def call(self, name: str, arguments: str | dict[str, Any] | None) -> ToolResult:
         """Run one tool call; malformed calls produce an error observation, never an exception."""
         try:
-            args = _parse_arguments(arguments)
+            args = _parse_arguments(name, arguments)
             if name not in TOOL_NAMES:
                 raise ToolError(f"unknown tool {name!r}; available: {', '.join(TOOL_NAMES)}")
             result = getattr(self, f"_{name}")(**args)
@@ -172,7 +175,9 @@ class ToolRunner:
         return target
 
 
-def _parse_arguments(arguments: str | dict[str, Any] | None) -> dict[str, Any]:
+def _parse_arguments(name: str, arguments: str | dict[str, Any] | None) -> dict[str, Any]:
+    """JSON arguments; for CWM's own tools also a plain-text call body (what CWM's server passes
+    through for tools it does not map natively, ``serve/tools.py`` ``FunctionTool``)."""
     if arguments is None or arguments == "":
         return {}
     if isinstance(arguments, dict):
@@ -180,7 +185,10 @@ def _parse_arguments(arguments: str | dict[str, Any] | None) -> dict[str, Any]:
     try:
         parsed = json.loads(arguments)
     except json.JSONDecodeError as err:
-        raise ToolError(f"arguments are not valid JSON ({err})") from None
+        native = call_arguments(name, arguments) if name in TOOL_NAMES else None
+        if native is None:
+            raise ToolError(f"arguments are not valid JSON ({err})") from None
+        parsed = json.loads(native)
     if not isinstance(parsed, dict):
         raise ToolError("arguments must be a JSON object")
     return parsed

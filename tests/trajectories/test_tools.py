@@ -90,8 +90,15 @@ def test_paths_outside_the_repository_are_refused(runner):
     assert "outside the repository" in runner.call("submit", {"path": "link/passwd"}).observation
 
 
+def test_native_plain_text_bodies_are_accepted(runner):
+    """CWM's server passes a body it does not map natively through as the arguments text."""
+    assert runner.call("bash", "echo native").observation.startswith("native")
+    body = "calc/arith.py\n<<<<<<< SEARCH\n    return a + b\n=======\n    return b + a\n>>>>>>> REPLACE"
+    assert "has been successfully updated" in runner.call("edit", body).observation
+
+
 def test_malformed_calls_become_observations(runner):
-    assert "not valid JSON" in runner.call("bash", "{oops").observation
+    assert "not valid JSON" in runner.call("edit", "{oops").observation
     assert "unknown tool 'view'" in runner.call("view", {"path": "calc"}).observation
     assert "bad arguments for edit" in runner.call("edit", {"file": "x"}).observation
     assert not runner.call("submit", None).done
