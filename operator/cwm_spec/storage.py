@@ -12,8 +12,8 @@ write, so a reader never sees half of one:
 * **Data sets** (``cwm_spec.artifacts``): shards first, ``manifest.json`` last; readers open
   the manifest first and find nothing without it.
 * **Folders** (checkpoints, tokenizers, DeepSpeed states, metrics): :func:`upload_tree` removes
-  the old commit marker, uploads every file, then writes ``_COMMITTED.json`` (each file's size
-  and SHA-256) last; :func:`download_tree` and :func:`committed` refuse a folder without it. A
+  the old commit marker, uploads every file, then writes ``_COMMITTED.json`` (each file's size)
+  last; :func:`download_tree` and :func:`committed` refuse a folder without it. A
   writer killed mid-upload leaves an uncommitted folder that the rerun overwrites (redo, not
   resume: the same files are uploaded again).
 
@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -224,19 +223,13 @@ def check_access(uri: str) -> None:
 # ------------------------------------------------------------------------------ folders
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def listing(folder: Path, files: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Files under ``folder`` (the marker excepted): relative path -> size and SHA-256."""
+    """Files under ``folder`` (the marker excepted): relative path -> size. Sizes make the
+    marker a completeness check; the bytes are checked in transit (botocore sends a checksum
+    with each upload by default, ``request_checksum_calculation=when_supported``), so hashing
+    them again here would only cost time on the upload path."""
     names = files if files is not None else file_names(folder)
-    return {n: {"bytes": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)}
-            for n in names}
+    return {n: {"bytes": (folder / n).stat().st_size} for n in names}
 
 
 def file_names(folder: Path) -> list[str]:
@@ -262,11 +255,10 @@ def upload_tree(folder: str | Path, uri: str) -> dict[str, Any]:
     fs, path = filesystem(uri)
     names = file_names(folder)
     remove(join(uri, COMMIT))  # from here until the new marker the folder reads as incomplete
-    with ThreadPoolExecutor(1) as pool, failures("upload to", uri):
-        hashes = pool.submit(listing, folder, names)  # hashing overlaps the upload
+    marker = {"format": COMMIT_FORMAT, "files": listing(folder, names)}
+    with failures("upload to", uri):
         if names:  # one call: the backend uploads the files concurrently
             fs.put([str(folder / n) for n in names], [f"{path}/{n}" for n in names])
-        marker = {"format": COMMIT_FORMAT, "files": hashes.result()}
     write_json_atomic(join(uri, COMMIT), marker)
     return marker
 

@@ -95,7 +95,7 @@ class S3Server:
         argv = [str(weed), "mini", f"-dir={data}", f"-ip={self.bind}", f"-ip.bind={self.bind}",
                 f"-s3.config={config}", f"-bucket={self.bucket}", "-s3.autoCreateBucket=false",
                 "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-admin.port.legacy=0", "-s3.iam=false", "-volume.max=4",
+                "-admin.port.legacy=0", "-s3.iam=false",
                 f"-s3.localSocket={self.root / 's3.sock'}"]
         argv += [f"{PORTS[name]}={port}" for name, port in self.ports.items()]
         log = open(self.root / "weed.log", "wb")

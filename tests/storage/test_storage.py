@@ -100,6 +100,7 @@ def test_upload_killed_mid_way_leaves_nothing_readable_and_a_rerun_completes(
     subprocess.run([sys.executable, "-c", UPLOADER, str(folder), uri], check=True, timeout=300)
     copy = storage.download_tree(uri, tmp_path / "reader")
     assert storage.listing(copy) == storage.listing(folder)
+    assert all((copy / n).read_bytes() == (folder / n).read_bytes() for n in storage.listing(folder))
 
 
 def test_a_data_set_without_its_manifest_is_refused(s3_env):
