@@ -485,6 +485,20 @@ def ctr(programs: HostPrograms, *args: str, input: bytes | None = None, timeout:
     return run(argv, input=input, timeout=timeout).stdout
 
 
+def _disk_problem(ref: str, size: int) -> str:
+    """Why `ref` (`size` bytes in Docker) cannot be imported, or "": containerd keeps the layers
+    and their unpacked copy (about twice the size), beside Docker's copy; 10 GiB stay free."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    stat = os.statvfs(STATE_DIR)
+    free = stat.f_bavail * stat.f_frsize
+    needed = int(size * 2.2) + (10 << 30)  # and 10 GiB left for everything else on the machine
+    if free >= needed:
+        return ""
+    return (f"{ref} not loaded into the node: it needs ~{needed / 2**30:.0f} GiB free under {STATE_DIR} "
+            f"(the layers and their unpacked copy), {free / 2**30:.0f} GiB are free; free disk space "
+            f"(e.g. `docker image prune`, or `rm -rf {STATE_DIR}/containerd` while no node runs)")
+
+
 def _stream_import(programs: HostPrograms, producer: list[str], timeout: float = 1800) -> None:
     """`producer | ctr images import -`, streamed (the project's images are several GB)."""
     argv = [programs.ctr, "--address", str(RUN_DIR / "containerd.sock"), "--namespace", "k8s.io",
@@ -617,7 +631,8 @@ class LocalNode:
         present = self._images_present()
         loaded = []
         for ref in project_image_refs():
-            inspect = run([docker, "image", "inspect", "--format", "{{.Id}}", ref], check=False) if docker else None
+            inspect = (run([docker, "image", "inspect", "--format", "{{.Id}} {{.Size}}", ref], check=False)
+                       if docker else None)
             if inspect is None or inspect.returncode != 0:
                 why = "no docker CLI" if inspect is None else inspect.stderr.decode(errors="replace").strip()
                 problem = f"{ref} not loaded into the node ({why}): build it with `make images`"
@@ -627,9 +642,16 @@ class LocalNode:
                 log.warning(problem)
                 continue
             loaded.append(ref)
-            image_id = inspect.stdout.decode().strip()
+            image_id, size = inspect.stdout.decode().split()
             marker = STATE_DIR / "image-archives" / f"{ref.replace('/', '_').replace(':', '_')}.id"
             if ref in present and marker.exists() and marker.read_text() == image_id:
+                continue
+            problem = _disk_problem(ref, int(size))
+            if problem:
+                if required:
+                    raise NodeError(problem)
+                self.notes.append(problem)
+                log.warning(problem)
                 continue
             t0 = time.monotonic()
             _stream_import(self.programs, [docker, "save", ref])
