@@ -58,13 +58,21 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _plot_losses(stages: list[tuple[str, list[tuple[int, float]]]], out: Path) -> bool:
-    if not any(points for _, points in stages):
-        return False
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend. Imported here, not at the top: it is
+    heavy (~0.5 s) and only a report with something to plot needs it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_losses(stages: list[tuple[str, list[tuple[int, float]]]], out: Path) -> bool:
+    if not any(points for _, points in stages):
+        return False
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
     offset = 0
@@ -90,10 +98,7 @@ def _plot_metrics(records: list[StepRecord], names: list[str], out: Path) -> boo
     shown = [n for n in names if any(isinstance(r.metrics.get(n), (int, float)) for r in records)]
     if not shown:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     cols = min(3, len(shown))
     rows = math.ceil(len(shown) / cols)
