@@ -15,26 +15,27 @@ die() { log "ERROR: $*"; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "the test node needs root (cgroups, mounts, iptables); run as root"
 
-# Debian package -> a file it installs that the node uses.
+# Debian package -> a command (found on PATH) or a file (an absolute path) it installs.
 declare -A wanted=(
-  [containerd]=/usr/bin/containerd
-  [runc]=/usr/sbin/runc
+  [containerd]=containerd
+  [runc]=runc
   [containernetworking-plugins]=/usr/lib/cni/bridge
-  [iptables]=/usr/sbin/iptables
-  [conntrack]=/usr/sbin/conntrack
+  [iptables]=iptables
+  [conntrack]=conntrack
   [busybox-static]=/bin/busybox
-  [gcc]=/usr/bin/gcc
+  [gcc]=gcc
   [libc6-dev]=/usr/lib/x86_64-linux-gnu/libc.a
-  [iproute2]=/usr/sbin/ip
+  [iproute2]=ip
 )
+present() { if [[ $1 == /* ]]; then [[ -e $1 ]]; else command -v "$1" >/dev/null; fi; }
 missing=()
-for pkg in "${!wanted[@]}"; do [[ -e "${wanted[$pkg]}" ]] || missing+=("$pkg"); done
+for pkg in "${!wanted[@]}"; do present "${wanted[$pkg]}" || missing+=("$pkg"); done
 if ((${#missing[@]})); then
   log "apt-get install ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
-for pkg in "${!wanted[@]}"; do [[ -e "${wanted[$pkg]}" ]] || die "$pkg installed but ${wanted[$pkg]} is absent"; done
+for pkg in "${!wanted[@]}"; do present "${wanted[$pkg]}" || die "$pkg installed but ${wanted[$pkg]} is absent"; done
 
 out="$cache/node/pause"
 sum="$(sha256sum "$here/node/pause.c" | cut -c1-16)"
