@@ -199,8 +199,10 @@ def init_container_template(image: str, wait_with: str = "python3") -> str:
                 "sys.exit(1)\n")
         command = ["python3", "-c", wait]
     elif wait_with == "nslookup":
-        command = ["/bin/sh", "-c", "for i in $(seq {{.MaxTries}}); do nslookup {{.MasterAddr}} && exit 0; "
-                   "echo waiting for master {{.MasterAddr}}; sleep 2; done; exit 1"]
+        # busybox's nslookup exits 1 when any search domain answers NXDOMAIN, even after it found
+        # the name in another: success is a "Name:" line in its answer.
+        command = ["/bin/sh", "-c", "for i in $(seq {{.MaxTries}}); do nslookup {{.MasterAddr}} 2>/dev/null "
+                   "| grep -q '^Name:' && exit 0; echo waiting for master {{.MasterAddr}}; sleep 2; done; exit 1"]
     else:
         raise TrainingOperatorError(f"init container wait_with={wait_with!r}: python3 or nslookup")
     container = {
