@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,9 +61,13 @@ class MetricsLogger:
             self._task = self._progress.add_task("", total=total_steps)
 
     def _pull(self) -> None:
-        """A resumed stage continues the metrics its earlier attempt published."""
+        """A resumed stage continues the metrics its earlier attempt published; anything else
+        in the staging folder (an earlier run's, for the same URI) is dropped."""
         if storage.committed(self.uri) is not None:
             storage.download_tree(self.uri, self.local)
+            return
+        shutil.rmtree(self.local, ignore_errors=True)
+        self.local.mkdir(parents=True)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

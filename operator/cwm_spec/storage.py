@@ -89,7 +89,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, PermissionError) or any(k in lowered for k in (
             "invalidaccesskeyid", "signaturedoesnotmatch", "signature we calculated",
             "accessdenied", "access denied", "forbidden", "invalidtoken")):
-        return f"access denied: check the credentials (AWS_ACCESS_KEY_ID/..._SECRET...) [{text}]"
+        return (f"access denied: check the credentials (for s3: AWS_ACCESS_KEY_ID and "
+                f"AWS_SECRET_ACCESS_KEY, from spec.storage.secret in a pod) [{text}]")
     if missing_bucket(exc):
         return f"the bucket does not exist [{text}]"
     if any(k in lowered for k in ("connect", "endpoint", "timeout", "timed out", "name or service")):
@@ -244,7 +245,7 @@ def upload_tree(folder: str | Path, uri: str) -> dict[str, Any]:
     only committed when it already is the target."""
     folder = Path(folder)
     if not is_remote(uri):
-        marker = {"format": COMMIT_FORMAT, "files": listing(folder)}
+        marker = new_marker(listing(folder))
         target = local_path(uri)
         if target.resolve() != folder.resolve():
             tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
@@ -255,12 +256,18 @@ def upload_tree(folder: str | Path, uri: str) -> dict[str, Any]:
     fs, path = filesystem(uri)
     names = file_names(folder)
     remove(join(uri, COMMIT))  # from here until the new marker the folder reads as incomplete
-    marker = {"format": COMMIT_FORMAT, "files": listing(folder, names)}
+    marker = new_marker(listing(folder, names))
     with failures("upload to", uri):
         if names:  # one call: the backend uploads the files concurrently
             fs.put([str(folder / n) for n in names], [f"{path}/{n}" for n in names])
     write_json_atomic(join(uri, COMMIT), marker)
     return marker
+
+
+def new_marker(files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A commit marker; its ``commit`` id is new each time, so a reader's cached copy of an
+    earlier commit with the same file sizes is never mistaken for this one."""
+    return {"format": COMMIT_FORMAT, "commit": uuid.uuid4().hex, "files": files}
 
 
 def _swap_in(new: Path, target: Path) -> None:
