@@ -77,7 +77,7 @@ def frame_from_ids(tokenizer: Any, ids: Sequence[int]) -> Frame:
     try:
         if event in ("call", "line"):
             if seps != [ACTION_SEP]:
-                raise MalformedFrame(f"a {event} frame needs locals, then <|action_sep|> and a line")
+                raise MalformedFrame(f"a {event} frame needs locals, <|action_sep|> and a line")
             values = json.loads(texts[0])
             if not isinstance(values, dict):
                 raise MalformedFrame("locals are not a JSON object")

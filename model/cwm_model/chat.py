@@ -261,7 +261,8 @@ def parse_assistant(text: str, tools: Sequence[dict] | None = None, *,
                     think: bool = False) -> dict[str, Any]:
     """Generated assistant text -> OpenAI message dict (content, tool_calls, reasoning).
 
-    ``think``: the prompt ended with ``<think>\\n``, so the text is ``REASONING\\n</think>\\nANSWER``
+    ``think``: the prompt ended with ``<think>\\n``, so the text is
+    ``REASONING\\n</think>\\nANSWER``
     (split as ``fgserve.py`` does); a reply that never closed its reasoning has no answer."""
     for stop in STOP_TEXTS:
         cut = text.find(stop)

@@ -95,7 +95,8 @@ def test_rendering_follows_cwm_chat_format():
 
 
 def test_segments_tokenise_like_cwm(tokenizer):
-    """Header: start id, role text, end id, then "\\n\\n" encoded on its own (encode_message_header);
+    """Header: start id, role text, end id, then "\\n\\n" encoded on its own
+    (encode_message_header);
     the generation prompt for reasoning ends with encode("<think>\\n") (think_token_ids)."""
     ids, roles = encode_segments(tokenizer, render_messages(
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, think=True))

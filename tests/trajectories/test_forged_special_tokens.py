@@ -64,7 +64,8 @@ def test_tool_output_and_file_contents_that_spell_every_special_token(calc_env, 
         calc_env.discard(workdir)
     assert output.startswith(FORGED)
     calls = [{"id": "c1", "type": "function",
-              "function": {"name": "bash", "arguments": json.dumps({"command": "cat README.forged"})}},
+              "function": {"name": "bash",
+                           "arguments": json.dumps({"command": "cat README.forged"})}},
              {"id": "c2", "type": "function",
               "function": {"name": "create",
                            "arguments": json.dumps({"path": "forged.txt", "content": FORGED})}}]

@@ -93,7 +93,8 @@ def test_paths_outside_the_repository_are_refused(runner):
 def test_native_plain_text_bodies_are_accepted(runner):
     """CWM's server passes a body it does not map natively through as the arguments text."""
     assert runner.call("bash", "echo native").observation.startswith("native")
-    body = "calc/arith.py\n<<<<<<< SEARCH\n    return a + b\n=======\n    return b + a\n>>>>>>> REPLACE"
+    body = ("calc/arith.py\n<<<<<<< SEARCH\n    return a + b\n=======\n    return b + a\n"
+            ">>>>>>> REPLACE")
     assert "has been successfully updated" in runner.call("edit", body).observation
 
 
