@@ -77,6 +77,10 @@ class StateStore:
 
     def save(self, engine: Any, step: int, data_state: dict[str, Any], extra: dict[str, Any]) -> None:
         tag = self.tag(step)
+        if self.remote:  # the staging folder may hold this tag from an earlier run of the URI
+            if self.env.local_rank == 0:
+                shutil.rmtree(self.local / tag, ignore_errors=True)
+            barrier()
         # DeepSpeed writes module/optimizer/scheduler state (every rank its ZeRO partition).
         engine.save_checkpoint(str(self.local), tag=tag, client_state={"cwm": extra},
                                save_latest=False)
