@@ -195,12 +195,14 @@ def test_python_bases_satisfy_requires_python() -> None:
 
 def test_torch_and_deepspeed_versions_follow_pyproject() -> None:
     trainer = parse(DOCKERFILES["trainer"])
-    devel, runtime = trainer.stages[0].base, trainer.final.base
+    build_stage = trainer.stage("build")
+    assert build_stage is not None
+    devel, runtime = build_stage.base, trainer.final.base
     assert devel.removesuffix("-devel") == runtime.removesuffix("-runtime"), \
         "devel and runtime images must be the same PyTorch/CUDA build"
     torch_version = re.match(r"pytorch/pytorch:(\d+\.\d+\.\d+)-", runtime).group(1)  # type: ignore[union-attr]
     assert Version(torch_version) in REQUIREMENTS["torch"].specifier
-    deepspeed = trainer.stage_args(trainer.stages[0])["DEEPSPEED_VERSION"]
+    deepspeed = trainer.stage_args(build_stage)["DEEPSPEED_VERSION"]
     assert f"deepspeed=={deepspeed}" == str(REQUIREMENTS["deepspeed"])
     beam = parse(DOCKERFILES["beam"])
     build = beam.stage("build")
@@ -277,7 +279,7 @@ def test_beam_image_smoke_imports_the_data_steps() -> None:
     """The build fails early if a data step's module cannot be imported in the image."""
     plan = cluster_plan()
     df = parse(DOCKERFILES["beam"])
-    smoke = " ".join(i.args for i in df.stage("build").all("RUN"))  # type: ignore[union-attr]
+    smoke = " ".join(i.args for s in df.stages for i in s.all("RUN"))
     for step in plan.steps:
         if step.kind != "train":
             assert step.module in smoke, f"{step.module} missing from the beam image's import check"
@@ -288,7 +290,8 @@ def test_beam_image_builds_the_c_tracer() -> None:
     image checks it was built: a compiler in the build stage and an import of the module."""
     df = parse(DOCKERFILES["beam"])
     build = " ".join(i.args for i in df.stage("build").all("RUN"))  # type: ignore[union-attr]
-    assert "gcc" in build and "cwm_exec._ctracer" in build
+    final = " ".join(i.args for i in df.final.all("RUN"))
+    assert "gcc" in build and "cwm_exec._ctracer" in final
 
 
 def test_trainer_default_command_is_a_plan_command() -> None:
