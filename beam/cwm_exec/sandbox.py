@@ -372,7 +372,26 @@ def sandbox_argv(argv: Sequence[str], *, cwd: str, limits: Limits, env: Mapping[
     cmd += ["--remount-ro", "/", "--chdir", cwd, "--clearenv"]
     for key, value in env.items():
         cmd += ["--setenv", key, value]
+    if _nproc_inside():
+        argv = _nproc_wrapped(argv, limits, env)
     return cmd + ["--", *argv]
+
+
+def _nproc_inside() -> bool:
+    """Whether the process cap is RLIMIT_NPROC set inside the sandbox. The kernel counts
+    RLIMIT_NPROC per uid across the whole machine (every container and pod of uid 65532 on a
+    node), so set before bubblewrap it made bubblewrap's own clone fail with EAGAIN whenever other
+    pods were busy. Set inside the user namespace bubblewrap creates, it counts only that
+    sandbox's processes (the parent namespace's count is checked against bubblewrap's own,
+    unlimited, RLIMIT_NPROC). Root needs none (a pids cgroup, or root is exempt)."""
+    return os.geteuid() != 0 and not _PidsCgroup.available() and isolation() == "bwrap"
+
+
+def _nproc_wrapped(argv: Sequence[str], limits: Limits, env: Mapping[str, str]) -> list[str]:
+    spec = {"cgroup": None, "cpu_seconds": None, "memory_bytes": limits.memory_mb << 20,
+            "processes": limits.processes, "env": dict(env)}
+    return [sys.executable, "-S", "-E", "-c", _EXEC_LIMITED.format(parent=PACKAGE_PARENT),
+            encode_spec(spec), *argv]
 
 
 _EXEC_LIMITED = ("import sys; sys.path.insert(0, {parent!r}); "
@@ -388,7 +407,9 @@ def limited_argv(cmd: Sequence[str], limits: Limits, cgroup: _PidsCgroup | None,
     spec = {"cgroup": str(cgroup.path / "cgroup.procs") if in_cgroup else None,
             "cpu_seconds": int(limits.cpu_seconds + 0.999) if cpu else None,
             "memory_bytes": limits.memory_mb << 20,
-            "processes": limits.processes if os.geteuid() != 0 and not in_cgroup else None,
+            # Inside the sandbox instead, where bubblewrap runs (see _nproc_inside).
+            "processes": (limits.processes if os.geteuid() != 0 and not in_cgroup
+                          and not _nproc_inside() else None),
             "env": dict(env)}
     return [sys.executable, "-S", "-E", "-c", _EXEC_LIMITED.format(parent=PACKAGE_PARENT),
             encode_spec(spec), *cmd]

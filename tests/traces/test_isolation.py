@@ -92,3 +92,20 @@ def test_trace_data_set_records_the_isolation_and_required_bwrap_fails_the_step(
     with pytest.raises(sandbox.SandboxError, match="cannot isolate programs"):
         traces.run([*flags, "--output", str(tmp_path / "refused")])
     assert not os.path.exists(tmp_path / "refused" / "manifest.json")
+
+
+def test_process_cap_is_set_inside_the_sandbox_for_a_non_root_user(monkeypatch) -> None:
+    """RLIMIT_NPROC counts a uid machine-wide: set before bubblewrap, other pods of uid 65532 made
+    its clone fail (EAGAIN, measured in the cwm-beam container with 100 such processes: 11 of 11
+    hostile cases); set inside the sandbox's user namespace it counts only the sandbox's own."""
+    monkeypatch.setattr(sandbox, "_decide", lambda: ("bwrap", "bwrap", "test", False))
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 65532)
+    monkeypatch.setattr(sandbox._PidsCgroup, "available", classmethod(lambda cls: False))
+    limits = sandbox.Limits(processes=7)
+    inner = sandbox.sandbox_argv(["prog", "arg"], cwd="/tmp", limits=limits, env={"A": "1"})
+    after = inner[inner.index("--") + 1:]
+    assert after[-2:] == ["prog", "arg"] and "_exec_limited" in after[4]
+    from cwm_exec._exec_limited import marshal
+    assert marshal.loads(bytes.fromhex(after[5]))["processes"] == 7
+    outer = sandbox.limited_argv(inner, limits, None, {"A": "1"})
+    assert marshal.loads(bytes.fromhex(outer[5]))["processes"] is None
