@@ -4,6 +4,7 @@ required bubblewrap fails loudly, a fallback is logged, and data sets record the
 from __future__ import annotations
 
 import logging
+import marshal
 import os
 import sys
 from typing import Iterator
@@ -105,7 +106,6 @@ def test_process_cap_is_set_inside_the_sandbox_for_a_non_root_user(monkeypatch) 
     inner = sandbox.sandbox_argv(["prog", "arg"], cwd="/tmp", limits=limits, env={"A": "1"})
     after = inner[inner.index("--") + 1:]
     assert after[-2:] == ["prog", "arg"] and "_exec_limited" in after[4]
-    from cwm_exec._exec_limited import marshal
     assert marshal.loads(bytes.fromhex(after[5]))["processes"] == 7
     outer = sandbox.limited_argv(inner, limits, None, {"A": "1"})
     assert marshal.loads(bytes.fromhex(outer[5]))["processes"] is None
