@@ -353,12 +353,16 @@ def setup_network() -> None:
     if f" {NODE_IP}/" not in addresses:
         run(["ip", "addr", "add", f"{NODE_IP}/24", "dev", BRIDGE])
     run(["ip", "link", "set", BRIDGE, "up"])
+    changed = {}
     for key in ("net/ipv4/ip_forward", "net/bridge/bridge-nf-call-iptables"):
         path = Path("/proc/sys") / key
         if not path.exists():
             raise NodeError(f"{path} is missing: the kernel lacks {'br_netfilter' if 'bridge' in key else 'IPv4 forwarding'}")
-        if path.read_text().strip() != "1":
+        if (old := path.read_text().strip()) != "1":
+            changed[key] = old
             path.write_text("1")
+    if changed:  # sweep() puts them back
+        json_dump(RUN_DIR / "sysctl-restore.json", changed)
 
 
 def _our_shims() -> list[int]:
@@ -445,10 +449,10 @@ def _cgroup_sweep() -> None:
 
 
 def sweep() -> list[str]:
-    """Remove everything a node leaves behind, whether it stopped cleanly or was killed: shims
-    (and with them the containers), mounts, pod network namespaces, iptables chains, the bridge,
-    cgroups, run-time state. Keeps the image store under STATE_DIR/containerd (a cache). Returns
-    what it found (empty after a clean stop)."""
+    """Remove everything a node leaves behind, whether it stopped cleanly or was killed: the
+    containers' processes, shims, mounts, pod network namespaces, iptables chains, the bridge,
+    cgroups, the sysctls it turned on, run-time state. Keeps the image store under
+    STATE_DIR/containerd (a cache). Returns what it found (empty after a clean stop)."""
     found = [f"container process {pid}" for pid in _kill_pod_processes()]
     for pid in _our_shims():
         found.append(f"shim pid {pid}")
@@ -467,6 +471,9 @@ def sweep() -> list[str]:
     if run(["ip", "link", "show", BRIDGE], check=False).returncode == 0:
         run(["ip", "link", "delete", BRIDGE], check=False)
     _cgroup_sweep()
+    with contextlib.suppress(FileNotFoundError):
+        for key, old in json.loads((RUN_DIR / "sysctl-restore.json").read_text()).items():
+            (Path("/proc/sys") / key).write_text(old)
     for link in Path("/var/log/containers").glob("*.log") if Path("/var/log/containers").is_dir() else ():
         if str(STATE_DIR) in os.readlink(link) if link.is_symlink() else False:
             link.unlink()
