@@ -1,7 +1,7 @@
 """Kubeflow's training operator (v1.8.1, built by tests/kubeflow/build.sh) as a process.
 
-Why a process and not a pod: the test clusters' kube-apiserver is itself a loopback process, so
-the operator's admission webhook is reached at ``https://127.0.0.1:<port>`` through a URL-based
+Why a process and not a pod: the test clusters' kube-apiserver is itself a process on this host,
+so the operator's admission webhook is reached at ``https://127.0.0.1:<port>`` through a URL-based
 ValidatingWebhookConfiguration. That needs no node, no Service routing (kube-proxy) and no extra
 image, so the same helper runs on the API-only control plane (pods stay Pending there, but the
 operator's reconciliation -- pods, Services, PET_*/MASTER_ADDR -- is fully observable) and on the
