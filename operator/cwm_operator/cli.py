@@ -32,6 +32,7 @@ from cwm_spec.validation import ManifestError, load_file, resolve_target
 COMPONENT_COMMANDS = {
     "model": "cwm_model.cli",
     "export-hf": "cwm_model.cli",
+    "import-hf": "cwm_model.cli",
     "serve": "cwm_model.cli",
     "debug": "cwm_jobs.debug",
     "render": "cwm_operator.render",
