@@ -42,6 +42,7 @@ from cwm_exec.trace_format import (
     ACTION_SEP, ARG_SEP, CALL_SEP, END_OF_TEXT, EVENT_TOKEN, EXCEPTION_SEP, FRAME_SEP, LINE_SEP,
     RETURN_SEP, TOKEN_EVENT, UNCHANGED, Frame, trace_parts,
 )
+from cwm_spec import storage
 
 # prompt token ids -> the continuation's ids, through <|frame_sep|> or <|end_of_text|>
 Completer = Callable[[list[int]], list[int]]
@@ -208,7 +209,7 @@ def model_completer(checkpoint: str, *, max_new_tokens: int = 256) -> tuple[Comp
     from cwm_model.checkpoint import load_checkpoint
     from cwm_model.generate import generate
 
-    model, tokenizer, _ = load_checkpoint(checkpoint)
+    model, tokenizer, _ = load_checkpoint(storage.local_copy(str(checkpoint)))  # path or URI
     if tokenizer is None:
         raise SystemExit(f"{checkpoint}: the checkpoint has no tokenizer")
     model.eval()
