@@ -18,6 +18,7 @@ from tests.images.build import image_refs
 from tests.images.engine import ensure_engine
 from tests.images.podrun import PodRunner
 
+BASELINE_IMAGE = "cwm-local/python:3.11-bookworm"  # tests/images/bases.py
 # What each entry point loads before it does any work.
 STARTUP = {
     "cwm-operator": ["python", "-c", "import kopf, cwm_operator.handlers, "
@@ -27,29 +28,40 @@ STARTUP = {
 }
 
 
+def startup_seconds(runner: PodRunner, ref: str, command: list[str], repeats: int) -> list[float]:
+    """Wall seconds of `repeats` runs of `command` in `ref`, after one unmeasured run."""
+    times = []
+    for i in range(repeats + 1):
+        started = time.monotonic()
+        result = runner.run(ref, command, timeout=300)
+        if result.exit_code != 0:
+            raise SystemExit(f"{ref}: {' '.join(command)} failed:\n{result.logs[-2000:]}")
+        if i:
+            times.append(time.monotonic() - started)
+        runner.cleanup()
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     client = ensure_engine()
     runner = PodRunner(client)
-    print("| image | size | start-up (median) | command |")
-    print("|---|---|---|---|")
+    # Baseline, same run: the bare Python base image starting an empty interpreter.
+    rows = [("baseline", BASELINE_IMAGE, ["python", "-c", "pass"])]
+    rows += [(name, ref, STARTUP[name]) for name, ref in image_refs().items()]
+    print("| image | size | start-up, median (min) | × baseline | command |")
+    print("|---|---|---|---|---|")
+    base = None
     try:
-        for name, ref in image_refs().items():
+        for _name, ref, command in rows:
             size = client.images.get(ref).attrs["Size"] / 1e6
-            command = STARTUP[name]
-            times = []
-            for i in range(args.repeats + 1):
-                started = time.monotonic()
-                result = runner.run(ref, command, timeout=300)
-                if result.exit_code != 0:
-                    raise SystemExit(f"{name}: {' '.join(command)} failed:\n{result.logs[-2000:]}")
-                if i:
-                    times.append(time.monotonic() - started)
-                runner.cleanup()
-            print(f"| {ref} | {size:.0f} MB | {statistics.median(times):.2f} s "
-                  f"(min {min(times):.2f}) | `{' '.join(command)}` |")
+            times = startup_seconds(runner, ref, command, args.repeats)
+            median = statistics.median(times)
+            base = base or median
+            print(f"| {ref} | {size:.0f} MB | {median:.2f} s ({min(times):.2f}) | "
+                  f"{median / base:.1f} | `{' '.join(command)}` |")
     finally:
         runner.cleanup()
 

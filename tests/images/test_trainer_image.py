@@ -32,8 +32,8 @@ def debug_doc() -> dict:
                     "corpus": {"maxFiles": 100, "maxBytes": 400_000}}
     spec["stages"] = [{"name": "pretrain", "steps": STEPS, "microBatchSize": 2,
                        "sequenceLength": 64, "warmupSteps": 1, "checkpointEvery": STEPS}]
-    spec["evaluation"] = {"heldOutTraces": 0, "cruxevalLimit": 1, "maxNewTokens": 4,
-                          "mutateFixTasks": 0}
+    spec["evaluation"] = {"heldOutTraces": 0, "cruxeval": True, "cruxevalLimit": 2,
+                          "maxNewTokens": 4, "mutateFix": False}
     return doc
 
 
