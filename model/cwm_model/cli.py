@@ -1,10 +1,11 @@
-"""``cwm model info``, ``cwm export-hf`` and ``cwm serve``.
+"""``cwm model info``, ``cwm export-hf``, ``cwm import-hf`` and ``cwm serve``.
 
 The ``cwm`` command (``cwm_operator.cli``) calls :func:`register`; ``python -m cwm_model.cli ...``
 runs the same subcommands standalone.
 
     python -m cwm_model.cli model info cwm-32b
     python -m cwm_model.cli export-hf runs/tiny/sft/checkpoint /tmp/cwm-hf
+    python -m cwm_model.cli import-hf /models/cwm /tmp/cwm-checkpoint
     python -m cwm_model.cli serve runs/tiny/sft/checkpoint --port 8000
 """
 
@@ -53,6 +54,20 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from cwm_model.hf_import import import_hf
+    from cwm_spec.storage import StorageError
+
+    try:
+        config, tokenizer = import_hf(args.source, args.out)
+    except (ValueError, StorageError) as err:  # bad input: one line naming the file or field
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote checkpoint {args.out}: {config.n_layers} layers, dim {config.dim}, "
+          f"vocabulary {config.vocab_size} (tokenizer {tokenizer.vocab_size} tokens)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from cwm_model.serve import serve
 
@@ -61,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``model info``, ``export-hf`` and ``serve``; each sets ``func`` returning an exit code."""
+    """Add ``model info``, ``export-hf``, ``import-hf`` and ``serve``; each sets ``func`` returning an exit code."""
     model = subparsers.add_parser("model", help="model presets")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     info = model_sub.add_parser("info", help="print a preset's shape and parameter count")
@@ -75,6 +90,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("checkpoint", help="checkpoint folder (config.json + model.safetensors)")
     export.add_argument("out", help="output folder (must be new or empty)")
     export.set_defaults(func=cmd_export_hf)
+
+    imp = subparsers.add_parser(
+        "import-hf", help="convert a Hugging Face CwmForCausalLM folder (e.g. released CWM)")
+    imp.add_argument("source", help="folder or URI with config.json, tokenizer.json and "
+                     "model.safetensors or model.safetensors.index.json + shards")
+    imp.add_argument("out", help="checkpoint folder or URI to write (must be new or empty)")
+    imp.set_defaults(func=cmd_import_hf)
 
     serve = subparsers.add_parser("serve", help="OpenAI-compatible HTTP API for a checkpoint")
     serve.add_argument("checkpoint")

@@ -11,6 +11,7 @@ model that silently differs on long inputs.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -82,20 +83,43 @@ HF_NAMES = {  # ours (CWM's names) -> Hugging Face's, per layer
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+HF_GLOBAL_NAMES = {  # ours -> Hugging Face's, outside the layers
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def hf_name(ours: str) -> str:
+    """Hugging Face's name of one of our weights (``layers.3.attention.wq.weight`` ->
+    ``model.layers.3.self_attn.q_proj.weight``); the one table read forwards (export)."""
+    if ours in HF_GLOBAL_NAMES:
+        return HF_GLOBAL_NAMES[ours]
+    match = _OUR_LAYER.match(ours)
+    if match and match.group(2) in HF_NAMES:
+        return f"model.layers.{match.group(1)}.{HF_NAMES[match.group(2)]}"
+    raise KeyError(f"weight {ours!r} has no Hugging Face CWM name")
+
+
+def cwm_name(theirs: str) -> str:
+    """Our name of a Hugging Face CWM weight: the same table read backwards (import)."""
+    for ours, name in HF_GLOBAL_NAMES.items():
+        if name == theirs:
+            return ours
+    match = _HF_LAYER.match(theirs)
+    if match:
+        for ours, name in HF_NAMES.items():
+            if name == match.group(2):
+                return f"layers.{match.group(1)}.{ours}"
+    raise KeyError(f"weight {theirs!r} is not one of Hugging Face CwmForCausalLM's")
 
 
 def hf_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our weights under Hugging Face's names (both use the rotate-half RoPE layout, so q and k
     need no permutation)."""
-    out = {
-        "model.embed_tokens.weight": state["tok_embeddings.weight"],
-        "model.norm.weight": state["norm.weight"],
-        "lm_head.weight": state["output.weight"],
-    }
-    for i in range(config.n_layers):
-        for ours, theirs in HF_NAMES.items():
-            out[f"model.layers.{i}.{theirs}"] = state[f"layers.{i}.{ours}"]
-    return {name: tensor.detach().contiguous().clone() for name, tensor in out.items()}
+    return {hf_name(name): tensor.detach().contiguous().clone() for name, tensor in state.items()}
 
 
 def _native_specs_jinja() -> str:
