@@ -89,6 +89,37 @@ class ModelSpec(Spec):
         description="Model config fields to override on top of the preset, e.g. {nLayers: 4}.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
+    init: str | None = Field(
+        None,
+        description="Start from a Hugging Face CwmForCausalLM checkpoint (a folder or URI with "
+        "config.json, tokenizer.json and model.safetensors or model.safetensors.index.json + "
+        "shards), e.g. Meta's released CWM. An import step converts it (streaming, shard by "
+        "shard); the first stage starts from its weights, every stage uses its tokenizer (none "
+        "is trained). Its config.json gives the shape, so preset and overrides are not set; a "
+        "pretrain stage, a tokenizer setting and the first stage's initFrom are refused with it.",
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _init_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        match = re.match(r"^([a-z][a-z0-9+.-]*)://(.+)$", value)
+        if match and match.group(1) not in STORAGE_SCHEMES:
+            raise ValueError(f"scheme {match.group(1)!r} is not supported (use a path or one of "
+                             f"{', '.join(STORAGE_SCHEMES)})")
+        if not value.strip("/"):
+            raise ValueError(f"{value!r} is not a checkpoint folder or URI")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _shape_from_init(self) -> "ModelSpec":
+        # The checkpoint's config.json is the shape: a preset or overrides would be ignored.
+        given = sorted({"preset", "overrides"} & self.model_fields_set)
+        if self.init and (given or self.overrides):
+            raise ValueError(f"{' and '.join(given or ['overrides'])}: not allowed with init "
+                             "(the shape comes from the checkpoint's config.json)")
+        return self
 
 
 class TokenizerSpec(Spec):

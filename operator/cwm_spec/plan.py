@@ -5,8 +5,9 @@ inputs and outputs (artifact URIs), resources and a fingerprint. The local runne
 commands as subprocesses; the operator wraps the same steps into Jobs and PyTorchJobs. Nothing
 here does I/O.
 
-Order: data generation (``traces``, ``trajectories``, ``corpus``), ``tokenizer``, then each
-training stage in order. A step's fingerprint hashes its own configuration (not where it runs,
+Order: data generation (``traces``, ``trajectories``, ``corpus``), ``tokenizer`` (or, with
+``spec.model.init``, ``import``: the released checkpoint converted, its tokenizer adopted), then
+each training stage in order. A step's fingerprint hashes its own configuration (not where it runs,
 nor its output paths) together with its upstream steps' fingerprints, so changing one section of
 the spec reruns that step and everything downstream of it, and nothing else.
 """
@@ -208,16 +209,25 @@ def build_plan(pipeline: CWMPipeline, target: Target) -> Plan:
               data.resources)
         data_inputs["corpus"] = ("corpus", "dataset")
 
-    b.add("tokenizer", "job", "cwm_jobs.tokenizer", spec.tokenizer.dump(), dict(data_inputs),
-          ["tokenizer"], data.resources)
+    if spec.model.init:
+        # A released checkpoint: converted once (streaming) into ours plus its tokenizer, which
+        # every stage uses instead of a trained one; the first stage starts from its weights.
+        b.add("import", "job", "cwm_jobs.hf_import", spec.model.dump(),
+              {"source": spec.model.init}, ["checkpoint", "tokenizer"], data.resources)
+        tokenizer: tuple[str, str] = ("import", "tokenizer")
+        first_init: tuple[str, str] | str | None = ("import", "checkpoint")
+    else:
+        b.add("tokenizer", "job", "cwm_jobs.tokenizer", spec.tokenizer.dump(),
+              dict(data_inputs), ["tokenizer"], data.resources)
+        tokenizer, first_init = ("tokenizer", "tokenizer"), None
 
     previous: str | None = None
     for stage in spec.stages:
-        inputs = {**data_inputs, "tokenizer": ("tokenizer", "tokenizer")}
+        inputs = {**data_inputs, "tokenizer": tokenizer}
         if previous:
             inputs["init"] = (previous, "checkpoint")
-        elif stage.init_from:
-            inputs["init"] = stage.init_from
+        elif first_init or stage.init_from:
+            inputs["init"] = first_init or stage.init_from
         b.add(stage.name, "train", f"cwm_jobs.{stage.name}", _stage_section(stage), inputs,
               ["checkpoint", "state", "metrics"], stage.resources,
               extra={"model": spec.model.dump(), "evaluation": spec.evaluation.dump(),

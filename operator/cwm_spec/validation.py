@@ -154,6 +154,33 @@ def rule_errors(pipeline: CWMPipeline) -> list[FieldError]:
     return errors
 
 
+def init_errors(pipeline: CWMPipeline) -> list[FieldError]:
+    """What ``spec.model.init`` (a released checkpoint as the starting point) rules out.
+
+    Pretraining is refused rather than dropped from the plan: a stage the manifest lists would
+    otherwise silently not run, and its settings (steps, learning rate) silently not apply."""
+    spec = pipeline.spec
+    if not spec.model.init:
+        return []
+    errors = []
+    for i, stage in enumerate(spec.stages):
+        if stage.name == "pretrain":
+            errors.append(FieldError("spec.model.init", f"spec.stages[{i}] is pretrain; a "
+                                     "checkpoint given by init is already pretrained: remove "
+                                     "the pretrain stage (mid-training, SFT and RL start from it)"))
+    if spec.stages[0].init_from:
+        errors.append(FieldError("spec.stages[0].initFrom", "not allowed with spec.model.init "
+                                 "(the first stage starts from the imported checkpoint)"))
+    for name in sorted(spec.tokenizer.model_fields_set):
+        field = TOKENIZER_FIELDS.get(name, name)
+        errors.append(FieldError(f"spec.tokenizer.{field}", "not allowed with spec.model.init "
+                                 "(the checkpoint's tokenizer.json is used, none is trained)"))
+    return errors
+
+
+TOKENIZER_FIELDS = {"vocab_size": "vocabSize", "uri": "uri", "sample_records": "sampleRecords"}
+
+
 def resolve_target(pipeline: CWMPipeline, target: Target) -> Literal["local", "cluster"]:
     if target == "auto":
         return "cluster" if pipeline.spec.storage.is_cluster else "local"
@@ -181,7 +208,8 @@ def parse_pipeline(
         pipeline = CWMPipeline.model_validate(doc)
     except ValidationError as err:
         raise ManifestError(source, pydantic_errors(err)) from None
-    errors = rule_errors(pipeline) + target_errors(pipeline, target, default_images)
+    errors = (rule_errors(pipeline) + init_errors(pipeline)
+              + target_errors(pipeline, target, default_images))
     if errors:
         raise ManifestError(source, errors)
     return pipeline
