@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CWM_CACHE)/torch_extensions
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: s3server setup run test test-fast controlplane tools extensions crd clean node cluster cluster-down kubeflow netpol
+.PHONY: s3server setup run test test-fast controlplane tools extensions crd clean node cluster cluster-down node-prune kubeflow netpol
 
 # The C tracer (beam/cwm_exec/_ctracer.c) is compiled by the editable install: reinstall when it changes.
 $(STAMP): pyproject.toml beam/cwm_exec/_ctracer.c
@@ -42,6 +42,10 @@ cluster: node
 
 cluster-down: setup
 	@$(BIN)/python -m tests.controlplane.cluster --down
+
+# The node keeps its images between runs (a cache); the project's are GBs each: this deletes them.
+node-prune: setup
+	@$(BIN)/python -m tests.controlplane.cluster --prune-images
 
 tools: setup
 	@if [ -x tests/controlplane/tools.sh ]; then tests/controlplane/tools.sh; fi

@@ -724,8 +724,16 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--detach", action="store_true", help="start in the background, print the kubeconfig path")
     group.add_argument("--down", action="store_true", help="stop what --detach started and sweep")
+    group.add_argument("--prune-images", action="store_true", help="delete the node's image store (GBs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.prune_images:
+        try:
+            print(node.prune_image_store(), file=sys.stderr)
+        except node.NodeError as e:
+            print(e, file=sys.stderr)
+            return 1
+        return 0
     if args.down:
         return _down()
     if args.detach:

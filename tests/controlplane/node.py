@@ -285,6 +285,20 @@ def sweep_if_unowned() -> list[str]:
     return sweep()
 
 
+def prune_image_store() -> str:
+    """Delete the node's image store (the project's images in it are GBs: a second copy of what
+    Docker holds); refused while a node runs. Returns what was freed, in words."""
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        owner = int((RUN_DIR / "owner.pid").read_text())
+        if _pid_alive(owner):
+            raise NodeError(f"the test node is running (owner pid {owner}): stop it before pruning its images")
+    size = sum(f.stat().st_size for f in STATE_DIR.rglob("*") if f.is_file() and not f.is_symlink()) \
+        if STATE_DIR.is_dir() else 0
+    sweep()  # unmounts anything a killed node left under STATE_DIR first
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
+    return f"removed {STATE_DIR} ({size / 2**30:.1f} GiB)"
+
+
 @dataclass(frozen=True)
 class HostPrograms:
     """The Debian programs the node runs (installed by node-deps.sh) and the built ones."""
