@@ -151,10 +151,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from cwm_jobs.engine import BETAS, GRADIENT_CLIPPING, LRSchedule, build_engine, parameter_groups
     from cwm_model.model import CWM
     from cwm_model.presets import get_preset
+    from cwm_spec.api import StageSpec
 
     common.init_distributed(common.DistEnv(master_port=common.free_port()), args.device)
     config = get_preset(args.preset)
-    settings = common.StageSettings(
+    settings = StageSpec(
         name="pretrain", steps=10_000, micro_batch_size=micro, sequence_length=seq_len,
         learning_rate=3e-4, min_learning_rate=3e-5, warmup_steps=10, zero_stage=args.zero,
         activation_checkpointing=args.activation_checkpointing)

@@ -22,14 +22,14 @@ import random
 import socket
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from cwm_spec.api import StageSpec
+from cwm_spec.stepconfig import load_step_config, read_section
+
 LOG = logging.getLogger("cwm_jobs")
-
-STAGES = ("pretrain", "midtrain", "sft", "rl")
-
 
 # --------------------------------------------------------------------------- caches
 
@@ -211,138 +211,8 @@ def seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- configuration
-
-
-def _number(spec: Mapping[str, Any], key: str, default: Any, kind: type, where: str) -> Any:
-    value = spec.get(key, default)
-    if value is None:
-        return default
-    if kind is int and isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where}.{key}: expected a number, got {value!r}")
-    if kind is int and float(value) != int(value):
-        raise ValueError(f"{where}.{key}: expected an integer, got {value!r}")
-    return kind(value)
-
-
-@dataclass(frozen=True)
-class RLSettings:
-    """GRPO settings (the ``rl`` block of a stage)."""
-
-    group_size: int = 8
-    prompts_per_step: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    eps_low: float = 0.2
-    eps_high: float = 0.25
-    max_length: int = 512
-    max_turns: int = 8
-    tasks: tuple[str, ...] = ("output_prediction",)
-
-    @classmethod
-    def from_spec(cls, spec: Mapping[str, Any] | None, where: str = "spec.rl") -> "RLSettings":
-        spec = spec or {}
-        out = cls(
-            group_size=_number(spec, "groupSize", 8, int, where),
-            prompts_per_step=_number(spec, "promptsPerStep", 4, int, where),
-            max_new_tokens=_number(spec, "maxNewTokens", 64, int, where),
-            temperature=_number(spec, "temperature", 1.0, float, where),
-            eps_low=_number(spec, "epsLow", 0.2, float, where),
-            eps_high=_number(spec, "epsHigh", 0.25, float, where),
-            max_length=_number(spec, "maxLength", 512, int, where),
-            max_turns=_number(spec, "maxTurns", 8, int, where),
-            tasks=tuple(spec.get("tasks") or ("output_prediction",)),
-        )
-        for name in ("group_size", "prompts_per_step", "max_new_tokens", "max_length", "max_turns"):
-            if getattr(out, name) < 1:
-                raise ValueError(f"{where}.{_camel(name)} must be at least 1")
-        if out.group_size < 2:
-            raise ValueError(f"{where}.groupSize must be at least 2 (advantages are group-relative)")
-        return out
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.title() for p in rest)
-
-
-DEFAULT_MIX = {"pretrain": {"code": 1.0}, "midtrain": {"cwm": 0.3, "code": 0.4, "rehearsal": 0.3},
-               "sft": {"cwm": 1.0}, "rl": {"cwm": 1.0}}
-
-
-@dataclass(frozen=True)
-class StageSettings:
-    """One training stage, read from the step configuration's ``spec`` (camelCase keys)."""
-
-    name: str
-    steps: int = 200
-    micro_batch_size: int = 8
-    gradient_accumulation: int = 1
-    sequence_length: int = 256
-    learning_rate: float = 3e-4
-    min_learning_rate: float = 3e-5
-    warmup_steps: int = 20
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    zero_stage: int = 2
-    activation_checkpointing: bool = False
-    data_mix: dict[str, float] = field(default_factory=dict)
-    observation_mask_rate: float = 0.5
-    checkpoint_every: int = 50
-    eval_every: int = 0
-    rl: RLSettings = field(default_factory=RLSettings)
-
-    @classmethod
-    def from_spec(cls, spec: Mapping[str, Any], stage: str) -> "StageSettings":
-        where = "spec"
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"{where}: expected an object with the stage settings")
-        name = spec.get("name", stage)
-        if name not in STAGES:
-            raise ValueError(f"{where}.name: {name!r} is not one of {', '.join(STAGES)}")
-        default_schedule = "constant" if name == "sft" else "cosine"
-        mix = spec.get("dataMix") or DEFAULT_MIX.get(name, {})
-        if not isinstance(mix, Mapping) or not all(
-            isinstance(v, (int, float)) and v >= 0 for v in mix.values()
-        ):
-            raise ValueError(f"{where}.dataMix: expected source -> non-negative weight, got {mix!r}")
-        out = cls(
-            name=name,
-            steps=_number(spec, "steps", 200, int, where),
-            micro_batch_size=_number(spec, "microBatchSize", 8, int, where),
-            gradient_accumulation=_number(spec, "gradientAccumulation", 1, int, where),
-            sequence_length=_number(spec, "sequenceLength", 256, int, where),
-            learning_rate=_number(spec, "learningRate", 3e-4, float, where),
-            min_learning_rate=_number(spec, "minLearningRate", 3e-5, float, where),
-            warmup_steps=_number(spec, "warmupSteps", 20, int, where),
-            schedule=spec.get("schedule") or default_schedule,
-            weight_decay=_number(spec, "weightDecay", 0.1, float, where),
-            zero_stage=_number(spec, "zeroStage", 2, int, where),
-            activation_checkpointing=bool(spec.get("activationCheckpointing", False)),
-            data_mix={str(k): float(v) for k, v in mix.items()},
-            observation_mask_rate=_number(spec, "observationMaskRate", 0.5, float, where),
-            checkpoint_every=_number(spec, "checkpointEvery", 50, int, where),
-            eval_every=_number(spec, "evalEvery", 0, int, where),
-            rl=RLSettings.from_spec(spec.get("rl")),
-        )
-        out.validate()
-        return out
-
-    def validate(self) -> None:
-        for name in ("steps", "micro_batch_size", "gradient_accumulation", "sequence_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"spec.{_camel(name)} must be at least 1, got {getattr(self, name)}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"spec.schedule: {self.schedule!r} is not cosine or constant")
-        if not 0 <= self.zero_stage <= 3:
-            raise ValueError(f"spec.zeroStage: {self.zero_stage} is not in 0..3")
-        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.eval_every < 0:
-            raise ValueError("spec.warmupSteps, checkpointEvery and evalEvery must be >= 0")
-        if not 0.0 <= self.observation_mask_rate <= 1.0:
-            raise ValueError(f"spec.observationMaskRate: {self.observation_mask_rate} not in [0, 1]")
-        if self.learning_rate <= 0 or not 0 <= self.min_learning_rate <= self.learning_rate:
-            raise ValueError("spec.learningRate must be > 0 and spec.minLearningRate in [0, learningRate]")
-        if self.name in ("pretrain", "midtrain") and sum(self.data_mix.values()) <= 0:
-            raise ValueError("spec.dataMix: the weights sum to zero")
+# The stage's settings are the API's own model (cwm_spec.api.StageSpec): its defaults, its
+# validation and its field names in errors; nothing is re-declared here.
 
 
 @dataclass(frozen=True)
@@ -350,7 +220,7 @@ class StepContext:
     """Everything a stage needs from its step configuration."""
 
     config: dict[str, Any]
-    settings: StageSettings
+    settings: StageSpec  # the stage section, validated, every default filled in
     inputs: dict[str, str]
     outputs: dict[str, str]
     seed: int
@@ -367,21 +237,11 @@ class StepContext:
         return self.outputs[name]
 
 
-def validate_with_api(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate the stage section with ``cwm_spec.api.StageSpec`` (the single source of truth
-    for the spec) and return it with every default filled in, camelCase."""
-    from cwm_spec.api import StageSpec
-
-    return StageSpec.model_validate(dict(spec)).dump()
-
-
 def load_context(stage: str, argv: Sequence[str] | None = None) -> StepContext:
-    """Read ``--config FILE`` or ``$CWM_STEP_CONFIG`` and parse the stage section."""
-    from cwm_spec.stepconfig import load_step_config
-
+    """Read ``--config FILE`` or ``$CWM_STEP_CONFIG`` and validate the stage section with the
+    API's model (errors name the field, e.g. ``spec.zeroStage``)."""
     config, rest = load_step_config(argv)
-    spec = validate_with_api(config["spec"])
-    settings = StageSettings.from_spec(spec, stage)
+    settings = read_section(StageSpec, config["spec"], "spec")
     if settings.name != stage:
         raise ValueError(f"spec.name is {settings.name!r} but this entry point runs {stage!r}")
     return StepContext(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cwm_jobs.common import StageSettings
+from cwm_spec.api import StageSpec
 
 BETAS = (0.9, 0.95)
 GRADIENT_CLIPPING = 1.0
@@ -31,7 +31,7 @@ def bucket_elements(parameters: int | None) -> int:
 
 
 def deepspeed_config(
-    settings: StageSettings, *, world_size: int, device_type: str, micro_batch_size: int | None = None,
+    settings: StageSpec, *, world_size: int, device_type: str, micro_batch_size: int | None = None,
     parameters: int | None = None,
 ) -> dict[str, Any]:
     """DeepSpeed configuration for one stage.
@@ -106,7 +106,7 @@ class LRSchedule:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     @classmethod
-    def from_settings(cls, settings: StageSettings) -> "LRSchedule":
+    def from_settings(cls, settings: StageSpec) -> "LRSchedule":
         return cls(
             total_steps=settings.steps,
             warmup_steps=settings.warmup_steps,
@@ -129,7 +129,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 
 def build_engine(
     model: torch.nn.Module,
-    settings: StageSettings,
+    settings: StageSpec,
     *,
     world_size: int,
     device_type: str,

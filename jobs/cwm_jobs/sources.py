@@ -79,7 +79,7 @@ def stage_sources(ctx: StepContext, tokenizer: Any) -> list[Source]:
     """The weighted sources of a pretrain, midtrain or SFT stage. A positive weight whose data
     set is not among the inputs is an error naming both."""
     s = ctx.settings
-    mix = s.data_mix
+    mix = s.data_mix.model_dump()  # source -> weight
     sft = s.name == "sft"
     sources: list[Source] = []
     cwm_inputs = [n for n in ("traces", "trajectories") if ctx.input(n)]

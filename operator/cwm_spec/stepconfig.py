@@ -29,7 +29,11 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from cwm_spec.validation import pydantic_errors
 
 ENV_VAR = "CWM_STEP_CONFIG"
 REQUIRED_KEYS = ("pipeline", "step", "kind", "spec", "inputs", "outputs")
@@ -37,6 +41,25 @@ REQUIRED_KEYS = ("pipeline", "step", "kind", "spec", "inputs", "outputs")
 
 class StepConfigError(ValueError):
     """The step configuration is missing or malformed; the message says where."""
+
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def read_section(model: type[Section], section: Any, where: str) -> Section:
+    """One section of the configuration, validated by its API model (``TraceDataSpec``,
+    ``SandboxSpec``, ``StageSpec`` ...): the workers' only reading of it, so every default and
+    rule is the API's. Errors name the field as the YAML spells it (``spec.zeroStage: ...``)."""
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise StepConfigError(f"{where}: expected an object, got {type(section).__name__}")
+    try:
+        return model.model_validate(section)
+    except ValidationError as err:
+        raise StepConfigError("; ".join(
+            f"{where}.{e}" if e.path else f"{where}: {e.message}" for e in pydantic_errors(err)
+        )) from None
 
 
 def parse_step_config(text: str, origin: str) -> dict[str, Any]:

@@ -8,12 +8,10 @@ import pytest
 
 from cwm_jobs.common import (
     DistEnv,
-    StageSettings,
     default_cache_dir,
     dist_env_from,
     ensure_extension_cache,
     load_context,
-    validate_with_api,
 )
 
 
@@ -53,14 +51,30 @@ def test_extension_cache_defaults_under_the_cwm_cache():
     assert default_cache_dir({}).name == ".cache"
 
 
-def test_stage_settings_come_from_the_api_defaults():
-    midtrain = StageSettings.from_spec(validate_with_api({"name": "midtrain"}), "midtrain")
-    assert midtrain.data_mix == {"cwm": 0.3, "code": 0.4, "rehearsal": 0.3}
+def context(tmp_path, spec, stage):
+    config = {"pipeline": "p", "step": stage, "kind": "train", "spec": spec,
+              "inputs": {}, "outputs": {}}
+    path = tmp_path / f"{stage}.json"
+    path.write_text(json.dumps(config))
+    return load_context(stage, ["--config", str(path)])
+
+
+def test_stage_settings_come_from_the_api_defaults(tmp_path):
+    midtrain = context(tmp_path, {"name": "midtrain"}, "midtrain").settings
+    assert midtrain.data_mix.model_dump() == {"cwm": 0.3, "code": 0.4, "rehearsal": 0.3}
     assert midtrain.schedule == "cosine" and midtrain.zero_stage == 2
-    sft = StageSettings.from_spec(validate_with_api({"name": "sft"}), "sft")
+    assert midtrain.min_learning_rate == pytest.approx(midtrain.learning_rate / 10)
+    sft = context(tmp_path, {"name": "sft"}, "sft").settings
     assert sft.schedule == "constant"
-    rl = StageSettings.from_spec(validate_with_api({"name": "rl", "rl": {"groupSize": 4}}), "rl")
+    rl = context(tmp_path, {"name": "rl", "rl": {"groupSize": 4}}, "rl").settings
     assert (rl.rl.group_size, rl.rl.eps_low, rl.rl.eps_high) == (4, 0.2, 0.25)
+
+
+def test_a_bad_stage_section_names_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"spec\.rl\.groupSize: .*greater than or equal to 2"):
+        context(tmp_path, {"name": "rl", "rl": {"groupSize": 1}}, "rl")
+    with pytest.raises(ValueError, match=r"spec\.dataMix: at least one weight must be positive"):
+        context(tmp_path, {"name": "midtrain", "dataMix": {"cwm": 0}}, "midtrain")
 
 
 def test_load_context_rejects_the_wrong_stage_and_bad_fields(tmp_path):

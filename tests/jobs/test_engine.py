@@ -7,15 +7,15 @@ import copy
 import pytest
 import torch
 
-from cwm_jobs.common import StageSettings
+from cwm_spec.api import StageSpec
 from cwm_jobs.engine import LRSchedule, build_engine, deepspeed_config, parameter_groups
 
 
-def settings(**kw) -> StageSettings:
+def settings(**kw) -> StageSpec:
     base = dict(name="pretrain", steps=6, micro_batch_size=2, gradient_accumulation=2,
                 learning_rate=1e-2, min_learning_rate=1e-3, warmup_steps=2, zero_stage=2)
     base.update(kw)
-    return StageSettings(**base)
+    return StageSpec(**base)
 
 
 def test_config_follows_the_stage_and_device():
