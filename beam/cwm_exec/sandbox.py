@@ -66,7 +66,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -74,6 +74,8 @@ import cwm_exec
 from cwm_exec._exec_limited import encode_spec
 from cwm_exec.trace_format import TraceFormatError, mark_entry
 from cwm_exec.tracer import TraceLimits, TraceResult
+from cwm_spec.api import SandboxSpec
+from cwm_spec.stepconfig import read_section
 from cwm_spec.storage import sandbox_env
 
 
@@ -84,15 +86,19 @@ _ETC_FILES = (
 )
 
 
+_SPEC = SandboxSpec()  # the API's defaults (spec.data.sandbox), the only place they are set
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits for one sandboxed program (for a pool: for each job)."""
+    """Resource limits for one sandboxed program (for a pool: for each job). The defaults are
+    the pipeline's (``SandboxSpec``); ``network`` is the sandbox's own switch, never in a spec."""
 
-    wall_seconds: float = 10
-    cpu_seconds: float = 10
-    memory_mb: int = 1024
-    output_bytes: int = 1_000_000
-    processes: int = 64
+    wall_seconds: float = _SPEC.wall_seconds
+    cpu_seconds: float = _SPEC.cpu_seconds
+    memory_mb: int = _SPEC.memory_mb
+    output_bytes: int = _SPEC.output_bytes
+    processes: int = _SPEC.processes
     network: bool = False
 
     def __post_init__(self) -> None:
@@ -102,20 +108,14 @@ class Limits:
                 raise ValueError(f"sandbox limit {name} must be positive, got {value}")
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any] | None) -> "Limits":
-        """Build from the pipeline's ``data.sandbox`` section (camelCase, as in the YAML)."""
-        spec = dict(spec or {})
-        names = {"wallSeconds": "wall_seconds", "cpuSeconds": "cpu_seconds",
-                 "memoryMB": "memory_mb", "outputBytes": "output_bytes",
-                 "processes": "processes", "network": "network"}
-        known = {f.name for f in fields(cls)}
-        kwargs = {}
-        for key, value in spec.items():
-            name = names.get(key, key)
-            if name not in known:
-                raise ValueError(f"data.sandbox.{key}: unknown field (known: {', '.join(names)})")
-            kwargs[name] = value
-        return cls(**kwargs)
+    def from_spec(cls, section: Mapping[str, Any] | SandboxSpec | None) -> "Limits":
+        """From the step configuration's ``sandbox`` section (``SandboxSpec`` as the plan dumps
+        it), validated by the API's model: errors name the field (``sandbox.memoryMB: ...``)."""
+        spec = section if isinstance(section, SandboxSpec) else read_section(
+            SandboxSpec, dict(section or {}), "sandbox")
+        return cls(wall_seconds=spec.wall_seconds, cpu_seconds=spec.cpu_seconds,
+                   memory_mb=spec.memory_mb, output_bytes=spec.output_bytes,
+                   processes=spec.processes)
 
 
 @dataclass
