@@ -1,0 +1,94 @@
+"""Acceptance (issue 20): `cwm run` of a pipeline whose ``spec.model.init`` points at a random tiny
+CwmForCausalLM checkpoint written by ``transformers`` runs mid-train → SFT → RL from it: the
+import step converts it (no tokenizer is trained, no pretraining), every stage uses its
+tokenizer, and mid-training starts from its weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.model.hf_checkpoint import write_checkpoint
+
+pytestmark = pytest.mark.slow
+
+CWM = [sys.executable, "-m", "cwm_operator.cli"]
+# A small learning rate: after a few steps the weights are still visibly the imported ones.
+STAGE = {"microBatchSize": 2, "sequenceLength": 128, "warmupSteps": 1, "checkpointEvery": 2,
+         "learningRate": 1e-4}
+SPEC = {
+    "data": {
+        "traces": {"sources": [{"kind": "cruxeval", "count": 30},
+                               {"kind": "synthetic", "count": 30}],
+                   "fuzzInputsPerFunction": 0, "shards": 1, "validationFraction": 0.2},
+        "trajectories": {"tasksPerRepository": 1, "heldOutTasks": 1,
+                         "policy": {"maxTurns": 8}, "shards": 1},
+        "corpus": {"maxFiles": 100, "maxBytes": 1000000},
+        "beam": {"workers": 1},
+    },
+    "stages": [
+        {"name": "midtrain", "steps": 3, **STAGE},
+        {"name": "sft", "steps": 2, **STAGE},
+        {"name": "rl", "steps": 1, "learningRate": 1e-5, "warmupSteps": 0,
+         "rl": {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 8, "maxTurns": 2,
+                "tasks": ["output_prediction", "mutate_fix"]}},
+    ],
+    "evaluation": {"heldOutTraces": 4, "cruxevalLimit": 4, "maxNewTokens": 8,
+                   "mutateFixTasks": 1, "mutateFixTurns": 2},
+}
+STEPS = ["traces", "trajectories", "corpus", "import", "midtrain", "sft", "rl"]
+
+
+def cwm(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*CWM, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("init")
+    source = write_checkpoint(root / "released", shard="60KB")
+    manifest = root / "pipeline.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "apiVersion": "cwm.dev/v1alpha1", "kind": "CWMPipeline", "metadata": {"name": "init"},
+        "spec": {"model": {"init": str(source)}, **SPEC}}))
+    workdir = root / "run"
+    result = cwm("run", str(manifest), "--workdir", str(workdir), "--plain")
+    assert result.returncode == 0, result.stderr[-5000:]
+    return source, workdir
+
+
+def test_midtrain_sft_rl_run_from_the_imported_checkpoint(run):
+    source, workdir = run
+    done = cwm("status", str(workdir), "--json")
+    assert done.returncode == 0, done.stderr
+    steps = {s["name"]: s for s in json.loads(done.stdout)["steps"]}
+    assert list(steps) == STEPS  # no tokenizer training, no pretraining
+    assert {s["state"] for s in steps.values()} == {"Succeeded"}
+    assert "rl_heldout_accuracy" in steps["rl"]["metrics"]
+    artifacts = workdir / "artifacts"
+    released = (source / "tokenizer.json").read_text()
+    for stage in ("midtrain", "sft", "rl"):  # the released tokenizer and shape throughout
+        config = json.loads((artifacts / stage / "checkpoint/config.json").read_text())["model"]
+        assert config["vocab_size"] == 768 and config["n_layers"] == 4 and config["dim"] == 64
+        assert json.loads((artifacts / stage / "checkpoint/tokenizer.json").read_text()) == \
+            json.loads(released)
+
+
+def test_midtrain_starts_from_the_imported_weights(run):
+    _, workdir = run
+    imported = load_file(str(workdir / "artifacts/import/checkpoint/model.safetensors"))
+    trained = load_file(str(workdir / "artifacts/midtrain/checkpoint/model.safetensors"))
+    assert sorted(imported) == sorted(trained)
+    for name in ("tok_embeddings.weight", "layers.0.attention.wq.weight", "output.weight"):
+        change = (trained[name] - imported[name]).norm() / imported[name].norm()
+        assert 0 < change < 0.1, (name, float(change))  # trained a little, from these weights
+    assert not torch.equal(trained["output.weight"], imported["output.weight"])
