@@ -147,20 +147,33 @@ def build_one(client: docker.DockerClient, spec: ImageSpec, bases: Bases,
               *, nocache: bool = False) -> str:
     """Build `spec` unless an image with the same content hash is already tagged; return its ref."""
     wanted = content_hash(spec, _base_ids(client, bases))
-    if not nocache:
-        try:
-            if client.images.get(spec.ref).labels.get(CONTENT_LABEL) == wanted:
-                print(f"[{spec.name}] up to date: {spec.ref} ({CONTENT_LABEL}={wanted})")
-                return spec.ref
-        except docker.errors.ImageNotFound:
-            pass
+    try:
+        previous = client.images.get(spec.ref)
+    except docker.errors.ImageNotFound:
+        previous = None
+    if previous is not None and not nocache and previous.labels.get(CONTENT_LABEL) == wanted:
+        print(f"[{spec.name}] up to date: {spec.ref} ({CONTENT_LABEL}={wanted})")
+        return spec.ref
     started = time.monotonic()
     print(f"[{spec.name}] building {spec.ref} from {spec.dockerfile} "
           f"(args: {' '.join(f'{k}={v}' for k, v in spec.buildargs.items())})", flush=True)
     _stream_build(client, spec, {CONTENT_LABEL: wanted}, nocache)
-    size = client.images.get(spec.ref).attrs["Size"] / 1e6
-    print(f"[{spec.name}] built {spec.ref} in {time.monotonic() - started:.0f} s, {size:.0f} MB")
+    built = client.images.get(spec.ref)
+    print(f"[{spec.name}] built {spec.ref} in {time.monotonic() - started:.0f} s, "
+          f"{built.attrs['Size'] / 1e6:.0f} MB")
+    if previous is not None and previous.id != built.id:
+        _remove_replaced(client, spec, previous.id)
     return spec.ref
+
+
+def _remove_replaced(client: docker.DockerClient, spec: ImageSpec, image_id: str) -> None:
+    """Delete the image this build replaced (now untagged: several GB for beam and trainer), so
+    that rebuilds do not fill the disk; one still used by a container or a tag stays."""
+    try:
+        client.images.remove(image_id)
+        print(f"[{spec.name}] removed the image it replaced ({image_id[:19]})")
+    except docker.errors.APIError as err:
+        log.warning("%s: the replaced image %s stays: %s", spec.name, image_id[:19], err)
 
 
 def build_all(names: Iterable[str] | None = None, *, nocache: bool = False) -> dict[str, str]:
