@@ -1,6 +1,8 @@
 """What the Beam data steps (``cwm_beam.traces``, ``cwm_beam.trajectories``) share around their
-pipelines: the common flags, the step configuration's sections, the runner, and where a data set
-is written — whole, or as one part of an Indexed Job (:mod:`cwm_beam.parts`).
+pipelines: the common flags, the step configuration's sections, the one runner (:func:`run_step`:
+parse, build, run, write the manifest), the shard writers, and where a data set is written —
+whole, or as one part of an Indexed Job (:mod:`cwm_beam.parts`). A step brings only what is its
+own (:class:`DataStep`): how it reads its job, builds its graph and summarises its data set.
 
 Local parallelism (``--workers N`` with the in-process runner) uses the same split as an Indexed
 Job: N processes, each the whole pipeline on its part of the work, the last to finish merging the
@@ -12,6 +14,7 @@ mode stays one flag away (``--direct_running_mode=multi_processing``), as do oth
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import logging
 import multiprocessing
@@ -19,12 +22,17 @@ import multiprocessing.connection
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Generic, Iterable, TypeVar
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from cwm_beam.parts import Part
+from cwm_exec import sandbox
+from cwm_exec.sandbox import Limits
+from cwm_spec import artifacts
+from cwm_spec.stepconfig import load_step_config
 
 LOG = logging.getLogger("cwm_beam.step")
 
@@ -45,32 +53,34 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class StepInput:
-    """The step configuration's sections (empty when the job is given by flags alone)."""
+    """The step configuration's sections, as the plan (``cwm_spec.plan``) writes them; all empty
+    when the flags name the whole job (then the API's defaults apply)."""
 
     config: dict[str, Any]
-    spec: dict[str, Any]
-    sandbox: dict[str, Any] | None
-    beam: dict[str, Any]
-    rest: list[str]  # arguments no flag claimed: Beam pipeline flags
+    spec: dict[str, Any]  # the step's section, camelCase: flags may override it, then validated
+    sandbox: Limits       # ``sandbox``, validated by the API's SandboxSpec
+    beam: dict[str, Any]  # ``runtime.beam`` (BeamSpec, dumped)
+    rest: list[str]       # arguments no flag claimed: Beam pipeline flags
 
 
 def read_step(rest: list[str], *, named_by_flags: bool) -> StepInput:
     """Load the step configuration (``--config`` or ``$CWM_STEP_CONFIG``) unless the flags name
-    the whole job; split it into the pipeline's spec, the sandbox limits and the Beam section."""
+    the whole job; split it into the step's spec, the sandbox limits and the Beam section."""
     config: dict[str, Any] = {}
     if "--config" in rest or any(a.startswith("--config=") for a in rest) or not named_by_flags:
-        from cwm_spec.stepconfig import load_step_config
-
         config, rest = load_step_config(rest)
-    spec = dict(config.get("spec", {}))
-    data = config.get("data", {}) or {}
-    sandbox = config.get("sandbox") or data.get("sandbox") or spec.pop("sandbox", None)
-    beam_section = dict((config.get("runtime") or {}).get("beam") or config.get("beam")
-                        or data.get("beam") or spec.pop("beam", None) or {})
-    return StepInput(config, spec, sandbox, beam_section, rest)
+    runtime = config.get("runtime") or {}
+    return StepInput(config, dict(config.get("spec") or {}),
+                     Limits.from_spec(config.get("sandbox")), dict(runtime.get("beam") or {}), rest)
 
 
-def output_and_runner(flags: argparse.Namespace, step: StepInput) -> tuple[str, dict[str, Any], list[str]]:
+def step_seed(flag: int | None, step: StepInput) -> int | None:
+    """``--seed``, else the configuration's ``seed`` (None: the section's own)."""
+    return flag if flag is not None else step.config.get("seed")
+
+
+def output_and_runner(flags: argparse.Namespace,
+                      step: StepInput) -> tuple[str, dict[str, Any], list[str]]:
     """The output folder, the Beam section with the flags' overrides, and the Beam flags."""
     output = flags.output or (step.config.get("outputs") or {}).get("dataset")
     if not output:
@@ -92,8 +102,6 @@ def pipeline_for(beam_section: dict[str, Any], beam_flags: list[str]) -> beam.Pi
     gets ``workers`` as its ``--direct_num_workers`` unless that is given too)."""
     runner = beam_section.get("runner") or "DirectRunner"
     if runner in IN_PROCESS:
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
         flags = list(beam_flags)
         workers = int(beam_section.get("workers") or 1)
         if (any(f.startswith("--direct_running_mode") for f in flags) and workers > 1
@@ -127,8 +135,6 @@ def run_as_parts(module: str, argv: list[str], part: Part, workers: int,
     Nothing is shared between the processes but the output folder. A process that fails stops
     the others and raises (its part's manifest is missing, so no merge happens). Returns this
     pod's parts' stats merged and the wall-clock seconds."""
-    from cwm_spec import artifacts
-
     parts = [Part(part.index * workers + j, part.count * workers) for j in range(workers)]
     started = time.monotonic()
     LOG.info("running %s as %d processes: parts %s of %d", module, workers,
@@ -172,8 +178,6 @@ def run_as_parts(module: str, argv: list[str], part: Part, workers: int,
 def target_of(output: str, part: Part) -> str:
     """Where this run writes: the data set itself, or its part's folder (emptied of a previous
     attempt's manifest, so that no merge pairs that attempt's part with this one's)."""
-    from cwm_spec import artifacts
-
     if not part.split:
         return output
     target = artifacts.part_dir(output, part.index)
@@ -183,11 +187,140 @@ def target_of(output: str, part: Part) -> str:
 
 def merge_when_complete(output: str, part: Part) -> None:
     """After a part: the last one to finish writes the data set's manifest."""
-    from cwm_spec import artifacts
-
     if part.split and artifacts.merge_parts(output, part.count) is not None:
         LOG.info("all %d parts done: merged into %s", part.count, output)
 
 
 def part_label(part: Part) -> str:
     return f" as part {part.index} of {part.count}" if part.split else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Shards: written by the pipelines, read back for the manifest
+
+
+def shard_file(name: str, index: int, shards: int) -> str:
+    return f"{name}-{index:05d}-of-{shards:05d}.jsonl"
+
+
+def write_rows(output: str, name: str, index: int, shards: int,
+               rows: Iterable[dict[str, Any]]) -> str:
+    """One shard file of split ``name`` (records sorted by id, so any runner writes the same
+    bytes); returns its path."""
+    rows = sorted(rows, key=lambda r: r["id"])
+    return artifacts.write_shard(output, shard_file(name, index, shards), rows).path
+
+
+class WriteShards(beam.PTransform):
+    """Write one split as ``NAME-0000i-of-0000n.jsonl`` shards, a record's shard chosen by a hash
+    of its id; outputs the shard file names."""
+
+    def __init__(self, output: str, name: str, shards: int) -> None:
+        super().__init__()
+        self.output, self.name, self.shards = output, name, shards
+
+    def expand(self, records):
+        output, name, shards = self.output, self.name, self.shards
+
+        def shard_of(record):
+            return int(hashlib.sha256(record["id"].encode()).hexdigest()[:8], 16) % shards
+
+        return (records
+                | f"Key{name.title()}" >> beam.Map(lambda r: (shard_of(r), r))
+                | f"Group{name.title()}" >> beam.GroupByKey()
+                | f"Write{name.title()}" >> beam.Map(
+                    lambda item: write_rows(output, name, item[0], shards, item[1])))
+
+
+def read_splits(output: str, counts: dict[str, int]
+                ) -> tuple[dict[str, list[artifacts.Shard]], dict[str, list[dict[str, Any]]]]:
+    """Every shard of each split (``name -> shard count``), with its rows: the manifest's shard
+    list (empty shards where a split got nothing) and the records for the stats."""
+    shards: dict[str, list[artifacts.Shard]] = {}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for name, count in counts.items():
+        shards[name], rows[name] = [], []
+        for index in range(count):
+            shard, records = artifacts.read_shard(output, shard_file(name, index, count))
+            shards[name].append(shard)
+            rows[name].extend(records)
+    return shards, rows
+
+
+# --------------------------------------------------------------------------------------------
+# The one runner of both data steps
+
+Settings = TypeVar("Settings")
+
+
+@dataclass(frozen=True)
+class Job(Generic[Settings]):
+    """One run of a data step: its settings (with this process's ``part``), where it writes, the
+    Beam section (with the flags' overrides) and the Beam flags."""
+
+    settings: Settings
+    output: str
+    beam: dict[str, Any]
+    beam_flags: list[str]
+
+    @property
+    def part(self) -> Part:
+        return self.settings.part  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class DataStep(Generic[Settings]):
+    """What a data step adds to :func:`run_step`; everything else is shared."""
+
+    module: str      # ``python -m`` name, run again by each part process
+    namespace: str   # of its Beam metrics
+    load_job: Callable[[list[str]], Job[Settings]]
+    build: Callable[[beam.Pipeline, Settings, str], None]       # the graph, writing shards
+    finish: Callable[[str, Settings, float], dict[str, Any]]    # manifest last; its stats
+    throughput: Callable[[dict[str, Any], float], dict[str, float]]  # rate keys of the stats
+    describe: Callable[[Settings], str]     # what it is about to do, for the log
+    summary: Callable[[dict[str, Any]], str]  # what it wrote, for the log
+
+
+def run_step(step: DataStep[Any], argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse, build, run, write the manifest; returns the manifest's stats.
+
+    With ``workers`` > 1 on the in-process runner, the step runs as that many part processes
+    (:func:`run_as_parts`); else this process runs the pipeline on its part (the whole, or one
+    part of an Indexed Job) and the last part to finish merges the manifest."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("cwm_beam").setLevel(logging.INFO)   # the step and its helpers
+    args = list(sys.argv[1:] if argv is None else argv)
+    job = step.load_job(args)
+    LOG.info("%s into %s (runner %s, workers %s)", step.describe(job.settings), job.output,
+             job.beam.get("runner", "in-process"), job.beam.get("workers", 1))
+    # Decided before any program runs: fails the step here when CWM_SANDBOX=bwrap cannot hold.
+    LOG.info("sandbox: %s", sandbox.describe_isolation())
+    workers = local_workers(job.beam, job.beam_flags)
+    if workers > 1:
+        stats, seconds = run_as_parts(step.module, args, job.part, workers, job.output)
+        stats.update(seconds=round(seconds, 2), **step.throughput(stats, seconds))
+        LOG.info("%d processes: %s", workers, step.summary(stats))
+        return stats
+    started = time.monotonic()
+    target = target_of(job.output, job.part)
+    pipeline = pipeline_for(job.beam, job.beam_flags)
+    step.build(pipeline, job.settings, target)
+    result = pipeline.run()
+    result.wait_until_finish()
+    log_metrics(result, step.namespace)
+    stats = step.finish(target, job.settings, time.monotonic() - started)
+    LOG.info("%s%s", step.summary(stats), part_label(job.part))
+    merge_when_complete(job.output, job.part)
+    return stats
+
+
+def log_metrics(result: beam.runners.runner.PipelineResult, namespace: str) -> None:
+    try:
+        counters = result.metrics().query()["counters"]
+    except Exception:   # not every runner reports metrics back
+        LOG.info("the runner reported no metrics")
+        return
+    for counter in counters:
+        if counter.key.metric.namespace == namespace:
+            LOG.info("metric %s = %s", counter.key.metric.name, counter.committed)

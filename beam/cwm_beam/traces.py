@@ -1,7 +1,8 @@
 """Execution-trace data set: read → fuzz → trace in the sandbox → limits → dedup → split → shards.
 
-Run as a pipeline step (configuration from ``$CWM_STEP_CONFIG`` or ``--config FILE``; section
-``TraceDataSpec`` in ``spec``, ``data.sandbox`` and ``data.beam`` beside it)::
+Run as a pipeline step (configuration from ``$CWM_STEP_CONFIG`` or ``--config FILE``, as the plan
+writes it: ``TraceDataSpec`` in ``spec``, validated by that model; ``sandbox`` and ``runtime.beam``
+beside it)::
 
     python -m cwm_beam.traces --config step.json
 
@@ -13,17 +14,18 @@ or standalone with plain flags::
     python -m cwm_beam.traces --source cruxeval --output /tmp/t --runner FlinkRunner \\
         --flink_master=[local] --environment_type=LOOPBACK   # extra flags go to Beam unchanged
 
-The default runner is Beam's in-process ``FnApiRunner`` (``--workers N`` worker processes); any
-other runner's flags pass through. Output: a ``cwm-dataset/v1`` folder (``cwm_spec.artifacts``)
-with ``train-*``, ``validation-*`` and ``deadletter-*`` JSONL shards and the manifest, written
-last. Records::
+The runner is the one both data steps share (:func:`cwm_beam.step.run_step`): Beam's in-process
+``FnApiRunner`` by default (``--workers N`` processes), any other runner's flags passed through.
+Output: a ``cwm-dataset/v1`` folder (``cwm_spec.artifacts``) with ``train-*``, ``validation-*``
+and ``deadletter-*`` JSONL shards and the manifest, written last. Records::
 
     {"id", "source", "program_hash", "code", "entry", "input", "text", "frames", "return",
      "exception", "truncated", "events"}
 
 Repository episodes (``--source repository:PATH_OR_GIT_URL``, see :mod:`cwm_exec.repository`) add
-``"repository", "path", "test"``. Dead letters: ``{"id", "source", "stage", "reason", "detail"}``. Beam metrics (namespace
-``traces``) count both; the manifest's ``stats`` repeats the counts.
+``"repository", "path", "test"``. Dead letters (:func:`program_dead_letter`): ``{"id", "source",
+"stage", "reason", "detail"}``. Beam metrics (namespace ``traces``) count both; the manifest's
+``stats`` repeats the counts.
 """
 
 from __future__ import annotations
@@ -32,29 +34,31 @@ import argparse
 import hashlib
 import json
 import logging
-import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Iterator, get_args
 
 import apache_beam as beam
+import fsspec
 from apache_beam.metrics import Metrics
 
 from cwm_beam import fuzz, sources, synthetic
-from cwm_exec import repository
 from cwm_beam.parts import Part, job_part
-from cwm_beam.step import (add_common_flags, local_workers, merge_when_complete, output_and_runner,
-                           part_label, pipeline_for, read_step, run_as_parts, target_of)
-from cwm_exec import sandbox
+from cwm_beam.step import (DataStep, Job, WriteShards, add_common_flags, output_and_runner,
+                           read_splits, read_step, run_step, step_seed, write_rows)
+from cwm_exec import repository, sandbox
 from cwm_exec.sandbox import Failure, Limits, TracePool
 from cwm_exec.tracer import TraceLimits
+from cwm_spec import artifacts
+from cwm_spec.api import TraceDataSpec, TraceSource
+from cwm_spec.stepconfig import read_section
 
 LOG = logging.getLogger("cwm_beam.traces")
 NAMESPACE = "traces"
 DEADLETTER = "deadletter"
 TRACED = "traced"
-SOURCE_KINDS = ("cruxeval", "jsonl", "functions", "synthetic", "repository")
+SOURCE_KINDS = get_args(TraceSource.model_fields["kind"].annotation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,51 +67,33 @@ SOURCE_KINDS = ("cruxeval", "jsonl", "functions", "synthetic", "repository")
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the transforms need; built from the step config or from flags."""
+    """Everything the transforms need: the validated section (every default is the API's), the
+    sandbox limits, the seed (the step's, over the section's) and this pod's part."""
 
-    sources: tuple[dict, ...] = ({"kind": "cruxeval"},)
-    fuzz_inputs_per_function: int = 3
-    exception_share: float = 0.1
-    trace_limits: TraceLimits = field(default_factory=TraceLimits)
-    sandbox: Limits = field(default_factory=Limits)
-    validation_fraction: float = 0.05
-    shards: int = 4
-    seed: int = 0
-    part: Part = field(default_factory=Part)  # this pod's part of an Indexed Job
-
-    def __post_init__(self) -> None:
-        for index, source in enumerate(self.sources):
-            kind = source.get("kind")
-            if kind not in SOURCE_KINDS:
-                raise ValueError(f"sources[{index}].kind: {kind!r} is not one of "
-                                 f"{', '.join(SOURCE_KINDS)}")
-            if kind in ("jsonl", "functions", "repository") and not source.get("uri"):
-                raise ValueError(f"sources[{index}].uri is required for a {kind} source")
-            if kind == "synthetic" and not source.get("count"):
-                raise ValueError(f"sources[{index}].count is required for a synthetic source")
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError("validationFraction must be within [0, 1)")
-        if self.shards < 1:
-            raise ValueError("shards must be >= 1")
+    spec: TraceDataSpec
+    sandbox: Limits
+    seed: int
+    part: Part
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], sandbox: dict[str, Any] | None = None,
-                  seed: int | None = None) -> "Settings":
-        """From ``TraceDataSpec`` dumped by alias (camelCase) plus ``data.sandbox``."""
-        limits = TraceLimits(max_events=spec.get("maxEvents", 10_000),
-                             max_bytes=spec.get("maxBytes", 1_000_000),
-                             max_repr_chars=spec.get("maxReprChars", 200),
-                             seed=spec.get("seed", 0))
-        # Unset optional fields arrive as nulls from the API's dump: drop them, so that each
-        # source's own defaults apply.
-        sources = spec.get("sources", [{"kind": "cruxeval"}])
-        return cls(sources=tuple({k: v for k, v in s.items() if v is not None} for s in sources),
-                   fuzz_inputs_per_function=spec.get("fuzzInputsPerFunction", 3),
-                   exception_share=spec.get("exceptionShare", 0.1),
-                   trace_limits=limits, sandbox=Limits.from_spec(sandbox),
-                   validation_fraction=spec.get("validationFraction", 0.05),
-                   shards=spec.get("shards", 4),
-                   seed=spec.get("seed", 0) if seed is None else seed)
+    def from_spec(cls, section: dict[str, Any], sandbox: Limits, seed: int | None = None,
+                  part: Part = Part()) -> "Settings":
+        """From the ``spec`` section as the plan writes it (``TraceDataSpec``, camelCase)."""
+        spec = read_section(TraceDataSpec, section, "spec")
+        return cls(spec, sandbox, spec.seed if seed is None else seed, part)
+
+    @property
+    def sources(self) -> tuple[dict[str, Any], ...]:
+        """Each source as the YAML spells it, unset fields left out (the readers' own
+        defaults apply)."""
+        return tuple(s.model_dump(mode="json", by_alias=True, exclude_none=True)
+                     for s in self.spec.sources)
+
+    @property
+    def trace_limits(self) -> TraceLimits:
+        spec = self.spec
+        return TraceLimits(max_events=spec.max_events, max_bytes=spec.max_bytes,
+                           max_repr_chars=spec.max_repr_chars, seed=spec.seed)
 
 
 def program_hash(code: str) -> str:
@@ -127,7 +113,10 @@ def content_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(record["text"].encode()).hexdigest()
 
 
-def dead_letter(record: dict[str, Any], stage: str, reason: str, detail: str = "") -> dict:
+def program_dead_letter(record: dict[str, Any], stage: str, reason: str,
+                        detail: str = "") -> dict[str, Any]:
+    """The dead letter of a program (or of its source's line): pure; counted by
+    :class:`CountDeadLetters` where the dead letters meet."""
     return {"id": record.get("id", "?"), "source": record.get("source", "?"), "stage": stage,
             "reason": reason, "detail": detail[:2000]}
 
@@ -166,8 +155,6 @@ def expand_source(source: dict[str, Any], seed: int, limits: TraceLimits | None 
 
 
 def _read_jsonl(source: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
-    import fsspec
-
     uri = source["uri"]
     limit = source.get("count")
     with fsspec.open(uri, "r", encoding="utf-8") as f:
@@ -180,26 +167,30 @@ def _read_jsonl(source: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                yield {"_deadletter": dead_letter(origin, "read", "line is not JSON", str(err))}
+                yield _unreadable(origin, "line is not JSON", str(err))
                 continue
             if not isinstance(record, dict) or not isinstance(record.get("code"), str):
-                yield {"_deadletter": dead_letter(origin, "read", "record has no string 'code'")}
+                yield _unreadable(origin, "record has no string 'code'")
                 continue
             if kind == "jsonl" and not isinstance(record.get("input"), str):
-                yield {"_deadletter": dead_letter(origin, "read", "record has no string 'input'")}
+                yield _unreadable(origin, "record has no string 'input'")
                 continue
             entry = record.get("entry")
             if entry is None:
                 try:
                     entry = fuzz.find_entry(record["code"]).name if kind == "functions" else "f"
                 except fuzz.FuzzError as err:
-                    yield {"_deadletter": dead_letter(origin, "read", str(err))}
+                    yield _unreadable(origin, str(err))
                     continue
             yield {"id": f"{kind}/{record.get('id', number)}", "source": kind,
                    "code": record["code"], "entry": entry,
                    "input": record.get("input") if kind == "jsonl" else None,
                    "examples": record.get("examples", []),
                    **({"expected": record["output"]} if "output" in record else {})}
+
+
+def _unreadable(origin: dict[str, Any], reason: str, detail: str = "") -> dict[str, Any]:
+    return {"_deadletter": program_dead_letter(origin, "read", reason, detail)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,15 +235,16 @@ class Fuzz(beam.DoFn):
         if program.get("input") is not None:
             yield program
             return
-        wanted = self.settings.fuzz_inputs_per_function
+        wanted = self.settings.spec.fuzz_inputs_per_function
         try:
             inputs = list(fuzz.candidate_inputs(program["code"], program["entry"], wanted * 4,
                                                 self.settings.seed, program.get("examples", [])))
         except fuzz.FuzzError as err:
-            yield beam.pvalue.TaggedOutput(DEADLETTER, dead_letter(program, "fuzz", str(err)))
+            yield beam.pvalue.TaggedOutput(DEADLETTER,
+                                           program_dead_letter(program, "fuzz", str(err)))
             return
         if not inputs:
-            yield beam.pvalue.TaggedOutput(DEADLETTER, dead_letter(
+            yield beam.pvalue.TaggedOutput(DEADLETTER, program_dead_letter(
                 program, "fuzz", "no candidate inputs (function takes no arguments?)"))
         for index, text in enumerate(inputs):
             self.candidates.inc()
@@ -302,14 +294,14 @@ def to_record(program: dict[str, Any], limits: TraceLimits) -> dict[str, Any]:
     limit. Pure."""
     if "_failure" in program:
         failure = program["_failure"]
-        return {"_deadletter": dead_letter(program, failure["stage"], failure["reason"],
+        return {"_deadletter": program_dead_letter(program, failure["stage"], failure["reason"],
                                            failure["detail"])}
     result = program["_result"]    # TraceResult.to_json(): used as is, not rebuilt
     if result["truncated_reason"]:
-        return {"_deadletter": dead_letter(program, "limits",
+        return {"_deadletter": program_dead_letter(program, "limits",
                                            f"trace limit: {result['truncated_reason']}")}
     if len(result["text"].encode("utf-8", "surrogatepass")) > limits.max_bytes:
-        return {"_deadletter": dead_letter(program, "limits",
+        return {"_deadletter": program_dead_letter(program, "limits",
                                            f"trace limit: max_bytes ({limits.max_bytes})")}
     # Text spelling a special token (``<|frame_sep|>`` in a string) is kept: training encodes it
     # as ordinary text, the tokens come from the record's frames (cwm_jobs.tasks.trace_ids).
@@ -364,10 +356,11 @@ class SelectFuzzed(beam.DoFn):
         program_id, grouped = item
         records = [r for r in grouped if isinstance(r, dict)]
         self.rejected.inc(sum(1 for r in grouped if not isinstance(r, dict)))
-        kept = select_fuzzed(program_id, records, self.settings.fuzz_inputs_per_function,
-                             self.settings.exception_share)
+        spec = self.settings.spec
+        kept = select_fuzzed(program_id, records, spec.fuzz_inputs_per_function,
+                             spec.exception_share)
         if not kept:
-            yield beam.pvalue.TaggedOutput(DEADLETTER, dead_letter(
+            yield beam.pvalue.TaggedOutput(DEADLETTER, program_dead_letter(
                 {"id": program_id, "source": "functions"}, "fuzz",
                 "no fuzzed input finished within the limits"))
         yield from kept
@@ -436,7 +429,7 @@ class TraceDataset(beam.PTransform):
         shards = (
             (direct, selected.records)
             | "AllRecords" >> beam.Flatten()
-            | "KeyByShard" >> beam.Map(shard_key, s.shards, s.validation_fraction)
+            | "KeyByShard" >> beam.Map(shard_key, s.spec.shards, s.spec.validation_fraction)
             | "GroupShards" >> beam.GroupByKey()
             | "Deduplicate" >> beam.Map(deduplicate_shard))
         splits = {name: (shards
@@ -449,38 +442,6 @@ class TraceDataset(beam.PTransform):
                 | "CountDeadLetters" >> beam.ParDo(CountDeadLetters()))
         return {"train": splits["train"], "validation": splits["validation"],
                 "deadletter": dead, "shards": shards}
-
-
-class WriteShards(beam.PTransform):
-    """Write one split as ``NAME-0000i-of-0000n.jsonl`` shards (records sorted by id inside a
-    shard, so any runner writes the same bytes); outputs the shard file names."""
-
-    def __init__(self, output: str, name: str, shards: int) -> None:
-        super().__init__()
-        self.output, self.name, self.shards = output, name, shards
-
-    def expand(self, records):
-        output, name, shards = self.output, self.name, self.shards
-
-        def shard_of(record):
-            return int(hashlib.sha256(record["id"].encode()).hexdigest()[:8], 16) % shards
-
-        def write(item):
-            from cwm_spec import artifacts
-
-            index, grouped = item
-            rows = sorted(grouped, key=lambda r: r["id"])
-            shard = artifacts.write_shard(output, shard_file(name, index, shards), rows)
-            return shard.path
-
-        return (records
-                | f"Key{name.title()}" >> beam.Map(lambda r: (shard_of(r), r))
-                | f"Group{name.title()}" >> beam.GroupByKey()
-                | f"Write{name.title()}" >> beam.Map(write))
-
-
-def shard_file(name: str, index: int, shards: int) -> str:
-    return f"{name}-{index:05d}-of-{shards:05d}.jsonl"
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,26 +470,23 @@ def source_from_flag(text: str) -> dict[str, Any]:
     raise ValueError(f"--source {text!r}: kind must be one of {', '.join(SOURCE_KINDS)}")
 
 
-def load_job(argv: list[str]) -> tuple[Settings, str, dict[str, Any], list[str], dict]:
-    """Settings, output folder, beam section and the Beam flags, from the step config (when one
-    is given) overridden by plain flags."""
+def load_job(argv: list[str]) -> Job[Settings]:
+    """The job from the step config (when one is given) overridden by plain flags."""
     flags, rest = parse_flags(argv)
     step = read_step(rest, named_by_flags=bool(flags.source or flags.output))
-    config, spec = step.config, step.spec
+    spec = step.spec
     if flags.source:
         spec["sources"] = [source_from_flag(s) for s in flags.source]
     for key, value in (("shards", flags.shards), ("validationFraction",
                                                   flags.validation_fraction)):
         if value is not None:
             spec[key] = value
-    settings = Settings.from_spec(spec, step.sandbox, seed=flags.seed if flags.seed is not None
-                                  else config.get("seed", spec.get("seed", 0)))
+    limits = step.sandbox
     if flags.wall_seconds:
-        settings = replace(settings, sandbox=replace(settings.sandbox,
-                                                     wall_seconds=flags.wall_seconds))
-    settings = replace(settings, part=job_part(flags.part, flags.parts))
-    output, beam_section, beam_flags = output_and_runner(flags, step)
-    return settings, output, beam_section, beam_flags, config
+        limits = replace(limits, wall_seconds=flags.wall_seconds)
+    settings = Settings.from_spec(spec, limits, step_seed(flags.seed, step),
+                                  job_part(flags.part, flags.parts))
+    return Job(settings, *output_and_runner(flags, step))
 
 
 def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
@@ -537,93 +495,50 @@ def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
                if src["kind"] != "repository" or part.owns_position(i)]
     outputs = (pipeline | "Sources" >> beam.Create(sources)
                | "TraceDataset" >> TraceDataset(settings))
-    shards = settings.shards
-
-    def write(item):
-        from cwm_spec import artifacts
-
-        (split, index), rows = item
-        return artifacts.write_shard(output, shard_file(split, index, shards), rows).path
-
-    outputs["shards"] | "WriteSplits" >> beam.Map(write)
+    # The shards come keyed from deduplication: (split, shard) -> its records.
+    shards = settings.spec.shards
+    outputs["shards"] | "WriteSplits" >> beam.Map(
+        lambda item: write_rows(output, item[0][0], item[0][1], shards, item[1]))
     outputs["deadletter"] | "WriteDeadletterSplit" >> WriteShards(output, "deadletter", 1)
 
 
 def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
     """After the pipeline: empty shards where a split got nothing, stats, manifest last."""
-    from cwm_spec import artifacts
-
-    fs_shards: dict[str, list[artifacts.Shard]] = {}
-    stats: dict[str, Any] = {"sources": [dict(s) for s in settings.sources]}
-    reasons: Counter = Counter()
-    for name, count in (("train", settings.shards), ("validation", settings.shards),
-                        ("deadletter", 1)):
-        fs_shards[name] = []
-        for index in range(count):
-            shard, rows = artifacts.read_shard(output, shard_file(name, index, count))
-            fs_shards[name].append(shard)
-            if name == "deadletter":
-                reasons.update(f"{r['stage']}: {r['reason'].split(' (')[0]}" for r in rows)
-            else:
-                stats.setdefault(f"{name}_by_source", Counter()).update(r["source"] for r in rows)
+    shards = settings.spec.shards
+    written, rows = read_splits(output, {"train": shards, "validation": shards, "deadletter": 1})
+    stats: dict[str, Any] = {"sources": list(settings.sources)}
+    for name in ("train", "validation"):
+        stats[f"{name}_by_source"] = dict(Counter(r["source"] for r in rows[name]))
     for name in ("train", "validation", "deadletter"):
-        stats[f"{name}_records"] = sum(s.records for s in fs_shards[name])
-    stats["deadletter_reasons"] = dict(reasons)
+        stats[f"{name}_records"] = sum(s.records for s in written[name])
+    stats["deadletter_reasons"] = dict(Counter(f"{r['stage']}: {r['reason'].split(' (')[0]}"
+                                               for r in rows["deadletter"]))
     stats["seconds"] = round(seconds, 2)
-    stats["traces_per_second"] = round((stats["train_records"] + stats["validation_records"])
-                                       / max(seconds, 1e-9), 1)
-    stats = {k: dict(v) if isinstance(v, Counter) else v for k, v in stats.items()}
+    stats.update(throughput(stats, seconds))
     stats["sandbox"] = sandbox.isolation_record()  # how its programs were contained
-    artifacts.write_manifest(output, artifacts.Manifest("traces", fs_shards, stats))
+    artifacts.write_manifest(output, artifacts.Manifest("traces", written, stats))
     return stats
+
+
+def throughput(stats: dict[str, Any], seconds: float) -> dict[str, float]:
+    traces = stats["train_records"] + stats["validation_records"]
+    return {"traces_per_second": round(traces / max(seconds, 1e-9), 1)}
+
+
+STEP = DataStep(
+    module="cwm_beam.traces", namespace=NAMESPACE, load_job=load_job, build=build,
+    finish=finish, throughput=throughput,
+    describe=lambda s: f"tracing {[src['kind'] for src in s.sources]}",
+    summary=lambda stats: (f"wrote {stats['train_records']} train, "
+                           f"{stats['validation_records']} validation, "
+                           f"{stats['deadletter_records']} dead letters in "
+                           f"{stats['seconds']:.1f}s ({stats['traces_per_second']:.1f} traces/s)"))
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse, build, run, write the manifest; returns the manifest's stats."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("cwm_beam").setLevel(logging.INFO)   # this step and its helpers
-    args = list(sys.argv[1:] if argv is None else argv)
-    settings, output, beam_section, beam_flags, _ = load_job(args)
-    LOG.info("tracing %s into %s (runner %s, workers %s)",
-             [s["kind"] for s in settings.sources], output,
-             beam_section.get("runner", "in-process"), beam_section.get("workers", 1))
-    # Decided before any program runs: fails the step here when CWM_SANDBOX=bwrap cannot hold.
-    LOG.info("sandbox: %s", sandbox.describe_isolation())
-    workers = local_workers(beam_section, beam_flags)
-    if workers > 1:
-        stats, seconds = run_as_parts("cwm_beam.traces", args, settings.part, workers, output)
-        stats["seconds"] = round(seconds, 2)
-        stats["traces_per_second"] = round(
-            (stats["train_records"] + stats["validation_records"]) / max(seconds, 1e-9), 1)
-        LOG.info("%d processes wrote %d train, %d validation, %d dead letters in %.1fs "
-                 "(%.1f traces/s)", workers, stats["train_records"],
-                 stats["validation_records"], stats["deadletter_records"], seconds,
-                 stats["traces_per_second"])
-        return stats
-    started = time.monotonic()
-    part = settings.part
-    target = target_of(output, part)
-    pipeline = pipeline_for(beam_section, beam_flags)
-    build(pipeline, settings, target)
-    result = pipeline.run()
-    result.wait_until_finish()
-    _log_metrics(result)
-    stats = finish(target, settings, time.monotonic() - started)
-    LOG.info("wrote %d train, %d validation, %d dead letters in %.1fs (%.1f traces/s)%s",
-             stats["train_records"], stats["validation_records"], stats["deadletter_records"],
-             stats["seconds"], stats["traces_per_second"], part_label(part))
-    merge_when_complete(output, part)
-    return stats
-
-
-def _log_metrics(result) -> None:
-    try:
-        counters = result.metrics().query()["counters"]
-    except Exception:   # not every runner reports metrics back
-        return
-    for counter in counters:
-        if counter.key.metric.namespace == NAMESPACE:
-            LOG.info("metric %s = %s", counter.key.metric.name, counter.committed)
+    """Parse, build, run, write the manifest (:func:`cwm_beam.step.run_step`); returns the
+    manifest's stats."""
+    return run_step(STEP, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """ForagerAgent trajectory data set: repositories → tasks → validation → rollouts → dedup → shards.
 
-Run as a pipeline step (configuration from ``$CWM_STEP_CONFIG`` or ``--config FILE``; section
-``TrajectoryDataSpec`` in ``spec``, ``data.sandbox`` and ``data.beam`` beside it)::
+Run as a pipeline step (configuration from ``$CWM_STEP_CONFIG`` or ``--config FILE``, as the plan
+writes it: ``TrajectoryDataSpec`` in ``spec``, validated by that model; ``sandbox`` and
+``runtime.beam`` beside it)::
 
     python -m cwm_beam.trajectories --config step.json
 
@@ -12,7 +13,7 @@ or standalone with plain flags::
     python -m cwm_beam.trajectories --repo calc --policy openai \\
         --endpoint http://localhost:8000/v1 --model cwm --output /tmp/t   # a served model
 
-Runner options are the trace pipeline's (:func:`cwm_beam.step.pipeline_for`): the in-process
+The runner is the one both data steps share (:func:`cwm_beam.step.run_step`): the in-process
 ``FnApiRunner`` with ``--workers N`` processes by default, other runners' flags passed through.
 
 Steps (CamelCase labels in the graph): ``SynthesizeTasks`` prepares each repository (fetch,
@@ -23,7 +24,8 @@ kept); ``Deduplicate`` drops near-duplicate trajectories within a repository (Mi
 at or above ``dedupJaccard`` over the concatenated actions). Output: a ``cwm-dataset/v1`` folder
 of kind ``trajectories`` with ``train-*``, ``deadletter-*`` and ``eval_tasks-*`` shards (validated
 tasks per repository never rolled out: the evaluation's mutate-fix tasks), records
-``{"id", "messages", "meta"}`` in train; the manifest's ``stats`` holds counts, solve rates per family and
+``{"id", "messages", "meta"}`` in train, dead letters (:func:`counted_dead_letter`) ``{"id",
+"stage", "reason", "detail"}``; the manifest's ``stats`` holds counts, solve rates per family and
 rejection reasons. Beam metrics live in namespace ``trajectories``.
 
 The openai policy's API key comes from ``$CWM_POLICY_API_KEY`` (the operator mounts the Secret
@@ -34,27 +36,31 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import hashlib
 import json
 import logging
 import os
-import sys
-import time
 import traceback
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from cwm_forager.mutations import FAMILIES
 from cwm_beam.parts import Part, job_part
+from cwm_beam.step import (DataStep, Job, WriteShards, add_common_flags, output_and_runner,
+                           read_splits, read_step, run_step, step_seed)
 from cwm_exec import sandbox
 from cwm_exec.sandbox import Limits
-from cwm_spec import storage
-from cwm_beam.step import (add_common_flags, local_workers, merge_when_complete, output_and_runner,
-                           part_label, pipeline_for, read_step, run_as_parts, target_of)
-from cwm_beam.traces import WriteShards, shard_file
+from cwm_forager.env import Environments
+from cwm_forager.policies import make_policy
+from cwm_forager.records import dedup, solve_rates
+from cwm_forager.rollout import run_episode
+from cwm_forager.tasks import Task, candidate_tasks, select_tasks, validate_task
+from cwm_spec import artifacts, storage
+from cwm_spec.api import TrajectoryDataSpec
+from cwm_spec.stepconfig import read_section
 
 LOG = logging.getLogger("cwm_beam.trajectories")
 NAMESPACE = "trajectories"
@@ -64,48 +70,44 @@ OVERSAMPLE = 2  # candidates validated per wanted task (rejects leave room)
 
 @dataclass(frozen=True)
 class Settings:
-    """The trajectory step's settings (``TrajectoryDataSpec`` plus sandbox limits)."""
+    """Everything the transforms need: the validated section (every default is the API's), the
+    sandbox limits, the seed (the step's, over the section's) and this pod's part."""
 
-    repositories: tuple[dict[str, Any], ...]
-    tasks_per_repository: int = 20
-    held_out_tasks: int = 4
-    families: tuple[str, ...] = FAMILIES
-    policy: dict[str, Any] = field(default_factory=lambda: {"kind": "search", "maxTurns": 30})
-    max_turns: int = 128
-    max_observation_chars: int = 8000
-    action_timeout: float = 60.0
-    dedup_jaccard: float = 0.5
-    shards: int = 2
-    seed: int = 0
-    limits: Limits = field(default_factory=Limits)
-    part: Part = field(default_factory=Part)  # this pod's part of an Indexed Job
+    spec: TrajectoryDataSpec
+    limits: Limits
+    seed: int
+    part: Part
+
+    @classmethod
+    def from_spec(cls, section: dict[str, Any], limits: Limits, seed: int | None = None,
+                  part: Part = Part()) -> "Settings":
+        """From the ``spec`` section as the plan writes it (``TrajectoryDataSpec``, camelCase)."""
+        spec = read_section(TrajectoryDataSpec, section, "spec")
+        return cls(spec, limits, spec.seed if seed is None else seed, part)
+
+    @property
+    def repositories(self) -> tuple[dict[str, Any], ...]:
+        """As the YAML spells them; none given: the bundled fixture repositories."""
+        return tuple(r.model_dump(exclude_none=True) for r in self.spec.repositories) or (
+            {"path": "calc"}, {"path": "textkit"})
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(self.spec.mutation_families)
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        return self.spec.policy.model_dump(mode="json", by_alias=True, exclude_none=True)
 
     @property
     def episode_turns(self) -> int:
         """The policy's budget, never above the hard cap (CWM: 128)."""
-        return min(int(self.policy.get("maxTurns", self.max_turns)), self.max_turns)
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], sandbox: dict[str, Any] | None = None,
-                  seed: int | None = None) -> "Settings":
-        """Validate with the CWMPipeline model (:class:`cwm_spec.api.TrajectoryDataSpec`)."""
-        from cwm_spec.api import TrajectoryDataSpec
-
-        parsed = TrajectoryDataSpec.model_validate(spec)
-        repositories = tuple(r.model_dump(exclude_none=True) for r in parsed.repositories) or (
-            {"path": "calc"}, {"path": "textkit"})  # the bundled fixture repositories
-        return cls(
-            repositories=repositories, tasks_per_repository=parsed.tasks_per_repository,
-            held_out_tasks=parsed.held_out_tasks,
-            families=tuple(parsed.mutation_families),
-            policy=parsed.policy.model_dump(mode="json", by_alias=True, exclude_none=True),
-            max_turns=parsed.max_turns, max_observation_chars=parsed.max_observation_chars,
-            action_timeout=parsed.action_timeout_seconds, dedup_jaccard=parsed.dedup_jaccard,
-            shards=parsed.shards, seed=parsed.seed if seed is None else seed,
-            limits=Limits.from_spec(sandbox))
+        return min(self.spec.policy.max_turns, self.spec.max_turns)
 
 
-def dead_letter(key: str, stage: str, reason: str, detail: str = "") -> dict[str, Any]:
+def counted_dead_letter(key: str, stage: str, reason: str, detail: str = "") -> dict[str, Any]:
+    """The dead letter of a repository or task (``key``), counted in the Beam metrics here; the
+    detail keeps its end (a traceback's last lines say what failed)."""
     Metrics.counter(NAMESPACE, f"deadletter_{stage}").inc()
     return {"id": key, "stage": stage, "reason": reason, "detail": detail[-4000:]}
 
@@ -125,8 +127,6 @@ class _Environments:
         self.settings = settings
 
     def get(self, spec: dict[str, Any]):
-        from cwm_forager.env import Environments
-
         key = repr(self.settings.limits)
         if key not in _Environments._shared:
             envs = Environments(self.settings.limits, "cwm-trajectories-")
@@ -149,15 +149,13 @@ class SynthesizeTasks(_WithEnvironments):
     prepared (fetch failed, no passing test)."""
 
     def process(self, spec: dict[str, Any]):
-        from cwm_forager.tasks import candidate_tasks
-
         s = self.settings
         try:
             env = self.envs.get(spec)
-            tasks = candidate_tasks(env, s.families,
-                                    OVERSAMPLE * (s.tasks_per_repository + s.held_out_tasks), s.seed)
+            wanted = s.spec.tasks_per_repository + s.spec.held_out_tasks
+            tasks = candidate_tasks(env, s.families, OVERSAMPLE * wanted, s.seed)
         except Exception as err:
-            yield beam.pvalue.TaggedOutput(DEADLETTER, dead_letter(
+            yield beam.pvalue.TaggedOutput(DEADLETTER, counted_dead_letter(
                 repo_key(spec), "prepare", f"{type(err).__name__}: {err}".splitlines()[0],
                 traceback.format_exc()))
             return
@@ -170,13 +168,11 @@ class ValidateTask(_WithEnvironments):
     """Keep a candidate only if some covering test fails on the mutated code."""
 
     def process(self, item: dict[str, Any]):
-        from cwm_forager.tasks import Task, validate_task
-
         try:
             task = Task.from_json(item["task"])
             result = validate_task(self.envs.get(item["repository"]), task)
         except Exception as err:
-            yield beam.pvalue.TaggedOutput(DEADLETTER, dead_letter(
+            yield beam.pvalue.TaggedOutput(DEADLETTER, counted_dead_letter(
                 item.get("task", {}).get("task_id", "?"), "validate",
                 f"{type(err).__name__}: {err}".splitlines()[0], traceback.format_exc()))
             return
@@ -192,8 +188,6 @@ def select_for_repository(item: tuple[str, Iterable[dict[str, Any]]], families: 
                           n: int, held_out: int):
     """``n`` tasks for the rollouts; then up to ``held_out`` of the rest, never rolled out, as
     the ``heldout`` output (the evaluation's mutate-fix tasks)."""
-    from cwm_forager.tasks import Task, select_tasks
-
     _, items = item
     items = list(items)
     spec = items[0]["repository"]
@@ -212,23 +206,19 @@ class Rollout(_WithEnvironments):
 
     def setup(self) -> None:
         super().setup()
-        from cwm_forager.policies import make_policy
-
         key = os.environ.get("CWM_POLICY_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.policy = make_policy(self.settings.policy, key)
 
     def process(self, item: dict[str, Any]):
-        from cwm_forager.rollout import run_episode
-        from cwm_forager.tasks import Task
-
         s = self.settings
         try:
             task = Task.from_json(item["task"])
             trajectory = run_episode(self.envs.get(item["repository"]), task, self.policy,
-                                     s.episode_turns, max_observation_chars=s.max_observation_chars,
-                                     action_timeout=s.action_timeout)
+                                     s.episode_turns,
+                                     max_observation_chars=s.spec.max_observation_chars,
+                                     action_timeout=s.spec.action_timeout_seconds)
         except Exception as err:
-            yield beam.pvalue.TaggedOutput(DEADLETTER, dead_letter(
+            yield beam.pvalue.TaggedOutput(DEADLETTER, counted_dead_letter(
                 item.get("task", {}).get("task_id", "?"), "rollout",
                 f"{type(err).__name__}: {err}".splitlines()[0], traceback.format_exc()))
             return
@@ -249,8 +239,6 @@ class Deduplicate(beam.DoFn):
         self.threshold = threshold
 
     def process(self, item: tuple[str, Iterable[dict[str, Any]]]):
-        from cwm_forager.records import dedup
-
         _, records = item
         kept, dropped = dedup(list(records), self.threshold)
         Metrics.counter(NAMESPACE, "duplicates").inc(len(dropped))
@@ -283,7 +271,8 @@ class TrajectoryDataset(beam.PTransform):
                     | "KeyTasksByRepository" >> beam.Map(lambda i: (repo_key(i["repository"]), i))
                     | "GroupTasks" >> beam.GroupByKey()
                     | "SelectTasks" >> beam.FlatMap(select_for_repository, s.families,
-                                                    s.tasks_per_repository, s.held_out_tasks)
+                                                    s.spec.tasks_per_repository,
+                                                    s.spec.held_out_tasks)
                     .with_outputs("heldout", main="tasks"))
         held_out = selected.heldout
         selected = selected.tasks
@@ -295,7 +284,7 @@ class TrajectoryDataset(beam.PTransform):
         unique = (episodes.records
                   | "KeyByRepository" >> beam.Map(lambda r: (r["meta"]["repo"], r))
                   | "GroupByRepository" >> beam.GroupByKey()
-                  | "Deduplicate" >> beam.ParDo(Deduplicate(s.dedup_jaccard)).with_outputs(
+                  | "Deduplicate" >> beam.ParDo(Deduplicate(s.spec.dedup_jaccard)).with_outputs(
                       "duplicates", main="records"))
         dead = ((candidates[DEADLETTER], validated[DEADLETTER], episodes[DEADLETTER])
                 | "AllDeadLetters" >> beam.Flatten())
@@ -334,20 +323,19 @@ def repo_from_flag(text: str) -> dict[str, Any]:
     return {"path": text}
 
 
-def load_job(argv: list[str]) -> tuple[Settings, str, dict[str, Any], list[str]]:
-    """Settings, output folder, beam section and Beam flags: the step config (when given)
-    overridden by plain flags."""
+def load_job(argv: list[str]) -> Job[Settings]:
+    """The job from the step config (when one is given) overridden by plain flags."""
     flags, rest = parse_flags(argv)
     step = read_step(rest, named_by_flags=bool(flags.repo or flags.output))
-    config, spec = step.config, step.spec
+    spec = step.spec
     if flags.repo:
         spec["repositories"] = [repo_from_flag(r) for r in flags.repo]
-    if flags.tasks_per_repo is not None:
-        spec["tasksPerRepository"] = flags.tasks_per_repo
-    if flags.held_out_tasks is not None:
-        spec["heldOutTasks"] = flags.held_out_tasks
     if flags.families:
         spec["mutationFamilies"] = [f.strip() for f in flags.families.split(",") if f.strip()]
+    for key, value in (("tasksPerRepository", flags.tasks_per_repo),
+                       ("heldOutTasks", flags.held_out_tasks), ("shards", flags.shards)):
+        if value is not None:
+            spec[key] = value
     policy = dict(spec.get("policy") or {})
     for key, value in (("kind", flags.policy), ("endpoint", flags.endpoint),
                        ("model", flags.model), ("maxTurns", flags.max_turns)):
@@ -355,68 +343,59 @@ def load_job(argv: list[str]) -> tuple[Settings, str, dict[str, Any], list[str]]
             policy[key] = value
     if policy:
         spec["policy"] = policy
-    if flags.shards is not None:
-        spec["shards"] = flags.shards
-    seed = flags.seed if flags.seed is not None else config.get("seed", spec.get("seed"))
-    settings = replace(Settings.from_spec(spec, step.sandbox, seed=seed),
-                       part=job_part(flags.part, flags.parts))
-    return (settings, *output_and_runner(flags, step))
+    settings = Settings.from_spec(spec, step.sandbox, step_seed(flags.seed, step),
+                                  job_part(flags.part, flags.parts))
+    return Job(settings, *output_and_runner(flags, step))
 
 
 def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
     mine = [r for i, r in enumerate(settings.repositories) if settings.part.owns_position(i)]
     outputs = (pipeline | "Repositories" >> beam.Create(mine)
                | "TrajectoryDataset" >> TrajectoryDataset(settings))
-    outputs["train"] | "WriteTrainSplit" >> WriteShards(output, "train", settings.shards)
+    outputs["train"] | "WriteTrainSplit" >> WriteShards(output, "train", settings.spec.shards)
     outputs["deadletter"] | "WriteDeadletterSplit" >> WriteShards(output, "deadletter", 1)
     outputs["eval_tasks"] | "WriteEvalTasksSplit" >> WriteShards(output, "eval_tasks", 1)
-    for name in ("rejected", "duplicates", "tasks"):
+    for name in SIDE_COUNTS:
         (outputs[name]
          | f"Count{name.title()}" >> beam.combiners.Count.PerElement()
          | f"Write{name.title()}Counts" >> beam.Map(_write_count, output, name))
 
 
+SIDE_COUNTS = ("rejected", "duplicates", "tasks")
+
+
 def _write_count(item: tuple[str, int], output: str, name: str) -> None:
     """Side counters for the manifest's stats, one small file per key under ``_stats/``."""
-    import hashlib
-
     key, count = item
     path = storage.join(output, "_stats", name, hashlib.sha1(key.encode()).hexdigest()[:12])
     storage.write_json_atomic(path, {"key": key, "count": count})
 
 
+def _read_counts(output: str, name: str) -> Counter:
+    """The side counters of ``name``, summed by key; their files are removed once read."""
+    counts: Counter = Counter()
+    fs, base = storage.filesystem(artifacts.join(output, "_stats", name))
+    if fs.exists(base):
+        for path in fs.ls(base, detail=False):
+            with fs.open(path, "r") as f:
+                item = json.load(f)
+            counts[item["key"]] += item["count"]
+        fs.rm(base, recursive=True)
+    return counts
+
+
 def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
     """After the pipeline: empty shards where a split got nothing, stats, manifest last."""
-    from cwm_forager.records import solve_rates
-    from cwm_spec import artifacts
-
-    shards: dict[str, list[artifacts.Shard]] = {}
+    shards, rows = read_splits(output, {"train": settings.spec.shards, "deadletter": 1,
+                                        "eval_tasks": 1})
+    train, dead = rows["train"], rows["deadletter"]
+    counted = {name: _read_counts(output, name) for name in SIDE_COUNTS}
     stats: dict[str, Any] = {"repositories": list(settings.repositories),
-                             "policy": settings.policy, "families": list(settings.families)}
-    rows_by_split: dict[str, list[dict[str, Any]]] = {}
-    for name, count in (("train", settings.shards), ("deadletter", 1), ("eval_tasks", 1)):
-        shards[name] = []
-        for index in range(count):
-            shard, rows = artifacts.read_shard(output, shard_file(name, index, count))
-            shards[name].append(shard)
-            rows_by_split.setdefault(name, []).extend(rows)
-    train, dead = rows_by_split["train"], rows_by_split["deadletter"]
-    counted: dict[str, Counter] = {}
-    for name in ("rejected", "duplicates", "tasks"):
-        counts: Counter = Counter()
-        fs, base = storage.filesystem(artifacts.join(output, "_stats", name))
-        if fs.exists(base):
-            for path in fs.ls(base, detail=False):
-                with fs.open(path, "r") as f:
-                    item = json.load(f)
-                counts[item["key"]] += item["count"]
-            fs.rm(base, recursive=True)
-        counted[name] = counts
-    stats["rejected"] = dict(counted["rejected"])
-    stats["duplicates"] = sum(counted["duplicates"].values())
-    stats["train_records"] = len(train)
-    stats["deadletter_records"] = len(dead)
-    stats["eval_tasks"] = len(rows_by_split["eval_tasks"])
+                             "policy": settings.policy, "families": list(settings.families),
+                             "rejected": dict(counted["rejected"]),
+                             "duplicates": sum(counted["duplicates"].values()),
+                             "train_records": len(train), "deadletter_records": len(dead),
+                             "eval_tasks": len(rows["eval_tasks"])}
     stats["deadletter_reasons"] = dict(Counter(f"{r['stage']}: {r['reason']}" for r in dead))
     by_repo: dict[str, dict[str, int]] = {}
     for key, count in sorted(counted["tasks"].items()):
@@ -432,45 +411,31 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
     stats["episodes"] = len(episodes)
     stats["solve_rate_by_family"] = solve_rates(episodes)
     stats["seconds"] = round(seconds, 2)
-    stats["rollouts_per_minute"] = round(60 * len(episodes) / max(seconds, 1e-9), 2)
+    stats.update(throughput(stats, seconds))
     stats["sandbox"] = sandbox.isolation_record()  # how its programs were contained
     artifacts.write_manifest(output, artifacts.Manifest("trajectories", shards, stats))
     return stats
 
 
+def throughput(stats: dict[str, Any], seconds: float) -> dict[str, float]:
+    return {"rollouts_per_minute": round(60 * stats["episodes"] / max(seconds, 1e-9), 2)}
+
+
+STEP = DataStep(
+    module="cwm_beam.trajectories", namespace=NAMESPACE, load_job=load_job, build=build,
+    finish=finish, throughput=throughput,
+    describe=lambda s: (f"trajectories for {len(s.repositories)} repositories "
+                        f"(policy {s.policy.get('kind')})"),
+    summary=lambda stats: (f"wrote {stats['train_records']} trajectories, "
+                           f"{stats['deadletter_records']} dead letters in "
+                           f"{stats['seconds']:.1f}s ({stats['rollouts_per_minute']:.2f} "
+                           f"rollouts/min); solve rates {stats['solve_rate_by_family']}"))
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse, build, run, write the manifest; returns the manifest's stats."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("cwm_beam").setLevel(logging.INFO)   # this step and its helpers
-    args = list(sys.argv[1:] if argv is None else argv)
-    settings, output, beam_section, beam_flags = load_job(args)
-    LOG.info("trajectories for %d repositories into %s (runner %s, workers %s, policy %s)",
-             len(settings.repositories), output, beam_section.get("runner", "in-process"),
-             beam_section.get("workers", 1), settings.policy.get("kind"))
-    # Decided before any program runs: fails the step here when CWM_SANDBOX=bwrap cannot hold.
-    LOG.info("sandbox: %s", sandbox.describe_isolation())
-    workers = local_workers(beam_section, beam_flags)
-    if workers > 1:
-        stats, seconds = run_as_parts("cwm_beam.trajectories", args, settings.part, workers,
-                                      output)
-        stats["seconds"] = round(seconds, 2)
-        stats["rollouts_per_minute"] = round(60 * stats["episodes"] / max(seconds, 1e-9), 2)
-        LOG.info("%d processes wrote %d trajectories, %d dead letters in %.1fs (%.2f "
-                 "rollouts/min)", workers, stats["train_records"], stats["deadletter_records"],
-                 seconds, stats["rollouts_per_minute"])
-        return stats
-    started = time.monotonic()
-    part = settings.part
-    target = target_of(output, part)
-    pipeline = pipeline_for(beam_section, beam_flags)
-    build(pipeline, settings, target)
-    pipeline.run().wait_until_finish()
-    stats = finish(target, settings, time.monotonic() - started)
-    LOG.info("wrote %d trajectories, %d dead letters in %.1fs (%.2f rollouts/min); solve rates "
-             "%s%s", stats["train_records"], stats["deadletter_records"], stats["seconds"],
-             stats["rollouts_per_minute"], stats["solve_rate_by_family"], part_label(part))
-    merge_when_complete(output, part)
-    return stats
+    """Parse, build, run, write the manifest (:func:`cwm_beam.step.run_step`); returns the
+    manifest's stats."""
+    return run_step(STEP, argv)
 
 
 if __name__ == "__main__":

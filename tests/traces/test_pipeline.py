@@ -9,6 +9,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from cwm_beam import traces
 from cwm_beam.sources import cruxeval_records
+from cwm_exec.sandbox import Limits
 from cwm_spec import artifacts
 
 from .hostile import HOSTILE, hostile_input
@@ -27,9 +28,9 @@ def test_trace_dataset_transform(tmp_path):
         {"id": "loop", "code": "def f(x):\n    while True:\n        x += 1", "input": "0"},
         "{broken",
     ])
-    settings = traces.Settings(sources=({"kind": "jsonl", "uri": fns},
-                                        {"kind": "synthetic", "count": 5}),
-                               validation_fraction=0.0)
+    settings = traces.Settings.from_spec(
+        {"sources": [{"kind": "jsonl", "uri": fns}, {"kind": "synthetic", "count": 5}],
+         "validationFraction": 0.0}, Limits())
     with BeamTestPipeline(runner=FnApiRunner()) as p:
         out = p | beam.Create(list(settings.sources)) | traces.TraceDataset(settings)
         assert_that(out["train"] | "Ids" >> beam.Map(lambda r: r["id"]), equal_to(

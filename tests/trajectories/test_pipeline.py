@@ -14,9 +14,9 @@ from cwm_spec import artifacts
 
 def step_config(tmp_path, **spec):
     config = {"apiVersion": "cwm.dev/v1alpha1", "pipeline": "t", "step": "trajectories",
-              "kind": "data", "seed": 3, "spec": spec, "inputs": {},
-              "data": {"sandbox": {"wallSeconds": 15, "memoryMB": 900},
-                       "beam": {"runner": "DirectRunner", "workers": 2}},
+              "kind": "beam", "seed": 3, "spec": spec, "inputs": {},
+              "sandbox": {"wallSeconds": 15, "memoryMB": 900},
+              "runtime": {"beam": {"runner": "DirectRunner", "workers": 2}},
               "outputs": {"dataset": str(tmp_path / "out")}}
     path = tmp_path / "step.json"
     path.write_text(json.dumps(config))
@@ -27,18 +27,19 @@ def test_step_config_and_flags(tmp_path):
     path = step_config(tmp_path, repositories=[{"pypi": "toolz==1.0.0"}, {"path": "calc"}],
                        tasksPerRepository=7, policy={"kind": "search", "maxTurns": 40},
                        maxTurns=30)
-    settings, output, beam_section, flags = trajectories.load_job(
-        ["--config", str(path), "--workers", "1"])
+    job = trajectories.load_job(["--config", str(path), "--workers", "1"])
+    settings = job.settings
     assert settings.repositories == ({"pypi": "toolz==1.0.0"}, {"path": "calc"})
-    assert settings.tasks_per_repository == 7 and settings.seed == 3
+    assert settings.spec.tasks_per_repository == 7 and settings.seed == 3
     assert settings.episode_turns == 30  # the policy's budget never exceeds the hard cap
     assert settings.limits.wall_seconds == 15 and settings.limits.memory_mb == 900
-    assert output == str(tmp_path / "out") and beam_section["workers"] == 1 and flags == []
+    assert job.output == str(tmp_path / "out") and job.beam["workers"] == 1
+    assert job.beam_flags == []
 
 
 def test_bad_spec_names_the_field(tmp_path):
     path = step_config(tmp_path, mutationFamilies=["operator_replacement", "typo"])
-    with pytest.raises(ValueError, match="mutationFamilies"):
+    with pytest.raises(ValueError, match=r"spec\.mutationFamilies\[1\]"):
         trajectories.load_job(["--config", str(path)])
 
 
