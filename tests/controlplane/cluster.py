@@ -394,7 +394,8 @@ class Kube:
         config["users"].append(user_entry)
         config["contexts"].append({"name": f"as-{user}", "context": {**ctx["context"], "user": f"as-{user}"}})
         config["current-context"] = f"as-{user}"
-        path = self.workdir / f"as-{user}-{abs(hash(tuple(groups)))}.kubeconfig"
+        # No ':' in the name: the Python client splits a kubeconfig path on ':' like $KUBECONFIG.
+        path = self.workdir / f"as-{user.replace(':', '_')}-{abs(hash(tuple(groups)))}.kubeconfig"
         path.write_text(yaml.safe_dump(config))
         return path
 
