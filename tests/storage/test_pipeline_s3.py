@@ -173,8 +173,9 @@ def test_run_killed_mid_stage_resumes_from_the_bucket(s3_run, s3_server, bucket_
     doc["spec"]["stages"][2]["steps"] = 6  # SFT changes: only SFT runs again
     spec.write_text(yaml.safe_dump(doc))
     env = {**os.environ, "OMP_NUM_THREADS": "1", **s3_server.env()}
+    output = open(s3_run.parent / "killed-run.txt", "wb")
     runner = subprocess.Popen([*CWM, "run", str(spec), "--workdir", str(s3_run), "--plain"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=env, stdout=output, stderr=subprocess.STDOUT)
     latest = "cwm/run/s3e2e/sft/state/latest.json"
     first = json.loads(bucket_fs.cat_file(latest))["step"]
     deadline = time.monotonic() + 600
@@ -185,7 +186,8 @@ def test_run_killed_mid_stage_resumes_from_the_bucket(s3_run, s3_server, bucket_
         time.sleep(0.2)
     runner.kill()
     runner.wait()
-    assert runner.returncode == -9, "the run ended before it could be killed"
+    output.close()
+    assert runner.returncode == -9, (s3_run.parent / "killed-run.txt").read_text()[-4000:]
     tag = json.loads(bucket_fs.cat_file(latest))["tag"]
     assert bucket_fs.exists(f"cwm/run/s3e2e/sft/state/{tag}/_COMMITTED.json")
     result = cwm("run", str(spec), "--workdir", str(s3_run), "--plain", env=s3_server.env())
