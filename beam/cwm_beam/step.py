@@ -1,8 +1,9 @@
 """What the Beam data steps (``cwm_beam.traces``, ``cwm_beam.trajectories``) share around their
-pipelines: the common flags, the step configuration's sections, the one runner (:func:`run_step`:
-parse, build, run, write the manifest), the shard writers, and where a data set is written —
-whole, or as one part of an Indexed Job (:mod:`cwm_beam.parts`). A step brings only what is its
-own (:class:`DataStep`): how it reads its job, builds its graph and summarises its data set.
+pipelines: the common flags, the step configuration's sections read by the API's models, the one
+runner (:meth:`DataStep.run`: parse, build, run, write the manifest), the shard writers, and where
+a data set is written — whole, or as one part of an Indexed Job (:mod:`cwm_beam.parts`). A step
+brings only what is its own (:class:`DataStep`): how it reads its job, builds its graph and
+summarises its data set.
 
 Local parallelism (``--workers N`` with the in-process runner) uses the same split as an Indexed
 Job: N processes, each the whole pipeline on its part of the work, the last to finish merging the
@@ -22,17 +23,20 @@ import multiprocessing.connection
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from typing import Any, Callable, ClassVar, Generic, Iterable, Self, TypeVar
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from cwm_beam.parts import Part
+from pydantic import BaseModel
+
+from cwm_beam.parts import Part, job_part
 from cwm_exec import sandbox
 from cwm_exec.sandbox import Limits
 from cwm_spec import artifacts
-from cwm_spec.stepconfig import load_step_config
+from cwm_spec.api import TraceDataSpec, TrajectoryDataSpec
+from cwm_spec.stepconfig import load_step_config, read_section
 
 LOG = logging.getLogger("cwm_beam.step")
 
@@ -72,11 +76,6 @@ def read_step(rest: list[str], *, named_by_flags: bool) -> StepInput:
     runtime = config.get("runtime") or {}
     return StepInput(config, dict(config.get("spec") or {}),
                      Limits.from_spec(config.get("sandbox")), dict(runtime.get("beam") or {}), rest)
-
-
-def step_seed(flag: int | None, step: StepInput) -> int | None:
-    """``--seed``, else the configuration's ``seed`` (None: the section's own)."""
-    return flag if flag is not None else step.config.get("seed")
 
 
 def output_and_runner(flags: argparse.Namespace,
@@ -250,69 +249,117 @@ def read_splits(output: str, counts: dict[str, int]
 # --------------------------------------------------------------------------------------------
 # The one runner of both data steps
 
-Settings = TypeVar("Settings")
+Section = TypeVar("Section", TraceDataSpec, TrajectoryDataSpec)
 
 
 @dataclass(frozen=True)
-class Job(Generic[Settings]):
+class StepSettings(Generic[Section]):
+    """What a data step's transforms need: its section validated by the API's model (so every
+    default is the API's), the sandbox limits, the seed (the step's, over the section's) and
+    this pod's part. A step subclasses it naming its ``model`` and adds views of ``spec``."""
+
+    model: ClassVar[type[BaseModel]]
+    spec: Section
+    sandbox: Limits
+    seed: int
+    part: Part
+
+    @classmethod
+    def from_spec(cls, section: dict[str, Any], sandbox: Limits, seed: int | None = None,
+                  part: Part = Part()) -> Self:
+        """From the ``spec`` section as the plan writes it (camelCase); errors name the field."""
+        spec = read_section(cls.model, section, "spec")
+        return cls(spec, sandbox, spec.seed if seed is None else seed, part)
+
+
+class StepTransform(beam.PTransform):
+    """A data step's composite transform: the whole graph between reading and writing, built
+    from the step's settings."""
+
+    def __init__(self, settings: StepSettings[Any]) -> None:
+        super().__init__()
+        self.settings = settings
+
+
+def make_job(settings: type[StepSettings[Any]], flags: argparse.Namespace, step: StepInput,
+             sandbox_limits: Limits | None = None) -> Job:
+    """The job of a step whose flags have been applied to ``step.spec``: the seed is ``--seed``,
+    else the configuration's (else the section's), the part is ``--part``/``--parts`` (else
+    the Indexed Job's)."""
+    seed = flags.seed if flags.seed is not None else step.config.get("seed")
+    made = settings.from_spec(step.spec, sandbox_limits or step.sandbox, seed,
+                              job_part(flags.part, flags.parts))
+    return Job(made, *output_and_runner(flags, step))
+
+
+@dataclass(frozen=True)
+class Job:
     """One run of a data step: its settings (with this process's ``part``), where it writes, the
     Beam section (with the flags' overrides) and the Beam flags."""
 
-    settings: Settings
+    settings: Any  # the step's StepSettings subclass
     output: str
     beam: dict[str, Any]
     beam_flags: list[str]
 
     @property
     def part(self) -> Part:
-        return self.settings.part  # type: ignore[attr-defined]
+        return self.settings.part
 
 
 @dataclass(frozen=True)
-class DataStep(Generic[Settings]):
-    """What a data step adds to :func:`run_step`; everything else is shared."""
+class DataStep:
+    """What a data step adds to the runner (:meth:`run`); everything else is shared."""
 
     module: str      # ``python -m`` name, run again by each part process
-    namespace: str   # of its Beam metrics
-    load_job: Callable[[list[str]], Job[Settings]]
-    build: Callable[[beam.Pipeline, Settings, str], None]       # the graph, writing shards
-    finish: Callable[[str, Settings, float], dict[str, Any]]    # manifest last; its stats
+    kind: str        # the data set's kind, also the namespace of its Beam metrics
+    load_job: Callable[[list[str]], Job]
+    build: Callable[[beam.Pipeline, Any, str], None]       # the graph, writing shards
+    tally: Callable[[str, Any], tuple[dict[str, list[artifacts.Shard]], dict[str, Any]]]
     throughput: Callable[[dict[str, Any], float], dict[str, float]]  # rate keys of the stats
-    describe: Callable[[Settings], str]     # what it is about to do, for the log
+    describe: Callable[[Any], str]     # what it is about to do, for the log
     summary: Callable[[dict[str, Any]], str]  # what it wrote, for the log
 
+    def run(self, argv: list[str] | None = None) -> dict[str, Any]:
+        """Parse, build, run, write the manifest; returns the manifest's stats.
 
-def run_step(step: DataStep[Any], argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse, build, run, write the manifest; returns the manifest's stats.
-
-    With ``workers`` > 1 on the in-process runner, the step runs as that many part processes
-    (:func:`run_as_parts`); else this process runs the pipeline on its part (the whole, or one
-    part of an Indexed Job) and the last part to finish merges the manifest."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("cwm_beam").setLevel(logging.INFO)   # the step and its helpers
-    args = list(sys.argv[1:] if argv is None else argv)
-    job = step.load_job(args)
-    LOG.info("%s into %s (runner %s, workers %s)", step.describe(job.settings), job.output,
-             job.beam.get("runner", "in-process"), job.beam.get("workers", 1))
-    # Decided before any program runs: fails the step here when CWM_SANDBOX=bwrap cannot hold.
-    LOG.info("sandbox: %s", sandbox.describe_isolation())
-    workers = local_workers(job.beam, job.beam_flags)
-    if workers > 1:
-        stats, seconds = run_as_parts(step.module, args, job.part, workers, job.output)
-        stats.update(seconds=round(seconds, 2), **step.throughput(stats, seconds))
-        LOG.info("%d processes: %s", workers, step.summary(stats))
+        With ``workers`` > 1 on the in-process runner, the step runs as that many part processes
+        (:func:`run_as_parts`); else this process runs the pipeline on its part (the whole, or one
+        part of an Indexed Job) and the last part to finish merges the manifest."""
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        logging.getLogger("cwm_beam").setLevel(logging.INFO)   # the step and its helpers
+        args = list(sys.argv[1:] if argv is None else argv)
+        job = self.load_job(args)
+        LOG.info("%s into %s (runner %s, workers %s)", self.describe(job.settings), job.output,
+                 job.beam.get("runner", "in-process"), job.beam.get("workers", 1))
+        # Decided before any program runs: fails the step here when CWM_SANDBOX=bwrap cannot hold.
+        LOG.info("sandbox: %s", sandbox.describe_isolation())
+        workers = local_workers(job.beam, job.beam_flags)
+        if workers > 1:
+            stats, seconds = run_as_parts(self.module, args, job.part, workers, job.output)
+            stats.update(seconds=round(seconds, 2), **self.throughput(stats, seconds))
+            LOG.info("%d processes: %s", workers, self.summary(stats))
+            return stats
+        started = time.monotonic()
+        target = target_of(job.output, job.part)
+        pipeline = pipeline_for(job.beam, job.beam_flags)
+        self.build(pipeline, job.settings, target)
+        result = pipeline.run()
+        result.wait_until_finish()
+        log_metrics(result, self.kind)
+        stats = self.finish(target, job.settings, time.monotonic() - started)
+        LOG.info("%s%s", self.summary(stats), part_label(job.part))
+        merge_when_complete(job.output, job.part)
         return stats
-    started = time.monotonic()
-    target = target_of(job.output, job.part)
-    pipeline = pipeline_for(job.beam, job.beam_flags)
-    step.build(pipeline, job.settings, target)
-    result = pipeline.run()
-    result.wait_until_finish()
-    log_metrics(result, step.namespace)
-    stats = step.finish(target, job.settings, time.monotonic() - started)
-    LOG.info("%s%s", step.summary(stats), part_label(job.part))
-    merge_when_complete(job.output, job.part)
-    return stats
+
+    def finish(self, output: str, settings: Any, seconds: float) -> dict[str, Any]:
+        """After the pipeline: the shards and stats, and the manifest, written last."""
+        shards, stats = self.tally(output, settings)
+        stats["seconds"] = round(seconds, 2)
+        stats.update(self.throughput(stats, seconds))
+        stats["sandbox"] = sandbox.isolation_record()  # how its programs were contained
+        artifacts.write_manifest(output, artifacts.Manifest(self.kind, shards, stats))
+        return stats
 
 
 def log_metrics(result: beam.runners.runner.PipelineResult, namespace: str) -> None:

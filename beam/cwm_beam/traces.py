@@ -14,7 +14,7 @@ or standalone with plain flags::
     python -m cwm_beam.traces --source cruxeval --output /tmp/t --runner FlinkRunner \\
         --flink_master=[local] --environment_type=LOOPBACK   # extra flags go to Beam unchanged
 
-The runner is the one both data steps share (:func:`cwm_beam.step.run_step`): Beam's in-process
+The runner is the one both data steps share (:meth:`cwm_beam.step.DataStep.run`): Beam's in-process
 ``FnApiRunner`` by default (``--workers N`` processes), any other runner's flags passed through.
 Output: a ``cwm-dataset/v1`` folder (``cwm_spec.artifacts``) with ``train-*``, ``validation-*``
 and ``deadletter-*`` JSONL shards and the manifest, written last. Records::
@@ -36,7 +36,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Iterable, Iterator, get_args
 
 import apache_beam as beam
@@ -44,15 +44,13 @@ import fsspec
 from apache_beam.metrics import Metrics
 
 from cwm_beam import fuzz, sources, synthetic
-from cwm_beam.parts import Part, job_part
-from cwm_beam.step import (DataStep, Job, WriteShards, add_common_flags, output_and_runner,
-                           read_splits, read_step, run_step, step_seed, write_rows)
-from cwm_exec import repository, sandbox
+from cwm_beam.step import (DataStep, Job, StepSettings, StepTransform, WriteShards,
+                           add_common_flags, make_job, read_splits, read_step, write_rows)
+from cwm_exec import repository
 from cwm_exec.sandbox import Failure, Limits, TracePool
 from cwm_exec.tracer import TraceLimits
 from cwm_spec import artifacts
 from cwm_spec.api import TraceDataSpec, TraceSource
-from cwm_spec.stepconfig import read_section
 
 LOG = logging.getLogger("cwm_beam.traces")
 NAMESPACE = "traces"
@@ -65,22 +63,10 @@ SOURCE_KINDS = get_args(TraceSource.model_fields["kind"].annotation)
 # Settings (pure)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything the transforms need: the validated section (every default is the API's), the
-    sandbox limits, the seed (the step's, over the section's) and this pod's part."""
+class Settings(StepSettings[TraceDataSpec]):
+    """The trace step's settings (see :class:`cwm_beam.step.StepSettings`)."""
 
-    spec: TraceDataSpec
-    sandbox: Limits
-    seed: int
-    part: Part
-
-    @classmethod
-    def from_spec(cls, section: dict[str, Any], sandbox: Limits, seed: int | None = None,
-                  part: Part = Part()) -> "Settings":
-        """From the ``spec`` section as the plan writes it (``TraceDataSpec``, camelCase)."""
-        spec = read_section(TraceDataSpec, section, "spec")
-        return cls(spec, sandbox, spec.seed if seed is None else seed, part)
+    model = TraceDataSpec
 
     @property
     def sources(self) -> tuple[dict[str, Any], ...]:
@@ -395,13 +381,9 @@ class CountDeadLetters(beam.DoFn):
 # Composite transforms
 
 
-class TraceDataset(beam.PTransform):
+class TraceDataset(StepTransform):
     """Source descriptors in; ``{"train", "validation", "deadletter"}`` PCollections out, and
     ``"shards"``: ``((split, shard), records)``, each output shard's records, ready to write."""
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self.settings = settings
 
     def expand(self, source_descriptors):
         s = self.settings
@@ -470,7 +452,7 @@ def source_from_flag(text: str) -> dict[str, Any]:
     raise ValueError(f"--source {text!r}: kind must be one of {', '.join(SOURCE_KINDS)}")
 
 
-def load_job(argv: list[str]) -> Job[Settings]:
+def load_job(argv: list[str]) -> Job:
     """The job from the step config (when one is given) overridden by plain flags."""
     flags, rest = parse_flags(argv)
     step = read_step(rest, named_by_flags=bool(flags.source or flags.output))
@@ -484,9 +466,7 @@ def load_job(argv: list[str]) -> Job[Settings]:
     limits = step.sandbox
     if flags.wall_seconds:
         limits = replace(limits, wall_seconds=flags.wall_seconds)
-    settings = Settings.from_spec(spec, limits, step_seed(flags.seed, step),
-                                  job_part(flags.part, flags.parts))
-    return Job(settings, *output_and_runner(flags, step))
+    return make_job(Settings, flags, step, limits)
 
 
 def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
@@ -502,8 +482,10 @@ def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
     outputs["deadletter"] | "WriteDeadletterSplit" >> WriteShards(output, "deadletter", 1)
 
 
-def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
-    """After the pipeline: empty shards where a split got nothing, stats, manifest last."""
+def tally(output: str, settings: Settings) -> tuple[dict[str, list[artifacts.Shard]],
+                                                    dict[str, Any]]:
+    """After the pipeline: the data set's shards (empty ones where a split got nothing) and its
+    stats."""
     shards = settings.spec.shards
     written, rows = read_splits(output, {"train": shards, "validation": shards, "deadletter": 1})
     stats: dict[str, Any] = {"sources": list(settings.sources)}
@@ -513,11 +495,7 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
         stats[f"{name}_records"] = sum(s.records for s in written[name])
     stats["deadletter_reasons"] = dict(Counter(f"{r['stage']}: {r['reason'].split(' (')[0]}"
                                                for r in rows["deadletter"]))
-    stats["seconds"] = round(seconds, 2)
-    stats.update(throughput(stats, seconds))
-    stats["sandbox"] = sandbox.isolation_record()  # how its programs were contained
-    artifacts.write_manifest(output, artifacts.Manifest("traces", written, stats))
-    return stats
+    return written, stats
 
 
 def throughput(stats: dict[str, Any], seconds: float) -> dict[str, float]:
@@ -525,21 +503,19 @@ def throughput(stats: dict[str, Any], seconds: float) -> dict[str, float]:
     return {"traces_per_second": round(traces / max(seconds, 1e-9), 1)}
 
 
-STEP = DataStep(
-    module="cwm_beam.traces", namespace=NAMESPACE, load_job=load_job, build=build,
-    finish=finish, throughput=throughput,
-    describe=lambda s: f"tracing {[src['kind'] for src in s.sources]}",
-    summary=lambda stats: (f"wrote {stats['train_records']} train, "
-                           f"{stats['validation_records']} validation, "
-                           f"{stats['deadletter_records']} dead letters in "
-                           f"{stats['seconds']:.1f}s ({stats['traces_per_second']:.1f} traces/s)"))
+def describe(settings: Settings) -> str:
+    return f"tracing {[source['kind'] for source in settings.sources]}"
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse, build, run, write the manifest (:func:`cwm_beam.step.run_step`); returns the
-    manifest's stats."""
-    return run_step(STEP, argv)
+def summary(stats: dict[str, Any]) -> str:
+    return (f"wrote {stats['train_records']} train, {stats['validation_records']} validation, "
+            f"{stats['deadletter_records']} dead letters in {stats['seconds']:.1f}s "
+            f"({stats['traces_per_second']:.1f} traces/s)")
 
+
+# ``run(argv)``: parse, build, run, write the manifest; returns the manifest's stats.
+run = DataStep("cwm_beam.traces", NAMESPACE, load_job, build, tally, throughput, describe,
+               summary).run
 
 if __name__ == "__main__":
     run()

@@ -13,7 +13,7 @@ or standalone with plain flags::
     python -m cwm_beam.trajectories --repo calc --policy openai \\
         --endpoint http://localhost:8000/v1 --model cwm --output /tmp/t   # a served model
 
-The runner is the one both data steps share (:func:`cwm_beam.step.run_step`): the in-process
+The runner is the one both data steps share (:meth:`cwm_beam.step.DataStep.run`): the in-process
 ``FnApiRunner`` with ``--workers N`` processes by default, other runners' flags passed through.
 
 Steps (CamelCase labels in the graph): ``SynthesizeTasks`` prepares each repository (fetch,
@@ -42,17 +42,13 @@ import logging
 import os
 import traceback
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from cwm_beam.parts import Part, job_part
-from cwm_beam.step import (DataStep, Job, WriteShards, add_common_flags, output_and_runner,
-                           read_splits, read_step, run_step, step_seed)
-from cwm_exec import sandbox
-from cwm_exec.sandbox import Limits
+from cwm_beam.step import (DataStep, Job, StepSettings, StepTransform, WriteShards,
+                           add_common_flags, make_job, read_splits, read_step)
 from cwm_forager.env import Environments
 from cwm_forager.policies import make_policy
 from cwm_forager.records import dedup, solve_rates
@@ -60,7 +56,6 @@ from cwm_forager.rollout import run_episode
 from cwm_forager.tasks import Task, candidate_tasks, select_tasks, validate_task
 from cwm_spec import artifacts, storage
 from cwm_spec.api import TrajectoryDataSpec
-from cwm_spec.stepconfig import read_section
 
 LOG = logging.getLogger("cwm_beam.trajectories")
 NAMESPACE = "trajectories"
@@ -68,22 +63,10 @@ DEADLETTER = "deadletter"
 OVERSAMPLE = 2  # candidates validated per wanted task (rejects leave room)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything the transforms need: the validated section (every default is the API's), the
-    sandbox limits, the seed (the step's, over the section's) and this pod's part."""
+class Settings(StepSettings[TrajectoryDataSpec]):
+    """The trajectory step's settings (see :class:`cwm_beam.step.StepSettings`)."""
 
-    spec: TrajectoryDataSpec
-    limits: Limits
-    seed: int
-    part: Part
-
-    @classmethod
-    def from_spec(cls, section: dict[str, Any], limits: Limits, seed: int | None = None,
-                  part: Part = Part()) -> "Settings":
-        """From the ``spec`` section as the plan writes it (``TrajectoryDataSpec``, camelCase)."""
-        spec = read_section(TrajectoryDataSpec, section, "spec")
-        return cls(spec, limits, spec.seed if seed is None else seed, part)
+    model = TrajectoryDataSpec
 
     @property
     def repositories(self) -> tuple[dict[str, Any], ...]:
@@ -127,9 +110,9 @@ class _Environments:
         self.settings = settings
 
     def get(self, spec: dict[str, Any]):
-        key = repr(self.settings.limits)
+        key = repr(self.settings.sandbox)
         if key not in _Environments._shared:
-            envs = Environments(self.settings.limits, "cwm-trajectories-")
+            envs = Environments(self.settings.sandbox, "cwm-trajectories-")
             atexit.register(envs.close)
             _Environments._shared[key] = envs
         return _Environments._shared[key].get(spec)
@@ -250,13 +233,9 @@ class Deduplicate(beam.DoFn):
                 "duplicates", f"{meta['repo']}|{meta['family']}|{int(bool(meta['success']))}")
 
 
-class TrajectoryDataset(beam.PTransform):
+class TrajectoryDataset(StepTransform):
     """Repository specs in; ``{"train", "deadletter"}`` records out, and counter keys:
     ``rejected`` (reason), ``duplicates`` (repo|family|solved), ``tasks`` (repo|family)."""
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self.settings = settings
 
     def expand(self, repositories):
         s = self.settings
@@ -323,7 +302,7 @@ def repo_from_flag(text: str) -> dict[str, Any]:
     return {"path": text}
 
 
-def load_job(argv: list[str]) -> Job[Settings]:
+def load_job(argv: list[str]) -> Job:
     """The job from the step config (when one is given) overridden by plain flags."""
     flags, rest = parse_flags(argv)
     step = read_step(rest, named_by_flags=bool(flags.repo or flags.output))
@@ -343,9 +322,7 @@ def load_job(argv: list[str]) -> Job[Settings]:
             policy[key] = value
     if policy:
         spec["policy"] = policy
-    settings = Settings.from_spec(spec, step.sandbox, step_seed(flags.seed, step),
-                                  job_part(flags.part, flags.parts))
-    return Job(settings, *output_and_runner(flags, step))
+    return make_job(Settings, flags, step)
 
 
 def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
@@ -384,8 +361,10 @@ def _read_counts(output: str, name: str) -> Counter:
     return counts
 
 
-def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
-    """After the pipeline: empty shards where a split got nothing, stats, manifest last."""
+def tally(output: str, settings: Settings) -> tuple[dict[str, list[artifacts.Shard]],
+                                                    dict[str, Any]]:
+    """After the pipeline: the data set's shards (empty ones where a split got nothing) and its
+    stats."""
     shards, rows = read_splits(output, {"train": settings.spec.shards, "deadletter": 1,
                                         "eval_tasks": 1})
     train, dead = rows["train"], rows["deadletter"]
@@ -410,33 +389,27 @@ def finish(output: str, settings: Settings, seconds: float) -> dict[str, Any]:
         episodes += [{"meta": {"family": family, "success": solved == "1"}}] * count
     stats["episodes"] = len(episodes)
     stats["solve_rate_by_family"] = solve_rates(episodes)
-    stats["seconds"] = round(seconds, 2)
-    stats.update(throughput(stats, seconds))
-    stats["sandbox"] = sandbox.isolation_record()  # how its programs were contained
-    artifacts.write_manifest(output, artifacts.Manifest("trajectories", shards, stats))
-    return stats
+    return shards, stats
 
 
 def throughput(stats: dict[str, Any], seconds: float) -> dict[str, float]:
     return {"rollouts_per_minute": round(60 * stats["episodes"] / max(seconds, 1e-9), 2)}
 
 
-STEP = DataStep(
-    module="cwm_beam.trajectories", namespace=NAMESPACE, load_job=load_job, build=build,
-    finish=finish, throughput=throughput,
-    describe=lambda s: (f"trajectories for {len(s.repositories)} repositories "
-                        f"(policy {s.policy.get('kind')})"),
-    summary=lambda stats: (f"wrote {stats['train_records']} trajectories, "
-                           f"{stats['deadletter_records']} dead letters in "
-                           f"{stats['seconds']:.1f}s ({stats['rollouts_per_minute']:.2f} "
-                           f"rollouts/min); solve rates {stats['solve_rate_by_family']}"))
+def describe(settings: Settings) -> str:
+    return (f"trajectories for {len(settings.repositories)} repositories "
+            f"(policy {settings.policy.get('kind')})")
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse, build, run, write the manifest (:func:`cwm_beam.step.run_step`); returns the
-    manifest's stats."""
-    return run_step(STEP, argv)
+def summary(stats: dict[str, Any]) -> str:
+    return (f"wrote {stats['train_records']} trajectories, {stats['deadletter_records']} dead "
+            f"letters in {stats['seconds']:.1f}s ({stats['rollouts_per_minute']:.2f} "
+            f"rollouts/min); solve rates {stats['solve_rate_by_family']}")
 
+
+# ``run(argv)``: parse, build, run, write the manifest; returns the manifest's stats.
+run = DataStep("cwm_beam.trajectories", NAMESPACE, load_job, build, tally, throughput,
+               describe, summary).run
 
 if __name__ == "__main__":
     run()

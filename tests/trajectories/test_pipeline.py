@@ -32,7 +32,7 @@ def test_step_config_and_flags(tmp_path):
     assert settings.repositories == ({"pypi": "toolz==1.0.0"}, {"path": "calc"})
     assert settings.spec.tasks_per_repository == 7 and settings.seed == 3
     assert settings.episode_turns == 30  # the policy's budget never exceeds the hard cap
-    assert settings.limits.wall_seconds == 15 and settings.limits.memory_mb == 900
+    assert settings.sandbox.wall_seconds == 15 and settings.sandbox.memory_mb == 900
     assert job.output == str(tmp_path / "out") and job.beam["workers"] == 1
     assert job.beam_flags == []
 
