@@ -58,6 +58,12 @@ def build_model(ctx: StepContext, tokenizer: Any) -> torch.nn.Module:
                 f"inputs.init {init}: model vocabulary {vocab} is smaller than the tokenizer's "
                 f"{tokenizer.vocab_size}"
             )
+        dtype = next(model.parameters()).dtype
+        if dtype != torch.float32 and device_type() != "cuda":
+            # A released checkpoint is bf16; the CPU engine trains fp32 weights with no master
+            # copy (on GPUs DeepSpeed's bf16 mode keeps fp32 masters itself).
+            LOG.info("inputs.init holds %s weights: training them as float32 on the CPU", dtype)
+            model = model.float()
         return model
     seed_everything(ctx.seed)
     overrides = dict(ctx.model_spec.get("overrides") or {})
