@@ -22,11 +22,12 @@ from tests.model.hf_checkpoint import write_checkpoint
 pytestmark = pytest.mark.slow  # transformers' import and model construction: seconds each
 
 
-@pytest.fixture(scope="module", params=["single", "sharded"])
+@pytest.fixture(scope="module", params=["single", "sharded", "sharded-bf16"])
 def imported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"hf-{request.param}")
-    shard = "60KB" if request.param == "sharded" else None
-    source = write_checkpoint(root / "src", shard=shard)
+    shard = "60KB" if "sharded" in request.param else None
+    dtype = torch.bfloat16 if "bf16" in request.param else torch.float32  # as released CWM
+    source = write_checkpoint(root / "src", shard=shard, dtype=dtype)
     if shard:
         assert (source / "model.safetensors.index.json").exists()
         assert len(list(source.glob("model-*.safetensors"))) > 4
@@ -47,6 +48,8 @@ def test_imported_logits_equal_transformers(imported):
     model, tokenizer, extra = load_checkpoint(ours)
     theirs = transformers.CwmForCausalLM.from_pretrained(source, attn_implementation="eager")
     theirs.eval()
+    assert next(model.parameters()).dtype == next(theirs.parameters()).dtype  # kept, not cast
+    model, theirs = model.float(), theirs.float()  # the same weights, compared in float32
     assert extra["stage"] == "import-hf" and extra["source"] == str(source)
     # 300 tokens: past the 128-token original RoPE context and several 64-token local windows.
     ids = torch.randint(0, tokenizer.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1))
