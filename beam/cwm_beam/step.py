@@ -22,7 +22,7 @@ import multiprocessing
 import multiprocessing.connection
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Generic, Iterable, Self, TypeVar
 
 import apache_beam as beam
@@ -53,6 +53,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         help="this pod's part (default: $JOB_COMPLETION_INDEX)")
     parser.add_argument("--parts", type=int, default=None,
                         help="parts the step is split into (default: $CWM_PARTS, else 1)")
+    parser.add_argument("--wall-seconds", type=float, default=None,
+                        help="the sandbox's wall-clock limit per program (over sandbox)")
 
 
 @dataclass
@@ -281,23 +283,12 @@ class StepTransform(beam.PTransform):
         self.settings = settings
 
 
-def make_job(settings: type[StepSettings[Any]], flags: argparse.Namespace, step: StepInput,
-             sandbox_limits: Limits | None = None) -> Job:
-    """The job of a step whose flags have been applied to ``step.spec``: the seed is ``--seed``,
-    else the configuration's (else the section's), the part is ``--part``/``--parts`` (else
-    the Indexed Job's)."""
-    seed = flags.seed if flags.seed is not None else step.config.get("seed")
-    made = settings.from_spec(step.spec, sandbox_limits or step.sandbox, seed,
-                              job_part(flags.part, flags.parts))
-    return Job(made, *output_and_runner(flags, step))
-
-
 @dataclass(frozen=True)
 class Job:
     """One run of a data step: its settings (with this process's ``part``), where it writes, the
     Beam section (with the flags' overrides) and the Beam flags."""
 
-    settings: Any  # the step's StepSettings subclass
+    settings: StepSettings[Any]  # the step's own subclass
     output: str
     beam: dict[str, Any]
     beam_flags: list[str]
@@ -312,13 +303,38 @@ class DataStep:
     """What a data step adds to the runner (:meth:`run`); everything else is shared."""
 
     module: str      # ``python -m`` name, run again by each part process
+    doc: str         # its module docstring: the ``--help`` text
     kind: str        # the data set's kind, also the namespace of its Beam metrics
-    load_job: Callable[[list[str]], Job]
+    settings: type[StepSettings[Any]]
+    names_job: str   # the flag that names its inputs (``source``, ``repo``): no config needed
+    add_flags: Callable[[argparse.ArgumentParser], None]   # its own flags
+    apply_flags: Callable[[argparse.Namespace, dict[str, Any]], None]  # onto its spec section
     build: Callable[[beam.Pipeline, Any, str], None]       # the graph, writing shards
     tally: Callable[[str, Any], tuple[dict[str, list[artifacts.Shard]], dict[str, Any]]]
     throughput: Callable[[dict[str, Any], float], dict[str, float]]  # rate keys of the stats
     describe: Callable[[Any], str]     # what it is about to do, for the log
     summary: Callable[[dict[str, Any]], str]  # what it wrote, for the log
+
+    def load_job(self, argv: list[str]) -> Job:
+        """The job from the step configuration (when one is given) overridden by the flags:
+        the seed is ``--seed``, else the configuration's (else the section's), the part
+        ``--part``/``--parts`` (else the Indexed Job's)."""
+        parser = argparse.ArgumentParser(prog=f"python -m {self.module}", description=self.doc,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.add_flags(parser)
+        add_common_flags(parser)
+        flags, rest = parser.parse_known_args(argv)
+        step = read_step(rest, named_by_flags=bool(getattr(flags, self.names_job) or flags.output))
+        self.apply_flags(flags, step.spec)
+        if flags.shards is not None:
+            step.spec["shards"] = flags.shards
+        limits = step.sandbox
+        if flags.wall_seconds:
+            limits = replace(limits, wall_seconds=flags.wall_seconds)
+        seed = flags.seed if flags.seed is not None else step.config.get("seed")
+        settings = self.settings.from_spec(step.spec, limits, seed,
+                                           job_part(flags.part, flags.parts))
+        return Job(settings, *output_and_runner(flags, step))
 
     def run(self, argv: list[str] | None = None) -> dict[str, Any]:
         """Parse, build, run, write the manifest; returns the manifest's stats.

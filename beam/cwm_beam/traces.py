@@ -36,7 +36,6 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import replace
 from typing import Any, Iterable, Iterator, get_args
 
 import apache_beam as beam
@@ -44,8 +43,8 @@ import fsspec
 from apache_beam.metrics import Metrics
 
 from cwm_beam import fuzz, sources, synthetic
-from cwm_beam.step import (DataStep, Job, StepSettings, StepTransform, WriteShards,
-                           add_common_flags, make_job, read_splits, read_step, write_rows)
+from cwm_beam.step import (DataStep, StepSettings, StepTransform, WriteShards, read_splits,
+                           write_rows)
 from cwm_exec import repository
 from cwm_exec.sandbox import Failure, Limits, TracePool
 from cwm_exec.tracer import TraceLimits
@@ -430,15 +429,18 @@ class TraceDataset(StepTransform):
 # Entry point (all reads and writes)
 
 
-def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m cwm_beam.traces", description=__doc__)
+def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", action="append", default=[],
                         help="cruxeval | synthetic:COUNT | jsonl:URI | functions:URI | "
                         "repository:PATH_OR_GIT_URL")
-    add_common_flags(parser)
     parser.add_argument("--validation-fraction", type=float, default=None)
-    parser.add_argument("--wall-seconds", type=float, default=None)
-    return parser.parse_known_args(argv)
+
+
+def apply_flags(flags: argparse.Namespace, spec: dict[str, Any]) -> None:
+    if flags.source:
+        spec["sources"] = [source_from_flag(s) for s in flags.source]
+    if flags.validation_fraction is not None:
+        spec["validationFraction"] = flags.validation_fraction
 
 
 def source_from_flag(text: str) -> dict[str, Any]:
@@ -450,23 +452,6 @@ def source_from_flag(text: str) -> dict[str, Any]:
     if kind == "cruxeval":
         return {"kind": kind, **({"count": int(value)} if value else {})}
     raise ValueError(f"--source {text!r}: kind must be one of {', '.join(SOURCE_KINDS)}")
-
-
-def load_job(argv: list[str]) -> Job:
-    """The job from the step config (when one is given) overridden by plain flags."""
-    flags, rest = parse_flags(argv)
-    step = read_step(rest, named_by_flags=bool(flags.source or flags.output))
-    spec = step.spec
-    if flags.source:
-        spec["sources"] = [source_from_flag(s) for s in flags.source]
-    for key, value in (("shards", flags.shards), ("validationFraction",
-                                                  flags.validation_fraction)):
-        if value is not None:
-            spec[key] = value
-    limits = step.sandbox
-    if flags.wall_seconds:
-        limits = replace(limits, wall_seconds=flags.wall_seconds)
-    return make_job(Settings, flags, step, limits)
 
 
 def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
@@ -513,9 +498,11 @@ def summary(stats: dict[str, Any]) -> str:
             f"({stats['traces_per_second']:.1f} traces/s)")
 
 
+STEP = DataStep(module="cwm_beam.traces", doc=__doc__, kind=NAMESPACE, settings=Settings,
+                names_job="source", add_flags=add_flags, apply_flags=apply_flags, build=build,
+                tally=tally, throughput=throughput, describe=describe, summary=summary)
 # ``run(argv)``: parse, build, run, write the manifest; returns the manifest's stats.
-run = DataStep("cwm_beam.traces", NAMESPACE, load_job, build, tally, throughput, describe,
-               summary).run
+load_job, run = STEP.load_job, STEP.run
 
 if __name__ == "__main__":
     run()

@@ -47,8 +47,7 @@ from typing import Any, Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from cwm_beam.step import (DataStep, Job, StepSettings, StepTransform, WriteShards,
-                           add_common_flags, make_job, read_splits, read_step)
+from cwm_beam.step import DataStep, StepSettings, StepTransform, WriteShards, read_splits
 from cwm_forager.env import Environments
 from cwm_forager.policies import make_policy
 from cwm_forager.records import dedup, solve_rates
@@ -275,11 +274,9 @@ class TrajectoryDataset(StepTransform):
 # Entry point (all reads and writes)
 
 
-def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m cwm_beam.trajectories", description=__doc__)
+def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", action="append", default=[],
                         help="name==version (PyPI sdist), a folder, or a git URL[#ref]")
-    add_common_flags(parser)
     parser.add_argument("--tasks-per-repo", type=int, default=None)
     parser.add_argument("--held-out-tasks", type=int, default=None,
                         help="tasks per repository kept out of the rollouts, for evaluation")
@@ -288,7 +285,6 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--endpoint", default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--max-turns", type=int, default=None, help="the policy's turn budget")
-    return parser.parse_known_args(argv)
 
 
 def repo_from_flag(text: str) -> dict[str, Any]:
@@ -302,17 +298,13 @@ def repo_from_flag(text: str) -> dict[str, Any]:
     return {"path": text}
 
 
-def load_job(argv: list[str]) -> Job:
-    """The job from the step config (when one is given) overridden by plain flags."""
-    flags, rest = parse_flags(argv)
-    step = read_step(rest, named_by_flags=bool(flags.repo or flags.output))
-    spec = step.spec
+def apply_flags(flags: argparse.Namespace, spec: dict[str, Any]) -> None:
     if flags.repo:
         spec["repositories"] = [repo_from_flag(r) for r in flags.repo]
     if flags.families:
         spec["mutationFamilies"] = [f.strip() for f in flags.families.split(",") if f.strip()]
     for key, value in (("tasksPerRepository", flags.tasks_per_repo),
-                       ("heldOutTasks", flags.held_out_tasks), ("shards", flags.shards)):
+                       ("heldOutTasks", flags.held_out_tasks)):
         if value is not None:
             spec[key] = value
     policy = dict(spec.get("policy") or {})
@@ -322,7 +314,6 @@ def load_job(argv: list[str]) -> Job:
             policy[key] = value
     if policy:
         spec["policy"] = policy
-    return make_job(Settings, flags, step)
 
 
 def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
@@ -407,9 +398,12 @@ def summary(stats: dict[str, Any]) -> str:
             f"rollouts/min); solve rates {stats['solve_rate_by_family']}")
 
 
+STEP = DataStep(module="cwm_beam.trajectories", doc=__doc__, kind=NAMESPACE,
+                settings=Settings, names_job="repo", add_flags=add_flags,
+                apply_flags=apply_flags, build=build, tally=tally, throughput=throughput,
+                describe=describe, summary=summary)
 # ``run(argv)``: parse, build, run, write the manifest; returns the manifest's stats.
-run = DataStep("cwm_beam.trajectories", NAMESPACE, load_job, build, tally, throughput,
-               describe, summary).run
+load_job, run = STEP.load_job, STEP.run
 
 if __name__ == "__main__":
     run()
