@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from cwm_spec.api import CorpusSpec
 from cwm_spec.artifacts import Manifest, write_manifest, write_shard
+from cwm_spec.stepconfig import load_step_config, read_section
 
 LOG = logging.getLogger("cwm_jobs.corpus")
 MAX_FILE_BYTES = 1_000_000
@@ -157,24 +159,21 @@ def build_corpus(out_uri: str, *, roots: Sequence[Root], max_files: int, max_byt
 
 
 def main(argv: Sequence[str] | None = None) -> Manifest:
-    from cwm_spec.stepconfig import load_step_config
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config, _ = load_step_config(argv)
-    spec = config.get("spec") or {}
+    spec = read_section(CorpusSpec, config["spec"], "spec")
     out = (config.get("outputs") or {}).get("dataset")
     if not out:
         raise ValueError("step configuration: outputs.dataset is required for the corpus step")
-    if spec.get("uri"):
-        folder = Path(spec["uri"])
+    if spec.uri:
+        folder = Path(spec.uri)
         if not folder.is_dir():
-            raise ValueError(f"spec.uri {spec['uri']}: not a local folder of Python sources "
+            raise ValueError(f"spec.uri {spec.uri}: not a local folder of Python sources "
                              "(a data set URI is read directly by the training stages)")
         roots = [Root(folder.name or "src", folder)]
     else:
         roots = default_roots()
-    manifest = build_corpus(out, roots=roots, max_files=int(spec.get("maxFiles", 20000)),
-                            max_bytes=int(spec.get("maxBytes", 50_000_000)),
+    manifest = build_corpus(out, roots=roots, max_files=spec.max_files, max_bytes=spec.max_bytes,
                             seed=int(config.get("seed") or 0))
     LOG.info("corpus: %d train / %d validation files, %s bytes -> %s", manifest.records("train"),
              manifest.records("validation"), manifest.stats["bytes"], out)

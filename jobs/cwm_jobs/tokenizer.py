@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from cwm_spec import storage
+from cwm_spec.api import TokenizerSpec
 from cwm_spec.artifacts import iter_records
+from cwm_spec.stepconfig import load_step_config, read_section
 
 LOG = logging.getLogger("cwm_jobs.tokenizer")
 SOURCES = ("corpus", "traces", "trajectories")
@@ -82,30 +84,29 @@ def adopt(uri: str):
         return CWMTokenizer.load(tmp)
 
 
-def build_tokenizer(spec: dict[str, Any], inputs: dict[str, str]):
+def build_tokenizer(spec: TokenizerSpec, inputs: dict[str, str]):
     from cwm_model.tokenizer import train_tokenizer
 
-    if spec.get("uri"):
-        return adopt(spec["uri"])
+    if spec.uri:
+        return adopt(spec.uri)
     if not any(inputs.get(n) for n in SOURCES):
         raise ValueError("tokenizer: none of inputs.corpus, inputs.traces, inputs.trajectories "
                          "is given, and spec.uri is empty: nothing to train on")
-    texts = list(sample_texts(inputs, int(spec.get("sampleRecords", 20000))))
+    texts = list(sample_texts(inputs, spec.sample_records))
     if not texts:
         raise ValueError(f"tokenizer: the inputs {sorted(inputs)} hold no text to train on")
-    LOG.info("training a %d-token BPE on %d records", int(spec.get("vocabSize", 4096)), len(texts))
-    return train_tokenizer(texts, int(spec.get("vocabSize", 4096)))
+    LOG.info("training a %d-token BPE on %d records", spec.vocab_size, len(texts))
+    return train_tokenizer(texts, spec.vocab_size)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from cwm_spec.stepconfig import load_step_config
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config, _ = load_step_config(argv)
     out = (config.get("outputs") or {}).get("tokenizer")
     if not out:
         raise ValueError("step configuration: outputs.tokenizer is required for the tokenizer step")
-    tokenizer = build_tokenizer(dict(config.get("spec") or {}), dict(config.get("inputs") or {}))
+    spec = read_section(TokenizerSpec, config["spec"], "spec")
+    tokenizer = build_tokenizer(spec, dict(config.get("inputs") or {}))
     staged = storage.staging_dir(out, "tokenizer")
     path = tokenizer.save(staged)
     storage.upload_tree(staged, out)  # committed: readers take it through storage.local_copy
