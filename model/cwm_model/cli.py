@@ -76,7 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``model info``, ``export-hf``, ``import-hf`` and ``serve``; each sets ``func`` returning an exit code."""
+    """Add ``model info``, ``export-hf``, ``import-hf`` and ``serve``; each sets ``func``
+    returning an exit code."""
     model = subparsers.add_parser("model", help="model presets")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     info = model_sub.add_parser("info", help="print a preset's shape and parameter count")

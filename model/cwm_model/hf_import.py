@@ -231,7 +231,8 @@ def write_weights(source: Source, tensors: list[Tensor], path: Path) -> int:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        header[t.ours] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.size]}
+        header[t.ours] = {"dtype": t.dtype, "shape": t.shape,
+                          "data_offsets": [offset, offset + t.size]}
         offset += t.size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors does

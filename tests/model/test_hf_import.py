@@ -52,7 +52,8 @@ def test_imported_logits_equal_transformers(imported):
     model, theirs = model.float(), theirs.float()  # the same weights, compared in float32
     assert extra["stage"] == "import-hf" and extra["source"] == str(source)
     # 300 tokens: past the 128-token original RoPE context and several 64-token local windows.
-    ids = torch.randint(0, tokenizer.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 300), generator=generator)
     with torch.no_grad():
         difference = (model(ids) - theirs(ids).logits).abs().max().item()
     assert difference < 1e-4
