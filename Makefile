@@ -80,7 +80,7 @@ engine: setup
 	@$(BIN)/python -c "from tests.images.engine import ensure_engine; ensure_engine().ping()"
 
 # pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.
-test: setup tools controlplane node extensions kubeflow s3server
+test: setup tools controlplane node extensions kubeflow s3server images
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
