@@ -1,4 +1,4 @@
-"""A small, strict Dockerfile reader for static checks (no Docker engine runs here).
+"""A small, strict Dockerfile reader for static checks (fast, and no engine needed).
 
 It understands what our Dockerfiles use: comments and parser directives, line continuations,
 heredocs (`RUN cmd <<'EOF' ... EOF`), `--flag=value` options, exec (JSON) and shell forms, global

@@ -1,4 +1,4 @@
-"""The three Dockerfiles, checked statically: no Docker engine runs on this machine.
+"""The three Dockerfiles, checked statically, in a second (tests/images builds and runs them).
 
 Each is parsed; every base image is pinned to a full version (or a digest); every COPY source
 exists in the build context and is not dropped by .dockerignore; the final stage runs as a
