@@ -144,6 +144,7 @@ class _Builder:
         args: list[str] | None = None,
         retries: int = 2,
         deadline: int | None = None,
+        image_key: Literal["beam", "trainer"] | None = None,
     ) -> None:
         # An input is either (step, output) or a literal URI given in the spec.
         upstream_steps = sorted({ref[0] for ref in inputs.values() if isinstance(ref, tuple)})
@@ -169,7 +170,7 @@ class _Builder:
             command = _train_command(self.target, resources, module)
         else:
             command = [self.target.python, "-m", module, *(args or [])]
-        image_key = "trainer" if kind == "train" else "beam"
+        image_key = image_key or ("trainer" if kind == "train" else "beam")
         images = self.pipeline.spec.images
         image = resources.image or getattr(images, image_key) or self.target.images.get(image_key)
         self.steps.append(Step(
@@ -212,8 +213,10 @@ def build_plan(pipeline: CWMPipeline, target: Target) -> Plan:
     if spec.model.init:
         # A released checkpoint: converted once (streaming) into ours plus its tokenizer, which
         # every stage uses instead of a trained one; the first stage starts from its weights.
+        # It builds the model in torch: the trainer image has it, the Beam image leaves it out.
         b.add("import", "job", "cwm_jobs.hf_import", spec.model.dump(),
-              {"source": spec.model.init}, ["checkpoint", "tokenizer"], data.resources)
+              {"source": spec.model.init}, ["checkpoint", "tokenizer"],
+              data.resources.model_copy(update={"image": None}), image_key="trainer")
         tokenizer: tuple[str, str] = ("import", "tokenizer")
         first_init: tuple[str, str] | str | None = ("import", "checkpoint")
     else:

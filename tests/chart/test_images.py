@@ -204,9 +204,39 @@ def test_torch_and_deepspeed_versions_follow_pyproject() -> None:
     assert Version(torch_version) in REQUIREMENTS["torch"].specifier
     deepspeed = trainer.stage_args(build_stage)["DEEPSPEED_VERSION"]
     assert f"deepspeed=={deepspeed}" == str(REQUIREMENTS["deepspeed"])
+
+
+# What runs on the Beam image (the plan's `beam` and `job` steps, except those it gives the
+# trainer image): none may import torch or DeepSpeed, which that image leaves out.
+BEAM_IMAGE_MODULES = ["cwm_beam.traces", "cwm_beam.trajectories", "cwm_jobs.corpus",
+                      "cwm_jobs.tokenizer"]
+
+
+def test_beam_image_steps_import_no_torch() -> None:
     beam = parse(DOCKERFILES["beam"])
-    assert beam.stage_args(beam.final)["TORCH_VERSION"] == torch_version, \
-        "the Beam image's CPU torch must be the trainer's version"
+    requirements = beam.stage("requirements")
+    assert requirements is not None
+    assert set(beam.stage_args(requirements)["TRAINING_ONLY"].split()) == {"torch", "deepspeed"}
+    code = ("import sys, importlib\n"
+            f"for m in {BEAM_IMAGE_MODULES!r}: importlib.import_module(m)\n"
+            "print(sorted(n for n in ('torch', 'deepspeed') if n in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
+def test_beam_image_runs_every_plan_step_but_training_and_import() -> None:
+    """The plan sends every non-training step to the Beam image except the checkpoint import."""
+    from cwm_spec.plan import Target, build_plan
+    from cwm_spec.validation import load_file
+
+    modules = set()
+    for example in ("examples/tiny.yaml", "examples/from-released.yaml"):
+        pipeline = load_file(REPO / example, target="local")
+        plan = build_plan(pipeline, Target.cluster(pipeline, "ns", {"beam": "B", "trainer": "T"}))
+        modules |= {s.module for s in plan.steps if s.image == "B"}
+        assert all(s.image == "T" for s in plan.steps if s.kind == "train"
+                   or s.module == "cwm_jobs.hf_import")
+    assert modules <= set(BEAM_IMAGE_MODULES), modules
 
 
 def test_operator_requirements_come_from_pyproject(tmp_path: Path) -> None:

@@ -84,14 +84,13 @@ def image_refs() -> dict[str, str]:
 
 
 def image_specs(bases: Bases) -> list[ImageSpec]:
-    """The three builds as made here: local stand-in bases, PyPI's torch, the CPU trainer."""
+    """The three builds as made here: local stand-in bases; the CPU trainer with PyPI's torch."""
     refs = image_refs()
     return [
         ImageSpec("cwm-operator", "operator/Dockerfile", refs["cwm-operator"],
                   {"PYTHON_IMAGE": bases.python}),
         ImageSpec("cwm-beam", "beam/Dockerfile", refs["cwm-beam"],
-                  {"PYTHON_IMAGE": bases.python, "BEAM_SDK_IMAGE": bases.beam_sdk,
-                   "TORCH_INDEX": PYPI, "TORCH_VERSION": TORCH_VERSION}),
+                  {"PYTHON_IMAGE": bases.python, "BEAM_SDK_IMAGE": bases.beam_sdk}),
         ImageSpec("cwm-trainer", "jobs/Dockerfile", refs["cwm-trainer"],
                   {"PYTORCH_DEVEL_IMAGE": bases.python, "PYTORCH_RUNTIME_IMAGE": bases.python,
                    "TORCH_INSTALL": f"torch=={TORCH_VERSION}", "TORCH_INDEX": PYPI,
