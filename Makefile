@@ -85,7 +85,7 @@ test: setup tools controlplane node extensions kubeflow s3server images
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not cluster and not flink and not s3" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not cluster and not flink and not s3 and not node and not images" $(PYTEST_ARGS)
 
 crd: setup
 	$(BIN)/cwm crd > charts/cwm-operator/crds/cwmpipelines.cwm.dev.yaml
