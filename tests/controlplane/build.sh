@@ -19,13 +19,10 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
-
-cache="${CWM_CACHE:-$repo/.cache}"
-mkdir -p "$cache"
-cache="$(cd "$cache" && pwd)"
+# shellcheck source=../gobuild.sh
+source "$here/../gobuild.sh" "controlplane build"
 dest="$cache/controlplane/k8s-${K8S_VERSION}-etcd-${ETCD_VERSION}"
 bin="$dest/bin"
 stamp="$dest/STAMP"
@@ -33,15 +30,6 @@ with_node=0
 k8s_binaries=(kube-apiserver kube-controller-manager kubectl)
 node_binaries=(kubelet kube-scheduler kube-proxy)
 coredns_bin="$cache/node/coredns-${COREDNS_VERSION}/coredns"
-
-log() { printf '[controlplane build %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-export GOMODCACHE="$cache/go/mod"
-export GOCACHE="$cache/go/build"
-export GOTOOLCHAIN=local
-export CGO_ENABLED=0
-export GOFLAGS="-p=${CWM_BUILD_JOBS:-2} -buildvcs=false"
 
 k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
 staging_version="v0.${K8S_VERSION#v1.}"          # v1.36.3 -> v0.36.3

@@ -14,19 +14,13 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
-
-cache="${CWM_CACHE:-$repo/.cache}"
-mkdir -p "$cache"
-cache="$(cd "$cache" && pwd)"
+# shellcheck source=../gobuild.sh
+source "$here/../gobuild.sh" "kubeflow build"
 module=github.com/kubeflow/training-operator
 dest="$cache/kubeflow/training-operator-${TRAINING_OPERATOR_VERSION}"
 stamp="$dest/STAMP"
-
-log() { printf '[kubeflow build %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
 
 case "${1:-}" in
   --print-dir) echo "$dest"; exit 0 ;;
@@ -41,11 +35,6 @@ if [[ -f "$stamp" && -x "$dest/bin/training-operator" && -f "$dest/manifests/crd
 fi
 
 command -v go >/dev/null || die "go is not on PATH (Go >= 1.22 builds the training operator)"
-export GOMODCACHE="$cache/go/mod"
-export GOCACHE="$cache/go/build"
-export GOTOOLCHAIN=local
-export CGO_ENABLED=0
-export GOFLAGS="-p=${CWM_BUILD_JOBS:-2} -buildvcs=false -modcacherw"
 
 start=$SECONDS
 tmp="$dest.partial"

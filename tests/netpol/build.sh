@@ -14,18 +14,12 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
-
-cache="${CWM_CACHE:-$repo/.cache}"
-mkdir -p "$cache"
-cache="$(cd "$cache" && pwd)"
+# shellcheck source=../gobuild.sh
+source "$here/../gobuild.sh" "netpol build"
 module=sigs.k8s.io/kube-network-policies
 dest="$cache/netpol/kube-network-policies-${KUBE_NETWORK_POLICIES_VERSION}"
-
-log() { printf '[netpol build %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
 
 case "${1:-}" in
   --print-dir) echo "$dest"; exit 0 ;;
@@ -40,11 +34,6 @@ if [[ -f "$dest/STAMP" && -x "$dest/bin/kube-network-policies" ]]; then
 fi
 
 command -v go >/dev/null || die "go is not on PATH (Go >= 1.23 builds kube-network-policies)"
-export GOMODCACHE="$cache/go/mod"
-export GOCACHE="$cache/go/build"
-export GOTOOLCHAIN=local
-export CGO_ENABLED=0
-export GOFLAGS="-p=${CWM_BUILD_JOBS:-2} -buildvcs=false -modcacherw"
 
 start=$SECONDS
 tmp="$dest.partial"

@@ -14,20 +14,9 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
 module=github.com/seaweedfs/seaweedfs
-cache="${CWM_CACHE:-$repo/.cache}"
-mkdir -p "$cache"
-cache="$(cd "$cache" && pwd)"
-
-log() { printf '[seaweedfs build %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-export GOMODCACHE="$cache/go/mod"
-export GOCACHE="$cache/go/build"
-export GOTOOLCHAIN=local
-export CGO_ENABLED=0
-export GOFLAGS="-p=${CWM_BUILD_JOBS:-2} -buildvcs=false"
+# shellcheck source=../gobuild.sh
+source "$here/../gobuild.sh" "seaweedfs build"
 
 version="$(sed -En "s#^(require |\t)$module (v[^ ]+)( // indirect)?\$#\2#p" "$here/gomod/go.mod")"
 [[ -n "$version" ]] || die "gomod/go.mod does not pin $module (run $0 --regen)"
