@@ -119,41 +119,8 @@ def run_episode(env: RepoEnvironment, task: Task, policy: Policy, max_turns: int
         messages: list[dict[str, Any]] = [
             {"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": task.statement(runner.root)}]
-        turns, prompt_tokens, completion_tokens, nudged = 0, 0, 0, False
-        stop, error = "max_turns", None
-        while turns < max_turns:
-            try:
-                action = policy.act(messages, TOOLS)
-            except Exception as err:  # a model endpoint failing is recorded, not fatal
-                stop, error = "policy_error", f"{type(err).__name__}: {err}"
-                break
-            turns += 1
-            message = _normalise(action.message, turns)
-            messages.append(message)
-            completion_tokens += action.completion_tokens if action.completion_tokens is not None \
-                else estimate_tokens(json.dumps(message))
-            prompt_tokens = action.prompt_tokens if action.prompt_tokens is not None \
-                else sum(estimate_tokens(json.dumps(m)) for m in messages[:-1])
-            calls = message.get("tool_calls") or []
-            if not calls:
-                if nudged:
-                    stop = "no_action"
-                    break
-                messages.append({"role": "user", "content": NUDGE})
-                nudged = True
-                continue
-            submitted = False
-            for call in calls:
-                result = runner.call(call["function"]["name"], call["function"]["arguments"])
-                messages.append({"role": "tool", "tool_call_id": call["id"],
-                                 "content": result.observation})
-                submitted = submitted or result.done
-            if submitted:
-                stop = "submitted"
-                break
-            if prompt_tokens + completion_tokens >= max_tokens:
-                stop = "token_budget"
-                break
+        loop = _Loop()
+        loop.run(policy, runner, messages, max_turns, max_tokens)
         final = (workdir / task.path).read_text(encoding="utf-8", errors="replace")
         success, still_failing = grade(env, task, workdir)
     finally:
@@ -163,16 +130,68 @@ def run_episode(env: RepoEnvironment, task: Task, policy: Policy, max_turns: int
         "function": task.function, "line": task.line, "mutation": task.description,
         "failing_tests": list(task.failing_tests), "gold_patch": task.gold_patch,
         "patch": unified_diff(task.mutated, final, task.path),
-        "success": success, "still_failing": still_failing, "submitted": stop == "submitted",
-        "stop": stop, "error": error, "turns": turns,
-        "tokens": {"prompt": prompt_tokens, "completion": completion_tokens,
-                   "total": prompt_tokens + completion_tokens},
+        "success": success, "still_failing": still_failing, "submitted": loop.stop == "submitted",
+        "stop": loop.stop, "error": loop.error, "turns": loop.turns,
+        "tokens": {"prompt": loop.prompt_tokens, "completion": loop.completion_tokens,
+                   "total": loop.prompt_tokens + loop.completion_tokens},
         "policy": getattr(policy, "name", type(policy).__name__),
         "seconds": round(time.monotonic() - start, 3), "isolation": sandbox.isolation(),
         "max_turns": max_turns, "max_observation_chars": max_observation_chars,
         "action_timeout": action_timeout, "episode_id": uuid.uuid4().hex,
     }
     return Trajectory(messages, meta)
+
+
+@dataclass
+class _Loop:
+    """The agent loop of one episode and what it counted; ``stop`` says why it ended."""
+
+    turns: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    nudged: bool = False
+    stop: str = "max_turns"
+    error: str | None = None
+
+    def run(self, policy: Policy, runner: ToolRunner, messages: list[dict[str, Any]],
+            max_turns: int, max_tokens: int) -> None:
+        while self.turns < max_turns:
+            try:
+                action = policy.act(messages, TOOLS)
+            except Exception as err:  # a model endpoint failing is recorded, not fatal
+                self.stop, self.error = "policy_error", f"{type(err).__name__}: {err}"
+                return
+            self.turns += 1
+            message = _normalise(action.message, self.turns)
+            messages.append(message)
+            self._count(action, messages)
+            calls = message.get("tool_calls") or []
+            if not calls:
+                if self.nudged:
+                    self.stop = "no_action"
+                    return
+                messages.append({"role": "user", "content": NUDGE})
+                self.nudged = True
+                continue
+            submitted = False
+            for call in calls:
+                result = runner.call(call["function"]["name"], call["function"]["arguments"])
+                messages.append({"role": "tool", "tool_call_id": call["id"],
+                                 "content": result.observation})
+                submitted = submitted or result.done
+            if submitted:
+                self.stop = "submitted"
+                return
+            if self.prompt_tokens + self.completion_tokens >= max_tokens:
+                self.stop = "token_budget"
+                return
+
+    def _count(self, action: Any, messages: list[dict[str, Any]]) -> None:
+        """Tokens as the endpoint reports them, else estimated from the text."""
+        self.completion_tokens += action.completion_tokens \
+            if action.completion_tokens is not None else estimate_tokens(json.dumps(messages[-1]))
+        self.prompt_tokens = action.prompt_tokens if action.prompt_tokens is not None \
+            else sum(estimate_tokens(json.dumps(m)) for m in messages[:-1])
 
 
 def replay_actions(env: RepoEnvironment, task: Task, trajectory: Trajectory, *,
