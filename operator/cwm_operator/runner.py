@@ -46,6 +46,17 @@ class RunError(RuntimeError):
     """The run cannot start or a step failed; the message says which and why."""
 
 
+# A step's processes find each other through these (torchrun's and the training operator's);
+# the runner lays each step out itself, so values inherited from whatever started `cwm run` (a
+# torchrun, a test process holding a process group) would send a step to someone else's port.
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                   "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def _is_rendezvous_var(name: str) -> bool:
+    return name in RENDEZVOUS_VARS or name.startswith(("PET_", "TORCHELASTIC_"))
+
+
 class StepFailed(RunError):
     """One attempt of a step failed; ``why`` is the short reason (the message adds the log)."""
 
@@ -340,7 +351,8 @@ class LocalRunner:
         rec = StepRecord(step.name, state=StepState.RUNNING, fingerprint=step.fingerprint,
                          attempts=rec.attempts + 1, started=now(),
                          inputs=self.input_digests(step))
-        env = {**(self.env if self.env is not None else os.environ), **step.env}
+        base = self.env if self.env is not None else os.environ
+        env = {**{k: v for k, v in base.items() if not _is_rendezvous_var(k)}, **step.env}
         start = time.monotonic()
         with open(log, "ab") as logf:
             logf.write(f"==> attempt {rec.attempts} at {rec.started}: "

@@ -18,6 +18,8 @@ from cwm_spec.stepconfig import load_step_config
 def main() -> int:
     config, _ = load_step_config()
     step = config["step"]
+    if os.environ.get("STANDIN_DUMP_ENV"):  # the environment the runner gave this step
+        Path(os.environ["STANDIN_DUMP_ENV"]).write_text(json.dumps(dict(os.environ)))
     with open(os.environ["STANDIN_CALLS"], "a") as f:
         f.write(f"{step} {os.getpid()}\n")
     print(f"{step}: reading {sorted(config['inputs'])}", flush=True)

@@ -255,3 +255,16 @@ def test_compare_two_runs(env, monkeypatch):
     assert cwm(["compare", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "c.md")]) == 0
     text = (tmp / "c.md").read_text()
     assert "## After midtrain" in text and "| cruxeval_o | 0.25 | 0.25 |" in text
+
+
+def test_steps_do_not_inherit_a_callers_rendezvous(env, monkeypatch):
+    """A caller's MASTER_PORT (a torchrun, a test holding a process group) would send a training
+    step to that port: the runner lays out each step itself."""
+    tmp, manifest, calls = env
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv("PET_NNODES", "4")
+    monkeypatch.setenv("STANDIN_DUMP_ENV", str(tmp / "env.json"))
+    run(manifest, tmp / "w")
+    seen = json.loads((tmp / "env.json").read_text())
+    assert "MASTER_PORT" not in seen and "PET_NNODES" not in seen
+    assert seen["STANDIN_CALLS"] == str(calls)  # everything else is passed on
