@@ -6,9 +6,6 @@ tokenizer, and mid-training starts from its weights."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,24 +13,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.e2e.small import cwm, small_data
 from tests.model.hf_checkpoint import write_checkpoint
 
 pytestmark = pytest.mark.slow
 
-CWM = [sys.executable, "-m", "cwm_operator.cli"]
 # A small learning rate: after a few steps the weights are still visibly the imported ones.
 STAGE = {"microBatchSize": 2, "sequenceLength": 128, "warmupSteps": 1, "checkpointEvery": 2,
          "learningRate": 1e-4}
 SPEC = {
-    "data": {
-        "traces": {"sources": [{"kind": "cruxeval", "count": 30},
-                               {"kind": "synthetic", "count": 30}],
-                   "fuzzInputsPerFunction": 0, "shards": 1, "validationFraction": 0.2},
-        "trajectories": {"tasksPerRepository": 1, "heldOutTasks": 1,
-                         "policy": {"maxTurns": 8}, "shards": 1},
-        "corpus": {"maxFiles": 100, "maxBytes": 1000000},
-        "beam": {"workers": 1},
-    },
+    "data": small_data(30),
     "stages": [
         {"name": "midtrain", "steps": 3, **STAGE},
         {"name": "sft", "steps": 2, **STAGE},
@@ -45,11 +34,6 @@ SPEC = {
                    "mutateFixTasks": 1, "mutateFixTurns": 2},
 }
 STEPS = ["traces", "trajectories", "corpus", "import", "midtrain", "sft", "rl"]
-
-
-def cwm(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*CWM, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")

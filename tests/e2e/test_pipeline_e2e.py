@@ -6,17 +6,15 @@ caching (an unchanged rerun does nothing; changing SFT reruns SFT and RL only)."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.e2e.small import cwm, small_data
+
 pytestmark = pytest.mark.slow
 
-CWM = [sys.executable, "-m", "cwm_operator.cli"]
 STAGE = {"microBatchSize": 2, "sequenceLength": 128, "warmupSteps": 1, "checkpointEvery": 2,
          "learningRate": 1e-3}
 MANIFEST = {
@@ -26,15 +24,7 @@ MANIFEST = {
     "spec": {
         "model": {"preset": "debug"},
         "tokenizer": {"vocabSize": 512, "sampleRecords": 300},
-        "data": {
-            "traces": {"sources": [{"kind": "cruxeval", "count": 60},
-                                   {"kind": "synthetic", "count": 60}],
-                       "fuzzInputsPerFunction": 0, "shards": 1, "validationFraction": 0.2},
-            "trajectories": {"tasksPerRepository": 1, "heldOutTasks": 1,
-                             "policy": {"maxTurns": 8}, "shards": 1},
-            "corpus": {"maxFiles": 200, "maxBytes": 2000000},
-            "beam": {"workers": 1},
-        },
+        "data": small_data(60, corpus_files=200),
         "stages": [
             {"name": "pretrain", "steps": 4, **STAGE},
             {"name": "midtrain", "steps": 4, **STAGE},
@@ -48,11 +38,6 @@ MANIFEST = {
     },
 }
 ALL = ["traces", "trajectories", "corpus", "tokenizer", "pretrain", "midtrain", "sft", "rl"]
-
-
-def cwm(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*CWM, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def status(workdir: Path) -> dict:

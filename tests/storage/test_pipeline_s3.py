@@ -13,7 +13,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,10 +20,11 @@ import pytest
 import yaml
 
 from cwm_spec import artifacts
+from tests.e2e.small import CWM, small_data
+from tests.e2e.small import cwm as run_cwm
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
-CWM = [sys.executable, "-m", "cwm_operator.cli"]
 STAGE = {"microBatchSize": 2, "sequenceLength": 64, "warmupSteps": 1, "checkpointEvery": 1,
          "learningRate": 1e-3}
 MANIFEST = {
@@ -34,15 +34,7 @@ MANIFEST = {
     "spec": {
         "model": {"preset": "debug"},
         "tokenizer": {"vocabSize": 512, "sampleRecords": 200},
-        "data": {
-            "traces": {"sources": [{"kind": "cruxeval", "count": 30},
-                                   {"kind": "synthetic", "count": 30}],
-                       "fuzzInputsPerFunction": 0, "shards": 2, "validationFraction": 0.2},
-            "trajectories": {"tasksPerRepository": 1, "heldOutTasks": 1,
-                             "policy": {"maxTurns": 6}, "shards": 1},
-            "corpus": {"maxFiles": 100, "maxBytes": 1000000},
-            "beam": {"workers": 1},
-        },
+        "data": small_data(30, trace_shards=2, max_turns=6),
         "stages": [
             {"name": "pretrain", "steps": 2, **STAGE},
             {"name": "midtrain", "steps": 2, **STAGE},
@@ -57,8 +49,7 @@ BASE = "s3://cwm/run/s3e2e"
 
 
 def cwm(*args: str, env: dict[str, str], timeout: float = 1500) -> subprocess.CompletedProcess:
-    return subprocess.run([*CWM, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    return run_cwm(*args, env=env, timeout=timeout)
 
 
 def write_spec(path: Path, storage: dict | None) -> Path:
