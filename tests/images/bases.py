@@ -113,7 +113,8 @@ def python_base(client: docker.DockerClient, *, rebuild: bool = False) -> str:
                      version=3)
     if not rebuild and _current(client, ref, recipe):
         return ref
-    if shutil.which("debootstrap") is None:
+    if shutil.which("debootstrap") is None:  # a fresh machine's package lists may be empty
+        _run(["apt-get", "update", "-qq"], "apt-get update")
         _run(["apt-get", "install", "-y", "-qq", "debootstrap"], "installing debootstrap")
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         root = Path(tmp) / "rootfs"

@@ -45,7 +45,7 @@ def _listen() -> tuple[socket.socket, list, threading.Event]:
         while not done.is_set():
             try:
                 accepted.append(listener.accept())
-            except OSError:
+            except OSError:  # the 0.2 s poll timed out (or the listener closed): look again
                 pass
 
     threading.Thread(target=accept, daemon=True).start()

@@ -84,6 +84,6 @@ class PodRunner:
         for container in self.containers:
             try:
                 container.remove(force=True)
-            except docker.errors.APIError:
+            except docker.errors.NotFound:  # already gone; any other refusal is reported
                 pass
         self.containers.clear()
