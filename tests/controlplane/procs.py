@@ -66,6 +66,8 @@ class Component:
     argv: list[str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    # Its whole environment, or None to inherit ours (some must not see KUBECONFIG & co).
+    env: dict[str, str] | None = None
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
@@ -74,6 +76,7 @@ class Component:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=self.env,
                 preexec_fn=_die_with_parent,
             )
 

@@ -34,7 +34,6 @@ import fcntl
 import ipaddress
 import os
 import ssl
-import subprocess
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.controlplane.cluster import Component, _die_with_parent, free_port, wait_until
+from tests.controlplane.cluster import Component, free_port, wait_until
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -303,19 +302,6 @@ def _cert_dir_lock() -> Iterator[None]:
 
 
 @dataclass
-class _Process(Component):
-    """A Component with its own environment (the operator must not inherit KUBECONFIG & co)."""
-
-    env: dict[str, str] = field(default_factory=dict)
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, env=self.env,
-                                            preexec_fn=_die_with_parent)
-
-
-@dataclass
 class TrainingOperator:
     """One operator process watching ``namespace`` (its Secret lives there too)."""
 
@@ -327,7 +313,7 @@ class TrainingOperator:
     init_wait_with: str = "python3"
     schemes: tuple[str, ...] = ("pytorchjob",)
     ports: Ports = field(default_factory=Ports.free)
-    component: _Process | None = None
+    component: Component | None = None
 
     def install(self, api_client: Any, certs: WebhookCerts) -> None:
         """Secret and webhook configuration (the CRD and RBAC are the caller's: cluster-wide)."""
@@ -356,7 +342,8 @@ class TrainingOperator:
                              self.init_image, self.schemes)
         env = {"KUBECONFIG": str(self.kubeconfig), "MY_POD_NAMESPACE": self.namespace,
                "TMPDIR": "/tmp", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-        self.component = _Process("training-operator", argv, self.workdir / "training-operator.log", env=env)
+        self.component = Component("training-operator", argv,
+                                   self.workdir / "training-operator.log", env=env)
         self.component.start()
 
     def wait_ready(self, timeout: float = 90) -> None:

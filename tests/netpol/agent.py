@@ -25,13 +25,13 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.controlplane.cluster import Component, _die_with_parent, free_port, wait_until
+from tests.controlplane.cluster import Component, free_port, wait_until
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -136,17 +136,6 @@ def table_present() -> bool:
 
 
 @dataclass
-class _Process(Component):
-    env: dict[str, str] = field(default_factory=dict)
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, env=self.env,
-                                            preexec_fn=_die_with_parent)
-
-
-@dataclass
 class NetworkPolicyAgent:
     """One agent for the node ``node_name`` of the cluster behind ``api_client``."""
 
@@ -155,7 +144,7 @@ class NetworkPolicyAgent:
     ca_pem: bytes        # the API server's CA
     node_name: str
     workdir: Path
-    component: _Process | None = None
+    component: Component | None = None
 
     def start(self, timeout: float = 60) -> None:
         from kubernetes import client
@@ -176,7 +165,7 @@ class NetworkPolicyAgent:
         host, _, port = self.server.removeprefix("https://").rpartition(":")
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "KUBERNETES_SERVICE_HOST": host.strip("[]"), "KUBERNETES_SERVICE_PORT": port}
-        self.component = _Process("kube-network-policies",
+        self.component = Component("kube-network-policies",
                                   agent_argv(path, secrets, self.node_name, free_port()),
                                   self.workdir / "kube-network-policies.log", env=env)
         self.component.start()
