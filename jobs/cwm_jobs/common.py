@@ -147,7 +147,7 @@ def init_distributed(env: DistEnv, device_type: str) -> None:
         import torch
 
         torch.cuda.set_device(env.local_rank)
-    elif env.world_size == 1:
+    elif env.world_size == 1 or os.environ.get("LOCAL_WORLD_SIZE") == "1":
         skip_shm_comm_op()
     deepspeed.init_distributed(
         dist_backend="nccl" if device_type == "cuda" else "gloo", auto_mpi_discovery=False
@@ -155,9 +155,11 @@ def init_distributed(env: DistEnv, device_type: str) -> None:
 
 
 def skip_shm_comm_op() -> None:
-    """A single CPU process has nothing to all-reduce: don't JIT-compile DeepSpeed's shared-memory
-    communication op for it (~45–110 s with g++ on a fresh machine). DeepSpeed builds the op only
-    when it is listed as compatible, so we list it as not."""
+    """A CPU process alone on its host has nothing to all-reduce through shared memory (a single
+    process, or one pod per rank as a PyTorchJob runs it: torchrun's ``LOCAL_WORLD_SIZE=1``, where
+    DeepSpeed's op would disable itself anyway because its peers are not local): don't JIT-compile
+    DeepSpeed's shared-memory communication op for it (~45–110 s with g++ in every fresh pod).
+    DeepSpeed builds the op only when it is listed as compatible, so we list it as not."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
