@@ -4,7 +4,9 @@ progress display. Only rank 0 writes.
 ``outputs.metrics`` holds ``metrics.jsonl`` (one object per step, appended, so a resumed run
 continues the file), ``tensorboard/`` and, at the end, ``eval.json`` (flat numbers that the
 runner and the operator copy into the pipeline's status). A remote URI is staged locally and
-uploaded by :meth:`MetricsLogger.sync`.
+uploaded by :meth:`MetricsLogger.sync`. In a pod, ``eval.json``'s numbers are also the
+container's termination message (``/dev/termination-log``, which the kubelet creates): the
+operator reads them from the master pod's status, because it cannot read the pipeline's volume.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from cwm_spec import storage
 from cwm_spec.storage import is_remote, staging_dir, write_json_atomic
 
 LOG = logging.getLogger("cwm_jobs.metrics")
+#: Where the kubelet reads a container's termination message (its default
+#: `terminationMessagePath`); absent outside a pod.
+TERMINATION_LOG = Path("/dev/termination-log")
+#: The kubelet keeps at most 4096 bytes of a termination message.
+TERMINATION_LIMIT = 4096
 
 
 def _clean(value: Any) -> Any:
@@ -102,6 +109,7 @@ class MetricsLogger:
             return
         flat = {k: _clean(float(v)) for k, v in results.items() if isinstance(v, (int, float))}
         write_json_atomic(self.local / "eval.json", flat)
+        write_termination_message(flat)
         if self._tb is not None:
             for key, value in flat.items():
                 if value is not None:
@@ -118,6 +126,20 @@ class MetricsLogger:
             self._tb.close()
         self._jsonl.close()
         self.enabled = False
+
+
+def write_termination_message(flat: dict[str, Any], path: Path = TERMINATION_LOG) -> bool:
+    """The evaluation's numbers as the pod's termination message, when running in a pod (the
+    kubelet created ``path``); a message over the kubelet's limit is not written, and logged."""
+    if not path.exists():
+        return False
+    text = json.dumps(flat, sort_keys=True)
+    if len(text.encode()) > TERMINATION_LIMIT:
+        LOG.warning("eval.json (%d bytes) exceeds the %d-byte termination message: not written",
+                    len(text.encode()), TERMINATION_LIMIT)
+        return False
+    path.write_text(text)
+    return True
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

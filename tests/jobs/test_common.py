@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from cwm_jobs.common import (
     ensure_extension_cache,
     load_context,
 )
+from cwm_jobs.metrics import write_termination_message
 
 
 def test_a_plain_process_is_rank_zero_of_one():
@@ -92,3 +94,14 @@ def test_load_context_rejects_the_wrong_stage_and_bad_fields(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="zeroStage"):
         load_context("sft", ["--config", str(path)])
+
+
+def test_the_evaluation_is_the_pods_termination_message_only_in_a_pod(tmp_path: Path) -> None:
+    log = tmp_path / "termination-log"
+    assert write_termination_message({"loss": 1.5}, log) is False and not log.exists()  # not a pod
+    log.touch()  # the kubelet creates the file in a pod
+    assert write_termination_message({"loss": 1.5, "pass_at_1": 0.25}, log) is True
+    assert json.loads(log.read_text()) == {"loss": 1.5, "pass_at_1": 0.25}
+    log.write_text("")
+    too_long = {f"metric_{i:04d}": float(i) for i in range(400)}
+    assert write_termination_message(too_long, log) is False and log.read_text() == ""
