@@ -3,14 +3,17 @@ of turns or tokens; then the task's tests grade it. Failed episodes are kept (CW
 is world-model data either way).
 
 A trajectory is OpenAI-style chat messages (system, task, assistant tool calls, tool
-observations) plus ``meta``; the training side renders it with ``cwm_model.chat``.
+observations) plus ``meta``; the training side renders it with ``cwm_model.chat``. A record is a
+function of the task, the policy and the seed: its ``episode_id`` is derived from those
+(:func:`episode_id`), and the episode's wall-clock time stays out of it
+(:attr:`Trajectory.seconds`), so two runs of a deterministic policy write the same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -51,8 +54,12 @@ class Policy(Protocol):
 
 @dataclass
 class Trajectory:
+    """An episode's messages and ``meta`` (the record), and its wall-clock ``seconds``, which
+    are not part of the record (they differ between any two runs)."""
+
     messages: list[dict[str, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
 
     @property
     def success(self) -> bool:
@@ -106,11 +113,20 @@ def grade(env: RepoEnvironment, task: Task, workdir: Path) -> tuple[bool, list[s
     return report.reason is None and not failing, failing
 
 
+def episode_id(task: Task, policy: str, seed: int) -> str:
+    """The id of the episode of ``policy`` on ``task`` with ``seed``: the same for every run of
+    that episode (a data set written twice is the same), distinct across tasks, policies and
+    seeds (give each sample of a task its own seed)."""
+    key = json.dumps([task.repo, task.task_id, policy, seed])
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
 def run_episode(env: RepoEnvironment, task: Task, policy: Policy, max_turns: int = 128, *,
                 max_observation_chars: int = 8000, action_timeout: float = 60.0,
-                max_tokens: int = 131072) -> Trajectory:
+                max_tokens: int = 131072, seed: int = 0) -> Trajectory:
     """Run one episode; see the module docstring. Never raises for a policy or tool failure:
-    the trajectory records why it stopped."""
+    the trajectory records why it stopped. ``seed`` names the episode (:func:`episode_id`); it is
+    the policy that samples, with its own seed."""
     start = time.monotonic()
     workdir = env.fresh_task_copy(task)
     try:
@@ -125,6 +141,7 @@ def run_episode(env: RepoEnvironment, task: Task, policy: Policy, max_turns: int
         success, still_failing = grade(env, task, workdir)
     finally:
         env.discard(workdir)
+    name = getattr(policy, "name", type(policy).__name__)
     meta = {
         "repo": task.repo, "task_id": task.task_id, "family": task.family, "path": task.path,
         "function": task.function, "line": task.line, "mutation": task.description,
@@ -134,12 +151,11 @@ def run_episode(env: RepoEnvironment, task: Task, policy: Policy, max_turns: int
         "stop": loop.stop, "error": loop.error, "turns": loop.turns,
         "tokens": {"prompt": loop.prompt_tokens, "completion": loop.completion_tokens,
                    "total": loop.prompt_tokens + loop.completion_tokens},
-        "policy": getattr(policy, "name", type(policy).__name__),
-        "seconds": round(time.monotonic() - start, 3), "isolation": sandbox.isolation(),
+        "policy": name, "isolation": sandbox.isolation(),
         "max_turns": max_turns, "max_observation_chars": max_observation_chars,
-        "action_timeout": action_timeout, "episode_id": uuid.uuid4().hex,
+        "action_timeout": action_timeout, "episode_id": episode_id(task, name, seed),
     }
-    return Trajectory(messages, meta)
+    return Trajectory(messages, meta, round(time.monotonic() - start, 3))
 
 
 @dataclass

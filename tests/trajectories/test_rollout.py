@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from cwm_forager.mutations import FAMILIES
 from cwm_forager.policies import SearchRepairPolicy
 from cwm_forager.records import check_record
-from cwm_forager.rollout import Trajectory, replay_actions, run_episode
+from cwm_forager.rollout import Trajectory, episode_id, replay_actions, run_episode
 from cwm_forager.tasks import Task, validate_task
 
 from .conftest import task_of
@@ -57,6 +58,21 @@ def test_failed_episodes_are_kept_with_their_reason(calc_env, calc_tasks):
     assert trajectory.meta["stop"] in ("max_turns", "submitted") and trajectory.meta["turns"] <= 3
     assert trajectory.meta["still_failing"]
     check_record(trajectory.to_record())
+
+
+def test_an_episode_run_twice_is_the_same_record(calc_env, calc_tasks):
+    """The record is a function of task, policy and seed (the data set of two runs of one spec
+    is the same bytes): its id is derived, its wall time kept beside it, not in it."""
+    task = task_of(calc_tasks, "operator_replacement")
+    first, second = (run_episode(calc_env, task, SearchRepairPolicy(), max_turns=30,
+                                 action_timeout=20) for _ in range(2))
+    assert json.dumps(first.to_record(), sort_keys=True) == json.dumps(second.to_record(),
+                                                                       sort_keys=True)
+    assert first.seconds > 0 and "seconds" not in first.meta
+    other = run_episode(calc_env, task, SearchRepairPolicy(), max_turns=1, seed=1)
+    assert other.meta["episode_id"] == episode_id(task, "search", 1) != first.meta["episode_id"]
+    assert episode_id(task, "search", 0) == first.meta["episode_id"]
+    assert episode_id(calc_tasks[1], "search", 0) != first.meta["episode_id"]
 
 
 class _Broken:
