@@ -107,9 +107,11 @@ class LRSchedule:
 
     @classmethod
     def from_settings(cls, settings: StageSpec) -> "LRSchedule":
+        # An rl step is one batch of rollouts, trained with rl.updatesPerBatch optimiser steps.
+        per_step = settings.rl.updates_per_batch if settings.rl else 1
         return cls(
-            total_steps=settings.steps,
-            warmup_steps=settings.warmup_steps,
+            total_steps=settings.steps * per_step,
+            warmup_steps=settings.warmup_steps * per_step,
             min_ratio=settings.min_learning_rate / settings.learning_rate,
             schedule=settings.schedule,
         )

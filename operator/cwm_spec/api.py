@@ -475,6 +475,19 @@ class RLSpec(Spec):
     max_length: int = Field(
         512, ge=1, description="Fixed divisor of the loss (no length normalisation)."
     )
+    updates_per_batch: int = Field(
+        4, ge=1, le=64, description="Optimiser steps on each batch of rollouts, one per "
+        "mini-batch: from the second on the policy has moved from the one that sampled, so the "
+        "clip acts. The stage's steps count batches (steps x updatesPerBatch optimiser steps)."
+    )
+    rollouts_ahead: int = Field(
+        1, ge=0, le=8, description="Batches a rollout thread may sample ahead of the batch being "
+        "trained, from a snapshot of the policy (asynchronous, as CWM). 0: sample, then train."
+    )
+    max_policy_lag: int = Field(
+        1, ge=0, le=8, description="Trajectories sampled by weights more than this many batches "
+        "older than the trainer's are stale: dropped and counted."
+    )
     max_turns: int = Field(
         8, ge=1, le=128, description="Turn budget of each mutate-fix attempt (CWM: 128)."
     )

@@ -136,6 +136,21 @@ SPEC_RULES = (
         "!has(self.data) || !has(self.data.trajectories) || "
         "!has(self.data.trajectories.enabled) || self.data.trajectories.enabled",
     ),
+    SpecRule(
+        ".stages",
+        "rl.maxPolicyLag 0 with rl.rolloutsAhead >= 1 drops every batch sampled ahead (each "
+        "trains with a policy lag of at least 1): set maxPolicyLag >= 1, or rolloutsAhead 0",
+        f"!{_RL} && has(s.rl) && has(s.rl.maxPolicyLag) && s.rl.maxPolicyLag == 0 && "
+        "(!has(s.rl.rolloutsAhead) || s.rl.rolloutsAhead >= 1))",
+    ),
+    SpecRule(
+        ".stages",
+        "rl.updatesPerBatch x gradientAccumulation exceeds the samples per batch "
+        "(promptsPerStep x groupSize): some optimiser steps would get no sample",
+        f"!{_RL} && has(s.rl) && has(s.rl.updatesPerBatch) && has(s.rl.promptsPerStep) && "
+        "has(s.rl.groupSize) && s.rl.updatesPerBatch * (has(s.gradientAccumulation) ? "
+        "s.gradientAccumulation : 1) > s.rl.promptsPerStep * s.rl.groupSize)",
+    ),
 )
 
 
@@ -151,6 +166,17 @@ def rule_errors(pipeline: CWMPipeline) -> list[FieldError]:
             errors.append(FieldError("spec.data.traces.enabled", SPEC_RULES[1].message))
         if "mutate_fix" in stage.rl.tasks and not spec.data.trajectories.enabled:
             errors.append(FieldError(f"spec.stages[{i}].rl.tasks", SPEC_RULES[2].message))
+        errors += _rl_batch_errors(f"spec.stages[{i}]", stage)
+    return errors
+
+
+def _rl_batch_errors(where: str, stage: Any) -> list[FieldError]:
+    """SPEC_RULES 3 and 4: the rollout lag bound and the mini-batches of one rl stage."""
+    rl, errors = stage.rl, []
+    if rl.max_policy_lag == 0 and rl.rollouts_ahead >= 1:
+        errors.append(FieldError(f"{where}.rl.maxPolicyLag", SPEC_RULES[3].message))
+    if rl.updates_per_batch * stage.gradient_accumulation > rl.prompts_per_step * rl.group_size:
+        errors.append(FieldError(f"{where}.rl.updatesPerBatch", SPEC_RULES[4].message))
     return errors
 
 

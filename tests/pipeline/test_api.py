@@ -86,6 +86,13 @@ RL_MISCONFIGURED = [
      lambda d: d["spec"].update(stages=[{"name": "rl", "rl": {"tasks": ["mutate_fix"]}}],
                                 data={"trajectories": {"enabled": False}}),
      "spec.stages[0].rl.tasks", "needs trajectory data"),
+    ("rl-async-without-lag",
+     _set("spec.stages", [{"name": "rl", "rl": {"maxPolicyLag": 0, "rolloutsAhead": 1}}]),
+     "spec.stages[0].rl.maxPolicyLag", "drops every batch sampled ahead"),
+    ("rl-more-updates-than-samples",
+     _set("spec.stages", [{"name": "rl", "gradientAccumulation": 2,
+                           "rl": {"updatesPerBatch": 4, "promptsPerStep": 1, "groupSize": 4}}]),
+     "spec.stages[0].rl.updatesPerBatch", "some optimiser steps would get no sample"),
 ]
 
 # (id, mutation, the field path the error must name, a fragment of the message)
