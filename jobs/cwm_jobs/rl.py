@@ -1,23 +1,30 @@
 """Reinforcement learning with CWM's GRPO variant, rewards verified by execution.
 
-Each step, every rank draws ``promptsPerStep`` tasks of the families ``rl.tasks`` names (half
-each when both): *output prediction* — programs from the traces data set with their true results;
-``groupSize`` answers are sampled per prompt, each scored 1 if it evaluates equal to the true
-value in the sandbox, else 0 — and *mutate-fix* — tasks of the trajectory data set's train
-records; the model itself acts as the agent ``groupSize`` times per task (sampling, at most
-``rl.maxTurns`` turns, each attempt in a fresh sandboxed copy of the repository), scored 1 if the
-task's failing tests pass again. Then, as in CWM:
+Each step is one batch of rollouts: every rank draws ``promptsPerStep`` tasks of the families
+``rl.tasks`` names (half each when both) and samples ``groupSize`` answers or agent episodes per
+task (:mod:`cwm_jobs.rollouts`: output prediction checked in the sandbox, mutate-fix graded by
+the task's tests). Each episode keeps the token ids the policy sampled and their
+log-probabilities under the sampling policy. Then, as in CWM (the math in
+:mod:`cwm_jobs.grpo`):
 
 * advantage = reward - mean reward of its group (no division by the group's std);
 * groups whose advantages are all zero are skipped (they carry no signal);
-* the clipped surrogate uses ``epsLow`` 0.2 below and ``epsHigh`` 0.25 above (clip-higher);
+* ``rl.updatesPerBatch`` optimiser steps on the batch, one per mini-batch; the ratio is taken to
+  the *sampling* policy's recorded log-probabilities, so from the second step on (and for
+  batches sampled ahead) it moves, and the clipped surrogate with ``epsLow`` 0.2 below and
+  ``epsHigh`` 0.25 above (clip-higher) acts: ``clip_fraction_low``/``_high`` in the metrics;
 * the token losses are summed and divided by a fixed ``maxLength`` times the number of samples,
   not by each sample's length;
 * no KL term; environment tokens of multi-turn episodes are masked out of the loss.
 
-Sampling is on-policy (one update per batch), so the old log-probabilities are the current ones
-detached and the ratio starts at 1; the clipping matters for stale samples. Task choice and
-sampling seeds depend only on (seed, step, rank), so a resumed run draws the same batches.
+Rollouts are asynchronous (:mod:`cwm_jobs.rollout_thread`): with ``rl.rolloutsAhead`` >= 1 a
+thread samples the next batches from a snapshot of the policy while the trainer updates on the
+current one; the trainer publishes its weights after each batch. A batch's *policy lag* is the
+number of batches trained since the weights that sampled it; trajectories lagging more than
+``rl.maxPolicyLag`` are dropped and counted (``policy_lag``, ``stale_dropped`` per step; the
+whole run's lag distribution as ``rl/policy_lag/N`` in the evaluation). ``rolloutsAhead`` 0
+samples and trains in turn, on-policy. Task choice and sampling seeds depend only on (seed,
+step, rank), so a resumed run draws the same tasks.
 
 One process::
 
@@ -33,301 +40,243 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from cwm_exec.sandbox import Limits
-from cwm_exec.trace_format import TraceFormatError
 from cwm_forager.env import Environments
-from cwm_forager.rollout import run_episode
-from cwm_forager.tasks import Task
-from cwm_forager.tools import TOOLS
 from cwm_jobs.common import distributed_session, load_context
-from cwm_jobs.data import stable_random
-from cwm_jobs.evaluate import (ModelPolicy, chat_prompt_ids, evaluate_model,
-                               output_prediction_accuracy, stop_ids)
-from cwm_jobs.rewards import check_outputs
-from cwm_jobs.tasks import OutputTask, extract_answer, prompt_messages, task_from_trace
+from cwm_jobs.evaluate import evaluate_model, output_prediction_accuracy
+from cwm_jobs.grpo import (ClipCounts, clip_counts, drop_stale, group_advantages, grpo_loss,
+                           informative_groups, minibatches)
+from cwm_jobs.rollout_thread import RolloutBatch, RolloutThread
+from cwm_jobs.rollouts import (Episode, Sampling, mutate_fix_pool, pad_episodes,
+                               sample_agent_episodes, sample_episodes, split_prompts, task_pool,
+                               token_logprobs)
 from cwm_jobs.trainer import all_mean, full_parameters, open_stage
-from cwm_model.chat import encode_segments, render_messages
-from cwm_model.generate import generate
-from cwm_spec.artifacts import iter_records, read_manifest
+from cwm_spec.api import RLSpec
+from cwm_spec.artifacts import read_manifest
 
 LOG = logging.getLogger("cwm_jobs.rl")
 
 
-# --------------------------------------------------------------------------- GRPO math (pure)
+# --------------------------------------------------------------------------- one batch
 
 
-def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """(P, G) rewards -> (P, G) advantages: reward minus its group's mean, no std scaling."""
-    return rewards - rewards.mean(dim=1, keepdim=True)
+def weighted(episodes: Sequence[Episode], group: int) -> tuple[list[tuple[Episode, float]], float]:
+    """Each episode of an informative group with its advantage, and the share of groups
+    skipped. ``episodes`` come in groups of ``group``, in order."""
+    rewards = torch.tensor([float(e.reward) for e in episodes]).view(-1, group)  # (P, G)
+    advantages = group_advantages(rewards)
+    keep = informative_groups(advantages)
+    pairs = [(e, float(advantages[i // group, i % group]))
+             for i, e in enumerate(episodes) if keep[i // group]]
+    return pairs, float((~keep).sum()) / len(keep)
 
 
-def informative_groups(advantages: torch.Tensor) -> torch.Tensor:
-    """(P,) bool: groups with any non-zero advantage (all-equal rewards teach nothing)."""
-    return advantages.abs().amax(dim=1) > 0
+def micro_step(engine: Any, chunk: Sequence[tuple[Episode, float]], filler: Episode, *,
+               pad_id: int, rl: RLSpec, samples: float, micro_steps: int
+               ) -> tuple[float, ClipCounts]:
+    """One engine micro-step on ``chunk``; its loss and where the clip acted."""
+    # Every rank steps the engine the same number of times, even with nothing to learn from
+    # (ZeRO reduces gradients collectively): such a chunk contributes a zero loss.
+    batch = [e for e, _ in chunk] or [filler]
+    ids, mask, old = (t.to(engine.device) for t in pad_episodes(batch, pad_id))
+    adv = torch.tensor([a for _, a in chunk] or [0.0], device=engine.device)
+    if not chunk:
+        mask = torch.zeros_like(mask)
+    logp = token_logprobs(engine, ids, rl.temperature)
+    loss = grpo_loss(logp, old, adv, mask, max_length=rl.max_length, num_samples=samples,
+                     eps_low=rl.eps_low, eps_high=rl.eps_high)
+    counts = clip_counts(logp, old, adv, mask, eps_low=rl.eps_low, eps_high=rl.eps_high)
+    # DeepSpeed divides by the accumulation steps; undo it so the optimiser step's loss is the
+    # sum over its micro-steps, i.e. the loss of the whole mini-batch.
+    engine.backward(loss * micro_steps)
+    engine.step()
+    return float(loss.detach()), counts
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-              mask: torch.Tensor, *, max_length: int, num_samples: int, eps_low: float,
-              eps_high: float) -> torch.Tensor:
-    """Clipped surrogate loss over completion tokens.
-
-    ``logp``/``old_logp``/``mask``: (N, T) per-token log-probabilities and loss mask (0 for
-    prompt, padding and environment tokens); ``advantages``: (N,). The sum of token losses is
-    divided by ``num_samples * max_length`` (fixed, so long answers are not favoured).
-    """
-    ratio = torch.exp(logp - old_logp)  # (N, T)
-    adv = advantages[:, None]
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
-    per_token = -torch.minimum(unclipped, clipped) * mask
-    return per_token.sum() / float(num_samples * max_length)
-
-
-def token_logprobs(model: Any, sequences: torch.Tensor) -> torch.Tensor:
-    """(N, L) token ids -> (N, L - 1) log-probability of each next token."""
-    logits = model(sequences[:, :-1])  # (N, L-1, V)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, sequences[:, 1:, None]).squeeze(-1)
+def update_on_batch(engine: Any, episodes: Sequence[Episode], trained: Sequence[Episode], *,
+                    pad_id: int, rl: RLSpec, micro_steps: int
+                    ) -> tuple[dict[str, float], ClipCounts]:
+    """``rl.updatesPerBatch`` optimiser steps (each ``micro_steps`` engine micro-steps) on the
+    ``trained`` episodes (``episodes`` minus the stale); the batch's metrics and clip counts."""
+    pairs, skipped = weighted(trained, rl.group_size) if trained else ([], 0.0)
+    samples = len(episodes) / rl.updates_per_batch  # a mini-batch's share, fixed
+    counts, losses = ClipCounts(), []
+    for mini in minibatches(pairs, rl.updates_per_batch):
+        loss = 0.0
+        for chunk in minibatches(mini, micro_steps):
+            value, c = micro_step(engine, chunk, episodes[0], pad_id=pad_id, rl=rl,
+                                  samples=samples, micro_steps=micro_steps)
+            loss += value
+            counts.add(c)
+        losses.append(loss)
+    return {"loss": sum(losses) / len(losses), "reward_mean": _mean(e.reward for e in episodes),
+            "groups_skipped": skipped,
+            "completion_tokens": _mean(len(e.completion) for e in episodes),
+            **counts.fractions()}, counts
 
 
-# --------------------------------------------------------------------------- episodes
-
-
-@dataclass
-class Episode:
-    """One sampled answer: prompt ids, completion ids, which completion tokens are the agent's
-    (1) rather than the environment's (0), and its reward."""
-    prompt: list[int]
-    completion: list[int]
-    agent_mask: list[int]
-    reward: float = 0.0
-    group: int = 0
-
-
-def pad_episodes(episodes: Sequence[Episode], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (N, L) token ids and the (N, L - 1) loss mask aligned with
-    :func:`token_logprobs` (mask[i, t] covers the prediction of token t + 1)."""
-    length = max(len(e.prompt) + len(e.completion) for e in episodes)
-    ids = torch.full((len(episodes), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(episodes), length - 1))
-    for i, e in enumerate(episodes):
-        seq = e.prompt + e.completion
-        ids[i, : len(seq)] = torch.tensor(seq)
-        start = len(e.prompt) - 1
-        mask[i, start: start + len(e.completion)] = torch.tensor(e.agent_mask, dtype=torch.float32)
-    return ids, mask
-
-
-def task_pool(traces_uri: str, tokenizer: Any, *, split: str, limit: int, max_prompt: int,
-              stats: Counter) -> list[tuple[OutputTask, list[int]]]:
-    """Output-prediction tasks (with their prompt ids) from the traces data set, in data set
-    order (identical on every rank). Traces that raise, never return or do not parse are
-    counted and skipped."""
-    pool = []
-    for record in iter_records(traces_uri, split):
-        if len(pool) >= limit:
-            break
-        try:
-            task = task_from_trace(record["text"], record.get("frames"))
-        except (KeyError, TypeError, TraceFormatError):
-            stats["rl/unparsable_traces"] += 1
-            continue
-        if task is None:
-            stats["rl/no_return_value"] += 1
-            continue
-        ids = chat_prompt_ids(tokenizer, prompt_messages(task))
-        if len(ids) > max_prompt:
-            stats["rl/prompt_too_long"] += 1
-            continue
-        pool.append((task, ids))
-    return pool
-
-
-def sample_episodes(module: Any, tokenizer: Any, pool: Sequence[tuple[OutputTask, list[int]]],
-                    *, step: int, seed: int, rank: int, prompts: int, group: int,
-                    max_new_tokens: int, temperature: float, sandbox: Any) -> list[Episode]:
-    """Draw this rank's prompts for ``step``, sample a group of answers each, score them."""
-    rng = stable_random("rl-prompts", seed, step, rank)
-    chosen = [pool[rng.randrange(len(pool))] for _ in range(prompts)]
-    prompt_ids = [ids for _, ids in chosen for _ in range(group)]
-    was_training = module.training
-    module.eval()
-    with torch.no_grad():
-        completions = generate(module, prompt_ids, max_new_tokens=max_new_tokens,
-                               temperature=temperature, stop_ids=stop_ids(tokenizer),
-                               seed=int(stable_random("rl-sample", seed, step, rank).random() * 2**31))
-    module.train(was_training)
-    answers = [extract_answer(tokenizer.decode(c)) for c in completions]
-    expected = [task.expected for task, _ in chosen for _ in range(group)]
-    rewards = check_outputs(list(zip(answers, expected)), sandbox)
-    return [Episode(list(p), list(c), [1] * len(c), float(r), i // group)
-            for i, (p, c, r) in enumerate(zip(prompt_ids, completions, rewards))]
-
-
-# --------------------------------------------------------------------------- mutate-fix episodes
-
-
-def agent_episode(tokenizer: Any, messages: Sequence[dict[str, Any]], reward: float, group: int,
-                  max_tokens: int) -> Episode:
-    """A multi-turn agent episode as one sequence, rendered as the model saw it: the prompt is
-    everything before the agent's first turn; in the rest, the agent's tokens are trained (mask
-    1) and the environment's — tool observations, nudges, turn headers — masked (0). Cut at
-    ``max_tokens`` (the model's context)."""
-    ids, roles = encode_segments(tokenizer, render_messages(messages, tools=TOOLS))
-    ids, roles = ids[:max_tokens], roles[:max_tokens]
-    first = max(1, next((i for i, r in enumerate(roles) if r == "assistant"), len(ids)))
-    return Episode(ids[:first], ids[first:], [int(r == "assistant") for r in roles[first:]],
-                   reward, group)
-
-
-def mutate_fix_pool(trajectories_uri: str, *, limit: int, stats: Counter) -> list[tuple[dict, Any]]:
-    """(repository spec, task) of the trajectory data set's train records, in data set order."""
-    pool = []
-    for record in iter_records(trajectories_uri, "train"):
-        if len(pool) >= limit:
-            break
-        try:
-            pool.append((record["meta"]["repository"], Task.from_json(record["task"])))
-        except (KeyError, TypeError, ValueError):
-            stats["rl/trajectories_without_task"] += 1
-    return pool
-
-
-def sample_agent_episodes(module: Any, tokenizer: Any, pool: Sequence[tuple[dict, Any]],
-                          envs: Environments, *, step: int, seed: int, rank: int, prompts: int,
-                          group: int, first_group: int, max_new_tokens: int, temperature: float,
-                          max_turns: int, max_tokens: int) -> list[Episode]:
-    """Draw this rank's mutate-fix tasks for ``step``; the model, sampling, works each one
-    ``group`` times in a fresh copy of its repository; reward 1 if the task's tests pass."""
-    rng = stable_random("rl-agent-tasks", seed, step, rank)
-    chosen = [pool[rng.randrange(len(pool))] for _ in range(prompts)]
-    episodes = []
-    for p, (spec, task) in enumerate(chosen):
-        env = envs.get(spec)
-        for g in range(group):
-            policy = ModelPolicy(module, tokenizer, max_new_tokens, temperature=temperature,
-                                 seed=stable_random("rl-agent", seed, step, rank, p, g).randrange(2**31))
-            trajectory = run_episode(env, task, policy, max_turns)
-            episodes.append(agent_episode(tokenizer, trajectory.messages, float(trajectory.success),
-                                          first_group + p, max_tokens))
-    return episodes
-
-
-def split_prompts(prompts: int, tasks: Sequence[str]) -> tuple[int, int]:
-    """(output-prediction, mutate-fix) prompts per step: all to the one family named, or half
-    each (at least one each) when both are."""
-    if set(tasks) == {"output_prediction"}:
-        return prompts, 0
-    if set(tasks) == {"mutate_fix"}:
-        return 0, prompts
-    agent = max(1, prompts // 2)
-    return max(1, prompts - agent), agent
+def _mean(values: Any) -> float:
+    values = list(values)
+    return float(sum(values)) / max(len(values), 1)
 
 
 # --------------------------------------------------------------------------- the stage
 
 
-def rl_step(engine: Any, episodes: list[Episode], *, pad_id: int, group: int, max_length: int,
-            eps_low: float, eps_high: float, micro_steps: int) -> dict[str, float]:
-    """One optimizer step on a batch of episodes (``micro_steps`` engine micro-batches)."""
-    rewards = torch.tensor([e.reward for e in episodes]).view(-1, group)  # (P, G)
-    advantages = group_advantages(rewards)
-    keep = informative_groups(advantages)
-    kept = [e for e in episodes if keep[e.group]]
-    adv_of = {id(e): float(advantages[e.group, i % group]) for i, e in enumerate(episodes)}
-    device = engine.device
-    chunks = [kept[i::micro_steps] for i in range(micro_steps)]
-    losses = []
-    for chunk in chunks:
-        # Every rank steps the engine the same number of times, even with nothing to learn from
-        # (ZeRO reduces gradients collectively): such a chunk contributes a zero loss.
-        batch = chunk or episodes[:1]
-        ids, mask = pad_episodes(batch, pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        adv = torch.tensor([adv_of[id(e)] if chunk else 0.0 for e in batch], device=device)
-        logp = token_logprobs(engine, ids)
-        loss = grpo_loss(logp, logp.detach(), adv, mask, max_length=max_length,
-                         num_samples=len(episodes), eps_low=eps_low, eps_high=eps_high)
-        # DeepSpeed divides by the accumulation steps; undo it so the step's loss is the sum
-        # over chunks, i.e. the loss of the whole batch.
-        engine.backward(loss * micro_steps)
-        engine.step()
-        losses.append(float(loss.detach()))
-    return {"loss": sum(losses), "reward_mean": float(rewards.mean()),
-            "groups_skipped": float((~keep).sum()) / len(keep),
-            "completion_tokens": float(sum(len(e.completion) for e in episodes)) / len(episodes)}
+@dataclass
+class Source:
+    """Where a step's episodes come from: both task families' pools, the repositories'
+    environments, and how to sample. Called as the rollout thread's sampler."""
+    tokenizer: Any
+    how: Sampling
+    pool: Sequence = ()
+    agent_pool: Sequence = ()
+    envs: Environments | None = None
+    n_output: int = 0
+    n_agent: int = 0
+
+    def __call__(self, module: torch.nn.Module, step: int, version: int) -> list[Episode]:
+        out = sample_episodes(module, self.tokenizer, self.pool, self.how, step=step,
+                              prompts=self.n_output, version=version) if self.n_output else []
+        agent = sample_agent_episodes(module, self.tokenizer, self.agent_pool, self.envs,
+                                      self.how, step=step, prompts=self.n_agent,
+                                      first_group=self.n_output, version=version) \
+            if self.n_agent else []
+        return out + agent
+
+
+@dataclass
+class RunTotals:
+    """What the whole run counted, for the evaluation: the lag of every sampled trajectory
+    (stale ones included), the stale ones dropped, and the clip counts."""
+    lags: Counter = field(default_factory=Counter)
+    stale: int = 0
+    clips: ClipCounts = field(default_factory=ClipCounts)
+
+
+def build_source(ctx: Any, stage: Any, env: Any, stats: Counter) -> Source:
+    """The pools (identical on every rank) and, for mutate-fix, the environments."""
+    rl, traces, trajectories = ctx.settings.rl, ctx.input("traces"), ctx.input("trajectories")
+    n_output, n_agent = split_prompts(rl.prompts_per_step, rl.tasks)
+    how = Sampling(seed=ctx.seed, rank=env.rank, group=rl.group_size,
+                   max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                   max_turns=rl.max_turns, sandbox=ctx.config.get("sandbox"))
+    source = Source(stage.tokenizer, how, n_output=n_output, n_agent=n_agent)
+    if n_output:
+        source.pool = task_pool(traces, stage.tokenizer, split="train", limit=10_000,
+                                max_prompt=rl.max_length - rl.max_new_tokens, stats=stats)
+        if not source.pool:
+            raise ValueError(f"inputs.traces {traces}: no output-prediction task fits "
+                             f"rl.maxLength {rl.max_length}")
+    if n_agent:
+        source.agent_pool = mutate_fix_pool(trajectories, limit=10_000, stats=stats)
+        if not source.agent_pool:
+            raise ValueError(f"inputs.trajectories {trajectories}: no train record carries "
+                             "its mutate-fix task (regenerate the data set)")
+        source.envs = Environments(Limits.from_spec(ctx.config.get("sandbox")), "cwm-rl-envs-")
+    return source
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse, build, train, evaluate; the spec's rules (ZeRO stage, required data) were
-    checked by validation before any stage ran (`cwm_spec.validation.SPEC_RULES`)."""
+    """Parse, build, train, evaluate; the spec's rules (ZeRO stage, required data, the lag
+    bound, mini-batches) were checked by validation before any stage ran
+    (`cwm_spec.validation.SPEC_RULES`)."""
     ctx = load_context("rl", argv)
     s, rl = ctx.settings, ctx.settings.rl
-    traces, trajectories = ctx.input("traces"), ctx.input("trajectories")
-    n_output, n_agent = split_prompts(rl.prompts_per_step, rl.tasks)
     with distributed_session() as env:
         stage = open_stage(ctx, env, micro_batch_size=1)
-        envs = None
+        source, thread = None, None
         try:
             stats: Counter = Counter()
-            pool = task_pool(traces, stage.tokenizer, split="train", limit=10_000,
-                             max_prompt=rl.max_length - rl.max_new_tokens, stats=stats)
-            if n_output and not pool:
-                raise ValueError(f"inputs.traces {traces}: no output-prediction task fits "
-                                 f"rl.maxLength {rl.max_length}")
-            agent_pool = mutate_fix_pool(trajectories, limit=10_000, stats=stats) if n_agent else []
-            if n_agent:
-                if not agent_pool:
-                    raise ValueError(f"inputs.trajectories {trajectories}: no train record carries "
-                                     "its mutate-fix task (regenerate the data set)")
-                envs = Environments(Limits.from_spec(ctx.config.get("sandbox")), "cwm-rl-envs-")
+            source = build_source(ctx, stage, env, stats)
+            if rl.rollouts_ahead and stage.step < s.steps:
+                thread = RolloutThread(stage.engine.module, source, first=stage.step,
+                                       last=s.steps, ahead=rl.rollouts_ahead).start()
+            totals = RunTotals()
             while stage.step < s.steps:
-                _train_step(ctx, stage, env, pool, agent_pool, envs, n_output, n_agent)
+                _train_step(ctx, stage, source, thread, totals)
             results = _final_evaluation(ctx, stage, env, stats)
+            results.update(_run_summary(totals, rl.rollouts_ahead, env.world_size))
             stage.finish(results)
             return results
         finally:
-            if envs is not None:
-                envs.close()
+            if thread is not None:
+                thread.close()
+            if source is not None and source.envs is not None:
+                source.envs.close()
             stage.metrics.close()
 
 
-def _train_step(ctx: Any, stage: Any, env: Any, pool: Sequence, agent_pool: Sequence,
-                envs: Environments | None, n_output: int, n_agent: int) -> None:
-    """Sample this step's episodes, take one GRPO step, log, checkpoint when due."""
+def _next_batch(stage: Any, source: Source, thread: RolloutThread | None) -> RolloutBatch:
+    """This step's batch: from the rollout thread, or sampled here with the current weights."""
+    if thread is not None:
+        batch = thread.get()
+        if batch.step != stage.step:
+            raise RuntimeError(f"the rollout thread sampled step {batch.step} for step {stage.step}")
+        return batch
+    start = time.perf_counter()
+    episodes = source(stage.engine.module, stage.step, stage.step)
+    return RolloutBatch(stage.step, stage.step, episodes, time.perf_counter() - start)
+
+
+def _train_step(ctx: Any, stage: Any, source: Source, thread: RolloutThread | None,
+                totals: RunTotals) -> None:
+    """Take this step's batch, drop what is stale, update, publish the weights, log, and
+    checkpoint when due."""
     s, rl = ctx.settings, ctx.settings.rl
     start = time.perf_counter()
     lr = float(stage.engine.get_lr()[0])
-    episodes = sample_episodes(
-        stage.engine.module, stage.tokenizer, pool, step=stage.step, seed=ctx.seed,
-        rank=env.rank, prompts=n_output, group=rl.group_size,
-        max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-        sandbox=ctx.config.get("sandbox")) if n_output else []
-    agent = sample_agent_episodes(
-        stage.engine.module, stage.tokenizer, agent_pool, envs, step=stage.step,
-        seed=ctx.seed, rank=env.rank, prompts=n_agent, group=rl.group_size,
-        first_group=n_output, max_new_tokens=rl.max_new_tokens,
-        temperature=rl.temperature, max_turns=rl.max_turns,
-        max_tokens=stage.engine.module.config.max_seq_len) if n_agent else []
-    values = rl_step(stage.engine, episodes + agent, pad_id=stage.tokenizer.pad_id,
-                     group=rl.group_size, max_length=rl.max_length, eps_low=rl.eps_low,
-                     eps_high=rl.eps_high, micro_steps=s.gradient_accumulation)
+    batch = _next_batch(stage, source, thread)
+    waited = time.perf_counter() - start
+    trained, lags = drop_stale(batch.episodes, lambda e: e.version, current=stage.step,
+                               max_lag=rl.max_policy_lag)
+    stale = len(batch.episodes) - len(trained)
+    values, clips = update_on_batch(stage.engine, batch.episodes, trained,
+                             pad_id=stage.tokenizer.pad_id, rl=rl,
+                             micro_steps=s.gradient_accumulation)
     stage.step += 1
+    if thread is not None:
+        thread.publish(stage.engine.module, stage.step)
+    totals.lags.update(lags)
+    totals.stale += stale
+    totals.clips.add(clips)
+    values.update(policy_lag=stage.step - 1 - batch.version, stale_dropped=float(stale),
+                  rollout_seconds=batch.seconds, wait_seconds=waited)
     values = {k: all_mean([v]) for k, v in values.items()}
-    if episodes and agent:
-        values["reward_mean/output_prediction"] = all_mean(
-            [sum(e.reward for e in episodes) / len(episodes)])
-    if agent:
-        values["reward_mean/mutate_fix"] = all_mean([sum(e.reward for e in agent) / len(agent)])
+    values.update(_family_rewards(batch.episodes, source))
     values.update(lr=lr, step_seconds=time.perf_counter() - start)
     stage.metrics.log(stage.step, values)
     if stage.step % s.checkpoint_every == 0 or stage.step == s.steps:
         stage.save_state({})
+
+
+def _family_rewards(episodes: Sequence[Episode], source: Source) -> dict[str, float]:
+    """Mean reward per task family when both are trained (ranks averaged)."""
+    if not (source.n_output and source.n_agent):
+        return {"reward_mean/mutate_fix": all_mean([_mean(e.reward for e in episodes)])} \
+            if source.n_agent else {}
+    output = [e.reward for e in episodes if e.group < source.n_output]
+    agent = [e.reward for e in episodes if e.group >= source.n_output]
+    return {"reward_mean/output_prediction": all_mean([_mean(output)]),
+            "reward_mean/mutate_fix": all_mean([_mean(agent)])}
+
+
+def _run_summary(totals: RunTotals, ahead: int, world: int) -> dict[str, float]:
+    """The run's lag distribution (trajectories per lag, all ranks), stale ones dropped, and the
+    clip fractions over every trained token. Keys are the same on every rank."""
+    if any(lag > ahead for lag in totals.lags):
+        raise RuntimeError(f"policy lags {sorted(totals.lags)} exceed rl.rolloutsAhead {ahead}")
+    out = {f"rl/policy_lag/{lag}": all_mean([float(totals.lags[lag])]) * world
+           for lag in range(ahead + 1)}
+    out["rl/stale_dropped"] = all_mean([float(totals.stale)]) * world
+    for key, value in totals.clips.fractions().items():
+        out[f"rl/{key}"] = all_mean([value])
+    return out
 
 
 def _final_evaluation(ctx: Any, stage: Any, env: Any, stats: Counter) -> dict[str, float]:

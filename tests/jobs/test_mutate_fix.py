@@ -47,29 +47,6 @@ def test_an_untrained_model_acts_and_fails(held_out_tasks, tokenizer):
     assert 1 <= results["mutate_fix_mean_turns"] <= 2
 
 
-def test_an_agent_episode_trains_on_the_agents_tokens_only(tokenizer):
-    """Multi-turn RL: the agent's turns are trained, the environment's observations masked."""
-    from cwm_jobs.rl import agent_episode
-
-    call = {"id": "c1", "type": "function",
-            "function": {"name": "bash", "arguments": '{"command": "pytest -q"}'}}
-    messages = [{"role": "system", "content": "You fix bugs."},
-                {"role": "user", "content": "Fix calc/ops.py."},
-                {"role": "assistant", "content": "Run the tests.", "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "c1", "content": "FAILED test_add - assert 5 == 6"},
-                {"role": "assistant", "content": "Found it: the operator."}]
-    episode = agent_episode(tokenizer, messages, reward=1.0, group=3, max_tokens=4096)
-    trained = tokenizer.decode([t for t, m in zip(episode.completion, episode.agent_mask) if m])
-    masked = tokenizer.decode([t for t, m in zip(episode.completion, episode.agent_mask) if not m])
-    assert "Run the tests." in trained and "Found it: the operator." in trained
-    assert "pytest -q" in trained  # the tool call is the agent's action
-    assert "FAILED test_add" in masked and "FAILED" not in trained
-    assert "Fix calc/ops.py." in tokenizer.decode(episode.prompt)
-    assert episode.reward == 1.0 and episode.group == 3
-    short = agent_episode(tokenizer, messages, reward=0.0, group=0, max_tokens=40)
-    assert len(short.prompt) + len(short.completion) == 40
-
-
 def test_rl_stage_with_mutate_fix_tasks(pipeline_data, dist_group, tmp_path, tmp_path_factory):
     """GRPO with both task families: the model works real mutate-fix tasks of the trajectory
     data set (train split) as the agent, in the sandbox, and the stage logs each family's reward."""
@@ -95,3 +72,4 @@ def test_rl_stage_with_mutate_fix_tasks(pipeline_data, dist_group, tmp_path, tmp
     assert 0 <= record["reward_mean/mutate_fix"] <= 1
     assert 0 <= record["reward_mean/output_prediction"] <= 1
     assert record["completion_tokens"] > 8  # multi-turn agent episodes besides 8-token answers
+    assert record["policy_lag"] == 0 and record["stale_dropped"] == 0  # the first batch

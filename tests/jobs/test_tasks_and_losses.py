@@ -7,8 +7,9 @@ import torch
 
 from cwm_jobs.data import Position, chat_document, trajectory_document
 from cwm_jobs.evaluate import frame_spans, trace_exact_match
+from cwm_jobs.grpo import grpo_loss, group_advantages, informative_groups
 from cwm_jobs.rewards import check_outputs
-from cwm_jobs.rl import Episode, grpo_loss, group_advantages, informative_groups, pad_episodes
+from cwm_jobs.rollouts import Episode, pad_episodes
 from cwm_jobs.tasks import (
     OutputTask,
     comparison_tasks,
@@ -92,12 +93,16 @@ def test_grpo_loss_clips_asymmetrically_and_divides_by_a_fixed_length():
     assert grpo_loss(old, old, torch.tensor([1.0]), longer, **kwargs) == pytest.approx(-3 / 20)
 
 
-def test_episode_masks_cover_agent_tokens_only():
-    episodes = [Episode([5, 6, 7], [8, 9], [1, 1]), Episode([5], [8, 9, 10], [1, 0, 1])]
-    ids, mask = pad_episodes(episodes, pad_id=0)
+def test_episode_masks_and_sampling_logprobs_cover_agent_tokens_only():
+    episodes = [Episode([5, 6, 7], [8, 9], [1, 1], [-0.5, -1.5]),
+                Episode([5], [8, 9, 10], [1, 0, 1], [-0.25, 0.0, -2.0])]
+    ids, mask, old = pad_episodes(episodes, pad_id=0)
     assert ids.tolist() == [[5, 6, 7, 8, 9], [5, 8, 9, 10, 0]]
-    # mask[i, t] covers predicting ids[i, t + 1]
+    # mask[i, t] and old[i, t] cover predicting ids[i, t + 1]
     assert mask.tolist() == [[0, 0, 1, 1], [1, 0, 1, 0]]
+    assert old.tolist() == [[0, 0, -0.5, -1.5], [-0.25, 0, -2.0, 0]]
+    with pytest.raises(ValueError, match="one entry per token"):
+        Episode([5], [8, 9], [1, 1], [-0.5])
 
 
 def test_sft_trains_on_assistant_turns_only(tokenizer):
