@@ -31,9 +31,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cwm_exec.sandbox import PACKAGE_PARENT, Limits, default_env, run_command
 from cwm_exec.tracer import TraceLimits, TraceResult

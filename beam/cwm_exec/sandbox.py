@@ -66,9 +66,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import cwm_exec
 from cwm_exec._exec_limited import encode_spec
@@ -77,7 +78,6 @@ from cwm_exec.tracer import TraceLimits, TraceResult
 from cwm_spec.api import SandboxSpec
 from cwm_spec.stepconfig import read_section
 from cwm_spec.storage import sandbox_env
-
 
 PACKAGE_PARENT = str(Path(cwm_exec.__file__).resolve().parent.parent)
 _ETC_FILES = (
@@ -108,7 +108,7 @@ class Limits:
                 raise ValueError(f"sandbox limit {name} must be positive, got {value}")
 
     @classmethod
-    def from_spec(cls, section: Mapping[str, Any] | SandboxSpec | None) -> "Limits":
+    def from_spec(cls, section: Mapping[str, Any] | SandboxSpec | None) -> Limits:
         """From the step configuration's ``sandbox`` section (``SandboxSpec`` as the plan dumps
         it), validated by the API's model: errors name the field (``sandbox.memoryMB: ...``)."""
         spec = section if isinstance(section, SandboxSpec) else read_section(
@@ -633,7 +633,7 @@ class TracePool:
         self.limits = limits
         self.trace_limits = trace_limits or TraceLimits()
         self.reply_bytes = 8 * self.trace_limits.max_bytes + (1 << 20)
-        self._idle: "queue.Queue[_Zygote | None]" = queue.Queue()
+        self._idle: queue.Queue[_Zygote | None] = queue.Queue()
         self._all: list[_Zygote] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -695,7 +695,7 @@ class TracePool:
         for server in servers:
             server.close()
 
-    def __enter__(self) -> "TracePool":
+    def __enter__(self) -> TracePool:
         return self
 
     def __exit__(self, *exc) -> None:

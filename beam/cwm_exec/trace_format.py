@@ -91,7 +91,7 @@ class Frame(NamedTuple):
                 "value": self.value}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Frame":
+    def from_json(cls, data: dict[str, Any]) -> Frame:
         return cls(data["event"], data.get("locals"), data["line"], data.get("value"))
 
 

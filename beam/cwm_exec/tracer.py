@@ -30,19 +30,35 @@ import gc
 import os
 import random
 import re
-from itertools import islice
-from operator import is_
 import sys
 from dataclasses import dataclass
+from itertools import islice
+
 # JSON strings as json.dumps writes them by default (ensure_ascii=True), as CWM's traces have them.
 from json.encoder import encode_basestring_ascii as encode_basestring
+from operator import is_
 from types import FrameType
 from typing import Any
 
 from cwm_exec.trace_format import (
-    ACTION_SEP, ARG_SEP, CALL_SEP, END_OF_TEXT, EXCEPTION_SEP, FRAME_SEP, LINE_SEP, RETURN_SEP,
-    START_MARKER, UNCHANGED, Frame, TraceFormatError, action_line, encode_frames, final_value,
-    mark_entry, mark_line, trace_prompt,
+    ACTION_SEP,
+    ARG_SEP,
+    CALL_SEP,
+    END_OF_TEXT,
+    EXCEPTION_SEP,
+    FRAME_SEP,
+    LINE_SEP,
+    RETURN_SEP,
+    START_MARKER,
+    UNCHANGED,
+    Frame,
+    TraceFormatError,
+    action_line,
+    encode_frames,
+    final_value,
+    mark_entry,
+    mark_line,
+    trace_prompt,
 )
 
 FILENAME = "<cwm-traced>"
@@ -121,16 +137,16 @@ class TraceResult:
                 "exception_type": self.exception_type}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TraceResult":
+    def from_json(cls, data: dict[str, Any]) -> TraceResult:
         return cls([Frame.from_json(f) for f in data["frames"]], data["text"],
                    data["return_repr"], data["exception"], data["truncated_reason"],
                    data["events"], data.get("exception_type"))
 
 
-_ACTIVE: list["_Recorder | None"] = [None]
+_ACTIVE: list[_Recorder | None] = [None]
 
 
-def active_recorder() -> "_Recorder | None":
+def active_recorder() -> _Recorder | None:
     """The recorder of the trace in progress (the sandbox's audit hook asks it)."""
     return _ACTIVE[0]
 
@@ -557,7 +573,7 @@ class _EpisodeRecorder(_Recorder):
     """One episode: never stops the program (the test suite must go on); a limit only stops
     recording. Line texts come from the repository's files, the entry's file marked."""
 
-    def __init__(self, tracer: "EpisodeTracer", entry_code, marked_lines: list[str]) -> None:
+    def __init__(self, tracer: EpisodeTracer, entry_code, marked_lines: list[str]) -> None:
         super().__init__(entry_code, tracer.limits, stop_program=False)
         self.tracer = tracer
         self.marked_lines = marked_lines

@@ -21,8 +21,9 @@ import hashlib
 import json
 import random
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import fsspec
 import torch
@@ -52,7 +53,7 @@ class Position:
         return [self.epoch, self.shard, self.line, self.seen]
 
     @classmethod
-    def from_json(cls, data: Sequence[int]) -> "Position":
+    def from_json(cls, data: Sequence[int]) -> Position:
         return cls(*map(int, data))
 
 

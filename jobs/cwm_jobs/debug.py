@@ -34,13 +34,24 @@ import argparse
 import json
 import sys
 import urllib.request
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from cwm_exec.trace_format import (
-    ACTION_SEP, ARG_SEP, CALL_SEP, END_OF_TEXT, EVENT_TOKEN, EXCEPTION_SEP, FRAME_SEP, LINE_SEP,
-    RETURN_SEP, TOKEN_EVENT, UNCHANGED, Frame, trace_parts,
+    ACTION_SEP,
+    ARG_SEP,
+    CALL_SEP,
+    END_OF_TEXT,
+    EVENT_TOKEN,
+    FRAME_SEP,
+    LINE_SEP,
+    RETURN_SEP,
+    TOKEN_EVENT,
+    UNCHANGED,
+    Frame,
+    trace_parts,
 )
 from cwm_spec import storage
 

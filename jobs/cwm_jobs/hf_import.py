@@ -11,7 +11,7 @@ trained). Both outputs are committed through ``cwm_spec.storage``.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from cwm_model.hf_import import import_hf
 from cwm_spec import storage

@@ -114,7 +114,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from snake_case or camelCase keys; unknown keys are an error naming them."""
         return cls(**normalize_fields(data))
 

@@ -8,7 +8,7 @@ per step reuses the cached keys and values.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

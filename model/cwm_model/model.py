@@ -16,7 +16,7 @@ or FlexAttention with block-sparse masks on a GPU.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

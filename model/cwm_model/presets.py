@@ -8,7 +8,8 @@ tokenizer's base BPE size + 256 special slots (see :mod:`cwm_model.tokenizer`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -175,7 +175,7 @@ class CWMTokenizer:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "CWMTokenizer":
+    def load(cls, path: str | Path) -> CWMTokenizer:
         """Load a folder holding ``tokenizer.json``, or the file itself: ours, or a Llama-3
         ``tokenizer.json``, whose reserved slots are renamed to CWM's names by id."""
         path = Path(path)

@@ -54,7 +54,7 @@ class RecordingProxy:
     statuses: dict[Triple, set[int]] = field(default_factory=dict)
     port: int = 0
 
-    def start(self) -> "RecordingProxy":
+    def start(self) -> RecordingProxy:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, daemon=True, name="api-proxy")
         self._thread.start()

@@ -48,7 +48,7 @@ class Helm:
     home: Path
 
     @classmethod
-    def create(cls) -> "Helm":
+    def create(cls) -> Helm:
         return cls(helm_path(), Path(tempfile.mkdtemp(prefix="cwm-helm-")))
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -19,7 +18,15 @@ import pytest
 import yaml
 
 from tests.chart.helm import (
-    CHART, NAMESPACE, REPO, RELEASE, Helm, container_env, find, one, values_files,
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    REPO,
+    Helm,
+    container_env,
+    find,
+    one,
+    values_files,
 )
 
 # The oldest Kubernetes the chart declares (Chart.yaml kubeVersion) and the test control plane's.

@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,7 +197,6 @@ def test_zz_every_granted_permission_is_used_by_the_scenarios(
     """Least privilege, the other way round: across the scenarios above (run first, in file
     order), the operator used every granted (group, resource, verb), and was never refused."""
     from cwm_operator.permissions import RULES
-
     from tests.chart.test_rbac import triples
 
     missing_runs = sorted(set(SCENARIOS) - COMPLETED)

@@ -8,7 +8,8 @@ triples, so the chart grants nothing beyond them; in namespaced mode nothing is 
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pytest
 

@@ -14,10 +14,20 @@ import sys
 import pytest
 
 from cwm_exec.trace_format import (
-    CALL_SEP, FRAME_SEP, LINE_SEP, RETURN_SEP, frame_parts, mark_entry, trace_parts,
+    CALL_SEP,
+    LINE_SEP,
+    RETURN_SEP,
+    frame_parts,
+    mark_entry,
+    trace_parts,
 )
 from cwm_jobs.debug import (
-    DebugSession, align, endpoint_completer, frame_from_ids, interact, real_trace,
+    DebugSession,
+    align,
+    endpoint_completer,
+    frame_from_ids,
+    interact,
+    real_trace,
 )
 from cwm_model.tokenizer import train_tokenizer
 

@@ -107,5 +107,5 @@ def test_unchanged_rerun_is_all_cached_and_sft_change_reruns_sft_and_rl(run):
     result = cwm("run", str(manifest), "--workdir", str(workdir), "--plain")
     assert result.returncode == 0, result.stderr[-3000:]
     states = {name: s["state"] for name, s in status(workdir).items()}
-    assert states == {**{n: "Cached" for n in ALL[:6]}, "sft": "Succeeded", "rl": "Succeeded"}
+    assert states == {**dict.fromkeys(ALL[:6], "Cached"), "sft": "Succeeded", "rl": "Succeeded"}
     assert "| sft | Succeeded |" in (workdir / "report/report.md").read_text()

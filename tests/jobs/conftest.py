@@ -48,7 +48,7 @@ def _no_torchrun_variables(monkeypatch):
 
 from pathlib import Path
 
-from tests.jobs.jobhelpers import trajectory_records, traced_records, write_dataset
+from tests.jobs.jobhelpers import traced_records, trajectory_records, write_dataset
 
 
 @pytest.fixture(scope="session")

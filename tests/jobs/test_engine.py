@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from cwm_spec.api import StageSpec
 from cwm_jobs.engine import LRSchedule, build_engine, deepspeed_config, parameter_groups
+from cwm_spec.api import StageSpec
 
 
 def settings(**kw) -> StageSpec:

@@ -9,8 +9,9 @@ node (pods running, gloo between them, restarts) is issue 17's node-backed test.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml

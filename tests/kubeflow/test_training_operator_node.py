@@ -7,7 +7,8 @@ image (a torch job over gloo is the end-to-end test's: it needs `make images`)."
 from __future__ import annotations
 
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from kubernetes import client

@@ -35,9 +35,10 @@ import ipaddress
 import os
 import ssl
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 from cryptography import x509
@@ -135,7 +136,7 @@ def webhook_certs(namespace: str, service: str = SERVICE_NAME, ips: tuple[str, .
                                  serialization.PrivateFormat.TraditionalOpenSSL,
                                  serialization.NoEncryption())
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key, key = (rsa.generate_private_key(65537, 2048) for _ in range(2))
     ca_subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME),
                             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "training-operator")])

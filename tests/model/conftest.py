@@ -16,8 +16,16 @@ from cwm_model.checkpoint import save_checkpoint
 from cwm_model.model import CWM
 from cwm_model.presets import get_preset
 from cwm_model.tokenizer import CWMTokenizer, train_tokenizer
-from tests.model.memorised import (BASH_TOOL, CHAT_PROMPT, CHAT_REPLY, COMPLETION_PROMPT,
-                                   COMPLETION_REPLY, THINK_PROMPT, THINK_REPLY)
+from tests.model.memorised import (
+    BASH_TOOL,
+    CHAT_PROMPT,
+    CHAT_REPLY,
+    COMPLETION_PROMPT,
+    COMPLETION_REPLY,
+    THINK_PROMPT,
+    THINK_REPLY,
+)
+
 
 def corpus() -> list[str]:
     import json.decoder

@@ -9,7 +9,11 @@ import json
 import pytest
 
 from cwm_model.chat import (
-    REASONING_SYSTEM_PROMPT, encode_segments, parse_assistant, render_messages, render_text,
+    REASONING_SYSTEM_PROMPT,
+    encode_segments,
+    parse_assistant,
+    render_messages,
+    render_text,
 )
 
 TOOLS = [{"type": "function", "function": {

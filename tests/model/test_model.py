@@ -10,8 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from cwm_model.config import ModelConfig
-from cwm_model.model import (CWM, banded_attention, make_attention, rope_cos_sin, rope_frequencies,
-                             visibility_mask)
+from cwm_model.model import (
+    CWM,
+    banded_attention,
+    make_attention,
+    rope_cos_sin,
+    rope_frequencies,
+    visibility_mask,
+)
 from cwm_model.presets import PRESETS, count_parameters, get_preset
 
 

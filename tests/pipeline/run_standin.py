@@ -7,8 +7,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from cwm_spec.plan import Target, build_plan
 from cwm_operator.runner import LocalRunner, RunError
+from cwm_spec.plan import Target, build_plan
 from cwm_spec.validation import load_file
 
 STANDIN = str(Path(__file__).with_name("standin_step.py"))

@@ -13,8 +13,8 @@ import argparse
 import json
 
 from cwm_beam import synthetic
-from cwm_exec import tracer
 from cwm_beam.sources import cruxeval_records
+from cwm_exec import tracer
 from cwm_exec.tracer import ProgramError, TraceLimits, trace_function
 
 SETTINGS = (

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from cwm_exec import tracer
-from cwm_exec.trace_format import final_value, split_trace, trace_parts, parse_trace
+from cwm_exec.trace_format import final_value, parse_trace, split_trace, trace_parts
 from cwm_exec.tracer import trace_function
 
 B, TCS, FS, AS = "<|begin_of_text|>", "<|trace_context_start|>", "<|frame_sep|>", "<|action_sep|>"

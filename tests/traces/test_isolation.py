@@ -7,7 +7,7 @@ import logging
 import marshal
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

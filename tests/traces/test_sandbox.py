@@ -5,8 +5,8 @@ from concurrent import futures
 import grpc
 import pytest
 
-from cwm_exec.sandbox import Failure, Limits, describe_isolation, isolation, run_command
 from cwm_beam.sources import cruxeval_records
+from cwm_exec.sandbox import Failure, Limits, describe_isolation, isolation, run_command
 
 from .hostile import HOSTILE, hostile_input
 

@@ -1,9 +1,17 @@
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cwm_exec.trace_format import (
-    END_OF_TEXT, FRAME_SEP, Frame, TraceFormatError, encode_trace, mark_entry, parse_trace,
-    START_MARKER, trace_prompt,
+    END_OF_TEXT,
+    FRAME_SEP,
+    START_MARKER,
+    Frame,
+    TraceFormatError,
+    encode_trace,
+    mark_entry,
+    parse_trace,
+    trace_prompt,
 )
 
 SOURCE = "def f(x):\n    y = x + 1\n    return y"
