@@ -34,6 +34,7 @@ _TEST_ID = re.compile(r"^  (\S+::\S.*)$", re.M)
 _EXIT = re.compile(r"\[exit code (-?\d+)\]\s*$")
 
 Step = Generator[dict[str, Any], str, None]  # yields tool calls, receives observations
+Frames = list[tuple[str, int]]  # traceback frames outside the tests: (path, line)
 
 
 def _call(name: str, **arguments: Any) -> dict[str, Any]:
@@ -101,7 +102,8 @@ class SearchRepairPolicy:
             self._seen = 0  # call ids restart with every episode (same task → same record)
             call = next(self._plan)
         else:
-            observation = next((m["content"] for m in reversed(messages) if m["role"] == "tool"), "")
+            observation = next((m["content"] for m in reversed(messages)
+                                if m["role"] == "tool"), "")
             try:
                 call = self._plan.send(observation)
             except StopIteration:   # the plan is over (a submission was refused): say so
@@ -114,13 +116,46 @@ class SearchRepairPolicy:
     # ------------------------------------------------------------------ the plan
 
     def _episode(self, statement: str) -> Step:
+        """The whole plan: localise, view the suspicious functions, try candidate edits until
+        the failing tests and then the regression run pass, submit; else leave the code as it
+        was found."""
         failing = _TEST_ID.findall(statement)
         if not failing:
             return
         files = sorted({t.split("::", 1)[0] for t in failing})
-        run_failing = (f"timeout {self.test_timeout} python -m pytest -q --tb=short "
-                       + " ".join(shlex.quote(t) for t in failing))
-        observation = yield _call("bash", command=run_failing)
+        rows, frames = yield from self._localise(failing, files)
+        ranked = self._rank(rows, frames)[: self.max_lines]
+        functions = list(dict.fromkeys((path, lo, hi) for path, _, lo, hi in ranked))
+        functions = functions[: self.max_functions]
+        # The files as the policy believes they are: original lines it viewed, and its own edits.
+        original: dict[str, dict[int, str]] = {}
+        current: dict[str, dict[int, str]] = {}
+        for path, lo, hi in functions:
+            observation = yield _call("bash", command=_read_lines(path, lo, hi))
+            for m in filter(None, map(_VIEW_LINE.match, observation.splitlines())):
+                original.setdefault(path, {}).setdefault(int(m.group(1)), m.group(2))
+                current.setdefault(path, {}).setdefault(int(m.group(1)), m.group(2))
+        for path, candidate in self._queue(ranked, functions, original):
+            desired = dict(original[path])
+            desired.update(zip(range(candidate[1], candidate[2] + 1), candidate[3].split("\n")))
+            ok = yield from self._move(path, current[path], desired)
+            if ok and (yield from self._passes(failing, files)):
+                yield _call("bash", command=_write_patch(sorted(current)))
+                yield _call("submit", path=PATCH)
+                return
+        for path in current:  # nothing worked: leave the code as it was found
+            yield from self._move(path, current[path], original[path])
+
+    def _pytest(self, targets: list[str]) -> str:
+        return (f"timeout {self.test_timeout} python -m pytest -q --tb=short "
+                + " ".join(shlex.quote(t) for t in targets))
+
+    def _localise(self, failing: list[str], files: list[str]
+                  ) -> Generator[dict[str, Any], str, tuple[list[re.Match], Frames]]:
+        """Run the failing tests (traceback frames outside the tests), then the test files with
+        line coverage for the Ochiai ranking (or, when nothing ran far enough for a spectrum,
+        locate the traceback's lines); returns (sbfl rows, frames)."""
+        observation = yield _call("bash", command=self._pytest(failing))
         frames = [(m["path"], int(m["line"])) for m in _FRAME.finditer(observation)
                   if not _is_test_path(m["path"])]
         spectrum = (f"CWM_TRACE=. CWM_REPORT=/tmp/spectrum.jsonl timeout {self.test_timeout} "
@@ -129,52 +164,40 @@ class SearchRepairPolicy:
                     + " > /dev/null 2>&1; python -m cwm_forager.sbfl /tmp/spectrum.jsonl --top 20")
         observation = yield _call("bash", command=spectrum)
         rows = [m for m in map(ROW.match, observation.splitlines()) if m]
-        if not rows and frames:  # nothing ran far enough for a spectrum: use the traceback
-            places = " ".join(shlex.quote(f"{p}:{l}") for p, l in dict.fromkeys(frames))
-            observation = yield _call("bash", command=f"python -m cwm_forager.sbfl --locate {places}")
+        if not rows and frames:
+            places = " ".join(shlex.quote(f"{p}:{n}") for p, n in dict.fromkeys(frames))
+            observation = yield _call("bash",
+                                      command=f"python -m cwm_forager.sbfl --locate {places}")
             rows = [m for m in map(ROW.match, observation.splitlines()) if m]
-        # The file as the policy believes it is: original lines it viewed, and its own edits.
-        original: dict[str, dict[int, str]] = {}
-        current: dict[str, dict[int, str]] = {}
-        ranked = self._rank(rows, frames)[: self.max_lines]
-        functions = list(dict.fromkeys((path, lo, hi) for path, _, lo, hi in ranked))[: self.max_functions]
-        for path, lo, hi in functions:
-            observation = yield _call("bash", command=_read_lines(path, lo, hi))
-            seen = {int(m.group(1)): m.group(2) for m in map(_VIEW_LINE.match, observation.splitlines()) if m}
-            for number, text in seen.items():
-                original.setdefault(path, {}).setdefault(number, text)
-                current.setdefault(path, {}).setdefault(number, text)
-        # Most plausible kind of repair first (operators, then swaps ...); within a kind,
-        # breadth first: every suspicious line's first candidate before any line's second.
+        return rows, frames
+
+    def _queue(self, ranked: list[tuple[str, int, int, int]],
+               functions: list[tuple[str, int, int]], original: dict[str, dict[int, str]]
+               ) -> list[tuple[str, tuple[str, int, int, str]]]:
+        """(path, candidate) to try, most plausible kind of repair first (operators, then swaps
+        ...); within a kind breadth first: every suspicious line's first candidate before any
+        line's second."""
         queue = []
         for rank, (path, line, lo, hi) in enumerate(ranked):
             if (path, lo, hi) not in functions:
                 continue
-            function = {i: original[path][i] for i in range(lo, hi + 1) if i in original.get(path, {})}
+            viewed = original.get(path, {})
+            function = {i: viewed[i] for i in range(lo, hi + 1) if i in viewed}
             seen_kinds: dict[int, int] = {}
             for candidate in self._candidates(function, lo, hi, line):
                 kind = _kind(candidate[0])
                 k = seen_kinds[kind] = seen_kinds.get(kind, -1) + 1
                 queue.append(((kind, k, rank), (path, candidate)))
-        queue = [item for _, item in sorted(queue, key=lambda q: q[0])]
-        for path, (description, first, last, block) in queue:
-            desired = dict(original[path])
-            desired.update(zip(range(first, last + 1), block.split("\n")))
-            ok = yield from self._move(path, current[path], desired)
-            if not ok:
-                continue
-            observation = yield _call("bash", command=run_failing)
-            if _exit_code(observation) != 0:
-                continue
-            regression = (f"timeout {self.test_timeout} python -m pytest -q --tb=short "
-                          + " ".join(shlex.quote(f) for f in files))
-            observation = yield _call("bash", command=regression)
-            if _exit_code(observation) == 0:
-                yield _call("bash", command=_write_patch(sorted(current)))
-                yield _call("submit", path=PATCH)
-                return
-        for path in current:  # nothing worked: leave the code as it was found
-            yield from self._move(path, current[path], original[path])
+        return [item for _, item in sorted(queue, key=lambda q: q[0])]
+
+    def _passes(self, failing: list[str], files: list[str]
+                ) -> Generator[dict[str, Any], str, bool]:
+        """The failing tests pass now, and then so do their whole files (no regression)."""
+        observation = yield _call("bash", command=self._pytest(failing))
+        if _exit_code(observation) != 0:
+            return False
+        observation = yield _call("bash", command=self._pytest(files))
+        return _exit_code(observation) == 0
 
     def _move(self, path: str, current: dict[int, str], desired: dict[int, str]
               ) -> Generator[dict[str, Any], str, bool]:
@@ -202,7 +225,7 @@ class SearchRepairPolicy:
         return False
 
     @staticmethod
-    def _rank(rows: list[re.Match], frames: list[tuple[str, int]]) -> list[tuple[str, int, int, int]]:
+    def _rank(rows: list[re.Match], frames: Frames) -> list[tuple[str, int, int, int]]:
         """Suspicious lines, best first: Ochiai score, then lines on the traceback (deepest
         frame first), then closeness to a traceback line of the same file (bugs tend to sit
         just before where they surface), then the order sbfl printed them in."""
@@ -210,13 +233,15 @@ class SearchRepairPolicy:
         scored = []
         for order, m in enumerate(rows):
             key = (m["path"], int(m["line"]))
-            near = min((abs(line - key[1]) for path, line in frames if path == key[0]), default=10**6)
+            near = min((abs(line - key[1]) for path, line in frames if path == key[0]),
+                       default=10**6)
             scored.append((-round(float(m["score"]), 3), -depth.get(key, -1), near, order,
                            (m["path"], int(m["line"]), int(m["lo"]), int(m["hi"]))))
         return [item[-1] for item in sorted(scored)]
 
     @staticmethod
-    def _candidates(source: dict[int, str], lo: int, hi: int, line: int) -> list[tuple[str, int, int, str]]:
+    def _candidates(source: dict[int, str], lo: int, hi: int, line: int
+                    ) -> list[tuple[str, int, int, str]]:
         """(description, first line, last line, replacement lines) for one suspicious line,
         computed on the viewed function's text."""
         numbers = [i for i in range(lo, hi + 1) if i in source]
@@ -239,7 +264,7 @@ class SearchRepairPolicy:
             if not changed:
                 continue
             first, last = changed[0], changed[-1]
-            block = "\n".join(pad + l if l else l for l in new_lines[first : last + 1])
+            block = "\n".join(pad + row if row else row for row in new_lines[first : last + 1])
             out.append((description, numbers[0] + first, numbers[0] + last, block))
         return out
 
@@ -285,5 +310,6 @@ def make_policy(spec: dict[str, Any], api_key: str | None = None) -> Any:
         endpoint, model = spec.get("endpoint"), spec.get("model")
         if not endpoint or not model:
             raise ValueError("policy: endpoint and model are required for kind 'openai'")
-        return OpenAIPolicy(endpoint, model, api_key, temperature=float(spec.get("temperature", 0.7)))
+        return OpenAIPolicy(endpoint, model, api_key,
+                            temperature=float(spec.get("temperature", 0.7)))
     raise ValueError(f"policy.kind {kind!r}: choose search or openai")

@@ -105,9 +105,9 @@ def test_programs_a_data_step_runs_see_none_of_the_secret(tmp_path: Path):
     bubblewrap finds only the sandbox's own processes (PID namespace)."""
     secret = "s3cr3t-" + os.urandom(12).hex()
     programs = tmp_path / "programs.jsonl"
-    programs.write_text("".join(json.dumps({"id": name, "code": code, "input": repr(secret)}) + "\n"
-                                for name, code in (("environment", ENVIRONMENT),
-                                                   ("processes", PROCESSES))))
+    programs.write_text("".join(
+        json.dumps({"id": name, "code": code, "input": repr(secret)}) + "\n"
+        for name, code in (("environment", ENVIRONMENT), ("processes", PROCESSES))))
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "cwm-key-id", "AWS_SECRET_ACCESS_KEY": secret,
            "AZURE_STORAGE_KEY": secret, "GOOGLE_APPLICATION_CREDENTIALS": "/var/run/gcp.json",
            "OMP_NUM_THREADS": "1"}
