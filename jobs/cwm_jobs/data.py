@@ -28,6 +28,7 @@ from typing import Any
 import fsspec
 import torch
 
+from cwm_jobs.chat_tools import agent_tools
 from cwm_spec.artifacts import ArtifactError, join, read_manifest
 
 
@@ -194,16 +195,6 @@ def trajectory_document(tokenizer: Any, record: dict[str, Any], position: Positi
     if doc.tokens and doc.tokens[0] != tokenizer.bos_id:
         doc = Document([tokenizer.bos_id, *doc.tokens], [0, *doc.mask])
     return doc
-
-
-def agent_tools() -> list[dict[str, Any]] | None:
-    """The ForagerAgent's tool definitions: trajectory records leave them out, and the agent saw
-    them in its system prompt, so training renders them the same way."""
-    try:
-        from cwm_forager.tools import TOOLS
-    except ImportError:
-        return None
-    return list(TOOLS)
 
 
 def chat_document(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None) -> Document:

@@ -30,7 +30,7 @@ SOURCES = ("corpus", "traces", "trajectories")
 def record_text(kind: str, record: dict[str, Any]) -> str | None:
     """The text a record contributes to tokenizer training (None if it has none)."""
     if kind == "trajectories":
-        from cwm_jobs.data import agent_tools
+        from cwm_jobs.chat_tools import agent_tools
         from cwm_model.chat import render_messages, render_text
 
         messages = record.get("messages")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,18 @@ def test_the_evaluation_is_the_pods_termination_message_only_in_a_pod(tmp_path: 
     log.write_text("")
     too_long = {f"metric_{i:04d}": float(i) for i in range(400)}
     assert write_termination_message(too_long, log) is False and log.read_text() == ""
+
+
+def test_the_tokenizer_renders_trajectories_without_torch() -> None:
+    """The tokenizer step runs on the Beam image, which has no torch: rendering a trajectory
+    (with the agent's tools) must not import it. Its first run in a pod failed on this."""
+    code = ("import sys\n"
+            "sys.modules['torch'] = None  # as on the Beam image: `import torch` fails\n"
+            "from cwm_jobs.tokenizer import record_text\n"
+            "text = record_text('trajectories', {'messages': [\n"
+            "    {'role': 'user', 'content': 'fix the bug'},\n"
+            "    {'role': 'assistant', 'content': 'done'}]})\n"
+            "assert text and 'fix the bug' in text, text\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
