@@ -42,7 +42,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for label, workers, extra in variants:
             with tempfile.TemporaryDirectory() as out:
-                stats = traces.run(["--source", "cruxeval", "--source",
+                stats = traces.run(["--source", "cruxeval", "--cruxeval-held-out", "0", "--source",
                                     f"synthetic:{args.synthetic}", "--output",
                                     os.path.join(out, "ds"), "--workers", str(workers), *extra])
             traced = stats["train_records"] + stats["validation_records"]

@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
 import sys
 import time
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Generic, Iterable, Self, TypeVar
 
 import apache_beam as beam
@@ -34,7 +36,7 @@ from pydantic import BaseModel
 from cwm_beam.parts import Part, job_part
 from cwm_exec import sandbox
 from cwm_exec.sandbox import Limits
-from cwm_spec import artifacts
+from cwm_spec import artifacts, storage
 from cwm_spec.api import TraceDataSpec, TrajectoryDataSpec
 from cwm_spec.stepconfig import load_step_config, read_section
 
@@ -64,6 +66,7 @@ class StepInput:
 
     config: dict[str, Any]
     spec: dict[str, Any]  # the step's section, camelCase: flags may override it, then validated
+    evaluation: dict[str, Any]  # what the evaluation holds out (``evaluation``), flags over it
     sandbox: Limits       # ``sandbox``, validated by the API's SandboxSpec
     beam: dict[str, Any]  # ``runtime.beam`` (BeamSpec, dumped)
     rest: list[str]       # arguments no flag claimed: Beam pipeline flags
@@ -76,7 +79,7 @@ def read_step(rest: list[str], *, named_by_flags: bool) -> StepInput:
     if "--config" in rest or any(a.startswith("--config=") for a in rest) or not named_by_flags:
         config, rest = load_step_config(rest)
     runtime = config.get("runtime") or {}
-    return StepInput(config, dict(config.get("spec") or {}),
+    return StepInput(config, dict(config.get("spec") or {}), dict(config.get("evaluation") or {}),
                      Limits.from_spec(config.get("sandbox")), dict(runtime.get("beam") or {}), rest)
 
 
@@ -233,6 +236,27 @@ class WriteShards(beam.PTransform):
                     lambda item: write_rows(output, name, item[0], shards, item[1])))
 
 
+def write_count(item: tuple[str, int], output: str, name: str) -> None:
+    """A side counter for the manifest's stats (``(key, count)`` from ``Count.PerElement``),
+    one small file per key under ``_stats/NAME/``."""
+    key, count = item
+    path = storage.join(output, "_stats", name, hashlib.sha1(key.encode()).hexdigest()[:12])
+    storage.write_json_atomic(path, {"key": key, "count": count})
+
+
+def read_counts(output: str, name: str) -> Counter:
+    """The side counters of ``name``, summed by key; their files are removed once read."""
+    counts: Counter = Counter()
+    fs, base = storage.filesystem(artifacts.join(output, "_stats", name))
+    if fs.exists(base):
+        for path in fs.ls(base, detail=False):
+            with fs.open(path, "r") as f:
+                item = json.load(f)
+            counts[item["key"]] += item["count"]
+        fs.rm(base, recursive=True)
+    return counts
+
+
 def read_splits(output: str, counts: dict[str, int]
                 ) -> tuple[dict[str, list[artifacts.Shard]], dict[str, list[dict[str, Any]]]]:
     """Every shard of each split (``name -> shard count``), with its rows: the manifest's shard
@@ -258,20 +282,24 @@ Section = TypeVar("Section", TraceDataSpec, TrajectoryDataSpec)
 class StepSettings(Generic[Section]):
     """What a data step's transforms need: its section validated by the API's model (so every
     default is the API's), the sandbox limits, the seed (the step's, over the section's) and
-    this pod's part. A step subclasses it naming its ``model`` and adds views of ``spec``."""
+    this pod's part, and what the evaluation holds out of training (the plan's ``evaluation``
+    section for the step, camelCase). A step subclasses it naming its ``model`` and adds views
+    of ``spec``."""
 
     model: ClassVar[type[BaseModel]]
     spec: Section
     sandbox: Limits
     seed: int
     part: Part
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_spec(cls, section: dict[str, Any], sandbox: Limits, seed: int | None = None,
-                  part: Part = Part()) -> Self:
+                  part: Part = Part(), evaluation: dict[str, Any] | None = None) -> Self:
         """From the ``spec`` section as the plan writes it (camelCase); errors name the field."""
         spec = read_section(cls.model, section, "spec")
-        return cls(spec, sandbox, spec.seed if seed is None else seed, part)
+        return cls(spec, sandbox, spec.seed if seed is None else seed, part,
+                   dict(evaluation or {}))
 
 
 class StepTransform(beam.PTransform):
@@ -308,9 +336,12 @@ class DataStep:
     settings: type[StepSettings[Any]]
     names_job: str   # the flag that names its inputs (``source``, ``repo``): no config needed
     add_flags: Callable[[argparse.ArgumentParser], None]   # its own flags
-    apply_flags: Callable[[argparse.Namespace, dict[str, Any]], None]  # onto its spec section
+    # onto its spec section and the evaluation section
+    apply_flags: Callable[[argparse.Namespace, dict[str, Any], dict[str, Any]], None]
     build: Callable[[beam.Pipeline, Any, str], None]       # the graph, writing shards
-    tally: Callable[[str, Any], tuple[dict[str, list[artifacts.Shard]], dict[str, Any]]]
+    # shards, stats and each split's program hashes (the manifest's ``programs``)
+    tally: Callable[[str, Any], tuple[dict[str, list[artifacts.Shard]], dict[str, Any],
+                                      dict[str, list[str]]]]
     throughput: Callable[[dict[str, Any], float], dict[str, float]]  # rate keys of the stats
     describe: Callable[[Any], str]     # what it is about to do, for the log
     summary: Callable[[dict[str, Any]], str]  # what it wrote, for the log
@@ -325,7 +356,7 @@ class DataStep:
         add_common_flags(parser)
         flags, rest = parser.parse_known_args(argv)
         step = read_step(rest, named_by_flags=bool(getattr(flags, self.names_job) or flags.output))
-        self.apply_flags(flags, step.spec)
+        self.apply_flags(flags, step.spec, step.evaluation)
         if flags.shards is not None:
             step.spec["shards"] = flags.shards
         limits = step.sandbox
@@ -333,7 +364,7 @@ class DataStep:
             limits = replace(limits, wall_seconds=flags.wall_seconds)
         seed = flags.seed if flags.seed is not None else step.config.get("seed")
         settings = self.settings.from_spec(step.spec, limits, seed,
-                                           job_part(flags.part, flags.parts))
+                                           job_part(flags.part, flags.parts), step.evaluation)
         return Job(settings, *output_and_runner(flags, step))
 
     def run(self, argv: list[str] | None = None) -> dict[str, Any]:
@@ -370,11 +401,11 @@ class DataStep:
 
     def finish(self, output: str, settings: Any, seconds: float) -> dict[str, Any]:
         """After the pipeline: the shards and stats, and the manifest, written last."""
-        shards, stats = self.tally(output, settings)
+        shards, stats, programs = self.tally(output, settings)
         stats["seconds"] = round(seconds, 2)
         stats.update(self.throughput(stats, seconds))
         stats["sandbox"] = sandbox.isolation_record()  # how its programs were contained
-        artifacts.write_manifest(output, artifacts.Manifest(self.kind, shards, stats))
+        artifacts.write_manifest(output, artifacts.Manifest(self.kind, shards, stats, programs))
         return stats
 
 

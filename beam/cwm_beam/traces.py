@@ -17,7 +17,8 @@ or standalone with plain flags::
 The runner is the one both data steps share (:meth:`cwm_beam.step.DataStep.run`): Beam's in-process
 ``FnApiRunner`` by default (``--workers N`` processes), any other runner's flags passed through.
 Output: a ``cwm-dataset/v1`` folder (``cwm_spec.artifacts``) with ``train-*``, ``validation-*``
-and ``deadletter-*`` JSONL shards and the manifest, written last. Records::
+and ``deadletter-*`` JSONL shards and the manifest, written last, which lists each split's
+program hashes (``programs``). Records::
 
     {"id", "source", "program_hash", "code", "entry", "input", "text", "frames", "return",
      "exception", "truncated", "events"}
@@ -26,6 +27,12 @@ Repository episodes (``--source repository:PATH_OR_GIT_URL``, see :mod:`cwm_exec
 ``"repository", "path", "test"``. Dead letters (:func:`program_dead_letter`): ``{"id", "source",
 "stage", "reason", "detail"}``. Beam metrics (namespace ``traces``) count both; the manifest's
 ``stats`` repeats the counts.
+
+Decontamination: the CRUXEval problems the evaluation holds out (the step configuration's
+``evaluation.cruxevalHeldOut``, ``--cruxeval-held-out``; :func:`cwm_beam.sources.cruxeval_split`)
+are never traced, and a program of any source whose hash is one of theirs is dropped; the
+manifest's ``stats.excluded_for_evaluation`` counts them by source. The validation split (the
+held-out traces) is chosen by program hash, so no program is in both splits.
 """
 
 from __future__ import annotations
@@ -43,18 +50,20 @@ import fsspec
 from apache_beam.metrics import Metrics
 
 from cwm_beam import fuzz, sources, synthetic
-from cwm_beam.step import (DataStep, StepSettings, StepTransform, WriteShards, read_splits,
-                           write_rows)
+from cwm_beam.step import (DataStep, StepSettings, StepTransform, WriteShards, read_counts,
+                           read_splits, write_count, write_rows)
 from cwm_exec import repository
 from cwm_exec.sandbox import Failure, Limits, TracePool
 from cwm_exec.tracer import TraceLimits
 from cwm_spec import artifacts
-from cwm_spec.api import TraceDataSpec, TraceSource
+from cwm_spec.api import EvaluationSpec, TraceDataSpec, TraceSource
+from cwm_spec.programs import program_hash, split_of
 
 LOG = logging.getLogger("cwm_beam.traces")
 NAMESPACE = "traces"
 DEADLETTER = "deadletter"
 TRACED = "traced"
+EXCLUDED = "excluded"
 SOURCE_KINDS = get_args(TraceSource.model_fields["kind"].annotation)
 
 
@@ -80,18 +89,17 @@ class Settings(StepSettings[TraceDataSpec]):
         return TraceLimits(max_events=spec.max_events, max_bytes=spec.max_bytes,
                            max_repr_chars=spec.max_repr_chars, seed=spec.seed)
 
+    @property
+    def cruxeval_held_out(self) -> int:
+        """How many bundled CRUXEval problems the evaluation holds out (the API's default when
+        the step configuration names none)."""
+        default = EvaluationSpec.model_fields["cruxeval_held_out"].default
+        return int(self.evaluation.get("cruxevalHeldOut", default))
 
-def program_hash(code: str) -> str:
-    """Hash of the program text (trailing spaces and blank edges ignored): the split key."""
-    normal = "\n".join(line.rstrip() for line in code.strip().splitlines())
-    return hashlib.sha256(normal.encode()).hexdigest()
-
-
-def split_of(program_hash_hex: str, validation_fraction: float) -> str:
-    """``"validation"`` or ``"train"``, a pure function of the program hash, so every trace of a
-    program (whatever its input or source) lands in the same split."""
-    position = int(program_hash_hex[:15], 16) / float(16 ** 15)
-    return "validation" if position < validation_fraction else "train"
+    def excluded_hashes(self) -> frozenset[str]:
+        """The program hashes no training record may have: the held-out CRUXEval problems'."""
+        held = sources.cruxeval_split(self.cruxeval_held_out).evaluation
+        return frozenset(program_hash(r["code"]) for r in held)
 
 
 def content_hash(record: dict[str, Any]) -> str:
@@ -120,13 +128,17 @@ def exception_quota(program_id: str, wanted: int, share: float) -> int:
 
 
 def expand_source(source: dict[str, Any], seed: int, limits: TraceLimits | None = None,
-                  sandbox: Limits | None = None) -> Iterator[dict[str, Any]]:
+                  sandbox: Limits | None = None,
+                  cruxeval_held_out: int = 0) -> Iterator[dict[str, Any]]:
     """Programs of one source: ``{"id", "source", "code", "entry", "input" | None, ...}``; a
     malformed line becomes ``{"_deadletter": ...}``. A repository's episodes come already traced
-    (with ``_result``)."""
+    (with ``_result``). The cruxeval source yields its trainable problems (``count`` caps them)
+    and then the ``cruxeval_held_out`` evaluation problems, which the caller drops by hash and
+    counts."""
     kind = source["kind"]
     if kind == "cruxeval":
-        for record in list(sources.cruxeval_records())[: source.get("count")]:
+        split = sources.cruxeval_split(cruxeval_held_out)
+        for record in [*split.trainable[: source.get("count")], *split.evaluation]:
             yield {"id": f"cruxeval/{record['id']}", "source": kind, "code": record["code"],
                    "entry": "f", "input": record["input"], "expected": record["output"]}
     elif kind == "synthetic":
@@ -183,24 +195,36 @@ def _unreadable(origin: dict[str, Any], reason: str, detail: str = "") -> dict[s
 
 
 class ExpandSource(beam.DoFn):
-    """Programs to trace; already traced ones (repository episodes) go to ``traced``."""
+    """Programs to trace; already traced ones (repository episodes) go to ``traced``, the
+    evaluation's programs (by hash) to ``excluded`` (their source's kind, to be counted)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.read = Metrics.counter(NAMESPACE, "programs_read")
         self.episodes = Metrics.counter(NAMESPACE, "repository_episodes")
+        self.excluded = Metrics.counter(NAMESPACE, "excluded_for_evaluation")
+        self.held_out: frozenset[str] = frozenset()
+
+    def setup(self) -> None:
+        self.held_out = self.settings.excluded_hashes()
 
     def process(self, source: dict[str, Any]):
         s = self.settings
         # Split over pods: repository sources are dealt out whole (see build); the programs of
         # the other sources by program hash, their sources' dead letters kept by part 0 alone.
         shared = s.part.split and source["kind"] != "repository"
-        for program in expand_source(source, s.seed, s.trace_limits, s.sandbox):
+        for program in expand_source(source, s.seed, s.trace_limits, s.sandbox,
+                                     s.cruxeval_held_out):
             if "_deadletter" in program:
                 if not shared or s.part.index == 0:
                     yield beam.pvalue.TaggedOutput(DEADLETTER, program["_deadletter"])
-            elif shared and not s.part.owns(program_hash(program["code"])):
                 continue
+            digest = program_hash(program["code"])
+            if shared and not s.part.owns(digest):
+                continue
+            if digest in self.held_out:
+                self.excluded.inc()
+                yield beam.pvalue.TaggedOutput(EXCLUDED, program["source"])
             elif "_result" in program:
                 self.episodes.inc()
                 yield beam.pvalue.TaggedOutput(TRACED, program)
@@ -388,7 +412,7 @@ class TraceDataset(StepTransform):
         s = self.settings
         read = (source_descriptors
                 | "ExpandSources" >> beam.ParDo(ExpandSource(s)).with_outputs(
-                    DEADLETTER, TRACED, main="programs"))
+                    DEADLETTER, TRACED, EXCLUDED, main="programs"))
         fuzzed = (read.programs
                   | "Fuzz" >> beam.ParDo(Fuzz(s)).with_outputs(DEADLETTER, main="programs"))
         traced = (fuzzed.programs
@@ -422,7 +446,7 @@ class TraceDataset(StepTransform):
                 | "AllDeadLetters" >> beam.Flatten()
                 | "CountDeadLetters" >> beam.ParDo(CountDeadLetters()))
         return {"train": splits["train"], "validation": splits["validation"],
-                "deadletter": dead, "shards": shards}
+                "deadletter": dead, "shards": shards, EXCLUDED: read[EXCLUDED]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,9 +458,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="cruxeval | synthetic:COUNT | jsonl:URI | functions:URI | "
                         "repository:PATH_OR_GIT_URL")
     parser.add_argument("--validation-fraction", type=float, default=None)
+    parser.add_argument("--cruxeval-held-out", type=int, default=None,
+                        help="CRUXEval problems held out for evaluation, never traced "
+                        "(over the configuration's evaluation.cruxevalHeldOut; default 800)")
 
 
-def apply_flags(flags: argparse.Namespace, spec: dict[str, Any]) -> None:
+def apply_flags(flags: argparse.Namespace, spec: dict[str, Any],
+                evaluation: dict[str, Any]) -> None:
+    if flags.cruxeval_held_out is not None:
+        evaluation["cruxevalHeldOut"] = flags.cruxeval_held_out
     if flags.source:
         spec["sources"] = [source_from_flag(s) for s in flags.source]
     if flags.validation_fraction is not None:
@@ -465,22 +495,32 @@ def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
     outputs["shards"] | "WriteSplits" >> beam.Map(
         lambda item: write_rows(output, item[0][0], item[0][1], shards, item[1]))
     outputs["deadletter"] | "WriteDeadletterSplit" >> WriteShards(output, "deadletter", 1)
+    (outputs[EXCLUDED]
+     | "CountExcluded" >> beam.combiners.Count.PerElement()
+     | "WriteExcludedCounts" >> beam.Map(write_count, output, EXCLUDED))
 
 
 def tally(output: str, settings: Settings) -> tuple[dict[str, list[artifacts.Shard]],
-                                                    dict[str, Any]]:
-    """After the pipeline: the data set's shards (empty ones where a split got nothing) and its
-    stats."""
+                                                    dict[str, Any], dict[str, list[str]]]:
+    """After the pipeline: the data set's shards (empty ones where a split got nothing), its
+    stats and each split's program hashes."""
     shards = settings.spec.shards
     written, rows = read_splits(output, {"train": shards, "validation": shards, "deadletter": 1})
-    stats: dict[str, Any] = {"sources": list(settings.sources)}
+    stats: dict[str, Any] = {"sources": list(settings.sources),
+                             "excluded_for_evaluation": dict(read_counts(output, EXCLUDED))}
     for name in ("train", "validation"):
         stats[f"{name}_by_source"] = dict(Counter(r["source"] for r in rows[name]))
     for name in ("train", "validation", "deadletter"):
         stats[f"{name}_records"] = sum(s.records for s in written[name])
     stats["deadletter_reasons"] = dict(Counter(f"{r['stage']}: {r['reason'].split(' (')[0]}"
                                                for r in rows["deadletter"]))
-    return written, stats
+    return written, stats, programs(rows)
+
+
+def programs(rows: dict[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
+    """The manifest's ``programs``: each split's program hashes, sorted. Pure."""
+    return {name: sorted({r["program_hash"] for r in rows[name]})
+            for name in ("train", "validation")}
 
 
 def throughput(stats: dict[str, Any], seconds: float) -> dict[str, float]:

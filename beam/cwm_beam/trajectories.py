@@ -28,6 +28,13 @@ tasks per repository never rolled out: the evaluation's mutate-fix tasks), recor
 "stage", "reason", "detail"}``; the manifest's ``stats`` holds counts, solve rates per family and
 rejection reasons. Beam metrics live in namespace ``trajectories``.
 
+Decontamination: ``SelectTasks`` chooses each repository's held-out tasks first, then the
+training tasks among the candidates whose function is none of theirs (a task's program is its
+function's original source, :func:`cwm_spec.programs.task_program_hash`), so no trajectory shows
+the code an evaluation task asks to restore; ``stats.excluded_for_evaluation`` counts the
+candidates left out that way, and the manifest's ``programs`` lists the task programs of
+``train`` and ``eval_tasks``.
+
 The openai policy's API key comes from ``$CWM_POLICY_API_KEY`` (the operator mounts the Secret
 named by ``policy.apiKeySecret`` there) or ``$OPENAI_API_KEY``.
 """
@@ -36,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import hashlib
 import json
 import logging
 import os
@@ -47,14 +53,16 @@ from typing import Any, Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from cwm_beam.step import DataStep, StepSettings, StepTransform, WriteShards, read_splits
+from cwm_beam.step import (DataStep, StepSettings, StepTransform, WriteShards, read_counts,
+                           read_splits, write_count)
 from cwm_forager.env import Environments
 from cwm_forager.policies import make_policy
 from cwm_forager.records import dedup, solve_rates
 from cwm_forager.rollout import run_episode
 from cwm_forager.tasks import Task, candidate_tasks, select_tasks, validate_task
-from cwm_spec import artifacts, storage
+from cwm_spec import artifacts
 from cwm_spec.api import TrajectoryDataSpec
+from cwm_spec.programs import task_program_hash
 
 LOG = logging.getLogger("cwm_beam.trajectories")
 NAMESPACE = "trajectories"
@@ -166,21 +174,34 @@ class ValidateTask(_WithEnvironments):
         yield {"repository": item["repository"], "task": result.to_json()}
 
 
+def task_program(task: Task | dict[str, Any]) -> str:
+    """The program hash of a task (or of its JSON): its function's original source."""
+    t = task.to_json() if isinstance(task, Task) else task
+    return task_program_hash(t["original"], t["path"], t["function"])
+
+
 def select_for_repository(item: tuple[str, Iterable[dict[str, Any]]], families: tuple[str, ...],
                           n: int, held_out: int):
-    """``n`` tasks for the rollouts; then up to ``held_out`` of the rest, never rolled out, as
-    the ``heldout`` output (the evaluation's mutate-fix tasks)."""
+    """Up to ``held_out`` tasks, never rolled out, as the ``heldout`` output (the evaluation's
+    mutate-fix tasks); then ``n`` tasks for the rollouts among those whose function is none of
+    the held-out ones' (the others go to ``excluded``, the repository's name, to be counted)."""
     _, items = item
     items = list(items)
     spec = items[0]["repository"]
     tasks = [Task.from_json(i["task"]) for i in items]
-    chosen = select_tasks(tasks, families, n)
-    for task in chosen:
-        yield {"repository": spec, "task": task.to_json()}
-    taken = {t.task_id for t in chosen}
-    for task in select_tasks([t for t in tasks if t.task_id not in taken], families, held_out):
+    held = select_tasks(tasks, families, held_out)
+    for task in held:
         yield beam.pvalue.TaggedOutput(
             "heldout", {"id": task.task_id, "repository": spec, "task": task.to_json()})
+    reserved = {task_program(t) for t in held}
+    taken = {t.task_id for t in held}
+    rest = [t for t in tasks if t.task_id not in taken]
+    trainable = [t for t in rest if task_program(t) not in reserved]
+    for task in rest:
+        if task not in trainable:
+            yield beam.pvalue.TaggedOutput("excluded", task.repo)
+    for task in select_tasks(trainable, families, n):
+        yield {"repository": spec, "task": task.to_json()}
 
 
 class Rollout(_WithEnvironments):
@@ -251,8 +272,8 @@ class TrajectoryDataset(StepTransform):
                     | "SelectTasks" >> beam.FlatMap(select_for_repository, s.families,
                                                     s.spec.tasks_per_repository,
                                                     s.spec.held_out_tasks)
-                    .with_outputs("heldout", main="tasks"))
-        held_out = selected.heldout
+                    .with_outputs("heldout", "excluded", main="tasks"))
+        held_out, excluded = selected.heldout, selected.excluded
         selected = selected.tasks
         tasks_kept = selected | "TaskKeys" >> beam.Map(
             lambda i: f"{i['task']['repo']}|{i['task']['family']}")
@@ -267,7 +288,8 @@ class TrajectoryDataset(StepTransform):
         dead = ((candidates[DEADLETTER], validated[DEADLETTER], episodes[DEADLETTER])
                 | "AllDeadLetters" >> beam.Flatten())
         return {"train": unique.records, "deadletter": dead, "rejected": validated.rejected,
-                "duplicates": unique.duplicates, "tasks": tasks_kept, "eval_tasks": held_out}
+                "duplicates": unique.duplicates, "tasks": tasks_kept, "eval_tasks": held_out,
+                "excluded": excluded}
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +320,8 @@ def repo_from_flag(text: str) -> dict[str, Any]:
     return {"path": text}
 
 
-def apply_flags(flags: argparse.Namespace, spec: dict[str, Any]) -> None:
+def apply_flags(flags: argparse.Namespace, spec: dict[str, Any],
+                _evaluation: dict[str, Any]) -> None:
     if flags.repo:
         spec["repositories"] = [repo_from_flag(r) for r in flags.repo]
     if flags.families:
@@ -326,46 +349,27 @@ def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
     for name in SIDE_COUNTS:
         (outputs[name]
          | f"Count{name.title()}" >> beam.combiners.Count.PerElement()
-         | f"Write{name.title()}Counts" >> beam.Map(_write_count, output, name))
+         | f"Write{name.title()}Counts" >> beam.Map(write_count, output, name))
 
 
-SIDE_COUNTS = ("rejected", "duplicates", "tasks")
-
-
-def _write_count(item: tuple[str, int], output: str, name: str) -> None:
-    """Side counters for the manifest's stats, one small file per key under ``_stats/``."""
-    key, count = item
-    path = storage.join(output, "_stats", name, hashlib.sha1(key.encode()).hexdigest()[:12])
-    storage.write_json_atomic(path, {"key": key, "count": count})
-
-
-def _read_counts(output: str, name: str) -> Counter:
-    """The side counters of ``name``, summed by key; their files are removed once read."""
-    counts: Counter = Counter()
-    fs, base = storage.filesystem(artifacts.join(output, "_stats", name))
-    if fs.exists(base):
-        for path in fs.ls(base, detail=False):
-            with fs.open(path, "r") as f:
-                item = json.load(f)
-            counts[item["key"]] += item["count"]
-        fs.rm(base, recursive=True)
-    return counts
+SIDE_COUNTS = ("rejected", "duplicates", "tasks", "excluded")
 
 
 def tally(output: str, settings: Settings) -> tuple[dict[str, list[artifacts.Shard]],
-                                                    dict[str, Any]]:
-    """After the pipeline: the data set's shards (empty ones where a split got nothing) and its
-    stats."""
+                                                    dict[str, Any], dict[str, list[str]]]:
+    """After the pipeline: the data set's shards (empty ones where a split got nothing), its
+    stats and the task programs of ``train`` and ``eval_tasks``."""
     shards, rows = read_splits(output, {"train": settings.spec.shards, "deadletter": 1,
                                         "eval_tasks": 1})
     train, dead = rows["train"], rows["deadletter"]
-    counted = {name: _read_counts(output, name) for name in SIDE_COUNTS}
+    counted = {name: read_counts(output, name) for name in SIDE_COUNTS}
     stats: dict[str, Any] = {"repositories": list(settings.repositories),
                              "policy": settings.policy, "families": list(settings.families),
                              "rejected": dict(counted["rejected"]),
                              "duplicates": sum(counted["duplicates"].values()),
                              "train_records": len(train), "deadletter_records": len(dead),
-                             "eval_tasks": len(rows["eval_tasks"])}
+                             "eval_tasks": len(rows["eval_tasks"]),
+                             "excluded_for_evaluation": dict(counted["excluded"])}
     stats["deadletter_reasons"] = dict(Counter(f"{r['stage']}: {r['reason']}" for r in dead))
     by_repo: dict[str, dict[str, int]] = {}
     for key, count in sorted(counted["tasks"].items()):
@@ -380,7 +384,9 @@ def tally(output: str, settings: Settings) -> tuple[dict[str, list[artifacts.Sha
         episodes += [{"meta": {"family": family, "success": solved == "1"}}] * count
     stats["episodes"] = len(episodes)
     stats["solve_rate_by_family"] = solve_rates(episodes)
-    return shards, stats
+    programs = {"train": sorted({task_program(r["task"]) for r in train}),
+                "eval_tasks": sorted({task_program(r["task"]) for r in rows["eval_tasks"]})}
+    return shards, stats, programs
 
 
 def throughput(stats: dict[str, Any], seconds: float) -> dict[str, float]:

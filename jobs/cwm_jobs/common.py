@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from cwm_spec.api import StageSpec
+from cwm_spec.api import EvaluationSpec, StageSpec
 from cwm_spec.stepconfig import load_step_config, read_section
 
 LOG = logging.getLogger("cwm_jobs")
@@ -227,8 +227,14 @@ class StepContext:
     outputs: dict[str, str]
     seed: int
     model_spec: dict[str, Any]
-    evaluation: dict[str, Any]
+    evaluation_spec: EvaluationSpec  # ``evaluation``, validated, every default filled in
     extra_args: list[str]
+
+    @property
+    def evaluation(self) -> dict[str, Any]:
+        """The evaluation section as a camelCase mapping (what rl.py reads until it takes
+        :attr:`evaluation_spec`)."""
+        return self.evaluation_spec.dump()
 
     def input(self, name: str) -> str | None:
         return self.inputs.get(name) or None
@@ -253,7 +259,8 @@ def load_context(stage: str, argv: Sequence[str] | None = None) -> StepContext:
         outputs=dict(config.get("outputs") or {}),
         seed=int(config.get("seed") or 0),
         model_spec=dict(config.get("model") or {}),
-        evaluation=dict(config.get("evaluation") or {}),
+        evaluation_spec=read_section(EvaluationSpec, config.get("evaluation") or {},
+                                     "evaluation"),
         extra_args=list(rest),
     )
 

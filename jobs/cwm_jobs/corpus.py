@@ -13,6 +13,10 @@ the standard library, each package's for the rest, recorded by ``path``). The co
 local training artifact of the pipeline and is never redistributed; training on it is the
 licence-agnostic use this step makes. On a cluster, ``spec.data.corpus.uri`` points at any data
 set of kind ``code`` instead, and this step does not run.
+
+When a stage mixes in rehearsal and ``spec.data.rehearsal.uri`` is not set, the plan also asks
+this step for ``outputs.rehearsal``: the general-text data set of :mod:`cwm_jobs.rehearsal`,
+a data set of its own (never mixed into the corpus, which leaves its source out).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from cwm_jobs.rehearsal import build_rehearsal, documentation_topics
 from cwm_spec.api import CorpusSpec
 from cwm_spec.artifacts import Manifest, write_manifest, write_shard
 from cwm_spec.stepconfig import load_step_config, read_section
@@ -35,7 +40,10 @@ LOG = logging.getLogger("cwm_jobs.corpus")
 MAX_FILE_BYTES = 1_000_000
 SHARD_BYTES = 16_000_000
 VALIDATION_PER_MILLE = 10  # 1% held out, by content hash
-SKIP_DIRS = {"__pycache__", ".git", "node_modules"}
+# pydoc_data: the documentation text the rehearsal data set is made of (cwm_jobs.rehearsal), kept
+# out so the two sources share no file; fixture_repos: the bundled mutate-fix repositories, whose
+# functions are evaluation programs (installed with cwm_forager in a non-editable install).
+SKIP_DIRS = {"__pycache__", ".git", "node_modules", "pydoc_data", "fixture_repos"}
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,11 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
                             seed=int(config.get("seed") or 0))
     LOG.info("corpus: %d train / %d validation files, %s bytes -> %s", manifest.records("train"),
              manifest.records("validation"), manifest.stats["bytes"], out)
+    text_out = (config.get("outputs") or {}).get("rehearsal")
+    if text_out:   # the plan asks for the rehearsal text beside the corpus (cwm_jobs.rehearsal)
+        text = build_rehearsal(text_out, documentation_topics())
+        LOG.info("rehearsal: %d train / %d validation sections, %s bytes -> %s",
+                 text.records("train"), text.records("validation"), text.stats["bytes"], text_out)
     return manifest
 
 

@@ -7,12 +7,26 @@
   decoding reproduces a frame token for token iff the argmax at each of its positions is the
   true token. The *state* is a frame's event token, locals and ``<|action_sep|>``; the *action*
   is the rest (source line, and the value of a return), through ``<|frame_sep|>``;
-* ``cruxeval_o``: CruxEval-O accuracy on the bundled CRUXEval problems (greedy answers checked by
-  evaluation in the sandbox);
+* output prediction, in the two modes SFT teaches (:mod:`cwm_jobs.tasks`), each with its own
+  budget, greedy answers checked in the sandbox: ``cruxeval_o_direct`` (no reasoning prompt, the
+  value alone, ``maxNewTokens``) on the CRUXEval problems held out of training
+  (``cruxevalHeldOut``, first ``cruxevalLimit`` in program-hash order), and after SFT and RL
+  ``cruxeval_o_reasoning`` (CWM's reasoning prompt: the trace, ``</think>``, the value, within
+  ``reasoningTokens``), with ``cruxeval_o_reasoning_unfinished``, the share whose reasoning never
+  closed; the same for ``heldOutPrograms`` programs of the traces' validation split
+  (``heldout_output_direct``, ``heldout_output_reasoning``...);
 * ``mutate_fix_solve_rate``: after SFT and RL, the model itself acts as the ForagerAgent (tools,
   turn budget, sandbox as in the trajectory step) on the trajectory data set's held-out tasks
   (its ``eval_tasks`` split, never rolled out for training); a task is solved when its failing
   tests pass again.
+
+Before anything is scored, every evaluation program (held-out traces and programs, CRUXEval
+problems, mutate-fix tasks) is hashed with :func:`cwm_spec.programs.program_hash` and looked up in
+the training data sets' manifests (``programs.train``): an overlap raises
+:class:`~cwm_spec.programs.ContaminationError` naming the data set, never a score.
+``decontamination_programs`` counts what was checked; ``decontamination_unchecked`` counts
+training data sets whose manifest lists no programs (written before the list existed; a warning
+is logged).
 
 Every rank evaluates its share; counts are summed over ranks. Run standalone on a checkpoint with
 ``python -m cwm_jobs.evaluate --checkpoint DIR [--traces DATASET] [--limit N]``.
@@ -23,17 +37,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from importlib import resources
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
+from cwm_beam.sources import cruxeval_split
 from cwm_jobs.data import masked_lm_loss
 from cwm_jobs.tasks import (
-    OutputTask, extract_answer, prompt_messages, record_frames, task_from_cruxeval, trace_ids,
+    OutputTask, direct_prompt_messages, extract_answer, prompt_messages, record_frames,
+    task_from_cruxeval, task_from_trace, trace_ids,
 )
+from cwm_model.chat import THINK_END
 from cwm_spec import storage
+from cwm_spec.api import EvaluationSpec
+from cwm_spec.artifacts import iter_records, read_manifest
+from cwm_spec.programs import (
+    TRAINING_SPLITS, ContaminationError, contamination, program_hash, task_program_hash,
+)
+from cwm_spec.stepconfig import read_section
 
 LOG = logging.getLogger("cwm_jobs.evaluate")
 
@@ -147,7 +170,6 @@ def trace_exact_match(module: torch.nn.Module, tokenizer: Any, records: Iterable
 
 def held_out_traces(uri: str, limit: int, rank: int, world: int) -> list[dict[str, Any]]:
     """This rank's share of the first ``limit`` validation trace records."""
-    from cwm_spec.artifacts import iter_records
 
     records = []
     for i, record in enumerate(iter_records(uri, "validation")):
@@ -161,7 +183,6 @@ def held_out_traces(uri: str, limit: int, rank: int, world: int) -> list[dict[st
 def held_out_trace_records(uri: str, limit: int, rank: int, world: int) -> list[dict[str, Any]]:
     """This rank's share of the first ``limit`` complete validation traces that returned."""
     from cwm_exec.trace_format import END_OF_TEXT
-    from cwm_spec.artifacts import iter_records
 
     records = []
     for record in iter_records(uri, "validation"):
@@ -230,12 +251,14 @@ def trace_output_accuracy(module: torch.nn.Module, tokenizer: Any,
 # --------------------------------------------------------------------------- output prediction
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], think: bool = True
+                    ) -> list[int]:
     from cwm_model.chat import render_messages
 
     ids: list[int] = []
-    # CWM's reasoning prompt: the generation prompt ends with "<think>\n" (cwm_jobs.tasks).
-    for segment in render_messages(messages, add_generation_prompt=True, think=True):
+    # CWM's reasoning prompt: the generation prompt ends with "<think>\n" (cwm_jobs.tasks); a
+    # direct answer's has no "<think>".
+    for segment in render_messages(messages, add_generation_prompt=True, think=think):
         ids += tokenizer.encode_parts([(segment.text, segment.special)])
     if not ids or ids[0] != tokenizer.bos_id:
         ids = [tokenizer.bos_id, *ids]
@@ -253,40 +276,135 @@ def stop_ids(tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+MODES = ("direct", "reasoning")
+
+
 @torch.no_grad()
 def answer_tasks(module: torch.nn.Module, tokenizer: Any, tasks: Sequence[OutputTask], *,
-                 max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy answers to output-prediction questions."""
+                 max_new_tokens: int, batch_size: int = 16, mode: str = "reasoning"
+                 ) -> list[tuple[str, bool]]:
+    """Greedy answers to output-prediction questions in ``mode`` (:data:`MODES`), each with
+    whether the reply was unfinished (reasoning that never closed within the budget)."""
     from cwm_model.generate import generate
 
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    reasoning = mode == "reasoning"
+    build = prompt_messages if reasoning else direct_prompt_messages
     was_training = module.training
     module.eval()
     answers = []
     for i in range(0, len(tasks), batch_size):
-        prompts = [chat_prompt_ids(tokenizer, prompt_messages(t)) for t in tasks[i:i + batch_size]]
+        prompts = [chat_prompt_ids(tokenizer, build(t), think=reasoning)
+                   for t in tasks[i:i + batch_size]]
         completions = generate(module, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
                                stop_ids=stop_ids(tokenizer))
-        answers += [extract_answer(tokenizer.decode(c)) for c in completions]
+        for c in completions:
+            text = tokenizer.decode(c)
+            answers.append((extract_answer(text), reasoning and THINK_END not in text))
     module.train(was_training)
     return answers
 
 
-def cruxeval_tasks(limit: int) -> list[OutputTask]:
-    path = resources.files("cwm_beam") / "data" / "cruxeval" / "cruxeval.jsonl"
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [task_from_cruxeval(json.loads(line)) for line in lines[:limit] if line.strip()]
+def cruxeval_tasks(limit: int, held_out: int = 800) -> list[OutputTask]:
+    """The first ``limit`` CRUXEval problems held out of training (``held_out``: the spec's
+    ``cruxevalHeldOut``), in program-hash order (:func:`cwm_beam.sources.cruxeval_split`)."""
+    return [task_from_cruxeval(r) for r in cruxeval_split(held_out).evaluation[:limit]]
+
+
+def output_prediction(module: torch.nn.Module, tokenizer: Any, tasks: Sequence[OutputTask], *,
+                      rank: int, world: int, max_new_tokens: int,
+                      sandbox: Mapping[str, Any] | None, mode: str) -> tuple[float, float]:
+    """Accuracy and the share of unfinished replies in ``mode``, over all ranks' shares."""
+    from cwm_jobs.rewards import check_outputs
+
+    mine = list(tasks[rank::world])
+    answers = answer_tasks(module, tokenizer, mine, max_new_tokens=max_new_tokens, mode=mode)
+    verdicts = check_outputs([(a, t.expected) for (a, _), t in zip(answers, mine)], sandbox)
+    right, unfinished, total = all_sum([float(sum(verdicts)),
+                                        float(sum(u for _, u in answers)), float(len(mine))],
+                                       _comm_device(module))
+    return (right / total, unfinished / total) if total else (0.0, 0.0)
 
 
 def output_prediction_accuracy(module: torch.nn.Module, tokenizer: Any, tasks: Sequence[OutputTask],
                                *, rank: int, world: int, max_new_tokens: int,
                                sandbox: Mapping[str, Any] | None) -> float:
-    from cwm_jobs.rewards import check_outputs
+    """Accuracy by reasoning (CWM's reasoning prompt), the mode RL rewards."""
+    return output_prediction(module, tokenizer, tasks, rank=rank, world=world,
+                             max_new_tokens=max_new_tokens, sandbox=sandbox, mode="reasoning")[0]
 
-    mine = list(tasks[rank::world])
-    answers = answer_tasks(module, tokenizer, mine, max_new_tokens=max_new_tokens)
-    verdicts = check_outputs([(a, t.expected) for a, t in zip(answers, mine)], sandbox)
-    right, total = all_sum([float(sum(verdicts)), float(len(mine))], _comm_device(module))
-    return right / total if total else 0.0
+
+def both_modes(module: torch.nn.Module, tokenizer: Any, tasks: Sequence[OutputTask], name: str,
+               ev: EvaluationSpec, *, rank: int, world: int, chat: bool,
+               sandbox: Mapping[str, Any] | None) -> dict[str, float]:
+    """``NAME_direct`` (budget ``maxNewTokens``) and, in a stage whose model speaks the chat
+    format, ``NAME_reasoning`` and ``NAME_reasoning_unfinished`` (budget ``reasoningTokens``)."""
+    results = {f"{name}_problems": float(len(tasks))}
+    results[f"{name}_direct"], _ = output_prediction(
+        module, tokenizer, tasks, rank=rank, world=world, max_new_tokens=ev.max_new_tokens,
+        sandbox=sandbox, mode="direct")
+    if chat and ev.reasoning:
+        right, unfinished = output_prediction(
+            module, tokenizer, tasks, rank=rank, world=world, max_new_tokens=ev.reasoning_tokens,
+            sandbox=sandbox, mode="reasoning")
+        results[f"{name}_reasoning"] = right
+        results[f"{name}_reasoning_unfinished"] = unfinished
+    return results
+
+
+# --------------------------------------------------------------------------- decontamination
+
+
+def held_out_programs(uri: str, limit: int) -> list[tuple[dict[str, Any], OutputTask]]:
+    """The first ``limit`` validation records whose program returned, with their questions."""
+    found = []
+    for record in iter_records(uri, "validation"):
+        if len(found) >= limit:
+            break
+        text = record.get("text")
+        task = task_from_trace(text, record.get("frames")) if isinstance(text, str) else None
+        if task is not None:
+            found.append((record, task))
+    return found
+
+
+def record_hash(record: dict[str, Any]) -> str | None:
+    """A trace record's program hash, from its code (None for a record without code)."""
+    code = record.get("code")
+    return program_hash(code) if isinstance(code, str) else None
+
+
+def training_programs(training: Mapping[str, str]) -> tuple[dict[str, list[str]], list[str]]:
+    """``{"traces/train": [hashes]}`` from each training data set's manifest, and the data sets
+    whose manifest lists no programs (they cannot be checked)."""
+    lists: dict[str, list[str]] = {}
+    unchecked = []
+    for name, uri in sorted(training.items()):
+        manifest = read_manifest(uri)
+        if not manifest.programs:
+            unchecked.append(f"{name} ({uri})")
+            continue
+        for split in TRAINING_SPLITS:
+            lists[f"{name}/{split}"] = manifest.programs.get(split, [])
+    return lists, unchecked
+
+
+def check_decontamination(evaluation: Mapping[str, list[str]],
+                          training: Mapping[str, str]) -> dict[str, float]:
+    """Refuse (:class:`ContaminationError`) when an evaluation program is in a training data
+    set; else the counts for the report. Every rank reads the same lists, so all raise or none."""
+    lists, unchecked = training_programs(training)
+    found = contamination(evaluation, lists)
+    if found:
+        raise ContaminationError(
+            "evaluation programs are in the training data, so no score would be honest: "
+            + "; ".join(found) + ". Regenerate the data with this spec's evaluation section "
+            "(the data steps leave its programs out), or evaluate other programs.")
+    for name in unchecked:
+        LOG.warning("decontamination: %s lists no programs in its manifest: not checked", name)
+    return {"decontamination_programs": float(len({h for v in evaluation.values() for h in v})),
+            "decontamination_unchecked": float(len(unchecked))}
 
 
 # --------------------------------------------------------------------------- mutate-fix
@@ -328,7 +446,6 @@ class ModelPolicy:
 
 def mutate_fix_records(uri: str, limit: int) -> list[dict[str, Any]]:
     """The trajectory data set's held-out tasks, in a stable order."""
-    from cwm_spec.artifacts import iter_records, read_manifest
 
     if not read_manifest(uri).splits.get("eval_tasks"):
         return []
@@ -375,41 +492,85 @@ def mutate_fix_solve_rate(module: torch.nn.Module, tokenizer: Any, records: Sequ
 # --------------------------------------------------------------------------- the stage's report
 
 
+@dataclass
+class Chosen:
+    """What one evaluation scores, chosen before anything runs and the same on every rank
+    (each then takes its share)."""
+
+    traces: list[dict[str, Any]] = field(default_factory=list)         # trace exact match
+    trace_outputs: list[dict[str, Any]] = field(default_factory=list)  # by trace completion
+    cruxeval: list[OutputTask] = field(default_factory=list)
+    cruxeval_hashes: list[str] = field(default_factory=list)
+    programs: list[tuple[dict[str, Any], OutputTask]] = field(default_factory=list)
+    mutate_fix: list[dict[str, Any]] = field(default_factory=list)
+
+    def hashes(self) -> dict[str, list[str]]:
+        """Each evaluation's program hashes (records without code have none)."""
+        def of(records: Iterable[dict[str, Any]]) -> list[str]:
+            return [h for h in map(record_hash, records) if h]
+
+        tasks = [r["task"] for r in self.mutate_fix]
+        return {"held-out traces": of([*self.traces, *self.trace_outputs]),
+                "held-out programs": of(r for r, _ in self.programs),
+                "cruxeval": list(self.cruxeval_hashes),
+                "mutate-fix": [task_program_hash(t["original"], t["path"], t["function"])
+                               for t in tasks]}
+
+
+def choose(ev: EvaluationSpec, traces_uri: str | None, trajectories_uri: str | None,
+           chat: bool) -> Chosen:
+    """The programs each enabled measurement scores (I/O: reads the data sets)."""
+    chosen = Chosen()
+    if traces_uri and read_manifest(traces_uri).splits.get("validation"):
+        chosen.traces = held_out_traces(traces_uri, ev.held_out_traces, 0, 1)
+        if ev.trace_outputs:
+            chosen.trace_outputs = held_out_trace_records(traces_uri, ev.trace_outputs, 0, 1)
+        if ev.held_out_programs:
+            chosen.programs = held_out_programs(traces_uri, ev.held_out_programs)
+    if ev.cruxeval:
+        problems = cruxeval_split(ev.cruxeval_held_out).evaluation[:ev.cruxeval_limit]
+        chosen.cruxeval = [task_from_cruxeval(r) for r in problems]
+        chosen.cruxeval_hashes = [program_hash(r["code"]) for r in problems]
+    if chat and trajectories_uri and ev.mutate_fix:
+        chosen.mutate_fix = mutate_fix_records(trajectories_uri, ev.mutate_fix_tasks)
+    return chosen
+
+
 def evaluate_model(module: torch.nn.Module, tokenizer: Any, *, rank: int, world: int,
                    validation: Iterable[dict[str, Any]] = (), traces_uri: str | None = None,
                    trajectories_uri: str | None = None,
-                   evaluation: Mapping[str, Any] | None = None,
-                   sandbox: Mapping[str, Any] | None = None, max_tokens: int = 2048) -> dict[str, float]:
-    """Everything the stage reports, as flat numbers. ``trajectories_uri`` is given by the
-    stages whose model speaks the chat format (SFT, RL): it enables the mutate-fix solve rate."""
-    ev = dict(evaluation or {})
-    results = validation_loss(module, validation)
-    held_out = int(ev.get("heldOutTraces", 200))
-    if traces_uri and held_out:
-        from cwm_spec.artifacts import read_manifest
-
-        if read_manifest(traces_uri).splits.get("validation"):
-            held = held_out_traces(traces_uri, held_out, rank, world)
-            results.update(trace_exact_match(module, tokenizer, held, max_tokens))
-        outputs = int(ev.get("traceOutputs", 0))
-        if outputs:
-            records = held_out_trace_records(traces_uri, outputs, rank, world)
-            results.update(trace_output_accuracy(
-                module, tokenizer, records,
-                max_new_tokens=int(ev.get("traceOutputTokens", 384))))
-    if ev.get("cruxeval", True):
-        tasks = cruxeval_tasks(int(ev.get("cruxevalLimit", 800)))
-        results["cruxeval_o"] = output_prediction_accuracy(
-            module, tokenizer, tasks, rank=rank, world=world,
-            max_new_tokens=int(ev.get("maxNewTokens", 128)), sandbox=sandbox)
-        results["cruxeval_o_problems"] = float(len(tasks))
-    if trajectories_uri and ev.get("mutateFix", True):
-        records = mutate_fix_records(trajectories_uri, int(ev.get("mutateFixTasks", 8)))
-        if records:
-            results.update(mutate_fix_solve_rate(
-                module, tokenizer, records, rank=rank, world=world,
-                max_turns=int(ev.get("mutateFixTurns", 8)),
-                max_new_tokens=int(ev.get("maxNewTokens", 128)), sandbox=sandbox))
+                   evaluation: EvaluationSpec | Mapping[str, Any] | None = None,
+                   sandbox: Mapping[str, Any] | None = None, max_tokens: int = 2048,
+                   chat: bool | None = None,
+                   training: Mapping[str, str] | None = None) -> dict[str, float]:
+    """Everything the stage reports, as flat numbers. ``chat``: the model speaks the chat format
+    (SFT, RL), which enables reasoning-mode output prediction and the mutate-fix solve rate
+    (default: whether ``trajectories_uri`` is given). ``training``: the data sets of programs
+    the model trained on (default: the traces and trajectories given), checked first."""
+    ev = evaluation if isinstance(evaluation, EvaluationSpec) else read_section(
+        EvaluationSpec, dict(evaluation or {}), "evaluation")
+    chat = trajectories_uri is not None if chat is None else chat
+    chosen = choose(ev, traces_uri, trajectories_uri, chat)
+    if training is None:
+        training = {n: u for n, u in (("traces", traces_uri), ("trajectories", trajectories_uri))
+                    if u}
+    results = check_decontamination(chosen.hashes(), training)
+    results.update(validation_loss(module, validation))
+    if chosen.traces:
+        results.update(trace_exact_match(module, tokenizer, chosen.traces[rank::world],
+                                         max_tokens))
+    if chosen.trace_outputs:
+        results.update(trace_output_accuracy(module, tokenizer, chosen.trace_outputs[rank::world],
+                                             max_new_tokens=ev.trace_output_tokens))
+    for name, tasks in (("cruxeval_o", chosen.cruxeval),
+                        ("heldout_output", [t for _, t in chosen.programs])):
+        if tasks:
+            results.update(both_modes(module, tokenizer, tasks, name, ev, rank=rank, world=world,
+                                      chat=chat, sandbox=sandbox))
+    if chosen.mutate_fix:
+        results.update(mutate_fix_solve_rate(
+            module, tokenizer, chosen.mutate_fix, rank=rank, world=world,
+            max_turns=ev.mutate_fix_turns, max_new_tokens=ev.max_new_tokens, sandbox=sandbox))
     return results
 
 
@@ -427,7 +588,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="a trajectories data set: mutate-fix solve rate on its eval_tasks")
     parser.add_argument("--mutate-fix-tasks", type=int, default=8)
     parser.add_argument("--mutate-fix-turns", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="budget of a direct answer and of a mutate-fix turn")
+    parser.add_argument("--reasoning-tokens", type=int, default=1024,
+                        help="budget of an answer by reasoning")
+    parser.add_argument("--cruxeval-held-out", type=int, default=800,
+                        help="CRUXEval problems held out of training (the spec's value)")
+    parser.add_argument("--held-out-programs", type=int, default=0,
+                        help="validation programs whose output is predicted in chat")
+    parser.add_argument("--chat", action="store_true",
+                        help="the checkpoint speaks the chat format (after SFT): also reasoning")
+    parser.add_argument("--training", action="append", default=[], metavar="DATASET",
+                        help="a data set the model trained on, checked for evaluation programs "
+                        "(default: --traces and --trajectories)")
     args = parser.parse_args(argv)
     from cwm_model.checkpoint import load_checkpoint
 
@@ -442,8 +615,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         evaluation={"heldOutTraces": args.held_out, "cruxevalLimit": args.limit,
                     "traceOutputs": args.trace_outputs, "cruxeval": not args.no_cruxeval,
                     "maxNewTokens": args.max_new_tokens, "mutateFixTasks": args.mutate_fix_tasks,
-                    "mutateFixTurns": args.mutate_fix_turns},
-        max_tokens=model.config.max_seq_len)
+                    "mutateFixTurns": args.mutate_fix_turns,
+                    "reasoningTokens": args.reasoning_tokens,
+                    "cruxevalHeldOut": args.cruxeval_held_out,
+                    "heldOutPrograms": args.held_out_programs},
+        max_tokens=model.config.max_seq_len, chat=args.chat or args.trajectories is not None,
+        training={f"training[{i}]": uri for i, uri in enumerate(args.training)} or None)
     print(json.dumps(results, indent=1, sort_keys=True))
 
 

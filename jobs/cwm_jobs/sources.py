@@ -2,13 +2,17 @@
 
 ``dataMix`` names three sources (CWM's mid-training mix): ``cwm`` (execution traces and
 ForagerAgent trajectories, half each when both exist), ``code`` (the code corpus) and
-``rehearsal`` (the pretraining data: ``inputs.rehearsal`` when given, else the corpus read in a
-different order). SFT turns the same data sets into chat examples: output-prediction questions
-from traces (the trace is the reasoning), and trajectories with the loss on the agent's turns.
+``rehearsal`` (general text, ``inputs.rehearsal``: :mod:`cwm_jobs.rehearsal`; never the corpus
+again). Each has its own validation loss (``validation_loss/<source>``). SFT turns the same data
+sets into chat examples: output-prediction questions from traces, and trajectories with the loss
+on the agent's turns. A question is taught in one of the two modes the evaluation measures, by a
+hash of its trace (:func:`answers_directly`, half each): by reasoning (CWM's reasoning prompt,
+the trace as the reasoning, then the value) or directly (no reasoning prompt, the value alone).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,7 +30,7 @@ from cwm_jobs.data import (
     text_document,
     trajectory_document,
 )
-from cwm_jobs.tasks import sft_messages, task_from_trace, trace_ids
+from cwm_jobs.tasks import direct_messages, sft_messages, task_from_trace, trace_ids
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,6 @@ class Source:
     uri: str
     encode: Encoder
     weight: float
-    seed_offset: int = 0
 
 
 def _text(tokenizer: Any) -> Encoder:
@@ -67,10 +70,19 @@ def _trajectory(tokenizer: Any, seed: int, rate: float, assistant_only: bool) ->
     return encode
 
 
+def answers_directly(text: str) -> bool:
+    """Whether the SFT example of a trace answers directly (else by reasoning): half of the
+    traces each, by a hash of the text, so a record is always taught the same way. Pure."""
+    return hashlib.sha256(text.encode()).digest()[0] % 2 == 1
+
+
 def _trace_question(tokenizer: Any) -> Encoder:
     def encode(record: dict[str, Any], _position: Position) -> Document | None:
         task = task_from_trace(record["text"], record.get("frames"))
-        return None if task is None else chat_document(tokenizer, sft_messages(task))
+        if task is None:
+            return None
+        direct = answers_directly(record["text"])
+        return chat_document(tokenizer, direct_messages(task) if direct else sft_messages(task))
 
     return encode
 
@@ -94,13 +106,12 @@ def stage_sources(ctx: StepContext, tokenizer: Any) -> list[Source]:
         if ctx.input("trajectories"):
             enc = _trajectory(tokenizer, ctx.seed, s.observation_mask_rate, assistant_only=sft)
             sources.append(Source("trajectories", ctx.input("trajectories"), enc, share))
-    for name, uri in (("code", ctx.input("corpus")),
-                      ("rehearsal", ctx.input("rehearsal") or ctx.input("corpus"))):
+    for name, given in (("code", "corpus"), ("rehearsal", "rehearsal")):
         if mix.get(name, 0) > 0:
-            if not uri:
-                raise ValueError(f"spec.dataMix.{name} is {mix[name]} but inputs.corpus is not given")
-            sources.append(Source(name, uri, _text(tokenizer), mix[name],
-                                  seed_offset=1 if name == "rehearsal" else 0))
+            if not ctx.input(given):
+                raise ValueError(f"spec.dataMix.{name} is {mix[name]} but inputs.{given} is not "
+                                 "given")
+            sources.append(Source(name, ctx.input(given), _text(tokenizer), mix[name]))
     if not sources:
         raise ValueError("spec.dataMix selects no data")
     return sources
@@ -116,7 +127,7 @@ def make_batcher_factory(
         stats: Counter = Counter()
         streams = {}
         for src in sources:
-            records = RecordStream(src.uri, split, seed=seed + src.seed_offset, rank=env.rank,
+            records = RecordStream(src.uri, split, seed=seed, rank=env.rank,
                                    world=env.world_size, stats=stats)
             sub = state["sources"].get(src.name) if state else None
             streams[src.name] = PackedStream(records, src.encode, length, state=sub)

@@ -1,7 +1,10 @@
 """Output prediction, the verifiable task shared by SFT, RL and evaluation.
 
-One question format everywhere: SFT teaches it (with the execution trace as the reasoning), RL
-rewards it, CruxEval-O measures it. Reasoning is CWM's plain-text ``<think>`` format
+One question format everywhere: SFT teaches it, RL rewards it, CruxEval-O measures it, in two
+modes. *By reasoning* (:func:`prompt_messages`, :func:`sft_messages`): the execution trace is the
+reasoning, then the value; the answer needs a budget that holds a trace. *Directly*
+(:func:`direct_messages`, :func:`direct_prompt_messages`): no reasoning prompt, the value alone,
+a few tokens. Reasoning is CWM's plain-text ``<think>`` format
 (github.com/facebookresearch/cwm ``PROMPTING_GUIDE.md`` "Reasoning", ``cwm/rl/envs/prompts.py``):
 the conversation starts with CWM's reasoning system prompt, the generation prompt ends with
 ``<think>\n`` (``cwm_model.chat.render_messages(..., think=True)``) and the answer is whatever
@@ -41,6 +44,17 @@ def prompt_messages(task: OutputTask) -> list[dict[str, Any]]:
     """CWM's reasoning system prompt, then the question (render with ``think=True``)."""
     return [{"role": "system", "content": REASONING_SYSTEM_PROMPT},
             {"role": "user", "content": question(task)}]
+
+
+def direct_prompt_messages(task: OutputTask) -> list[dict[str, Any]]:
+    """The question alone, no reasoning system prompt (render with ``think=False``): the reply
+    is the value."""
+    return [{"role": "user", "content": question(task)}]
+
+
+def direct_messages(task: OutputTask) -> list[dict[str, Any]]:
+    """The SFT example of a direct answer: the question, then the value alone."""
+    return [*direct_prompt_messages(task), {"role": "assistant", "content": task.expected}]
 
 
 def sft_messages(task: OutputTask) -> list[dict[str, Any]]:

@@ -6,9 +6,9 @@
   whose reserved slots receive CWM's special names) and save it;
 * otherwise train ``spec.vocabSize`` base tokens (CWM's 256 specials go above) on a sample of
   ``spec.sampleRecords`` records drawn round-robin from the inputs that exist: the code corpus,
-  traces (their text; the special tokens written in it are taken out before training, by
-  ``cwm_model.tokenizer.train_tokenizer``, since they are never encoded from text) and
-  trajectories (rendered chat), so every kind of text the stages train on shapes the merges.
+  the rehearsal text, traces (their text; the special tokens written in it are taken out before
+  training, by ``cwm_model.tokenizer.train_tokenizer``, since they are never encoded from text)
+  and trajectories (rendered chat), so every kind of text the stages train on shapes the merges.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from cwm_spec.artifacts import iter_records
 from cwm_spec.stepconfig import load_step_config, read_section
 
 LOG = logging.getLogger("cwm_jobs.tokenizer")
-SOURCES = ("corpus", "traces", "trajectories")
+SOURCES = ("corpus", "rehearsal", "traces", "trajectories")
 
 
 def record_text(kind: str, record: dict[str, Any]) -> str | None:

@@ -243,11 +243,18 @@ def stage_evaluator(ctx: StepContext, env: DistEnv, validation: list[dict[str, A
                 module, stage.tokenizer, rank=env.rank, world=env.world_size,
                 validation=validation, traces_uri=ctx.input("traces"),
                 trajectories_uri=ctx.input("trajectories") if ctx.settings.name == "sft" else None,
-                evaluation=ctx.evaluation, sandbox=ctx.config.get("sandbox"),
+                evaluation=ctx.evaluation_spec, sandbox=ctx.config.get("sandbox"),
                 max_tokens=max(ctx.settings.sequence_length, 16) * 4,
+                chat=ctx.settings.name == "sft", training=training_inputs(ctx),
             )
 
     return evaluate
+
+
+def training_inputs(ctx: StepContext) -> dict[str, str]:
+    """The data sets of programs this pipeline trains on, which the evaluation checks its own
+    programs against (cwm_spec.programs)."""
+    return {name: ctx.input(name) for name in ("traces", "trajectories") if ctx.input(name)}
 
 
 def run_lm_stage(name: str, argv: list[str] | None = None) -> dict[str, float]:
@@ -263,8 +270,8 @@ def run_lm_stage(name: str, argv: list[str] | None = None) -> dict[str, float]:
             sources = stage_sources(ctx, stage.tokenizer)
             make = make_batcher_factory(sources, env, seed=ctx.seed, length=s.sequence_length,
                                         micro_batch_size=s.micro_batch_size)
-            # Validation budget: sequences per source over all ranks (not an API field yet).
-            budget = int(ctx.evaluation.get("validationSequences", 64))
+            # Validation budget: sequences per source over all ranks.
+            budget = ctx.evaluation_spec.validation_sequences
             validation = validation_batches(
                 sources, env, seed=ctx.seed, length=s.sequence_length,
                 micro_batch_size=s.micro_batch_size * 4,

@@ -19,14 +19,26 @@ from cwm_spec import storage
 # Evaluation metrics shown first, in this order, when present (others follow alphabetically).
 HEADLINE = (
     "validation_loss",
+    "validation_loss/rehearsal",
     "trace_step_exact_match",
     "trace_state_exact_match",
     "trace_action_exact_match",
-    "cruxeval_o",
+    "cruxeval_o_direct",
+    "cruxeval_o_reasoning",
+    "heldout_output_direct",
+    "heldout_output_reasoning",
     "trace_output_accuracy",
     "mutate_fix_solve_rate",
     "mean_reward",
 )
+# Output prediction in the two modes SFT teaches (cwm_jobs.evaluate): (label, metric prefix).
+OUTPUT_PREDICTION = (("CRUXEval (held out)", "cruxeval_o"),
+                     ("held-out programs", "heldout_output"))
+# Each data set: (row, step, output). The rehearsal text is the corpus step's second output, or
+# its own step's when the corpus is given.
+DATA_SETS = (("traces", "traces", "dataset"), ("trajectories", "trajectories", "dataset"),
+             ("corpus", "corpus", "dataset"), ("rehearsal", "corpus", "rehearsal"),
+             ("rehearsal", "rehearsal", "dataset"))
 
 
 def _series(uri: str, key: str = "loss") -> list[tuple[int, float]]:
@@ -119,17 +131,52 @@ def _plot_metrics(records: list[StepRecord], names: list[str], out: Path) -> boo
 
 
 def _data_rows(root: str) -> list[str]:
+    """One row per data set: records per split, and the programs its step left out of training
+    because the evaluation holds them out (``stats.excluded_for_evaluation``)."""
     rows = []
-    for step in ("traces", "trajectories", "corpus"):
-        manifest = read_json(storage.join(root, step, "dataset", "manifest.json"))
+    for row, step, output in DATA_SETS:
+        manifest = read_json(storage.join(root, step, output, "manifest.json"))
         if not manifest:
             continue
         splits = manifest.get("splits", {})
         counts = {name: sum(s.get("records", 0) for s in shards) for name, shards in splits.items()}
         size = sum(s.get("bytes", 0) for shards in splits.values() for s in shards)
-        rows.append(f"| {step} | {counts.get('train', 0)} | {counts.get('validation', 0)} | "
-                    f"{counts.get('deadletter', 0)} | {size / 1e6:.1f} MB |")
+        excluded = manifest.get("stats", {}).get("excluded_for_evaluation")
+        left_out = "" if excluded is None else str(sum(excluded.values()))
+        held = counts.get("validation", counts.get("eval_tasks", 0))
+        rows.append(f"| {row} | {manifest.get('kind', '')} | {counts.get('train', 0)} | {held} | "
+                    f"{counts.get('deadletter', 0)} | {left_out} | {size / 1e6:.1f} MB |")
     return rows
+
+
+def _output_prediction_rows(stages: list[StepRecord]) -> list[str]:
+    """Per stage and evaluation set: direct and by-reasoning accuracy, and the share of
+    reasoning that never closed within its budget."""
+    rows = []
+    for record in stages:
+        m = record.metrics
+        for label, prefix in OUTPUT_PREDICTION:
+            if f"{prefix}_direct" not in m:
+                continue
+            rows.append(f"| {record.name} | {label} | {_fmt(m.get(f'{prefix}_problems'))} | "
+                        f"{_fmt(m.get(f'{prefix}_direct'))} | "
+                        f"{_fmt(m.get(f'{prefix}_reasoning'))} | "
+                        f"{_fmt(m.get(f'{prefix}_reasoning_unfinished'))} |")
+    return rows
+
+
+def _decontamination_line(stages: list[StepRecord]) -> list[str]:
+    checked = [r.metrics.get("decontamination_programs") for r in stages]
+    checked = [c for c in checked if isinstance(c, (int, float))]
+    if not checked:
+        return []
+    unchecked = max(r.metrics.get("decontamination_unchecked", 0) for r in stages)
+    line = (f"Decontamination: up to {max(checked):.0f} evaluation programs per stage checked "
+            "against the training data sets' program lists: none in training (the evaluation "
+            "refuses to score otherwise).")
+    if unchecked:
+        line += f" {unchecked:.0f} training data set(s) listed no programs and were not checked."
+    return [line, ""]
 
 
 def write_report(workdir: Path) -> Path:
@@ -154,8 +201,9 @@ def write_report(workdir: Path) -> Path:
     root = run.get("storage") or str(workdir / "artifacts")  # the plan's storage root
     data = _data_rows(root)
     if data:
-        lines += ["## Data", "", "| data set | train | validation | dead letters | size |",
-                  "| --- | --- | --- | --- | --- |", *data, ""]
+        lines += ["## Data", "", "| data set | kind | train | held out | dead letters | "
+                  "left out for evaluation | size |", "| --- | --- | --- | --- | --- | --- | --- |",
+                  *data, "", *_decontamination_line(stages)]
 
     losses = [(r.name, _series(storage.join(root, r.name, "metrics", "metrics.jsonl")))
               for r in stages]
@@ -178,6 +226,13 @@ def write_report(workdir: Path) -> Path:
         if _plot_metrics(stages, names, out_dir / "metrics.png"):
             lines += ["", "![evaluation metrics](metrics.png)"]
         lines.append("")
+    predictions = _output_prediction_rows(stages)
+    if predictions:
+        lines += ["## Output prediction", "", "Direct: the value alone (budget maxNewTokens); by "
+                  "reasoning: the trace as SFT teaches it, then the value (budget "
+                  "reasoningTokens); unfinished: reasoning never closed within its budget.", "",
+                  "| stage | programs | count | direct | reasoning | unfinished |",
+                  "| --- | --- | --- | --- | --- | --- |", *predictions, ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

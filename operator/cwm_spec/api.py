@@ -239,9 +239,10 @@ class TraceDataSpec(Spec):
 
     enabled: bool = Field(True, description="Generate trace data.")
     sources: list[TraceSource] = Field(
-        default_factory=lambda: [TraceSource(kind="cruxeval")],
+        default_factory=lambda: [TraceSource(kind="synthetic", count=2000)],
         min_length=1,
-        description="Where programs come from.",
+        description="Where programs come from (default: 2000 generated programs; the bundled "
+        "CRUXEval problems are the evaluation's unless evaluation.cruxevalHeldOut leaves some).",
     )
     fuzz_inputs_per_function: int = Field(
         3, ge=0, le=100, description="Fuzzed inputs generated per function."
@@ -359,6 +360,18 @@ class CorpusSpec(Spec):
     max_bytes: int = Field(50_000_000, ge=1024, description="Cap on corpus bytes.")
 
 
+class RehearsalSpec(Spec):
+    """General text, distinct from the code corpus: the stages' ``rehearsal`` source (CWM
+    rehearses its pre-training mix while mid-training)."""
+
+    uri: str | None = Field(
+        None,
+        description="A data set of kind text (manifest + JSONL shards of {text} records); empty "
+        "builds one from the natural-language documentation shipped with the Python interpreter "
+        "(the Language Reference topics of pydoc_data), nothing downloaded.",
+    )
+
+
 class DataSpec(Spec):
     """Mid-training data generation (Beam pipelines)."""
 
@@ -367,6 +380,9 @@ class DataSpec(Spec):
         default_factory=TrajectoryDataSpec, description="ForagerAgent trajectory data."
     )
     corpus: CorpusSpec = Field(default_factory=CorpusSpec, description="Code corpus.")
+    rehearsal: RehearsalSpec = Field(
+        default_factory=RehearsalSpec, description="General text for the rehearsal source."
+    )
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec, description="Sandbox limits.")
     beam: BeamSpec = Field(default_factory=BeamSpec, description="Beam runner settings.")
     resources: "Resources" = Field(
@@ -446,7 +462,11 @@ class DataMix(Spec):
 
     cwm: float = Field(0.0, ge=0, description="CWM data: execution traces and trajectories.")
     code: float = Field(0.0, ge=0, description="The code corpus.")
-    rehearsal: float = Field(0.0, ge=0, description="Rehearsal of the pretraining data.")
+    rehearsal: float = Field(
+        0.0, ge=0, description="General text (spec.data.rehearsal), not code: rehearsed in "
+        "mid-training as CWM rehearses its pre-training mix (give it a pretrain share too to "
+        "pre-train on it).",
+    )
 
     @model_validator(mode="after")
     def _positive(self) -> "DataMix":
@@ -560,7 +580,13 @@ class StageSpec(Spec):
 
 
 class EvaluationSpec(Spec):
-    """What each stage's evaluation measures."""
+    """What each stage's evaluation measures, and which programs are kept out of training for it.
+
+    Evaluation programs never reach a training data set: the bundled CRUXEval problems held out
+    here are left out of the trace data by program hash, held-out traces are the traces' own
+    validation split (split by program hash), held-out mutate-fix tasks are chosen before the
+    training tasks, which skip their functions; the evaluation refuses to score when an
+    evaluation program's hash is in a training data set's manifest."""
 
     held_out_traces: int = Field(
         200, ge=0, description="Held-out traces for trace-step exact match."
@@ -575,7 +601,36 @@ class EvaluationSpec(Spec):
         384, ge=8, description="Generation budget per trace in that measurement."
     )
     cruxeval: bool = Field(True, description="Measure CruxEval-O output prediction.")
-    cruxeval_limit: int = Field(800, ge=1, le=800, description="CRUXEval problems to use.")
+    cruxeval_held_out: int = Field(
+        800,
+        ge=0,
+        le=800,
+        description="Bundled CRUXEval problems reserved for evaluation, chosen by program hash; "
+        "a cruxeval trace source traces only the other 800 - N. The default keeps all of them "
+        "out of training.",
+    )
+    cruxeval_limit: int = Field(
+        800, ge=1, le=800,
+        description="Held-out CRUXEval problems scored: the first in program-hash order, all "
+        "cruxevalHeldOut of them when it holds fewer (only held-out problems are scored).",
+    )
+    held_out_programs: int = Field(
+        0,
+        ge=0,
+        description="Held-out traced programs (the traces' validation split, never trained on) "
+        "whose output the model predicts in chat, directly and by reasoning (0: off).",
+    )
+    reasoning: bool = Field(
+        True,
+        description="After SFT and RL, also predict outputs by reasoning (the trace, then the "
+        "value, as SFT teaches), reported apart from direct answers.",
+    )
+    reasoning_tokens: int = Field(
+        1024,
+        ge=8,
+        description="Generation budget of an answer by reasoning: it must hold the trace SFT "
+        "teaches as reasoning, so it is far larger than a direct answer's.",
+    )
     mutate_fix: bool = Field(
         True,
         description="Measure the mutate-fix solve rate after SFT and RL: the model acts as the "
@@ -583,7 +638,13 @@ class EvaluationSpec(Spec):
     )
     mutate_fix_tasks: int = Field(8, ge=1, description="Held-out mutate-fix tasks to attempt.")
     mutate_fix_turns: int = Field(8, ge=1, le=128, description="Turn budget per attempt.")
-    max_new_tokens: int = Field(128, ge=1, description="Generation budget per answer.")
+    max_new_tokens: int = Field(
+        128, ge=1, description="Generation budget of a direct answer and of each mutate-fix turn."
+    )
+    validation_sequences: int = Field(
+        64, ge=1, description="Validation sequences per data source (over all ranks) for the "
+        "validation losses.",
+    )
 
 
 class PVCStorage(Spec):
@@ -696,6 +757,13 @@ class CWMPipelineSpec(Spec):
             s.data_mix and s.data_mix.cwm > 0 and s.name in ("midtrain", "sft") for s in self.stages
         )
         data = self.data
+        if data.traces.enabled and self.evaluation.cruxeval_held_out == 800:
+            for i, source in enumerate(data.traces.sources):
+                if source.kind == "cruxeval":
+                    raise ValueError(
+                        f"data.traces.sources[{i}]: the cruxeval source has nothing to trace: "
+                        "evaluation.cruxevalHeldOut reserves all 800 problems for evaluation "
+                        "(lower it to train on the rest)")
         if needs_data and not (data.traces.enabled or data.trajectories.enabled):
             raise ValueError(
                 "a stage mixes in CWM data (dataMix.cwm > 0) but both data.traces and "

@@ -15,7 +15,12 @@ so local paths and ``s3://``/``gs://`` URIs behave the same (fsspec)::
      "splits": {"train": [{"path": "train-00000-of-00004.jsonl", "records": 812,
                            "bytes": 1048576, "sha256": "..."}, ...],
                 "validation": [...], "deadletter": [...]},
-     "stats": {...free-form counters...}}
+     "stats": {...free-form counters...},
+     "programs": {"train": ["<program hash>", ...], "validation": [...]}}
+
+``programs`` (data sets of programs: traces, trajectories) lists, per split, the
+:func:`cwm_spec.programs.program_hash` of every program its records hold, sorted: what the
+evaluation checks its own programs against before scoring (:mod:`cwm_spec.programs`).
 
 Record shapes by kind: ``traces`` records carry ``"text"`` (the CWM trace text with special
 tokens written out) plus structured fields; ``trajectories`` records carry ``"messages"``
@@ -54,6 +59,7 @@ class Manifest:
     kind: str
     splits: dict[str, list[Shard]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    programs: dict[str, list[str]] = field(default_factory=dict)  # split -> program hashes
 
     def records(self, split: str) -> int:
         return sum(s.records for s in self.splits.get(split, []))
@@ -66,6 +72,8 @@ class Manifest:
                 name: [vars(s) for s in shards] for name, shards in sorted(self.splits.items())
             },
             "stats": self.stats,
+            "programs": {name: sorted(set(hashes))
+                         for name, hashes in sorted(self.programs.items())},
         }
 
     @classmethod
@@ -77,7 +85,9 @@ class Manifest:
                 name: [Shard(**shard) for shard in shards]
                 for name, shards in data["splits"].items()
             }
-            return cls(kind=data["kind"], splits=splits, stats=data.get("stats", {}))
+            programs = {name: list(hashes) for name, hashes in data.get("programs", {}).items()}
+            return cls(kind=data["kind"], splits=splits, stats=data.get("stats", {}),
+                       programs=programs)
         except (KeyError, TypeError) as err:
             raise ArtifactError(f"{origin}: malformed manifest ({err})") from None
 
@@ -222,6 +232,11 @@ def merge_parts(dir_uri: str, count: int) -> Manifest | None:
                 Shard(prefix + s.path, s.records, s.bytes, s.sha256) for s in shards)
     stats = merge_stats([m.stats for m in manifests])
     stats["parts"] = count
-    merged = Manifest(manifests[0].kind, splits, stats)
+    programs: dict[str, set[str]] = {}
+    for manifest in manifests:
+        for name, hashes in manifest.programs.items():
+            programs.setdefault(name, set()).update(hashes)
+    merged = Manifest(manifests[0].kind, splits, stats,
+                      {name: sorted(hashes) for name, hashes in programs.items()})
     write_manifest(dir_uri, merged)
     return merged

@@ -5,7 +5,8 @@ inputs and outputs (artifact URIs), resources and a fingerprint. The local runne
 commands as subprocesses; the operator wraps the same steps into Jobs and PyTorchJobs. Nothing
 here does I/O.
 
-Order: data generation (``traces``, ``trajectories``, ``corpus``), ``tokenizer`` (or, with
+Order: data generation (``traces``, ``trajectories``, ``corpus``: the code corpus and, when a
+stage mixes in rehearsal, the general text), ``tokenizer`` (or, with
 ``spec.model.init``, ``import``: the released checkpoint converted, its tokenizer adopted), then
 each training stage in order. A step's fingerprint hashes its own configuration (not where it runs,
 nor its output paths) together with its upstream steps' fingerprints, so changing one section of
@@ -194,21 +195,18 @@ def build_plan(pipeline: CWMPipeline, target: Target) -> Plan:
     data_inputs: dict[str, tuple[str, str] | str] = {}
 
     if data.traces.enabled:
+        # What the evaluation holds out of training: the step leaves those programs out.
+        held_out = {"cruxevalHeldOut": spec.evaluation.cruxeval_held_out}
         b.add("traces", "beam", "cwm_beam.traces", data.traces.dump(), {}, ["dataset"],
-              data.resources, extra={"sandbox": sandbox}, runtime=beam_runtime,
-              args=_beam_args(pipeline))
+              data.resources, extra={"sandbox": sandbox, "evaluation": held_out},
+              runtime=beam_runtime, args=_beam_args(pipeline))
         data_inputs["traces"] = ("traces", "dataset")
     if data.trajectories.enabled:
         b.add("trajectories", "beam", "cwm_beam.trajectories", data.trajectories.dump(), {},
               ["dataset"], data.resources, extra={"sandbox": sandbox}, runtime=beam_runtime,
               args=_beam_args(pipeline))
         data_inputs["trajectories"] = ("trajectories", "dataset")
-    if data.corpus.uri:
-        data_inputs["corpus"] = data.corpus.uri
-    else:
-        b.add("corpus", "job", "cwm_jobs.corpus", data.corpus.dump(), {}, ["dataset"],
-              data.resources)
-        data_inputs["corpus"] = ("corpus", "dataset")
+    _add_pretraining_data(b, pipeline, data_inputs)
 
     if spec.model.init:
         # A released checkpoint: converted once (streaming) into ours plus its tokenizer, which
@@ -239,6 +237,31 @@ def build_plan(pipeline: CWMPipeline, target: Target) -> Plan:
               retries=stage.retries, deadline=stage.deadline_seconds)
         previous = stage.name
     return Plan(pipeline.name, target, tuple(b.steps))
+
+
+def _add_pretraining_data(b: _Builder, pipeline: CWMPipeline,
+                          data_inputs: dict[str, tuple[str, str] | str]) -> None:
+    """The code corpus and, when a stage mixes in rehearsal, the general text: given URIs, else
+    built locally by the corpus step (``outputs.rehearsal`` beside its ``dataset``), or by a
+    rehearsal step of its own when the corpus is given but the text is not."""
+    data = pipeline.spec.data
+    rehearsed = any(s.data_mix and s.data_mix.rehearsal > 0 for s in pipeline.spec.stages)
+    build_text = rehearsed and not data.rehearsal.uri
+    if data.corpus.uri:
+        data_inputs["corpus"] = data.corpus.uri
+        if build_text:
+            b.add("rehearsal", "job", "cwm_jobs.rehearsal", data.rehearsal.dump(), {},
+                  ["dataset"], data.resources)
+            data_inputs["rehearsal"] = ("rehearsal", "dataset")
+    else:
+        b.add("corpus", "job", "cwm_jobs.corpus", data.corpus.dump(), {},
+              ["dataset", "rehearsal"] if build_text else ["dataset"], data.resources,
+              extra={"rehearsal": data.rehearsal.dump()} if build_text else None)
+        data_inputs["corpus"] = ("corpus", "dataset")
+        if build_text:
+            data_inputs["rehearsal"] = ("corpus", "rehearsal")
+    if rehearsed and data.rehearsal.uri:
+        data_inputs["rehearsal"] = data.rehearsal.uri
 
 
 def _stage_section(stage: StageSpec) -> dict[str, Any]:

@@ -21,11 +21,11 @@ def cwm(*args: str, env: dict[str, str] | None = None,
 
 def small_data(programs: int, *, trace_shards: int = 1, max_turns: int = 8,
                corpus_files: int = 100) -> dict[str, Any]:
-    """spec.data for `programs` CRUXEval and as many synthetic programs (no fuzzing), one
-    mutate-fix task per repository (one more held out), `corpus_files` source files."""
+    """spec.data for twice `programs` synthetic programs (no fuzzing: the bundled CRUXEval
+    problems are the evaluation's by default), one mutate-fix task per repository (one more held
+    out), `corpus_files` source files."""
     return {
-        "traces": {"sources": [{"kind": "cruxeval", "count": programs},
-                               {"kind": "synthetic", "count": programs}],
+        "traces": {"sources": [{"kind": "synthetic", "count": 2 * programs}],
                    "fuzzInputsPerFunction": 0, "shards": trace_shards,
                    "validationFraction": 0.2},
         "trajectories": {"tasksPerRepository": 1, "heldOutTasks": 1,

@@ -34,7 +34,7 @@ MANIFEST = {
                     "tasks": ["output_prediction", "mutate_fix"]}},
         ],
         "evaluation": {"heldOutTraces": 4, "cruxevalLimit": 4, "maxNewTokens": 8,
-                       "mutateFixTasks": 1, "mutateFixTurns": 2},
+                       "reasoningTokens": 16, "mutateFixTasks": 1, "mutateFixTurns": 2},
     },
 }
 ALL = ["traces", "trajectories", "corpus", "tokenizer", "pretrain", "midtrain", "sft", "rl"]
@@ -64,7 +64,10 @@ def test_every_step_succeeds_with_metrics(run):
     assert {s["state"] for s in steps.values()} == {"Succeeded"}
     for stage in ("pretrain", "midtrain", "sft", "rl"):
         metrics = steps[stage]["metrics"]
-        assert "cruxeval_o" in metrics and "trace_step_exact_match" in metrics, (stage, metrics)
+        assert "cruxeval_o_direct" in metrics and "trace_step_exact_match" in metrics, \
+            (stage, metrics)
+        assert ("cruxeval_o_reasoning" in metrics) == (stage in ("sft", "rl")), (stage, metrics)
+        assert metrics["decontamination_unchecked"] == 0, (stage, metrics)
         if stage != "rl":
             assert "validation_loss" in metrics, (stage, metrics)
     assert "rl_heldout_accuracy" in steps["rl"]["metrics"]

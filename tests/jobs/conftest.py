@@ -57,7 +57,9 @@ def pipeline_data(tmp_path_factory):
     import sysconfig
 
     from cwm_jobs.corpus import Root, build_corpus
-    from cwm_jobs.evaluate import cruxeval_tasks
+    from cwm_jobs.rehearsal import build_rehearsal, documentation_topics
+    from cwm_beam.sources import cruxeval_split
+    from cwm_spec.programs import program_hash, split_of
     from cwm_jobs.tasks import comparison_tasks
     from cwm_jobs.tokenizer import sample_texts
     from cwm_model.tokenizer import train_tokenizer
@@ -67,15 +69,22 @@ def pipeline_data(tmp_path_factory):
     corpus = str(root / "corpus")
     build_corpus(corpus, roots=[Root("stdlib", stdlib / "json"), Root("stdlib", stdlib / "email")],
                  max_files=40, max_bytes=400_000)
-    crux = [(t.source, t.call[2:-1]) for t in cruxeval_tasks(120)]
+    # The trainable side of the bundled problems (stage_config holds the other 400 out).
+    crux = [(r["code"], r["input"]) for r in cruxeval_split(400).trainable[:120]]
     digits = [(t.source, t.call[2:-1]) for t in comparison_tasks(40, seed=1)]
     traces = traced_records(crux + digits)
+    # Split by program, as the trace step does: no program in both splits.
+    held = [split_of(program_hash(r["code"]), 0.2) == "validation" for r in traces]
     traces_uri = write_dataset(root / "traces", "traces",
-                               {"train": traces[:-24], "validation": traces[-24:]})
+                               {"train": [r for r, h in zip(traces, held) if not h],
+                                "validation": [r for r, h in zip(traces, held) if h]})
     trajectories = trajectory_records(24)
     traj_uri = write_dataset(root / "trajectories", "trajectories",
                              {"train": trajectories[:20], "validation": trajectories[20:]})
-    inputs = {"corpus": corpus, "traces": traces_uri, "trajectories": traj_uri}
+    rehearsal = str(root / "rehearsal")
+    build_rehearsal(rehearsal, {k: v for k, v in sorted(documentation_topics().items())[:12]})
+    inputs = {"corpus": corpus, "traces": traces_uri, "trajectories": traj_uri,
+              "rehearsal": rehearsal}
     tokenizer = train_tokenizer(list(sample_texts(inputs, 600)), 512)
     tokenizer.save(root / "tokenizer")
     return {**inputs, "tokenizer": str(root / "tokenizer"), "root": root}

@@ -6,10 +6,15 @@ import json
 from pathlib import Path
 
 from cwm_spec.artifacts import Manifest, write_manifest, write_shard
+from cwm_spec.programs import program_hash
 
 
 def write_dataset(uri: Path, kind: str, splits: dict[str, list[dict]], shards: int = 2) -> str:
+    """A data set as the steps write it, with its program lists when its records hold code."""
     manifest = Manifest(kind=kind)
+    manifest.programs = {split: [program_hash(r["code"]) for r in records if "code" in r]
+                         for split, records in splits.items()
+                         if any("code" in r for r in records)}
     for split, records in splits.items():
         n = max(1, min(shards, len(records)))
         for i in range(n):
@@ -29,7 +34,7 @@ def traced_records(programs: list[tuple[str, str]]) -> list[dict]:
         result = trace_function(source, "f", args, limits=TraceLimits(max_events=200))
         if result.truncated_reason is None:
             records.append({"text": result.text, "return_repr": result.return_repr,
-                            "frames": [f.to_json() for f in result.frames]})
+                            "code": source, "frames": [f.to_json() for f in result.frames]})
     return records
 
 
@@ -60,9 +65,11 @@ def stage_config(out: Path, stage: str, inputs: dict, *, spec: dict | None = Non
         "apiVersion": "cwm.dev/v1alpha1", "pipeline": "test", "step": stage, "kind": "train",
         "seed": 0, "spec": base, "model": {"preset": "debug", "overrides": {}},
         "evaluation": {"heldOutTraces": 6, "cruxeval": True, "cruxevalLimit": 4,
-                       "maxNewTokens": 6, **(evaluation or {})},
+                       "cruxevalHeldOut": 400,
+                       "maxNewTokens": 6, "reasoningTokens": 12, **(evaluation or {})},
         "sandbox": {"wallSeconds": 10, "cpuSeconds": 10, "memoryMB": 1024},
-        "inputs": {k: inputs[k] for k in ("tokenizer", "traces", "trajectories", "corpus")},
+        "inputs": {k: inputs[k] for k in ("tokenizer", "traces", "trajectories", "corpus",
+                                          "rehearsal") if k in inputs},
         "outputs": {"checkpoint": str(out / stage / "checkpoint"), "state": str(out / stage / "state"),
                     "metrics": str(out / stage / "metrics")},
     }

@@ -46,7 +46,15 @@ def test_each_stage_writes_checkpoint_state_metrics_and_eval(chain, pipeline_dat
     assert all(isinstance(v, (int, float)) for v in evaluation.values())
     assert evaluation["ranks_identical"] == 1.0
     assert 0 <= evaluation["trace_step_exact_match"] <= 1 and evaluation["trace_frames"] > 0
-    assert 0 <= evaluation["cruxeval_o"] <= 1 and evaluation["cruxeval_o_problems"] == 4
+    assert 0 <= evaluation["cruxeval_o_direct"] <= 1 and evaluation["cruxeval_o_problems"] == 4
+    # reasoning-mode answers once the model speaks the chat format, each mode on its own budget
+    chat = stage in ("sft", "rl")
+    assert ("cruxeval_o_reasoning" in evaluation) == chat
+    if chat:
+        assert 0 <= evaluation["cruxeval_o_reasoning_unfinished"] <= 1
+    # every evaluation program was looked up in the training data sets' program lists
+    assert evaluation["decontamination_programs"] >= 4
+    assert evaluation["decontamination_unchecked"] == 1  # the fixture trajectories list none
     records = read_metrics(out / stage / "metrics" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, extra["steps"] + 1))
     assert all(math.isfinite(r["loss"]) for r in records)

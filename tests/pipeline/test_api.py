@@ -39,7 +39,7 @@ def test_minimal_manifest_gets_defaults():
     assert p.spec.model.preset == "tiny"
     assert stage.schedule == "cosine" and stage.zero_stage == 2
     assert stage.data_mix.code == 1.0 and stage.min_learning_rate == pytest.approx(3e-5)
-    assert p.spec.data.traces.sources[0].kind == "cruxeval"
+    assert p.spec.data.traces.sources[0].kind == "synthetic"  # CRUXEval is the evaluation's
     sft = CWMPipeline.model_validate(
         {**MINIMAL, "spec": {"stages": [{"name": "midtrain"}, {"name": "sft"}]}}
     ).spec.stages

@@ -64,7 +64,7 @@ def test_flink_runner_writes_the_same_dataset(tmp_path):
         pytest.skip(f"no Flink job-server jar for Beam {apache_beam.__version__} on Maven "
                     f"Central: {' | '.join(errors)}")
     flink = jar.name.split("-")[3]
-    base = ["--source", "cruxeval:50", "--source", "synthetic:50"]
+    base = ["--source", "cruxeval:50", "--cruxeval-held-out", "0", "--source", "synthetic:50"]
     traces.run(base + ["--output", str(tmp_path / "local")])
     traces.run(base + ["--output", str(tmp_path / "flink"), "--runner", "FlinkRunner",
                        f"--flink_job_server_jar={jar}", f"--flink_version={flink}",

@@ -56,7 +56,9 @@ def dataset(tmp_path_factory):
                                  "        if ch in 'aeiou':\n            n += 1\n    return n"},
         {"id": "first", "code": "def first(xs):\n    return xs[0]"}])
     out = root / "out"
-    stats = traces.run(["--source", "cruxeval", "--source", f"jsonl:{hostile}",
+    # Every bundled CRUXEval function (none held out): the tracer's correctness, not training.
+    stats = traces.run(["--source", "cruxeval", "--cruxeval-held-out", "0",
+                        "--source", f"jsonl:{hostile}",
                         "--source", f"functions:{functions}", "--output", str(out),
                         "--wall-seconds", "3"])
     return out, host, stats
