@@ -6,8 +6,9 @@ Times only the calls (programs compiled and inputs evaluated beforehand, inputs 
 call because some functions mutate them), for: the untraced call; ``cwm_exec.tracer.trace_call``
 (frames *and* the encoded trace text) with its C recorder (the default) and with its Python
 reference recorder; pysnooper writing to /dev/null (the reference the issue names); and a naive
-tracer that reprs every local at every line. The five run interleaved, program by program. CRUXEval is untrusted code like any other, so the measuring process runs inside the
-sandbox (``run_command``); ``--inner`` is that process.
+tracer that reprs every local at every line. The five run interleaved, program by program.
+CRUXEval is untrusted code like any other, so the measuring process runs inside the sandbox
+(``run_command``); ``--inner`` is that process.
 
 Two statistics: ``sum`` adds every call's time; ``min`` adds, per program and variant, the fastest
 of the ``--repeats`` calls. On a shared machine one preempted 3 µs untraced call adds milliseconds
@@ -75,12 +76,16 @@ def measure(jobs, repeats: int) -> dict[str, float]:
         for index, (fn, marked, calls) in enumerate(jobs):
             seconds = {}
             args, kwargs = calls[rep * 5]
-            t = clock(); fn(*args, **kwargs); seconds["untraced"] = clock() - t
+            t = clock()
+            fn(*args, **kwargs)
+            seconds["untraced"] = clock() - t
             args, kwargs = calls[rep * 5 + 1]
-            t = clock(); trace_call(fn, args, kwargs, marked, limits)
+            t = clock()
+            trace_call(fn, args, kwargs, marked, limits)
             seconds["cwm_tracer"] = clock() - t
             args, kwargs = calls[rep * 5 + 4]
-            t = clock(); trace_call(fn, args, kwargs, marked, limits, accelerated=False)
+            t = clock()
+            trace_call(fn, args, kwargs, marked, limits, accelerated=False)
             seconds["cwm_tracer_python"] = clock() - t
             args, kwargs = calls[rep * 5 + 2]
             sink: list = []
@@ -92,7 +97,9 @@ def measure(jobs, repeats: int) -> dict[str, float]:
                 sys.settrace(None)
             seconds["naive_tracer"] = clock() - t
             args, kwargs = calls[rep * 5 + 3]
-            t = clock(); snooped[index](*args, **kwargs); seconds["pysnooper"] = clock() - t
+            t = clock()
+            snooped[index](*args, **kwargs)
+            seconds["pysnooper"] = clock() - t
             for name, value in seconds.items():
                 totals[name] += value
                 best[index][name] = min(best[index][name], value)
@@ -127,6 +134,7 @@ def main() -> None:
     if args.inner:
         inner(args)
         return
+    import cwm_spec
     from cwm_exec.sandbox import Limits, describe_isolation, run_command
 
     with tempfile.TemporaryDirectory() as work:
@@ -134,7 +142,9 @@ def main() -> None:
             [sys.executable, str(Path(__file__).resolve()), "--inner",
              "--repeats", str(args.repeats), "--limit", str(args.limit)],
             cwd=work, limits=Limits(wall_seconds=600, cpu_seconds=600, memory_mb=4096),
-            binds_ro=[str(Path(__file__).resolve().parent)])
+            # The CRUXEval reader (cwm_beam.sources) imports the spec package (operator/).
+            binds_ro=[str(Path(__file__).resolve().parent),
+                      str(Path(cwm_spec.__file__).resolve().parent.parent)])
     if result.returncode != 0:
         sys.exit(f"benchmark failed ({result.reason}): {result.stderr.decode()[-2000:]}")
     report = json.loads(result.stdout.decode().strip().splitlines()[-1])
@@ -142,7 +152,8 @@ def main() -> None:
     print(f"CRUXEval: {report['programs']} programs x {report['repeats']} calls each")
     print(f"  {'':13s} {'sum (ms)':>10s} {'ratio':>7s}   {'min (ms)':>10s} {'ratio':>7s}")
     for name in report["seconds"]["sum"]:
-        cells = [f"{report['seconds'][s][name] * 1000:10.1f} {report['ratio_vs_untraced'][s][name]:6.1f}x"
+        ratios = report["ratio_vs_untraced"]
+        cells = [f"{report['seconds'][s][name] * 1000:10.1f} {ratios[s][name]:6.1f}x"
                  for s in ("sum", "min")]
         print(f"  {name:13s} {cells[0]}   {cells[1]}")
 

@@ -231,6 +231,12 @@ class _Scope:
         self.raised = False      # the last event was an exception
         self.local = self.slow_local = None
 
+    def forget_deleted(self, current: dict[str, str]) -> None:
+        """Drop what was kept for names the frame no longer has (``del``)."""
+        for name in [n for n in self.objects if n not in current]:
+            del self.objects[name], self.texts[name]
+            self.snaps.pop(name, None)
+
 
 class _Recorder:
     """The settrace callbacks and the frames they produce.
@@ -314,39 +320,56 @@ class _Recorder:
             frame.f_trace = None
 
     def _tracers(self, scope: _Scope):
-        recorder, cap, objects, texts, snaps, lines = (
-            self, self.cap, scope.objects, scope.texts, scope.snaps, scope.lines)
-        span, short = _span(cap), cap // 2
-        frames, pieces = self.frames, self.pieces
+        """The scope's fast tracer: each line event becomes a line frame of what changed."""
+        recorder, frames, pieces, lines = self, self.frames, self.pieces, scope.lines
         max_events, max_bytes = self.max_events, self.max_bytes
-        previous, previous_text = objects.get, texts.get   # bound once: fewer look-ups per local
+        encode = self._line_encoder(scope)
 
         def local(frame: FrameType, event: str, arg: Any):
             if event != "line":
                 return recorder._scope_event(scope, frame, event, arg)
+            values, parts = encode(frame.f_locals)
+            line = lines[frame.f_lineno]
+            frames.append(_new_frame(Frame, ("line", values, line, None)))
+            piece = f"{LINE_SEP}{{{', '.join(parts)}}}{ACTION_SEP}{line}{FRAME_SEP}"
+            pieces.append(piece)
+            recorder.size += len(piece)
+            if len(frames) > max_events or recorder.size > max_bytes:
+                recorder._stop()
+                return recorder._stopped_tracer(scope)
+            return local
+
+        return local
+
+    def _line_encoder(self, scope: _Scope):
+        """``encode(f_locals) -> (values, JSON parts)`` for a line frame of ``scope``.
+
+        A name stays ``UNCHANGED`` while it holds the same object and that object did not
+        change (immutable ones cannot; containers are compared with their snapshot) or its new
+        value has the same text. What it reads is bound once here: fewer look-ups per local."""
+        cap, objects, texts, snaps = self.cap, scope.objects, scope.texts, scope.snaps
+        span, short = _span(cap), cap // 2
+        previous, previous_text = objects.get, texts.get
+
+        def encode(f_locals: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
             values: dict[str, str] = {}
             parts: list[str] = []
-            for name, obj in frame.f_locals.items():
+            for name, obj in f_locals.items():
+                kind = type(obj)
                 if obj is previous(name, _MISSING):
-                    kind = type(obj)
                     if kind in _IMMUTABLE:
-                        values[name] = UNCHANGED
-                        parts.append(_UNCHANGED_ITEMS[name])
-                        continue
-                    snap = snaps.get(name)
-                    if snap is not None and _unchanged(obj, kind, snap, span):
-                        values[name] = UNCHANGED
-                        parts.append(_UNCHANGED_ITEMS[name])
-                        continue
-                    text = capped_repr(obj, cap)
-                    if kind in _CONTAINERS:
-                        snaps[name] = _snapshot(obj, kind, span)
-                    if text == texts[name]:
-                        values[name] = UNCHANGED
-                        parts.append(_UNCHANGED_ITEMS[name])
-                        continue
+                        text = None
+                    else:
+                        snap = snaps.get(name)
+                        if snap is not None and _unchanged(obj, kind, snap, span):
+                            text = None
+                        else:
+                            text = capped_repr(obj, cap)
+                            if kind in _CONTAINERS:
+                                snaps[name] = _snapshot(obj, kind, span)
+                            if text == texts[name]:
+                                text = None
                 else:
-                    kind = type(obj)
                     if kind in _ATOMS or (kind is str and len(obj) < short):
                         try:
                             text = repr(obj)
@@ -364,27 +387,19 @@ class _Recorder:
                         snaps.pop(name, None)
                     objects[name] = obj
                     if text == previous_text(name):
-                        values[name] = UNCHANGED
-                        parts.append(_UNCHANGED_ITEMS[name])
-                        continue
-                texts[name] = text
-                values[name] = text
-                parts.append(_JSON_KEYS[name] + encode_basestring(text))
-            if len(objects) > len(values):   # names deleted since the last frame
-                for name in [n for n in objects if n not in values]:
-                    del objects[name], texts[name]
-                    snaps.pop(name, None)
-            line = lines[frame.f_lineno]
-            frames.append(_new_frame(Frame, ("line", values, line, None)))
-            piece = f"{LINE_SEP}{{{', '.join(parts)}}}{ACTION_SEP}{line}{FRAME_SEP}"
-            pieces.append(piece)
-            recorder.size += len(piece)
-            if len(frames) > max_events or recorder.size > max_bytes:
-                recorder._stop()
-                return recorder._stopped_tracer(scope)
-            return local
+                        text = None
+                if text is None:
+                    values[name] = UNCHANGED
+                    parts.append(_UNCHANGED_ITEMS[name])
+                else:
+                    texts[name] = text
+                    values[name] = text
+                    parts.append(_JSON_KEYS[name] + encode_basestring(text))
+            if len(objects) > len(values):
+                scope.forget_deleted(values)
+            return values, parts
 
-        return local
+        return encode
 
     def _slow(self, scope: _Scope):
         """The scope's slow tracer (made on first need: most scopes never call out or raise)."""
@@ -767,27 +782,52 @@ def trace_call(function, args: tuple, kwargs: dict, marked_source: str,
 
     ``accelerated`` picks the recorder: the C one (``cwm_exec._ctracer``, the default where it
     was built) or the Python reference (:class:`_FunctionRecorder`); both give the same result."""
-    marked = marked_source
-    # Action texts: the source lines with their newline, the entry's def line without the marker
-    # (CWM keeps the marker in the context only; see trace_format).
+    if accelerated is None:
+        accelerated = ACCELERATED
+    recorder = _new_recorder(function, _action_lines(marked_source), limits, accelerated)
+    head = trace_prompt(marked_source)
+    recorder.size = len(head)
+    return_repr, exception, exception_type = _run_traced(recorder, function, args, kwargs,
+                                                         accelerated)
+    frames = recorder.frames
+    if not recorder.done and recorder.truncated is None:
+        # The trace function was switched off under us: the program called sys.settrace, or the
+        # stack overflowed inside the trace function itself.
+        recorder.truncated = "tracing stopped before the entry returned" + (
+            f" ({exception_type})" if exception_type else "")
+        return_repr = None
+    complete = recorder.done and recorder.truncated is None
+    text = head + "".join(recorder.pieces) + (END_OF_TEXT if complete else "")
+    return TraceResult(frames, text, return_repr, exception, recorder.truncated, len(frames),
+                       exception_type)
+
+
+def _action_lines(marked: str) -> list[str]:
+    """Action texts: the source lines with their newline, the entry's def line without the
+    marker (CWM keeps the marker in the context only; see trace_format)."""
     lines = [f"{line}\n" for line in marked.split("\n")]
     at = marked.find(START_MARKER)
     if at >= 0:
         number = marked.count("\n", 0, at)
         lines[number] = action_line(lines[number])
-    if accelerated is None:
-        accelerated = ACCELERATED
-    if accelerated:
-        recorder = _ctracer.Recorder(
-            function.__code__, FILENAME, [""] + lines,
-            _SKIPPED_SCOPES - {"<lambda>"} if limits.trace_lambdas else _SKIPPED_SCOPES,
-            (random.Random(limits.seed).random if limits.step_in_probability < 1.0 else None),
-            limits.step_in_probability, limits.max_depth, limits.max_repr_chars,
-            limits.max_events, limits.max_bytes)
-    else:
-        recorder = _FunctionRecorder(lines, function.__code__, limits)
-    head = trace_prompt(marked)
-    recorder.size = len(head)
+    return lines
+
+
+def _new_recorder(function, lines: list[str], limits: TraceLimits, accelerated: bool):
+    """The C recorder or the Python reference one, for a call of ``function``."""
+    if not accelerated:
+        return _FunctionRecorder(lines, function.__code__, limits)
+    return _ctracer.Recorder(
+        function.__code__, FILENAME, [""] + lines,
+        _SKIPPED_SCOPES - {"<lambda>"} if limits.trace_lambdas else _SKIPPED_SCOPES,
+        (random.Random(limits.seed).random if limits.step_in_probability < 1.0 else None),
+        limits.step_in_probability, limits.max_depth, limits.max_repr_chars,
+        limits.max_events, limits.max_bytes)
+
+
+def _run_traced(recorder, function, args: tuple, kwargs: dict,
+                accelerated: bool) -> tuple[str | None, str | None, str | None]:
+    """Run the call under ``recorder``: ``(return repr, exception repr, exception type)``."""
     return_repr = exception = exception_type = None
     _ACTIVE[0] = recorder
     # No cyclic garbage collection while tracing: a collection at an arbitrary line could run
@@ -818,17 +858,7 @@ def trace_call(function, args: tuple, kwargs: dict, marked_source: str,
         _ACTIVE[0] = None
         if collecting:
             gc.enable()
-    frames = recorder.frames
-    if not recorder.done and recorder.truncated is None:
-        # The trace function was switched off under us: the program called sys.settrace, or the
-        # stack overflowed inside the trace function itself.
-        recorder.truncated = "tracing stopped before the entry returned" + (
-            f" ({exception_type})" if exception_type else "")
-        return_repr = None
-    complete = recorder.done and recorder.truncated is None
-    text = head + "".join(recorder.pieces) + (END_OF_TEXT if complete else "")
-    return TraceResult(frames, text, return_repr, exception, recorder.truncated, len(frames),
-                       exception_type)
+    return return_repr, exception, exception_type
 
 
 # The C recorder (built from _ctracer.c at install time; optional, so an install without a
