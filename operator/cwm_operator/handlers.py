@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 import kopf
@@ -34,6 +35,7 @@ from cwm_operator.reconcile import (
     Child,
     Decision,
     children_to_confirm,
+    failure_tail,
     observe_child,
     reconcile,
     summary,
@@ -102,6 +104,8 @@ class Controller:
         self.pipelines: dict[Key, dict[str, Any]] = {}
         self.children: dict[Key, dict[str, dict[str, Any]]] = defaultdict(dict)
         self.stage_metrics: dict[tuple[str, str], dict[str, float]] = {}
+        # (namespace, child) → the failed container's log tail (see reconcile.failure_tail)
+        self.failure_tails: dict[tuple[str, str], str] = {}
         self.locks: dict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.queued: set[Key] = set()
         self.timers: dict[Key, asyncio.TimerHandle] = {}
@@ -184,15 +188,33 @@ class Controller:
                                 self.custom.patch_namespaced_custom_object_status,
                                 GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body)
 
+    async def _pods(self, namespace: str, selector: str) -> list[Any] | None:
+        """Best effort: the pods a selector matches (None when they cannot be listed)."""
+        try:
+            found = await self._call("list", "pods", self.core.list_namespaced_pod, namespace,
+                                     label_selector=selector)
+        except Exception:  # noqa: BLE001 - optional; RBAC or API trouble must not block progress
+            log.warning("pods %s in %s not listed", selector, namespace, exc_info=True)
+            return None
+        return list(found.items)
+
+    async def _failure_tail(self, namespace: str, child: Child) -> str:
+        """The failed child's log tail, read once per child from its pods' status."""
+        key = (namespace, child.name)
+        if key not in self.failure_tails:
+            selector = (f"training.kubeflow.org/job-name={child.name}" if child.kind == "PyTorchJob"
+                        else f"batch.kubernetes.io/job-name={child.name}")
+            pods = await self._pods(namespace, selector)
+            if pods is None:
+                return ""
+            self.failure_tails[key] = failure_tail(self._plain(p) for p in pods)
+        return self.failure_tails[key]
+
     async def _master_pod_metrics(self, namespace: str, name: str) -> dict[str, float]:
         """Best effort: a JSON termination message of the master pod (no pods: {})."""
         selector = f"training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master"
-        try:
-            pods = await self._call("list", "pods", self.core.list_namespaced_pod, namespace,
-                                    label_selector=selector)
-        except Exception:  # noqa: BLE001 - optional; RBAC or API trouble must not block progress
-            return {}
-        for pod in pods.items:
+        pods = await self._pods(namespace, selector)
+        for pod in pods or []:
             for status in (pod.status.container_statuses or []) if pod.status else []:
                 term = status.state.terminated if status.state else None
                 if term and term.message:
@@ -247,6 +269,7 @@ class Controller:
             key = (meta["namespace"], (meta.get("labels") or {}).get(LABEL_PIPELINE, ""))
             self.children[key].pop(meta["name"], None)
             self.stage_metrics.pop((meta["namespace"], meta["name"]), None)
+            self.failure_tails.pop((meta["namespace"], meta["name"]), None)
         else:
             key = self.remember_child(obj)
         if key in self.pipelines:
@@ -257,6 +280,7 @@ class Controller:
         self.confirmed.pop(key, None)
         for name in self.children.pop(key, {}):
             self.stage_metrics.pop((key[0], name), None)
+            self.failure_tails.pop((key[0], name), None)
         for seen in [k for k in self.succeeded_seen if k[:2] == key]:
             del self.succeeded_seen[seen]
         timer = self.timers.pop(key, None)
@@ -331,6 +355,11 @@ class Controller:
                     self.succeeded_seen.setdefault((*key, child.step), time.monotonic())
                 if child.kind == "PyTorchJob":
                     child = observe_child(raw, await self._metrics_of(namespace, child))
+            elif child.phase == "Failed":
+                tail = await self._failure_tail(namespace, child)
+                if tail:
+                    child = replace(child, message=f"{child.message}; {tail}" if child.message
+                                    else tail)
             observed.append(child)
         return observed
 

@@ -14,7 +14,8 @@ Why each rule exists:
 - jobs, pytorchjobs: list + watch (progress is event-driven), get (confirm a child missing
   from a lagging watch, or one that answered 409 on create), create, patch (suspend/resume).
   No delete: the garbage collector deletes children with their pipeline.
-- pods: list (best effort: a stage's master pod may leave its metrics as a termination message).
+- pods: list (best effort: a stage's master pod may leave its metrics as a termination message,
+  and a failed child's pods their log tail, kept by the kubelet, FallbackToLogsOnError).
 - events: create (``kubectl describe cwmpipeline`` tells the story).
 """
 

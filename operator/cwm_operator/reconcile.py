@@ -149,6 +149,32 @@ def _observe(obj: Mapping[str, Any], metrics: Mapping[str, float] | None) -> Chi
     return Child(**base, phase="Pending", since=created)
 
 
+#: Lines of a failed container's log kept in the step's status message and its event.
+TAIL_LINES = 8
+TAIL_WIDTH = 200
+
+
+def failure_tail(pods: Iterable[Mapping[str, Any]], lines: int = TAIL_LINES) -> str:
+    """What a failed child's pods said last, from their status: the rendered containers use
+    ``terminationMessagePolicy: FallbackToLogsOnError``, so the kubelet keeps a failed
+    container's log tail as its termination message (no log reads, no extra permission).
+    The first failed container (by pod name; a restarted one's last run counts), or ""."""
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name", "")):
+        name = (pod.get("metadata") or {}).get("name", "?")
+        status = pod.get("status") or {}
+        for container in (status.get("initContainerStatuses") or []) + \
+                (status.get("containerStatuses") or []):
+            for state in (container.get("state") or {}, container.get("lastState") or {}):
+                term = state.get("terminated") or {}
+                if term and term.get("exitCode", 0) != 0:
+                    text = (term.get("message") or "").rstrip().splitlines()[-lines:]
+                    shown = "\n".join(line[:TAIL_WIDTH] for line in text)
+                    head = (f"pod {name} container {container.get('name')} exited "
+                            f"{term.get('exitCode')} ({term.get('reason') or 'Error'})")
+                    return f"{head}; last log lines:\n{shown}" if shown else head
+    return ""
+
+
 def is_child_of(obj: Mapping[str, Any], pipeline: str) -> bool:
     return ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_PIPELINE) == pipeline
 

@@ -16,7 +16,9 @@ code) the chart's Localhost profile that lets bubblewrap create its namespaces
 (``CWM_SANDBOX_MODE=bwrap``, the default). Pod labels ``cwm.dev/network`` and ``cwm.dev/egress``
 are what the chart's NetworkPolicies select. Retries belong to the operator, not the child: each
 attempt is its own child named ``<pipeline>-<step>-<attempt>`` (``backoffLimit: 0``), which is
-what makes creation idempotent (a 409 means "already done") and every attempt visible.
+what makes creation idempotent (a 409 means "already done") and every attempt visible. The one
+exception is a training stage's pods: they restart in place a few times (``OnFailure``), because
+a lost rank is recovered faster from the stage's own checkpoint than by a new attempt.
 
     cwm render examples/cluster.yaml              # every step's object, as YAML
     cwm render examples/cluster.yaml --step rl --attempt 2 -o json
@@ -308,7 +310,9 @@ def render_job(pipeline: CWMPipeline, namespace: str, step: Step, attempt: int,
 
 def render_pytorchjob(pipeline: CWMPipeline, namespace: str, step: Step, attempt: int,
                       settings: Settings, *, suspend: bool = False) -> dict[str, Any]:
-    """A kubeflow.org/v1 PyTorchJob running one training stage with torchrun."""
+    """A kubeflow.org/v1 PyTorchJob running one training stage with torchrun. Its pods restart
+    in place (``OnFailure``, at most ``settings.training_restarts`` times in all) so that a lost
+    pod costs the steps since the last checkpoint, not the attempt."""
     from kubeflow.training.models import (
         KubeflowOrgV1PyTorchJob,
         KubeflowOrgV1PyTorchJobSpec,
@@ -317,9 +321,13 @@ def render_pytorchjob(pipeline: CWMPipeline, namespace: str, step: Step, attempt
     )
 
     def replicas(count: int) -> Any:
-        return KubeflowOrgV1ReplicaSpec(
-            replicas=count, restart_policy="Never",
-            template=_pod_template(pipeline, step, attempt, settings, "pytorch"))
+        # OnFailure: a rank that dies (its peer's pod was lost) restarts in place and the
+        # training operator recreates a deleted pod; both resume from the last checkpoint.
+        # `backoffLimit` caps those restarts; then the attempt fails and the operator retries.
+        template = _pod_template(pipeline, step, attempt, settings, "pytorch")
+        template.spec.restart_policy = "OnFailure"
+        return KubeflowOrgV1ReplicaSpec(replicas=count, restart_policy="OnFailure",
+                                        template=template)
 
     specs = {"Master": replicas(1)}
     if step.resources.nodes > 1:
@@ -332,7 +340,7 @@ def render_pytorchjob(pipeline: CWMPipeline, namespace: str, step: Step, attempt
             nproc_per_node=str(step.resources.nproc),
             pytorch_replica_specs=specs,
             run_policy=KubeflowOrgV1RunPolicy(
-                backoff_limit=0,
+                backoff_limit=settings.training_restarts,
                 clean_pod_policy=settings.clean_pod_policy,
                 active_deadline_seconds=step.deadline_seconds,
                 suspend=suspend,

@@ -57,6 +57,10 @@ class Settings:
     clean_pod_policy: str = "None"
     sandbox_mode: str = "bwrap"
     sandbox_seccomp_profile: str = "cwm-sandbox.json"
+    #: In-place restarts of a training stage's pods (PyTorchJob `runPolicy.backoffLimit`, pods
+    #: `OnFailure`) before the attempt fails: a lost pod is recreated by the training operator
+    #: and the stage resumes from its last checkpoint without a new attempt.
+    training_restarts: int = 3
 
     def __post_init__(self) -> None:
         if self.image_pull_policy not in PULL_POLICIES:
@@ -71,7 +75,8 @@ class Settings:
         if self.sandbox_mode == "bwrap" and not self.sandbox_seccomp_profile:
             raise SettingsError("CWM_SANDBOX_SECCOMP_PROFILE is empty: bubblewrap needs a Localhost "
                                 "seccomp profile in the pod (or set CWM_SANDBOX_MODE=rlimits)")
-        for name in ("stuck_seconds", "retry_backoff_seconds", "retry_backoff_max_seconds"):
+        for name in ("stuck_seconds", "retry_backoff_seconds", "retry_backoff_max_seconds",
+                     "training_restarts"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"CWM_{name.upper()} must not be negative")
 
@@ -125,6 +130,7 @@ class Settings:
             clean_pod_policy=env.get("CWM_CLEAN_POD_POLICY") or "None",
             sandbox_mode=env.get("CWM_SANDBOX_MODE") or "bwrap",
             sandbox_seccomp_profile=env.get("CWM_SANDBOX_SECCOMP_PROFILE") or "cwm-sandbox.json",
+            training_restarts=int(number("CWM_TRAINING_RESTARTS", 3)),
         )
 
     def fast(self, **changes: Any) -> "Settings":

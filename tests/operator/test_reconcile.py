@@ -11,6 +11,7 @@ import pytest
 from cwm_operator.reconcile import (
     Child,
     children_to_confirm,
+    failure_tail,
     format_time,
     observe_child,
     reconcile,
@@ -380,3 +381,24 @@ def test_kopf_gets_the_same_credentials_as_the_kubernetes_client(tmp_path) -> No
     info = connection_info(load_configuration(str(path)))
     assert (info.server, info.scheme, info.token, info.insecure) == (
         "https://10.0.0.1:6443", "Bearer", "abc.def", True)
+
+
+def _pod(name: str, *statuses: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "status": {"containerStatuses": list(statuses)}}
+
+
+def test_a_failed_childs_log_tail_comes_from_its_failed_containers_termination_message() -> None:
+    ok = {"name": "step", "state": {"terminated": {"exitCode": 0, "message": "done"}}}
+    log = "\n".join(f"line {i}" for i in range(20)) + "\nModuleNotFoundError: No module named 'x'\n"
+    failed = {"name": "step", "state": {"terminated": {"exitCode": 1, "reason": "Error",
+                                                       "message": log}}}
+    tail = failure_tail([_pod("job-1-b", ok), _pod("job-1-a", failed)])
+    assert tail.startswith("pod job-1-a container step exited 1 (Error); last log lines:\n")
+    shown = tail.split("last log lines:\n", 1)[1].splitlines()
+    assert shown == [f"line {i}" for i in range(13, 20)] + ["ModuleNotFoundError: No module named 'x'"]
+    # A rank restarted in place (OnFailure) keeps its last failure in lastState.
+    restarted = {"name": "pytorch", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                 "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}
+    assert failure_tail([_pod("pt-master-0", restarted)]) == \
+        "pod pt-master-0 container pytorch exited 137 (OOMKilled)"
+    assert failure_tail([_pod("fine", ok)]) == "" and failure_tail([]) == ""

@@ -68,8 +68,11 @@ def test_training_stage_is_a_pytorchjob_with_master_workers_and_gpu_placement() 
         pod["tolerations"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
     assert pod["automountServiceAccountToken"] is False
-    assert obj["spec"]["runPolicy"] == {"backoffLimit": 0, "cleanPodPolicy": "None",
+    # A lost rank restarts in place (the stage resumes from its checkpoint), a few times.
+    assert obj["spec"]["runPolicy"] == {"backoffLimit": 3, "cleanPodPolicy": "None",
                                         "suspend": False}
+    assert pod["restartPolicy"] == "OnFailure"
+    assert {r["restartPolicy"] for r in obj["spec"]["pytorchReplicaSpecs"].values()} == {"OnFailure"}
     assert obj["spec"]["nprocPerNode"] == "8"
 
 

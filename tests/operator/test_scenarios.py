@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.operator.helpers import (
-    STEPS, TRAIN, condition, manifest, sdk_roundtrip, short_manifest, write_eval,
+    SETTINGS, STEPS, TRAIN, condition, manifest, sdk_roundtrip, short_manifest, write_eval,
 )
 
 pytestmark = pytest.mark.cluster
@@ -48,7 +48,7 @@ def test_happy_path_runs_every_step_in_order(env, operator) -> None:
             master = child["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
             assert master["containers"][0]["name"] == "pytorch"
             assert master["containers"][0]["command"][0] == "torchrun"
-            assert child["spec"]["runPolicy"]["backoffLimit"] == 0
+            assert child["spec"]["runPolicy"]["backoffLimit"] == SETTINGS.training_restarts
             sent = {k: child[k] for k in ("apiVersion", "kind", "spec")}
             back = sdk_roundtrip(child)
             assert {k: back[k] for k in ("apiVersion", "kind", "spec")} == sent
