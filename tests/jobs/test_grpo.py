@@ -11,7 +11,7 @@ import torch
 
 from cwm_forager.rollout import NUDGE, SYSTEM_PROMPT, _normalise
 from cwm_forager.tools import TOOLS
-from cwm_jobs.engine import build_engine
+from cwm_jobs.engine import LRSchedule, build_engine
 from cwm_jobs.evaluate import stop_ids
 from cwm_jobs.grpo import ClipCounts, clip_counts, drop_stale, grpo_loss, minibatches
 from cwm_jobs.rl import micro_step, update_on_batch, weighted
@@ -235,3 +235,12 @@ def test_a_failing_rollout_thread_fails_the_trainer():
             thread.get()
     finally:
         thread.close()
+
+
+def test_the_learning_rate_schedule_counts_optimiser_steps():
+    """An rl step is a batch trained with rl.updatesPerBatch optimiser steps: the schedule (warmup
+    included) spans all of them, not the first quarter."""
+    stage = StageSpec(name="rl", steps=10, warmup_steps=2, rl=RLSpec(updates_per_batch=4))
+    schedule = LRSchedule.from_settings(stage)
+    assert (schedule.total_steps, schedule.warmup_steps) == (40, 8)
+    assert LRSchedule.from_settings(StageSpec(name="sft", steps=10, warmup_steps=2)).total_steps == 10

@@ -5,7 +5,8 @@ True three times in four. First the SFT stage teaches the answer *format* on the
 with answers drawn at random (so the policy starts near 0.5 reward and knows nothing about the
 operators), then the RL stage trains on traced programs with rewards checked in the sandbox. A
 policy that does not improve (a sign error, masks on the wrong tokens, skipped updates) keeps the
-reward near 0.5 and fails the test.
+reward near 0.5 and fails the test. The run must also show the GRPO machinery at work: the
+clip acting across the several updates of a batch, and the asynchronous rollouts' policy lag.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def test_mean_reward_rises(pipeline_data, dist_group, tmp_path):
                                     "maxLength": 256, "temperature": 1.0}})
     results = rl.main(["--config", str(cfg)])
 
-    rewards = [r["reward_mean"] for r in read_metrics(tmp_path / "rl" / "metrics" / "metrics.jsonl")]
+    records = read_metrics(tmp_path / "rl" / "metrics" / "metrics.jsonl")
+    rewards = [r["reward_mean"] for r in records]
     assert len(rewards) == RL_STEPS
     first, last = statistics.mean(rewards[:5]), statistics.mean(rewards[-10:])
     curve = " ".join(f"{r:.2f}" for r in rewards)
@@ -61,3 +63,13 @@ def test_mean_reward_rises(pipeline_data, dist_group, tmp_path):
     assert first < 0.7, f"the warm-up already solved the task: {curve}"
     assert last >= first + 0.1 and last >= 0.6, f"reward did not rise: {curve}"
     assert results["rl_heldout_accuracy"] >= 0.6
+    # GRPO as CWM runs it: rl.updatesPerBatch (4) optimiser steps per batch move the ratio away
+    # from the sampling policy's, so the clip acts; the rollout thread samples one batch ahead,
+    # so every batch after the first trains with a policy lag of 1 and none is stale.
+    print(f"rl clip fractions: low={results['rl/clip_fraction_low']:.4f} "
+          f"high={results['rl/clip_fraction_high']:.4f} "
+          f"ratio_dev_max={results['rl/ratio_dev_max']:.3f}")
+    assert results["rl/clip_fraction_low"] + results["rl/clip_fraction_high"] > 0
+    assert [r["policy_lag"] for r in records] == [0] + [1] * (RL_STEPS - 1)
+    assert (results["rl/policy_lag/0"], results["rl/policy_lag/1"]) == (64, 64 * (RL_STEPS - 1))
+    assert results["rl/stale_dropped"] == 0
