@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import cwm_spec
 from cwm_exec import tracer
 from cwm_exec.sandbox import Limits, run_command
 from cwm_exec.tracer import TraceLimits, trace_function
@@ -67,7 +68,8 @@ CASES = {
         "def f(x):\n    try:\n        g(x)\n    except ValueError:\n        pass\n    return g(x)",
         "1", TraceLimits(max_repr_chars=40)),
     "strings that need JSON escapes": (
-        "def f(s):\n    t = s + '\\n\\t\"\\\\' + chr(1) + 'é'\n    return t * 2", "'q'", TraceLimits()),
+        "def f(s):\n    t = s + '\\n\\t\"\\\\' + chr(1) + 'é'\n    return t * 2", "'q'",
+        TraceLimits()),
     "the event limit": (
         "def f(x):\n    while True:\n        x += 1", "0", TraceLimits(max_events=50)),
     "the byte limit": (
@@ -106,7 +108,8 @@ def test_both_recorders_agree_on_all_of_cruxeval_and_synthetic_programs(tmp_path
     result = run_command(
         [sys.executable, str(HERE / "ctracer_agreement.py"), "--synthetic", "400"],
         cwd=tmp_path, limits=Limits(wall_seconds=600, cpu_seconds=600, memory_mb=4096),
-        binds_ro=[str(HERE)])
+        # cwm_beam.sources (the CRUXEval reader) imports the spec package (operator/).
+        binds_ro=[str(HERE), str(Path(cwm_spec.__file__).parent.parent)])
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     report = json.loads(result.stdout.decode().strip().splitlines()[-1])
     assert report["compared"] == (800 + 400) * 5
