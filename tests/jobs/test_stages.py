@@ -135,3 +135,15 @@ def test_outputs_can_live_in_object_storage(pipeline_data, dist_group, tmp_path,
     pretrain.main(["--config", str(cfg)])
     lines = fs.cat("/bucket/run/pretrain/metrics/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]  # resumed at 2, nothing retrained
+
+
+def test_a_stage_refuses_to_score_programs_it_trained_on(pipeline_data, dist_group, tmp_path):
+    """The fixture traces train on the 400 CRUXEval problems stage_config leaves trainable; an
+    evaluation that holds out all 800 would score them: refused, not scored."""
+    from cwm_spec.programs import ContaminationError
+
+    cfg = stage_config(tmp_path, "pretrain", pipeline_data,
+                       evaluation={"cruxevalHeldOut": 800, "cruxevalLimit": 800})
+    with pytest.raises(ContaminationError, match=r"cruxeval: \d+ of 800 programs in traces/train"):
+        pretrain.main(["--config", str(cfg)])
+    assert not (tmp_path / "pretrain" / "metrics" / "eval.json").exists()
