@@ -368,7 +368,8 @@ class DataStep:
         return Job(settings, *output_and_runner(flags, step))
 
     def run(self, argv: list[str] | None = None) -> dict[str, Any]:
-        """Parse, build, run, write the manifest; returns the manifest's stats.
+        """Parse, build, run, write the manifest; returns the manifest's stats, with the wall
+        time (``seconds``) and throughput, which the manifest leaves out.
 
         With ``workers`` > 1 on the in-process runner, the step runs as that many part processes
         (:func:`run_as_parts`); else this process runs the pipeline on its part (the whole, or one
@@ -400,13 +401,13 @@ class DataStep:
         return stats
 
     def finish(self, output: str, settings: Any, seconds: float) -> dict[str, Any]:
-        """After the pipeline: the shards and stats, and the manifest, written last."""
+        """After the pipeline: the shards and stats, and the manifest, written last. The
+        manifest says what the data are, so two runs of one spec write the same bytes (and the
+        runner's digests match); the wall time and throughput are returned and logged only."""
         shards, stats, programs = self.tally(output, settings)
-        stats["seconds"] = round(seconds, 2)
-        stats.update(self.throughput(stats, seconds))
         stats["sandbox"] = sandbox.isolation_record()  # how its programs were contained
         artifacts.write_manifest(output, artifacts.Manifest(self.kind, shards, stats, programs))
-        return stats
+        return {**stats, "seconds": round(seconds, 2), **self.throughput(stats, seconds)}
 
 
 def log_metrics(result: beam.runners.runner.PipelineResult, namespace: str) -> None:

@@ -541,7 +541,7 @@ def summary(stats: dict[str, Any]) -> str:
 STEP = DataStep(module="cwm_beam.traces", doc=__doc__, kind=NAMESPACE, settings=Settings,
                 names_job="source", add_flags=add_flags, apply_flags=apply_flags, build=build,
                 tally=tally, throughput=throughput, describe=describe, summary=summary)
-# ``run(argv)``: parse, build, run, write the manifest; returns the manifest's stats.
+# ``run(argv)``: parse, build, run, write the manifest; returns its stats and timing.
 load_job, run = STEP.load_job, STEP.run
 
 if __name__ == "__main__":

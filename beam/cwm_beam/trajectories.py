@@ -219,7 +219,8 @@ class Rollout(_WithEnvironments):
             trajectory = run_episode(self.envs.get(item["repository"]), task, self.policy,
                                      s.episode_turns,
                                      max_observation_chars=s.spec.max_observation_chars,
-                                     action_timeout=s.spec.action_timeout_seconds)
+                                     action_timeout=s.spec.action_timeout_seconds,
+                                     seed=s.seed)  # names the episode: the same every run
         except Exception as err:
             yield beam.pvalue.TaggedOutput(DEADLETTER, counted_dead_letter(
                 item.get("task", {}).get("task_id", "?"), "rollout",
@@ -408,7 +409,7 @@ STEP = DataStep(module="cwm_beam.trajectories", doc=__doc__, kind=NAMESPACE,
                 settings=Settings, names_job="repo", add_flags=add_flags,
                 apply_flags=apply_flags, build=build, tally=tally, throughput=throughput,
                 describe=describe, summary=summary)
-# ``run(argv)``: parse, build, run, write the manifest; returns the manifest's stats.
+# ``run(argv)``: parse, build, run, write the manifest; returns its stats and timing.
 load_job, run = STEP.load_job, STEP.run
 
 if __name__ == "__main__":

@@ -213,7 +213,8 @@ def merge_stats(values: list[Any]) -> Any:
 def merge_parts(dir_uri: str, count: int) -> Manifest | None:
     """Once all ``count`` parts have their manifests, write the data set's own: every part's
     shards (paths under ``parts/``), split by split in part order, and their stats merged
-    (``seconds`` and rates are then sums over pods). Returns ``None`` while a part is missing.
+    (counts summed, solve rates recomputed from the sums). Returns ``None`` while a part is
+    missing.
     Idempotent, so the pods that finish last may all call it."""
     manifests = []
     for index in range(count):
