@@ -33,7 +33,7 @@ from cwm_jobs.data import stable_random
 from cwm_jobs.evaluate import chat_prompt_ids, stop_ids
 from cwm_jobs.rewards import check_outputs
 from cwm_jobs.tasks import OutputTask, extract_answer, prompt_messages, task_from_trace
-from cwm_model.chat import Segment, encode_segments, parse_assistant, render_messages
+from cwm_model.chat import encode_segments, parse_assistant, render_messages
 from cwm_model.generate import generate
 from cwm_spec.artifacts import iter_records
 
@@ -169,7 +169,7 @@ class SampledPolicy:
         self.ids: list[int] = []
         self.sampled: list[int] = []
         self.logprobs: list[float] = []
-        self.rendered: list[Segment] = []
+        self.seen = 0  # messages already in the context (the agent's last reply included)
         self.turns = 0
 
     def act(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> Action:
@@ -188,19 +188,18 @@ class SampledPolicy:
         prompt_tokens = len(self.ids)
         self._append(out, sampled=1, logprobs=lps)
         text = self.tokenizer.decode(out[:-1] if out and out[-1] in stops else out)
-        message = parse_assistant(text, tools, think=False)
-        # What the template renders up to here, the reply as the loop will store it included:
-        # the next act() renders only what the environment adds after it.
-        self.rendered = render_messages([*messages, message], tools=tools)
-        return Action(message, prompt_tokens, len(out))
+        # The loop stores the reply after these messages; the next act() renders only what the
+        # environment adds after it.
+        self.seen = len(messages) + 1
+        return Action(parse_assistant(text, tools, think=False), prompt_tokens, len(out))
 
     def _environment_tokens(self, messages: Sequence[dict[str, Any]],
                             tools: Sequence[dict[str, Any]]) -> list[int]:
         full = render_messages(messages, tools=tools, add_generation_prompt=True, think=False)
-        known = len(self.rendered)
-        if full[:known] != self.rendered:
+        known = render_messages(messages[:self.seen], tools=tools) if self.seen else []
+        if full[:len(known)] != known:
             raise ValueError("the chat template rendered the episode's earlier turns differently")
-        ids, _ = encode_segments(self.tokenizer, full[known:])
+        ids, _ = encode_segments(self.tokenizer, full[len(known):])
         return ids
 
     def _append(self, ids: Sequence[int], *, sampled: int, logprobs: Sequence[float]) -> None:

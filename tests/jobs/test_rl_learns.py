@@ -68,7 +68,10 @@ def test_mean_reward_rises(pipeline_data, dist_group, tmp_path):
     # so every batch after the first trains with a policy lag of 1 and none is stale.
     print(f"rl clip fractions: low={results['rl/clip_fraction_low']:.4f} "
           f"high={results['rl/clip_fraction_high']:.4f} "
-          f"ratio_dev_max={results['rl/ratio_dev_max']:.3f}")
+          f"ratio_dev_max={results['rl/ratio_dev_max']:.3f}; per step: sampling "
+          f"{statistics.mean(r['rollout_seconds'] for r in records):.2f} s, the trainer waited "
+          f"{statistics.mean(r['wait_seconds'] for r in records):.2f} s, step "
+          f"{statistics.mean(r['step_seconds'] for r in records):.2f} s")
     assert results["rl/clip_fraction_low"] + results["rl/clip_fraction_high"] > 0
     assert [r["policy_lag"] for r in records] == [0] + [1] * (RL_STEPS - 1)
     assert (results["rl/policy_lag/0"], results["rl/policy_lag/1"]) == (64, 64 * (RL_STEPS - 1))
