@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import apache_beam as beam
 import openai
@@ -33,7 +33,7 @@ SYSTEM = ("You explain how a Python function executes, step by step, in plain En
           "Follow the trace you are given. End with one line of the form "
           "`Output: <value>`, the value the call returns, as a Python literal.")
 MAX_TRACE_LINES = 60  # steps shown to the model; longer traces are cut with a note
-KEPT = "kept"
+KEPT: Final = "kept"
 Verdict = Literal["kept", "wrong_output", "no_output_line", "endpoint_error", "skipped"]
 VERDICTS: tuple[Verdict, ...] = ("kept", "wrong_output", "no_output_line", "endpoint_error",
                                  "skipped")
@@ -158,7 +158,7 @@ class ExplainFn(beam.DoFn):
         self.client = openai.OpenAI(base_url=s.endpoint, api_key=s.api_key, timeout=s.timeout,
                                     max_retries=2)
 
-    def _ask(self, record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    def _ask(self, record: dict[str, Any]) -> tuple[Verdict, dict[str, Any]]:
         if not explainable(record):
             return "skipped", {"id": record["id"]}
         s = self.settings
@@ -175,7 +175,7 @@ class ExplainFn(beam.DoFn):
             return kind, {"id": record["id"], "stated": stated_output(text)}
         return KEPT, explained_record(record, text, s.model)
 
-    def process(self, batch: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    def process(self, batch: list[dict[str, Any]]) -> Iterator[tuple[Verdict, dict[str, Any]]]:
         with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
             yield from pool.map(self._ask, batch)
 
@@ -203,7 +203,7 @@ def kept(pairs: Iterable[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def count_verdicts(pairs: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, int]:
     """Every verdict's count, zeros included, for the manifest (pure)."""
-    counts = dict.fromkeys(VERDICTS, 0)
+    counts: dict[str, int] = dict.fromkeys(VERDICTS, 0)
     for kind, _ in pairs:
         counts[kind] += 1
     return counts
