@@ -60,6 +60,40 @@ is_container(PyTypeObject *t)    /* tracer._CONTAINERS */
 
 /* ---- values ------------------------------------------------------------------------------- */
 
+/* Room for need items of item_size bytes in the array *items of *capacity items (grown to twice
+ * need, at least minimum); -1 with MemoryError set when memory runs out. */
+static int
+reserve(void **items, Py_ssize_t *capacity, Py_ssize_t need, Py_ssize_t minimum, size_t item_size)
+{
+    if (need <= *capacity)
+        return 0;
+    Py_ssize_t grown = need < minimum ? minimum : 2 * need;
+    void *more = PyMem_Realloc(*items, grown * item_size);
+    if (more == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *items = more;
+    *capacity = grown;
+    return 0;
+}
+
+/* A reference to text cut to cap characters plus the marker (text itself when it is short enough);
+ * steals the reference to text. */
+static PyObject *
+truncated(PyObject *text, Py_ssize_t cap)
+{
+    if (PyUnicode_GET_LENGTH(text) <= cap)
+        return text;
+    PyObject *head = PyUnicode_Substring(text, 0, cap);
+    Py_DECREF(text);
+    if (head == NULL)
+        return NULL;
+    text = PyUnicode_Concat(head, TruncationMarker);
+    Py_DECREF(head);
+    return text;
+}
+
 /* tracer.capped_repr: repr cut to cap characters plus the marker; long containers repr'd from a
  * prefix; a failing __repr__ becomes "<repr failed: Name>" (a limit's exception propagates). */
 static PyObject *
@@ -129,15 +163,7 @@ done:
         Py_DECREF(name);
         return text;
     }
-    if (PyUnicode_GET_LENGTH(text) > cap) {
-        PyObject *head = PyUnicode_Substring(text, 0, cap);
-        Py_DECREF(text);
-        if (head == NULL)
-            return NULL;
-        text = PyUnicode_Concat(head, TruncationMarker);
-        Py_DECREF(head);
-    }
-    return text;
+    return truncated(text, cap);
 }
 
 /* The text of a value not seen before: plain repr for atoms and short strings (the common
@@ -338,16 +364,10 @@ code_call_line(Recorder *r, PyCodeObject *code)
     }
     if (traced)
         line = def_line(r->lines, code);
-    if (r->ncodes == r->codes_capacity) {
-        Py_ssize_t capacity = r->codes_capacity ? 2 * r->codes_capacity : 8;
-        CodeInfo *codes = PyMem_Realloc(r->codes, capacity * sizeof(CodeInfo));
-        if (codes == NULL) {
-            Py_XDECREF(line);
-            PyErr_NoMemory();
-            return NULL;
-        }
-        r->codes = codes;
-        r->codes_capacity = capacity;
+    if (reserve((void **)&r->codes, &r->codes_capacity, r->ncodes + 1, 8,
+                sizeof(CodeInfo)) < 0) {
+        Py_XDECREF(line);
+        return NULL;
     }
     r->codes[r->ncodes].code = Py_NewRef((PyObject *)code);
     r->codes[r->ncodes].call_line = line;
@@ -397,17 +417,7 @@ clear_slots(Slot *slots, Py_ssize_t n)
 static int
 reserve_scratch(Recorder *r, Py_ssize_t n)
 {
-    if (n <= r->scratch_capacity)
-        return 0;
-    Py_ssize_t capacity = n < 16 ? 16 : 2 * n;
-    Slot *scratch = PyMem_Realloc(r->scratch, capacity * sizeof(Slot));
-    if (scratch == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    r->scratch = scratch;
-    r->scratch_capacity = capacity;
-    return 0;
+    return reserve((void **)&r->scratch, &r->scratch_capacity, n, 16, sizeof(Slot));
 }
 
 /* Make the n filled scratch slots the scope's slots (the old ones are released). */
@@ -658,16 +668,8 @@ value_frame(Recorder *r, PyObject *token, PyObject *event, PyObject *line, PyObj
 static int
 push_scope(Recorder *r, PyFrameObject *frame)
 {
-    if (r->nscopes == r->scopes_capacity) {
-        Py_ssize_t capacity = r->scopes_capacity ? 2 * r->scopes_capacity : 8;
-        Scope *scopes = PyMem_Realloc(r->scopes, capacity * sizeof(Scope));
-        if (scopes == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        r->scopes = scopes;
-        r->scopes_capacity = capacity;
-    }
+    if (reserve((void **)&r->scopes, &r->scopes_capacity, r->nscopes + 1, 8, sizeof(Scope)) < 0)
+        return -1;
     Scope *s = &r->scopes[r->nscopes++];
     s->frame = (PyFrameObject *)Py_NewRef(frame);
     s->slots = NULL;
@@ -759,15 +761,7 @@ exception_repr(PyObject *exc, Py_ssize_t cap)
         if (text == NULL)
             return NULL;
     }
-    if (cap >= 0 && PyUnicode_GET_LENGTH(text) > cap) {
-        PyObject *head = PyUnicode_Substring(text, 0, cap);
-        Py_DECREF(text);
-        if (head == NULL)
-            return NULL;
-        text = PyUnicode_Concat(head, TruncationMarker);
-        Py_DECREF(head);
-    }
-    return text;
+    return cap >= 0 ? truncated(text, cap) : text;
 }
 
 static int
@@ -980,18 +974,13 @@ configure(PyObject *module, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_TypeError, "frame_type must be a tuple subclass");
         return NULL;
     }
-    Py_XSETREF(FrameType, Py_NewRef(frame_type));
-    Py_XSETREF(LimitExceeded, Py_NewRef(limit_exceeded));
-    Py_XSETREF(EncodeString, Py_NewRef(encode));
-    Py_XSETREF(Unchanged, Py_NewRef(unchanged_text));
-    Py_XSETREF(TruncationMarker, Py_NewRef(marker));
-    Py_XSETREF(CallSep, Py_NewRef(call));
-    Py_XSETREF(LineSep, Py_NewRef(line));
-    Py_XSETREF(ReturnSep, Py_NewRef(ret));
-    Py_XSETREF(ExceptionSep, Py_NewRef(exc));
-    Py_XSETREF(ActionSep, Py_NewRef(action));
-    Py_XSETREF(ArgSep, Py_NewRef(arg));
-    Py_XSETREF(FrameSep, Py_NewRef(sep));
+    PyObject **globals[] = {&FrameType, &LimitExceeded, &EncodeString, &Unchanged,
+                            &TruncationMarker, &CallSep, &LineSep, &ReturnSep, &ExceptionSep,
+                            &ActionSep, &ArgSep, &FrameSep};
+    PyObject *values[] = {frame_type, limit_exceeded, encode, unchanged_text, marker, call, line,
+                          ret, exc, action, arg, sep};
+    for (size_t i = 0; i < sizeof(values) / sizeof(values[0]); i++)
+        Py_XSETREF(*globals[i], Py_NewRef(values[i]));
     Py_RETURN_NONE;
 }
 

@@ -209,6 +209,13 @@ def parse_trace(text: str) -> tuple[str, list[Frame]]:
     return source, frames
 
 
+def _json(text: str, error: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TraceFormatError(f"{error} ({err})") from None
+
+
 def parse_frame(piece: str, index: int = 0) -> Frame:
     """One frame's text without its trailing ``<|frame_sep|>``."""
     token = next((t for t in TOKEN_EVENT if piece.startswith(t)), None)
@@ -220,10 +227,7 @@ def parse_frame(piece: str, index: int = 0) -> Frame:
         locals_text, sep, line = rest.partition(ACTION_SEP)
         if not sep:
             raise TraceFormatError(f"frame {index}: {event} frame without <|action_sep|>")
-        try:
-            values = json.loads(locals_text)
-        except json.JSONDecodeError as err:
-            raise TraceFormatError(f"frame {index}: locals are not JSON ({err})") from None
+        values = _json(locals_text, f"frame {index}: locals are not JSON")
         if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
             raise TraceFormatError(f"frame {index}: locals must map names to strings")
         return Frame(event, values, line)
@@ -232,10 +236,7 @@ def parse_frame(piece: str, index: int = 0) -> Frame:
     line, sep, value_text = rest[len(ACTION_SEP):].rpartition(ARG_SEP)
     if not sep:
         raise TraceFormatError(f"frame {index}: {event} frame without <|arg_sep|>")
-    try:
-        value = json.loads(value_text)
-    except json.JSONDecodeError as err:
-        raise TraceFormatError(f"frame {index}: value is not a JSON string ({err})") from None
+    value = _json(value_text, f"frame {index}: value is not a JSON string")
     if not isinstance(value, str):
         raise TraceFormatError(f"frame {index}: value must be a JSON string")
     return Frame(event, None, line, value)

@@ -219,7 +219,7 @@ class _Scope:
     """Per-frame state: the last object, repr and container snapshot seen for each local."""
 
     __slots__ = ("frame", "objects", "texts", "snaps", "lines", "fresh", "raised", "local",
-                 "slow_local")
+                 "slow_local", "encode")
 
     def __init__(self, frame: FrameType, lines: list[str]) -> None:
         self.frame = frame
@@ -230,6 +230,7 @@ class _Scope:
         self.fresh = False       # write every value in full at the next state frame
         self.raised = False      # the last event was an exception
         self.local = self.slow_local = None
+        self.encode = None       # the line encoder (_Recorder._line_encoder)
 
     def forget_deleted(self, current: dict[str, str]) -> None:
         """Drop what was kept for names the frame no longer has (``del``)."""
@@ -323,7 +324,7 @@ class _Recorder:
         """The scope's fast tracer: each line event becomes a line frame of what changed."""
         recorder, frames, pieces, lines = self, self.frames, self.pieces, scope.lines
         max_events, max_bytes = self.max_events, self.max_bytes
-        encode = self._line_encoder(scope)
+        encode = scope.encode = self._line_encoder(scope)
 
         def local(frame: FrameType, event: str, arg: Any):
             if event != "line":
@@ -496,42 +497,24 @@ class _Recorder:
     # ---- frame construction (full state frames, values) ------------------------------------
     def _full_frame(self, token: str, event: str, scope: _Scope, f_locals: dict,
                     line: str) -> bool:
-        """A call or line frame with every value written in full; True when it broke a limit."""
-        cap, objects, texts, snaps = self.cap, scope.objects, scope.texts, scope.snaps
-        objects.clear()
-        texts.clear()
-        snaps.clear()
-        parts: list[str] = []
-        for name, obj in f_locals.items():
-            kind = type(obj)
-            if kind in _ATOMS or (kind is str and len(obj) < cap // 2):
-                try:
-                    text = repr(obj)
-                except ValueError:
-                    text = capped_repr(obj, cap)
-                if len(text) > cap:
-                    text = capped_repr(obj, cap)
-            else:
-                text = capped_repr(obj, cap)
-                if kind in _CONTAINERS:
-                    snaps[name] = _snapshot(obj, kind, _span(cap))
-            objects[name] = obj
-            texts[name] = text
-            parts.append(_JSON_KEYS[name] + encode_basestring(text))
-        values = dict(texts)
-        self.frames.append(_new_frame(Frame, (event, values, line, None)))
-        piece = f"{token}{{{', '.join(parts)}}}{ACTION_SEP}{line}{FRAME_SEP}"
-        self.pieces.append(piece)
-        self.size += len(piece)
-        if len(self.frames) > self.max_events or self.size > self.max_bytes:
-            self._stop()
-            return True
-        return False
+        """A call or line frame with every value written in full (the line encoder with nothing
+        kept to compare with); True when it broke a limit."""
+        scope.objects.clear()
+        scope.texts.clear()
+        scope.snaps.clear()
+        values, parts = scope.encode(f_locals)
+        return self._keep(_new_frame(Frame, (event, values, line, None)),
+                          f"{token}{{{', '.join(parts)}}}{ACTION_SEP}{line}{FRAME_SEP}")
 
     def _value_frame(self, token: str, event: str, line: str, value: str) -> bool:
         """A return or exception frame; True when it broke a limit (and was not kept)."""
-        self.frames.append(_new_frame(Frame, (event, None, line, value)))
-        piece = f"{token}{ACTION_SEP}{line}{ARG_SEP}{encode_basestring(value)}{FRAME_SEP}"
+        return self._keep(
+            _new_frame(Frame, (event, None, line, value)),
+            f"{token}{ACTION_SEP}{line}{ARG_SEP}{encode_basestring(value)}{FRAME_SEP}")
+
+    def _keep(self, frame: Frame, piece: str) -> bool:
+        """Record a frame and its text; True when that broke a limit (and it was dropped)."""
+        self.frames.append(frame)
         self.pieces.append(piece)
         self.size += len(piece)
         if len(self.frames) > self.max_events or self.size > self.max_bytes:
