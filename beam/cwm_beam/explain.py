@@ -145,6 +145,15 @@ def explained_record(record: dict[str, Any], explanation: str, model: str) -> di
                          {"role": "assistant", "content": explanation}]}
 
 
+def explanation_text(message: Any) -> str:
+    """The reply's explanation: a reasoning model's reasoning (``reasoning_content``, as vLLM and
+    ``cwm serve`` split it off at ``</think>``) followed by its answer."""
+    extra = getattr(message, "model_extra", None) or {}
+    reasoning = extra.get("reasoning_content") or ""
+    answer = message.content or ""
+    return f"{reasoning.strip()}\n{answer.strip()}".strip() if reasoning else answer
+
+
 class ExplainFn(beam.DoFn):
     """Asks the endpoint for each explainable record's explanation, ``concurrency`` at a time;
     emits ``(verdict, record)``: the explained record when kept, the trace's id otherwise."""
@@ -169,7 +178,7 @@ class ExplainFn(beam.DoFn):
                 max_tokens=s.max_tokens, temperature=s.temperature)
         except openai.OpenAIError as err:
             return "endpoint_error", {"id": record["id"], "detail": str(err)[:500]}
-        text = reply.choices[0].message.content or ""
+        text = explanation_text(reply.choices[0].message)
         kind = verdict(text, record)
         if kind != KEPT:
             return kind, {"id": record["id"], "stated": stated_output(text)}

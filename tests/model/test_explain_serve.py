@@ -1,0 +1,77 @@
+"""Explained traces from a model behind ``cwm serve``: a checkpoint that has memorised a right
+explanation of one trace and a wrong one of another, served over HTTP, explains both through
+cwm_beam.explain's Beam transform; the filter keeps exactly the right one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import apache_beam as beam
+import pytest
+import torch
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from cwm_beam.explain import ExplainSettings, ExplainTraces, count_verdicts, kept, prompt
+from cwm_model.chat import encode_segments, render_messages
+from cwm_model.checkpoint import save_checkpoint
+from cwm_model.model import CWM
+from cwm_model.presets import get_preset
+from tests.model.conftest import memorise, single_thread
+from tests.traces.test_explain import traced_record
+
+pytestmark = pytest.mark.slow  # memorising two ~500-token chats, then a served model: ~1 min
+
+# What the checkpoint learns to answer (CWM's template: reasoning, </think>, the answer).
+REPLIES = {"right": "out gets 2, then 4.\n</think>\nOutput: [2, 4]",
+           "wrong": "s becomes HI and gets a question mark.\n</think>\nOutput: 'HI?'"}
+
+
+@pytest.fixture(scope="module")
+def explainer(tmp_path_factory, tokenizer):
+    """A debug-size model with a 1024-token context that has memorised :data:`REPLIES`."""
+    torch.manual_seed(0)
+    model = CWM(get_preset("debug", vocab_size=tokenizer.vocab_size, max_seq_len=1024,
+                           rope_original_context=1024))
+    sequences = []
+    for name, reply in REPLIES.items():
+        chat, _ = encode_segments(tokenizer, render_messages(
+            prompt(traced_record(name)), add_generation_prompt=True, think=True))
+        sequences.append(chat + tokenizer.encode(reply) + [tokenizer.eot_id])
+    with single_thread():
+        loss = memorise(model, sequences, steps=400)
+    assert loss < 0.05, f"the model did not memorise its explanations (loss {loss:.3f})"
+    path = tmp_path_factory.mktemp("ckpt") / "explainer"
+    save_checkpoint(path, model, tokenizer, extra={"purpose": "explain test"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(explainer):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cwm_model.cli", "serve", str(explainer), "--port", "0",
+         "--model-name", "explainer"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on" in line, f"server did not start: {line}{proc.stdout.read()}"
+        yield line.split("listening on ")[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_served_model_explanations_are_kept_only_when_right(served):
+    records = [traced_record(name) for name in ("right", "wrong", "raises")]
+    settings = ExplainSettings(endpoint=served, model="explainer", max_tokens=40,
+                               concurrency=1)
+    with TestPipeline() as p:
+        pairs = p | beam.Create(records) | ExplainTraces(settings) | beam.combiners.ToList()
+        assert_that(pairs | beam.Map(lambda ps: [(r["id"], r["explanation"]) for r in kept(ps)]),
+                    equal_to([[("right", "out gets 2, then 4.\nOutput: [2, 4]")]]), label="kept")
+        assert_that(pairs | beam.Map(count_verdicts), equal_to([{
+            "kept": 1, "wrong_output": 1, "no_output_line": 0, "endpoint_error": 0,
+            "skipped": 1}]), label="counts")
