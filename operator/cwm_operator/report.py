@@ -106,7 +106,8 @@ def _plot_losses(stages: list[tuple[str, list[tuple[int, float]]]], out: Path) -
 
 
 def _plot_metrics(records: list[StepRecord], names: list[str], out: Path) -> bool:
-    names = [n for n in names if not n.endswith(("frames", "count", "tasks", "tokens", "samples"))]
+    names = [n for n in names if not n.endswith(("frames", "count", "tasks", "tokens", "samples",
+                                                 "problems", "programs", "unchecked"))]
     shown = [n for n in names if any(isinstance(r.metrics.get(n), (int, float)) for r in records)]
     if not shown:
         return False
