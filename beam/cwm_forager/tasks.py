@@ -43,12 +43,17 @@ class Task:
     tests: tuple[str, ...]
     failing_tests: tuple[str, ...] = ()
     gold_patch: str = ""
+    issue: str = ""  # an issue-fix task's report in words (its commit message), if it says enough
 
     def statement(self, root: str = "/repo") -> str:
-        """The task as the agent reads it: which tests fail, and what is expected."""
+        """The task as the agent reads it: the issue if there is one, which tests fail, and what
+        is expected."""
         shown = self.failing_tests[:20]
         more = len(self.failing_tests) - len(shown)
         lines = [f"The repository at {root} ({self.repo}) has a bug: these tests fail.", ""]
+        if self.issue:
+            lines = [f"The repository at {root} ({self.repo}) has an issue:", "",
+                     *self.issue.strip().splitlines(), "", "These tests fail:", ""]
         lines += [f"  {t}" for t in shown]
         if more > 0:
             lines.append(f"  ... and {more} more")
