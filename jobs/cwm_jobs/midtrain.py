@@ -5,14 +5,9 @@ Starts from ``inputs.init`` (the pretraining checkpoint). Trajectories train on 
 environment turns; each observation is left out of the loss with probability
 ``spec.observationMaskRate`` (CWM: 0.5). Outputs as for pretraining.
 
-One process::
-
-    python -m cwm_jobs.midtrain --config step.json
-
-Several::
+Launched as pretraining is (``cwm_jobs.pretrain``: one process, or several under torchrun)::
 
     torchrun --standalone --nproc_per_node 2 -m cwm_jobs.midtrain --config step.json
-    torchrun --nnodes 4 --nproc_per_node 8 -m cwm_jobs.midtrain
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from cwm_model.config import ModelConfig
+from cwm_model.config import ModelConfig, read_json_file
 from cwm_model.model import CWM
 from cwm_model.tokenizer import CWMTokenizer
 
@@ -41,16 +41,19 @@ def unwrap(model: torch.nn.Module) -> CWM:
     return model
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: CWMTokenizer | None = None,
-                    *, extra: dict | None = None) -> Path:
-    """Write ``model`` (and ``tokenizer``, ``extra``) to the folder ``path``, replacing it atomically."""
+def save_checkpoint(path: str | Path, model: torch.nn.Module,
+                    tokenizer: CWMTokenizer | None = None, *,
+                    extra: dict | None = None) -> Path:
+    """Write ``model`` (and ``tokenizer``, ``extra``) to the folder ``path``, replacing it
+    atomically."""
     model = unwrap(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        state = {k: v.detach().to("cpu").contiguous().clone()
+                 for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = {"format": FORMAT, "model": model.config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -77,12 +80,7 @@ def replace_dir(new: Path, target: Path) -> None:
 
 def load_config(path: str | Path) -> ModelConfig:
     file = Path(path) / "config.json"
-    try:
-        data = json.loads(file.read_text())
-    except OSError as err:
-        raise ValueError(f"checkpoint config {file}: {err.strerror}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint config {file}: not JSON ({err})") from None
+    data = read_json_file(file, "checkpoint config")
     if data.get("format") != FORMAT:
         raise ValueError(f"checkpoint config {file}: format {data.get('format')!r}, "
                          f"expected {FORMAT!r}")

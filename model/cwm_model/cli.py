@@ -16,9 +16,11 @@ import json
 import sys
 from collections.abc import Sequence
 
+from cwm_spec.storage import StorageError
+
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    from cwm_model.presets import count_parameters, get_preset
+    from cwm_model.presets import count_parameters, get_preset  # noqa: PLC0415 (imports torch: `cwm` starts in a second without it)
 
     overrides = dict(parse_override(item) for item in args.set or [])
     config = get_preset(args.preset, **overrides)
@@ -47,7 +49,7 @@ def parse_override(item: str) -> tuple[str, object]:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from cwm_model.hf_export import export_hf
+    from cwm_model.hf_export import export_hf  # noqa: PLC0415 (imports torch: `cwm` starts in a second without it)
 
     out = export_hf(args.checkpoint, args.out)
     print(f"wrote Hugging Face CwmForCausalLM folder {out}")
@@ -55,8 +57,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
-    from cwm_model.hf_import import import_hf
-    from cwm_spec.storage import StorageError
+    from cwm_model.hf_import import import_hf  # noqa: PLC0415 (imports torch: `cwm` starts in a second without it)
 
     try:
         config, tokenizer = import_hf(args.source, args.out)
@@ -69,7 +70,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cwm_model.serve import serve
+    from cwm_model.serve import serve  # noqa: PLC0415 (imports torch: `cwm` starts in a second without it)
 
     serve(args.checkpoint, host=args.host, port=args.port, model_name=args.model_name)
     return 0

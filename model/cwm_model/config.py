@@ -10,8 +10,10 @@ derive smaller shapes from it. Pipeline specs write overrides in camelCase (``nL
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -46,7 +48,8 @@ class ModelConfig:
     """Llama-3 RoPE scaling factor; 1.0 leaves frequencies unchanged (CWM pretraining), CWM uses 16
     from mid-training on."""
     rope_low_freq_factor: float = 1.0
-    """Llama-3 scaling: wavelengths above ``rope_original_context / low`` are divided by the factor."""
+    """Llama-3 scaling: wavelengths above ``rope_original_context / low`` are divided by the
+    factor."""
     rope_high_freq_factor: float = 4.0
     """Llama-3 scaling: wavelengths below ``rope_original_context / high`` are left unchanged."""
     rope_original_context: int = 8192
@@ -54,7 +57,8 @@ class ModelConfig:
     local_window: int = 8192
     """Tokens a local (sliding-window) layer sees, itself included."""
     global_window: int = 131_072
-    """Tokens a global layer sees, itself included (CWM: 131,072 = the whole mid-training context)."""
+    """Tokens a global layer sees, itself included (CWM: 131,072 = the whole mid-training
+    context)."""
     global_every: int = 4
     """Layers ``0, k, 2k, ...`` are global, the rest local: 4 gives CWM's 3 local : 1 global.
     1 makes every layer global."""
@@ -130,3 +134,13 @@ def normalize_fields(data: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)} "
                          f"(known: {', '.join(sorted(names))})")
     return out
+
+
+def read_json_file(file: Path, what: str) -> Any:
+    """The JSON document in ``file``; a ``ValueError`` naming ``what`` and the file otherwise."""
+    try:
+        return json.loads(file.read_text())
+    except OSError as err:
+        raise ValueError(f"{what} {file}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {file}: not JSON ({err})") from None

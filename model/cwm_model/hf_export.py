@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from cwm_model.chat import NATIVE_TOOL_SPECS
+from cwm_model.checkpoint import load_checkpoint
 from cwm_model.config import ModelConfig
 
 
@@ -201,8 +202,6 @@ def tokenizer_config(tokenizer: Any) -> dict[str, Any]:
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``out`` (config.json, model.safetensors, generation_config.json, tokenizer files)."""
-    from cwm_model.checkpoint import load_checkpoint
-
     model, tokenizer, _ = load_checkpoint(checkpoint)
     config = model.config
     out = Path(out)

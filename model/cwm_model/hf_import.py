@@ -89,7 +89,7 @@ def model_config_from_hf(cfg: dict[str, Any], origin: str) -> ModelConfig:
         raise ValueError(f"{origin}: layer_types has {len(layer_types)} entries for "
                          f"num_hidden_layers {layers}")
     every, last = layer_pattern(list(layer_types), origin)
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or DEFAULT_ROPE
+    rope: dict[str, Any] = cfg.get("rope_parameters") or cfg.get("rope_scaling") or DEFAULT_ROPE
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("llama3", "default"):
         raise ValueError(f"{origin}: rope_parameters.rope_type {rope_type!r} is not llama3")

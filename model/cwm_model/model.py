@@ -148,7 +148,7 @@ _compiled_flex: Callable | None = None
 def flex_attention_fn(compiled: bool) -> Callable:
     """FlexAttention, compiled once per process on a GPU (uncompiled it is only a reference)."""
     global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415 (pulls in torch's compiler stack, ~1.3 s; only FlexAttention runs use it)
 
     if not compiled:
         return flex_attention
@@ -173,7 +173,7 @@ def flex_attention(doc: torch.Tensor | None, length: int, windows: set[int],
                    device: torch.device) -> Attend:
     """Block-sparse FlexAttention: fully masked blocks (other documents, beyond the window) are
     skipped rather than computed, which is what makes 131k-token global layers affordable."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask  # noqa: PLC0415 (pulls in torch's compiler stack, ~1.3 s; only FlexAttention runs use it)
 
     batch = doc.shape[0] if doc is not None else 1
     compiled = device.type == "cuda"
@@ -261,7 +261,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.window = layer, config.window(layer)
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.head_dim = config.head_dim
         self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
@@ -270,9 +271,10 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, ...]:
         """Queries and keys (RoPE applied) and values, (B, heads, T, hd) each."""
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope)  # (B, T, nh, hd)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope)  # (B, T, nkv, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q = apply_rope(self.wq(x).view(B, T, nh, hd), rope)  # (B, T, nh, hd)
+        k = apply_rope(self.wk(x).view(B, T, nkv, hd), rope)  # (B, T, nkv, hd)
+        v = self.wv(x).view(B, T, nkv, hd)  # (B, T, nkv, hd)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
 
     def project(self, out: torch.Tensor) -> torch.Tensor:
@@ -401,7 +403,7 @@ class CWM(nn.Module):
         if cache is not None:
             doc_ids = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
             k_doc, k_idx = cache.extend_docs(doc_ids), torch.arange(start + T, device=device)
-        windows = {block.attention.window for block in self.layers}
+        windows = {self.config.window(layer) for layer in range(len(self.layers))}
         attend = make_attention(self.attention_backend, doc_ids, k_doc, q_idx, k_idx, windows,
                                 device)
         x = self.tok_embeddings(input_ids)  # (B, T, dim)

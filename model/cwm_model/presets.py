@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from cwm_model.config import ModelConfig, normalize_fields
+from cwm_model.model import CWM
 
 
 def debug() -> ModelConfig:
@@ -71,8 +72,6 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
 
 def count_parameters(config: ModelConfig) -> int:
     """Exact parameter count, computed by building the model on the meta device (no memory)."""
-    from cwm_model.model import CWM
-
     with torch.device("meta"):
         model = CWM(config)
     return sum(p.numel() for p in model.parameters())

@@ -34,9 +34,10 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cwm_model.chat import encode_segments, parse_assistant, render_messages
+from cwm_model.checkpoint import load_checkpoint
 from cwm_model.generate import generate
 from cwm_model.model import CWM
 from cwm_model.tokenizer import CWMTokenizer
@@ -110,9 +111,10 @@ class ModelServer:
             ) -> tuple[list[list[int]], list[list[float]]]:
         n = params.pop("n")
         with self.lock:
-            return generate(self.model, [prompt] * n,
+            rows = generate(self.model, [prompt] * n,
                             stop_ids=(*self.tokenizer.stop_ids, *extra_stops),
                             return_logprobs=True, **params)
+        return cast(tuple[list[list[int]], list[list[float]]], rows)  # return_logprobs=True
 
     def finish(self, ids: list[int], body: dict, extra_stops: tuple[int, ...] = ()
                ) -> tuple[str, str]:
@@ -159,7 +161,8 @@ class ModelServer:
         return self.envelope("chat.completion", choices, len(prompt), outputs)
 
     def complete(self, body: dict) -> dict:
-        choices, used, produced = [], 0, []
+        choices: list[dict[str, Any]] = []
+        used, produced = 0, []
         stops = self.stop_token_ids(body)
         for prompt in self.completion_prompts(body.get("prompt")):
             outputs, _ = self.run(prompt, self.sampling(body, len(prompt), default_max=16),
@@ -274,8 +277,6 @@ def make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
 
 def build_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
                  model_name: str | None = None) -> ThreadingHTTPServer:
-    from cwm_model.checkpoint import load_checkpoint
-
     model, tokenizer, _ = load_checkpoint(checkpoint)
     if tokenizer is None:
         raise ValueError(f"checkpoint {checkpoint} has no tokenizer.json; serving needs one")
@@ -289,6 +290,8 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
           model_name: str | None = None) -> None:
     httpd = build_server(checkpoint, host, port, model_name)
     bound_host, bound_port = httpd.server_address[:2]
+    if isinstance(bound_host, bytes):
+        bound_host = bound_host.decode()
     print(f"cwm serve: listening on http://{bound_host}:{bound_port}/v1", flush=True)
     try:
         httpd.serve_forever()

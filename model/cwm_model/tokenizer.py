@@ -11,8 +11,8 @@ offset name                       use
 0      <|begin_of_text|>          sequence start (BOS)
 1      <|end_of_text|>            sequence end (EOS); ends a trace
 4      <|pad|>                    padding
-6, 7   <|start_header_id|>,       chat role header ``<|start_header_id|>ROLE<|end_header_id|>\\n\\n``
-       <|end_header_id|>
+6, 7   <|start_header_id|>,       chat role header
+       <|end_header_id|>          ``<|start_header_id|>ROLE<|end_header_id|>\\n\\n``
 8      <|eom_id|>                 end of message (legacy, still a stop token)
 9      <|eot_id|>                 end of turn: every CWM chat message ends with it
 100-107 trace tokens              frame_sep, action_sep, return_sep, call_sep, line_sep,
@@ -46,6 +46,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cwm_model.config import read_json_file
+
 CWM_BASE = 128_000
 N_SPECIAL = 256
 NAMED_SPECIALS: dict[str, int] = {
@@ -69,8 +71,8 @@ NAMED_SPECIALS: dict[str, int] = {
 }
 _SPECIAL_TEXT = re.compile("|".join(re.escape(name) for name in NAMED_SPECIALS))
 STOP_TOKENS = ("<|eom_id|>", "<|eot_id|>", "<|end_of_text|>")
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
-                  r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def special_token_names() -> list[str]:
@@ -103,7 +105,7 @@ class CWMTokenizer:
             raise KeyError(f"tokenizer has no token {name!r}")
         return found
 
-    def id_to_token(self, token_id: int) -> str:
+    def id_to_token(self, token_id: int) -> str | None:
         return self.tokenizer.id_to_token(token_id)
 
     @property
@@ -181,12 +183,7 @@ class CWMTokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        try:
-            data = json.loads(path.read_text())
-        except OSError as err:
-            raise ValueError(f"tokenizer file {path}: {err.strerror}") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"tokenizer file {path}: not JSON ({err})") from None
+        data = read_json_file(path, "tokenizer file")
         base = adopt_cwm_specials(data, origin=str(path))
         return cls(Tokenizer.from_str(json.dumps(data)), base)
 
