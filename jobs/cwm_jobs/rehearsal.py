@@ -26,7 +26,8 @@ import hashlib
 import logging
 import sys
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from cwm_spec.api import RehearsalSpec
 from cwm_spec.artifacts import Manifest, write_manifest, write_shard
@@ -41,7 +42,9 @@ def documentation_topics() -> dict[str, str]:
     """The interpreter's Language Reference topics, ``{topic: text}``. A Python built without
     ``pydoc_data`` (some minimal distributions strip it) is an error saying what to do."""
     try:
-        from pydoc_data.topics import topics  # the standard library's own documentation text
+        # Imported here: a 0.5 MB module of text, read once by this step and absent from some
+        # minimal Pythons (the error below says what to do).
+        from pydoc_data.topics import topics  # noqa: PLC0415
     except ImportError as err:
         raise RuntimeError(
             f"the rehearsal step reads the standard library's pydoc_data, which this Python "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 # Splits a data step writes for training; the others (validation, eval_tasks, deadletter) are not.
 TRAINING_SPLITS = ("train",)

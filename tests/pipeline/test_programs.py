@@ -11,8 +11,13 @@ from cwm_beam.sources import cruxeval_records, cruxeval_split
 from cwm_spec.api import CWMPipeline, EvaluationSpec
 from cwm_spec.artifacts import Manifest, Shard, merge_stats
 from cwm_spec.plan import Target, build_plan
-from cwm_spec.programs import (contamination, function_source, program_hash, split_of,
-                               task_program_hash)
+from cwm_spec.programs import (
+    contamination,
+    function_source,
+    program_hash,
+    split_of,
+    task_program_hash,
+)
 from cwm_spec.validation import ManifestError, parse_pipeline
 
 BASE = {"apiVersion": "cwm.dev/v1alpha1", "kind": "CWMPipeline", "metadata": {"name": "p"},
@@ -28,7 +33,8 @@ def doc(**spec) -> dict:
 
 
 def test_one_hash_for_one_program_whatever_its_trailing_space():
-    assert program_hash("def f(x):\n    return x  \n\n") == program_hash("\ndef f(x):\n    return x")
+    spaced = "def f(x):\n    return x  \n\n"
+    assert program_hash(spaced) == program_hash("\ndef f(x):\n    return x")
     assert program_hash("def f(x):\n    return x") != program_hash("def f(x):\n    return -x")
 
 
