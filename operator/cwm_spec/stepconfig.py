@@ -63,13 +63,22 @@ def read_section(model: type[Section], section: Any, where: str) -> Section:
         )) from None
 
 
-def parse_step_config(text: str, origin: str) -> dict[str, Any]:
+def json_document(text: str, kind: type, where: str,
+                  error: type[Exception] = StepConfigError) -> Any:
+    """``text`` parsed as JSON and checked to be a ``kind`` (``dict``, ``list`` ...); otherwise
+    ``error`` with a message that starts with ``where`` (the file, flag or variable)."""
     try:
-        config = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise StepConfigError(f"{origin}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise StepConfigError(f"{origin}: expected a JSON object, got {type(config).__name__}")
+        raise error(f"{where}: not valid JSON ({err})") from None
+    if not isinstance(value, kind):
+        expected = {dict: "a JSON object", list: "a JSON array"}.get(kind, kind.__name__)
+        raise error(f"{where}: expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def parse_step_config(text: str, origin: str) -> dict[str, Any]:
+    config = json_document(text, dict, origin)
     missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise StepConfigError(f"{origin}: missing key(s) {', '.join(missing)}")
