@@ -88,9 +88,11 @@ def describe(exc: BaseException) -> str:
     lowered = text.lower()
     if isinstance(exc, PermissionError) or any(k in lowered for k in (
             "invalidaccesskeyid", "signaturedoesnotmatch", "signature we calculated",
-            "accessdenied", "access denied", "forbidden", "invalidtoken")):
+            "accessdenied", "access denied", "forbidden", "invalidtoken",
+            "authenticationfailed", "failed to authenticate")):
         return (f"access denied: check the credentials (for s3: AWS_ACCESS_KEY_ID and "
-                f"AWS_SECRET_ACCESS_KEY, from spec.storage.secret in a pod) [{text}]")
+                f"AWS_SECRET_ACCESS_KEY; az: AZURE_STORAGE_CONNECTION_STRING or the account "
+                f"name and key; from spec.storage.secret in a pod) [{text}]")
     if missing_bucket(exc):
         return f"the bucket does not exist [{text}]"
     if any(k in lowered for k in ("connect", "endpoint", "timeout", "timed out", "name or service")):
@@ -101,26 +103,33 @@ def describe(exc: BaseException) -> str:
     return text
 
 
+WRITES = ("write", "upload to")
+
+
 @contextlib.contextmanager
 def failures(action: str, uri: str) -> Iterator[None]:
-    """Turn any error of the storage backend into one :class:`StorageError`. A missing local
-    file stays a ``FileNotFoundError`` (callers decide what absence means)."""
+    """Turn any error of the storage backend into one :class:`StorageError`. A missing file
+    stays a ``FileNotFoundError`` (callers decide what absence means), except when writing:
+    then only the bucket can be missing (gcsfs says no more than "not found")."""
     try:
         yield
     except StorageError:
         raise
     except FileNotFoundError as err:
-        if missing_bucket(err):
-            raise StorageError(message(action, uri, describe(err))) from err
+        if missing_bucket(err) or action in WRITES:
+            cause = describe(err) if missing_bucket(err) else f"the bucket does not exist [{err}]"
+            raise StorageError(message(action, uri, cause)) from err
         raise
     except Exception as err:  # every backend raises its own types; all end here, described
         raise StorageError(message(action, uri, describe(err))) from err
 
 
 def missing_bucket(err: BaseException) -> bool:
-    """Whether a "not found" is the bucket's (s3fs raises FileNotFoundError for both)."""
+    """Whether a "not found" is the bucket's (s3fs raises FileNotFoundError for both; an Azure
+    container is the bucket of az://)."""
     text = f"{err} {err.__cause__ or ''}".lower()
-    return "nosuchbucket" in text or "bucket does not exist" in text
+    return any(k in text for k in ("nosuchbucket", "bucket does not exist", "containernotfound",
+                                   "container does not exist"))
 
 
 def message(action: str, uri: str, cause: str) -> str:

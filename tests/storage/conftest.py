@@ -40,3 +40,59 @@ def bucket_fs(s3_server):
     """A client with the right credentials, for the tests' own checks."""
     return s3fs.S3FileSystem(key=s3_server.access_key, secret=s3_server.secret_key,
                              endpoint_url=s3_server.endpoint, skip_instance_cache=True)
+
+
+# ------------------------------------------------------------------ gs:// and az:// (emulators.py)
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    from tests.storage.emulators import GCS_CLIENT, EmulatorError, GcsServer
+
+    os.environ.update(GCS_CLIENT)  # read once, when gcsfs and google-auth are first imported
+    import gcsfs
+    from google.auth.compute_engine import _metadata
+
+    if gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem or not _metadata._NO_GCE_CHECK:
+        pytest.fail(f"gcsfs or google-auth was imported before {GCS_CLIENT} was set: its "
+                    "Storage Control or metadata-server lookups would leave this machine")
+    try:
+        server = GcsServer(tmp_path_factory.mktemp("gcs")).start()
+    except EmulatorError as err:
+        pytest.fail(str(err))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite_server(tmp_path_factory):
+    from tests.storage.emulators import AzuriteServer, EmulatorError
+
+    try:
+        server = AzuriteServer(tmp_path_factory.mktemp("azurite")).start()
+    except EmulatorError as err:
+        pytest.fail(str(err))
+    yield server
+    server.stop()
+
+
+def clear_clients() -> None:
+    """fsspec caches a file system per scheme and options: forget those built for another
+    environment (endpoint, credentials)."""
+    import fsspec
+
+    for scheme in ("gs", "az"):
+        fsspec.get_filesystem_class(scheme).clear_instance_cache()
+
+
+@pytest.fixture(params=[pytest.param("gs", marks=pytest.mark.gcs),
+                        pytest.param("az", marks=pytest.mark.azure)])
+def store(request, monkeypatch):
+    """The URI of the bucket ``cwm`` on one of the two emulators, this process configured as its
+    client through the backend's standard environment (as a pod is by spec.storage.secret)."""
+    server = request.getfixturevalue("gcs_server" if request.param == "gs" else "azurite_server")
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    clear_clients()
+    yield f"{request.param}://cwm"
+    clear_clients()

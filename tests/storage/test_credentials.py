@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+import pytest
 import yaml
 
 from cwm_operator.render import render_child
@@ -97,6 +98,7 @@ def f(secret):
 '''
 
 
+@pytest.mark.slow
 def test_programs_a_data_step_runs_see_none_of_the_secret(tmp_path: Path):
     """The traces step, run with the Secret's variables in its environment (as ``envFrom`` puts
     them in a pod), traces programs that search for them; what they found is in the traces'
