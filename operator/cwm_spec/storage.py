@@ -23,8 +23,10 @@ so a second reader on the same node reuses it.
 
 Credentials come from the backend's standard environment (s3fs/botocore: ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL`` for
-S3-compatible stores), which the operator fills from ``spec.storage.secret`` and the local runner
-inherits. :func:`scrub_env` is what keeps them out of sandboxed programs. Failures become one
+S3-compatible stores; adlfs: ``AZURE_STORAGE_CONNECTION_STRING`` or ``AZURE_STORAGE_ACCOUNT_NAME``
+with ``AZURE_STORAGE_ACCOUNT_KEY``/``AZURE_STORAGE_SAS_TOKEN``; gcsfs: google-auth's defaults,
+``GOOGLE_APPLICATION_CREDENTIALS`` naming a key file, or the metadata server), which the operator
+fills from ``spec.storage.secret`` and the local runner inherits. :func:`scrub_env` is what keeps them out of sandboxed programs. Failures become one
 :class:`StorageError` naming the step, the URI and the cause (bad credentials, missing bucket,
 unreachable endpoint).
 """
