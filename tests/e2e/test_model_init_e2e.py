@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from tests.e2e.small import cwm, small_data
+from tests.e2e.small import run_pipeline, small_data, small_rl, step_status
 from tests.model.hf_checkpoint import write_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -26,9 +25,7 @@ SPEC = {
     "stages": [
         {"name": "midtrain", "steps": 3, **STAGE},
         {"name": "sft", "steps": 2, **STAGE},
-        {"name": "rl", "steps": 1, "learningRate": 1e-5, "warmupSteps": 0,
-         "rl": {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 8, "maxTurns": 2,
-                "tasks": ["output_prediction", "mutate_fix"]}},
+        small_rl(steps=1, learning_rate=1e-5),
     ],
     "evaluation": {"heldOutTraces": 4, "cruxevalLimit": 4, "maxNewTokens": 8,
                    "mutateFixTasks": 1, "mutateFixTurns": 2},
@@ -41,21 +38,15 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("init")
     # bf16, as released CWM: the CPU stages train it as float32
     source = write_checkpoint(root / "released", shard="60KB", dtype=torch.bfloat16)
-    manifest = root / "pipeline.yaml"
-    manifest.write_text(yaml.safe_dump({
+    _, workdir = run_pipeline(root, {
         "apiVersion": "cwm.dev/v1alpha1", "kind": "CWMPipeline", "metadata": {"name": "init"},
-        "spec": {"model": {"init": str(source)}, **SPEC}}))
-    workdir = root / "run"
-    result = cwm("run", str(manifest), "--workdir", str(workdir), "--plain")
-    assert result.returncode == 0, result.stderr[-5000:]
+        "spec": {"model": {"init": str(source)}, **SPEC}})
     return source, workdir
 
 
 def test_midtrain_sft_rl_run_from_the_imported_checkpoint(run):
     source, workdir = run
-    done = cwm("status", str(workdir), "--json")
-    assert done.returncode == 0, done.stderr
-    steps = {s["name"]: s for s in json.loads(done.stdout)["steps"]}
+    steps = step_status(workdir)
     assert list(steps) == STEPS  # no tokenizer training, no pretraining
     assert {s["state"] for s in steps.values()} == {"Succeeded"}
     assert "rl_heldout_accuracy" in steps["rl"]["metrics"]

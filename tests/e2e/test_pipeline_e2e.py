@@ -6,12 +6,11 @@ caching (an unchanged rerun does nothing; changing SFT reruns SFT and RL only)."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.e2e.small import cwm, small_data
+from tests.e2e.small import cwm, run_pipeline, small_data, small_rl, step_status
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +28,7 @@ MANIFEST = {
             {"name": "pretrain", "steps": 4, **STAGE},
             {"name": "midtrain", "steps": 4, **STAGE},
             {"name": "sft", "steps": 3, **STAGE},
-            {"name": "rl", "steps": 2, "learningRate": 1e-4, "warmupSteps": 0,
-             "rl": {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 8, "maxTurns": 2,
-                    "tasks": ["output_prediction", "mutate_fix"]}},
+            small_rl(steps=2, learning_rate=1e-4),
         ],
         "evaluation": {"heldOutTraces": 4, "cruxevalLimit": 4, "maxNewTokens": 8,
                        "reasoningTokens": 16, "mutateFixTasks": 1, "mutateFixTurns": 2},
@@ -40,26 +37,14 @@ MANIFEST = {
 ALL = ["traces", "trajectories", "corpus", "tokenizer", "pretrain", "midtrain", "sft", "rl"]
 
 
-def status(workdir: Path) -> dict:
-    result = cwm("status", str(workdir), "--json")
-    assert result.returncode == 0, result.stderr
-    return {s["name"]: s for s in json.loads(result.stdout)["steps"]}
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    manifest = root / "pipeline.yaml"
-    manifest.write_text(yaml.safe_dump(MANIFEST))
-    workdir = root / "run"
-    result = cwm("run", str(manifest), "--workdir", str(workdir), "--plain")
-    assert result.returncode == 0, result.stderr[-5000:]
-    return manifest, workdir
+    return run_pipeline(tmp_path_factory.mktemp("e2e"), MANIFEST)
 
 
 def test_every_step_succeeds_with_metrics(run):
     _, workdir = run
-    steps = status(workdir)
+    steps = step_status(workdir)
     assert list(steps) == ALL
     assert {s["state"] for s in steps.values()} == {"Succeeded"}
     for stage in ("pretrain", "midtrain", "sft", "rl"):
@@ -102,13 +87,13 @@ def test_unchanged_rerun_is_all_cached_and_sft_change_reruns_sft_and_rl(run):
     manifest, workdir = run
     result = cwm("run", str(manifest), "--workdir", str(workdir), "--plain")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert {s["state"] for s in status(workdir).values()} == {"Cached"}
+    assert {s["state"] for s in step_status(workdir).values()} == {"Cached"}
 
     doc = yaml.safe_load(manifest.read_text())
     doc["spec"]["stages"][2]["learningRate"] = 5e-4
     manifest.write_text(yaml.safe_dump(doc))
     result = cwm("run", str(manifest), "--workdir", str(workdir), "--plain")
     assert result.returncode == 0, result.stderr[-3000:]
-    states = {name: s["state"] for name, s in status(workdir).items()}
+    states = {name: s["state"] for name, s in step_status(workdir).items()}
     assert states == {**dict.fromkeys(ALL[:6], "Cached"), "sft": "Succeeded", "rl": "Succeeded"}
     assert "| sft | Succeeded |" in (workdir / "report/report.md").read_text()
