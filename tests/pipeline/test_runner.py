@@ -175,13 +175,20 @@ def _gone(pid: int, timeout: float = 10) -> bool:
     return False
 
 
-@pytest.mark.slow
-def test_kill_9_during_a_step_then_resume(env):
+def _runner_inside(env, step: str):
+    """A background runner on a fresh workdir, held inside ``step`` (its stand-in sleeps 60 s):
+    (manifest, calls, workdir, runner, the step's pid)."""
     tmp, manifest, calls = env
     workdir = tmp / "w"
-    runner = _start_runner(tmp, manifest, workdir, STANDIN_SLEEP_MIDTRAIN="60")
-    child = _wait_for_state(workdir, "midtrain", "Running")["pid"]
-    _wait_for_call(calls, "midtrain")
+    runner = _start_runner(tmp, manifest, workdir, **{f"STANDIN_SLEEP_{step.upper()}": "60"})
+    child = _wait_for_state(workdir, step, "Running")["pid"]
+    _wait_for_call(calls, step)
+    return manifest, calls, workdir, runner, child
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_step_then_resume(env):
+    manifest, calls, workdir, runner, child = _runner_inside(env, "midtrain")
     runner.kill()  # SIGKILL
     runner.wait()
     assert _gone(child), "the step's process outlived its killed runner"
@@ -194,11 +201,7 @@ def test_kill_9_during_a_step_then_resume(env):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_step_and_leaves_a_resumable_directory(env):
-    tmp, manifest, calls = env
-    workdir = tmp / "w"
-    runner = _start_runner(tmp, manifest, workdir, STANDIN_SLEEP_SFT="60")
-    child = _wait_for_state(workdir, "sft", "Running")["pid"]
-    _wait_for_call(calls, "sft")
+    manifest, calls, workdir, runner, child = _runner_inside(env, "sft")
     runner.send_signal(signal.SIGINT)
     assert runner.wait(timeout=30) == 130
     assert _gone(child)
