@@ -1,0 +1,254 @@
+"""Issue-fix tasks from a repository's history (the R2E-Gym / SWE-smith recipe).
+
+A commit that changes non-test code and comes with tests is a candidate (:func:`fix_commits`).
+Its environment is the commit's own tree, prepared like any repository (suite run once with
+coverage). For each function the commit changed, the task puts that function back as it was
+before the commit (a function the commit added is removed): the agent's starting state
+(:func:`reverted_functions`). The task is validated by execution exactly as a mutate-fix task
+(:func:`cwm_forager.tasks.validate_task`): the tests that cover the function must pass on the
+commit's tree (they are the suite's) and some must fail on the reverted one, and at least one of
+those failing tests must live in a test file the commit itself changed, so the task is the
+commit's own fail-to-pass evidence. The commit message is the issue when it says enough
+(:func:`issue_text`); otherwise the agent reads only the failing tests.
+
+:func:`release_repository` builds a git history from successive released source distributions of
+a PyPI project (one commit per release), so real projects' histories can be mined without a git
+host; any local or cloned git repository works the same way.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cwm_exec import sandbox
+from cwm_forager.env import RepoEnvironment
+from cwm_forager.mutations import iter_functions
+from cwm_forager.pytest_plugin import is_test_file
+from cwm_forager.repos import RepositoryError, RepoSource, copy_tree, fetch
+from cwm_forager.tasks import MAX_TESTS_PER_TASK, Task, validate_task
+
+FAMILY = "issue_fix"
+MIN_ISSUE_WORDS = 8      # a shorter message ("Release 1.0", "fix") says too little
+NOT_SOURCE = ("setup.py", "conftest.py", "noxfile.py", "_version.py")
+_GIT_ENV = {"GIT_AUTHOR_NAME": "cwm", "GIT_AUTHOR_EMAIL": "cwm@localhost",
+            "GIT_COMMITTER_NAME": "cwm", "GIT_COMMITTER_EMAIL": "cwm@localhost",
+            "GIT_AUTHOR_DATE": "2000-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2000-01-01T00:00:00Z"}
+
+
+@dataclass(frozen=True)
+class FixCommit:
+    """A commit that changes source files and test files (paths relative to the root)."""
+
+    sha: str
+    parent: str
+    message: str
+    sources: tuple[str, ...]
+    tests: tuple[str, ...]
+
+
+@dataclass
+class HistoryReport:
+    """What mining one repository found: the numbers the data set's manifest reports."""
+
+    repo: str
+    commits_scanned: int = 0
+    fix_commits: int = 0
+    tasks_found: int = 0       # reverted functions tried
+    validated: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    tasks: list[Task] = field(default_factory=list)
+
+    def reject(self, reason: str) -> None:
+        key = reason.split(":", 1)[0]
+        self.rejected[key] = self.rejected.get(key, 0) + 1
+
+    def summary(self) -> dict[str, object]:
+        return {"repo": self.repo, "commits_scanned": self.commits_scanned,
+                "fix_commits": self.fix_commits, "tasks_found": self.tasks_found,
+                "validated": self.validated, "rejected": dict(sorted(self.rejected.items()))}
+
+
+# ------------------------------------------------------------------------------ git
+
+
+def git(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+    if done.returncode != 0:
+        raise RepositoryError(f"git {' '.join(args[:2])} in {repo}: {done.stderr.strip()[-400:]}")
+    return done.stdout
+
+
+def release_repository(project: str, versions: Sequence[str], dest: Path) -> Path:
+    """A git repository at ``dest`` with one commit per released sdist of ``project`` (fetched
+    once into the repository cache), oldest first, each commit the whole release tree."""
+    if len(versions) < 2:
+        raise ValueError(f"release history of {project}: give at least two versions")
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    git(dest, "init", "--quiet", "--initial-branch=main")
+    for version in versions:
+        tree = fetch(RepoSource(pypi=f"{project}=={version}"))
+        for child in dest.iterdir():
+            if child.name != ".git":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        for child in tree.iterdir():
+            target = dest / child.name
+            copy_tree(child, target) if child.is_dir() else shutil.copy2(child, target)
+        git(dest, "add", "--all")
+        git(dest, "commit", "--quiet", "--allow-empty", "-m", f"{project} {version}",
+            env=_GIT_ENV)
+    return dest
+
+
+def fix_commits(repo: Path) -> tuple[list[FixCommit], int]:
+    """The candidate commits on the first-parent line, oldest first, and how many commits with
+    a parent were scanned."""
+    shas = git(repo, "rev-list", "--first-parent", "--reverse", "HEAD").split()
+    found = []
+    for parent, sha in zip(shas, shas[1:]):
+        names = git(repo, "diff", "--name-only", "--no-renames", parent, sha, "--",
+                    "*.py").split("\n")
+        names = [n for n in names if n]
+        tests = tuple(n for n in names if is_test_file(n))
+        sources = tuple(n for n in names if not is_test_file(n)
+                        and Path(n).name not in NOT_SOURCE and "docs" not in Path(n).parts)
+        if sources and tests:
+            message = git(repo, "log", "-1", "--format=%B", sha).strip()
+            found.append(FixCommit(sha, parent, message, sources, tests))
+    return found, max(len(shas) - 1, 0)
+
+
+def file_at(repo: Path, sha: str, path: str) -> str | None:
+    """A file's text at a commit, or None where it does not exist (or is not text)."""
+    try:
+        return git(repo, "show", f"{sha}:{path}")
+    except RepositoryError:
+        return None
+
+
+def export_tree(repo: Path, sha: str, dest: Path) -> Path:
+    """The commit's tree as a plain folder (no history: the agent must not read the fix)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", sha],
+                             capture_output=True, check=True, timeout=300).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=300)
+    return dest
+
+
+# ------------------------------------------------------------------------------ pure parts
+
+
+def issue_text(message: str, min_words: int = MIN_ISSUE_WORDS) -> str:
+    """The commit message as the task's issue, or "" when it says too little to act on."""
+    words = re.findall(r"[A-Za-z]{2,}", message)
+    return message.strip() if len(words) >= min_words else ""
+
+
+def _spans(source: str) -> dict[str, tuple[int, int]]:
+    """Qualified function name → (first line with decorators, last line), 1-based."""
+    spans = {}
+    for name, node in iter_functions(ast.parse(source)):
+        first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+        spans[name] = (first, node.end_lineno or node.lineno)
+    return spans
+
+
+def reverted_functions(before: str, after: str) -> Iterator[tuple[str, int, str]]:
+    """For each function the change touched (outermost only), ``after`` with that one function
+    as it was ``before`` (removed if it is new): ``(qualified name, line, source)``. Sources that
+    no longer parse are left out."""
+    try:
+        old, new = _spans(before), _spans(after)
+    except SyntaxError:
+        return
+    old_lines, new_lines = before.splitlines(keepends=True), after.splitlines(keepends=True)
+    changed = [name for name, (lo, hi) in new.items()
+               if name not in old or new_lines[lo - 1:hi] != old_lines[old[name][0] - 1:
+                                                                    old[name][1]]]
+    outer = [n for n in changed
+             if not any(n.startswith(o + ".") for o in changed if o != n)]
+    for name in outer:
+        lo, hi = new[name]
+        body = old_lines[old[name][0] - 1:old[name][1]] if name in old else []
+        source = "".join(new_lines[:lo - 1] + body + new_lines[hi:])
+        try:
+            ast.parse(source)
+        except SyntaxError:
+            continue
+        yield name, lo, source
+
+
+# ------------------------------------------------------------------------------ mining
+
+
+def _candidate_tasks(env: RepoEnvironment, repo: Path, commit: FixCommit) -> Iterator[Task]:
+    covering = env.covering_tests()
+    issue = issue_text(commit.message)
+    headline = commit.message.strip().splitlines()[0] if commit.message.strip() else ""
+    for path in commit.sources:
+        before, after = file_at(repo, commit.parent, path), env.read(path)
+        if before is None:
+            continue  # a new module: reverting it is deleting it, not a fix to find
+        for name, line, reverted in reverted_functions(before, after):
+            tests = covering.get((path, name), [])
+            if not tests:
+                continue
+            digest = hashlib.sha1(f"{commit.sha}|{path}|{name}".encode()).hexdigest()[:10]
+            yield Task(task_id=f"{env.name}/{FAMILY}/{digest}", repo=env.name, family=FAMILY,
+                       path=path, function=name, line=line,
+                       description=f"commit {commit.sha[:10]}: {headline}"[:200],
+                       original=after, mutated=reverted,
+                       tests=tuple(tests[:MAX_TESTS_PER_TASK]), issue=issue)
+
+
+def mine_repository(repo: Path, *, name: str | None = None,
+                    limits: sandbox.Limits | None = None, max_commits: int | None = None,
+                    workroot: Path | None = None) -> HistoryReport:
+    """Validated issue-fix tasks from ``repo``'s history (see the module docstring)."""
+    name = name or repo.resolve().name
+    report = HistoryReport(repo=name)
+    commits, report.commits_scanned = fix_commits(repo)
+    report.fix_commits = len(commits)
+    root = Path(tempfile.mkdtemp(prefix="cwm-history-", dir=workroot))
+    try:
+        for commit in commits[:max_commits]:
+            tree = export_tree(repo, commit.sha, root / f"{name}@{commit.sha[:10]}")
+            env = RepoEnvironment(RepoSource(path=str(tree)),
+                                  limits=limits or sandbox.Limits(), workroot=root / "envs")
+            try:
+                env.prepare()
+            except RepositoryError as err:
+                report.reject(f"environment: {err}")
+                continue
+            try:
+                for task in _candidate_tasks(env, repo, commit):
+                    report.tasks_found += 1
+                    _validate(env, task, commit, report)
+            finally:
+                env.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return report
+
+
+def _validate(env: RepoEnvironment, task: Task, commit: FixCommit, report: HistoryReport) -> None:
+    result = validate_task(env, task)
+    if isinstance(result, str):
+        report.reject(result)
+        return
+    if not any(t.split("::", 1)[0] in commit.tests for t in result.failing_tests):
+        report.reject("no failing test is one the commit changed")
+        return
+    report.tasks.append(result)  # with its failing tests and gold patch (the commit's change)
+    report.validated += 1
