@@ -26,7 +26,7 @@ from tests.kubeflow.training_operator import (
     TrainingOperatorError,
     init_container_template,
     installed,
-    run,
+    watching,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,17 +107,10 @@ def kubeflow(kube: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
                             "(install its manifests)", pytrace=False)
             yield namespace
             return
-        build = _build()
-        kube.apply_crd(build.crd())
-        user = f"system:serviceaccount:{namespace}:training-operator"
-        kubeconfig = kube.kubeconfig_for(user, ["system:serviceaccounts", "system:authenticated",
-                                                f"system:serviceaccounts:{namespace}"])
-        try:
-            with run(kube.api_client, kubeconfig, namespace, tmp_path_factory.mktemp("kubeflow"),
-                     init_image=INIT_IMAGE, user=user):
-                yield namespace
-        finally:
-            kube.apply_crd(load_crd(PYTORCHJOB_CRD))
+        _build()
+        with watching(kube, namespace, tmp_path_factory.mktemp("kubeflow"),
+                      init_image=INIT_IMAGE):
+            yield namespace
     finally:
         core.delete_namespace(namespace)
 

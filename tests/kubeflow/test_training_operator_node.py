@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from tests.controlplane.cluster import PYTORCHJOB_CRD, load_crd
 from tests.controlplane.node import BUSYBOX_IMAGE
-from tests.kubeflow.training_operator import Build, TrainingOperatorError, run
+from tests.kubeflow.training_operator import Build, TrainingOperatorError, watching
 
 PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
 UID = 65532
@@ -27,7 +26,7 @@ def kubeflow_node(kube_node: Any, tmp_path_factory: pytest.TempPathFactory) -> I
     if kube_node.local is None:
         pytest.skip("the node-backed cluster is CWM_TEST_KUBECONFIG's: tests/kubeflow's API tests cover it")
     try:
-        build = Build.find()
+        Build.find()
     except TrainingOperatorError as e:
         pytest.fail(str(e), pytrace=False)
     core = client.CoreV1Api(kube_node.api_client)
@@ -36,16 +35,11 @@ def kubeflow_node(kube_node: Any, tmp_path_factory: pytest.TempPathFactory) -> I
         "cwm.dev/test": "true", "pod-security.kubernetes.io/enforce": "restricted"}}})
     kube_node.wait_for(lambda: core.read_namespaced_service_account("default", namespace), 30,
                        "the namespace's default ServiceAccount")
-    kube_node.apply_crd(build.crd())
-    user = f"system:serviceaccount:{namespace}:training-operator"
-    kubeconfig = kube_node.kubeconfig_for(user, ["system:serviceaccounts", "system:authenticated",
-                                                 f"system:serviceaccounts:{namespace}"])
     try:
-        with run(kube_node.api_client, kubeconfig, namespace, tmp_path_factory.mktemp("kubeflow-node"),
-                 init_image=BUSYBOX_IMAGE, init_wait_with="nslookup", user=user) as operator:
+        with watching(kube_node, namespace, tmp_path_factory.mktemp("kubeflow-node"),
+                      init_image=BUSYBOX_IMAGE, init_wait_with="nslookup") as operator:
             yield namespace, operator
     finally:
-        kube_node.apply_crd(load_crd(PYTORCHJOB_CRD))
         core.delete_namespace(namespace)
 
 

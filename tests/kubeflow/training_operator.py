@@ -46,7 +46,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.controlplane.cluster import Component, free_port, wait_until
+from tests.controlplane.cluster import (
+    PYTORCHJOB_CRD,
+    Component,
+    cache_dir,
+    free_port,
+    load_crd,
+    wait_until,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -64,16 +71,17 @@ class TrainingOperatorError(RuntimeError):
 
 
 def read_version() -> str:
-    for line in (HERE / "versions.env").read_text().splitlines():
-        if line.startswith("TRAINING_OPERATOR_VERSION="):
-            return line.split("=", 1)[1].strip()
-    raise TrainingOperatorError(f"{HERE / 'versions.env'}: no TRAINING_OPERATOR_VERSION")
+    """TRAINING_OPERATOR_VERSION, as versions.env pins it for build.sh."""
+    pins = dict(line.strip().split("=", 1) for line in
+                (HERE / "versions.env").read_text().splitlines() if "=" in line)
+    if "TRAINING_OPERATOR_VERSION" not in pins:
+        raise TrainingOperatorError(f"{HERE / 'versions.env'}: no TRAINING_OPERATOR_VERSION")
+    return pins["TRAINING_OPERATOR_VERSION"]
 
 
 def build_dir() -> Path:
     """Where build.sh puts the binary and manifests (the same rule as the script)."""
-    cache = Path(os.environ.get("CWM_CACHE") or REPO / ".cache").resolve()
-    return cache / "kubeflow" / f"training-operator-{read_version()}"
+    return cache_dir() / "kubeflow" / f"training-operator-{read_version()}"
 
 
 @dataclass(frozen=True)
@@ -412,6 +420,24 @@ def run(api_client: Any, kubeconfig: Path, namespace: str, workdir: Path, *, ini
         finally:
             operator.stop()
             uninstall(api_client, user or "")
+
+
+@contextlib.contextmanager
+def watching(kube: Any, namespace: str, workdir: Path, **options: Any
+             ) -> Iterator[TrainingOperator]:
+    """The training operator watching ``namespace`` on the test cluster ``kube``, under the
+    namespace's ServiceAccount and with the module's own PyTorchJob CRD (the hand-written one is
+    put back afterwards). ``options``: :func:`run`'s ``init_image`` and ``init_wait_with``."""
+    kube.apply_crd(Build.find().crd())
+    user = f"system:serviceaccount:{namespace}:training-operator"
+    kubeconfig = kube.kubeconfig_for(user, ["system:serviceaccounts", "system:authenticated",
+                                            f"system:serviceaccounts:{namespace}"])
+    try:
+        with run(kube.api_client, kubeconfig, namespace, workdir, user=user,
+                 **options) as operator:
+            yield operator
+    finally:
+        kube.apply_crd(load_crd(PYTORCHJOB_CRD))
 
 
 def main() -> None:
