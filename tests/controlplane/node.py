@@ -41,6 +41,7 @@ import yaml
 
 from tests.controlplane import nodeimages
 from tests.controlplane.procs import free_port
+from tests.netpol import agent as netpol
 
 log = logging.getLogger("cwm.node")
 
@@ -482,6 +483,7 @@ def sweep() -> list[str]:
             netns.unlink()
     _iptables_sweep("iptables")
     _iptables_sweep("ip6tables")
+    netpol.sweep()  # kube-router's ipsets, after the chains that match them (left by design)
     if run(["ip", "link", "show", BRIDGE], check=False).returncode == 0:
         run(["ip", "link", "delete", BRIDGE], check=False)
     _cgroup_sweep()
@@ -577,6 +579,7 @@ class LocalNode:
             ("images", lambda: self._load_images(project_images)),
             ("kube-proxy", self._start_kube_proxy),
             ("kubelet", lambda: self._start_kubelet(wait)),
+            ("netpol", lambda: self._start_netpol(wait)),
             ("coredns", lambda: self._start_coredns(wait)),
         ]
         for phase, step in steps:
@@ -713,6 +716,22 @@ class LocalNode:
 
         wait(ready, 120, f"node {NODE_NAME} to be Ready without taints")
 
+    def _start_netpol(self, wait: Callable[..., Any]) -> None:
+        """kube-router's firewall (tests/netpol): enforces NetworkPolicy, which the bridge CNI
+        does not. After the kubelet (it looks up its Node), before any pod of ours."""
+        problems = netpol.host_problems()
+        if problems:
+            raise NodeError("the NetworkPolicy agent cannot run here: " + "; ".join(problems))
+        kubeconfig = self._kubeconfig("kube-router", "system:kube-router", ("system:masters",))
+        agent = self.plane._component(netpol.NAME, netpol.argv(
+            netpol.binary(), kubeconfig, NODE_NAME, SERVICE_RANGE, free_port()))
+
+        def synced() -> bool:
+            self.plane._expect_alive(agent)
+            return netpol.synced()
+
+        wait(synced, 60, "kube-router's NetworkPolicy chains")
+
     def _start_coredns(self, wait: Callable[..., Any]) -> None:
         docs = coredns_manifests(self.coredns_image)
         self._kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs))
@@ -754,7 +773,7 @@ class LocalNode:
         """Drain, stop the node's processes, remove containers, sweep the machine-wide state."""
         if not self._claimed:
             return
-        names = ("kubelet", "kube-proxy", "kube-scheduler")
+        names = ("kubelet", "kube-proxy", netpol.NAME, "kube-scheduler")
         running = {c.name: c for c in self.plane.components}
         if "kubelet" in running and running["kubelet"].alive():
             with contextlib.suppress(Exception):
