@@ -4,10 +4,6 @@ cwm_beam.explain's Beam transform; the filter keeps exactly the right one."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import apache_beam as beam
 import pytest
 import torch
@@ -20,6 +16,7 @@ from cwm_model.checkpoint import save_checkpoint
 from cwm_model.model import CWM
 from cwm_model.presets import get_preset
 from tests.model.conftest import memorise, single_thread
+from tests.model.serving import serving
 from tests.traces.test_explain import traced_record
 
 pytestmark = pytest.mark.slow  # memorising two ~500-token chats, then a served model: ~1 min
@@ -50,18 +47,8 @@ def explainer(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def served(explainer):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cwm_model.cli", "serve", str(explainer), "--port", "0",
-         "--model-name", "explainer"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        assert "listening on" in line, f"server did not start: {line}{proc.stdout.read()}"
-        yield line.split("listening on ")[1].strip()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with serving(explainer, "explainer") as url:
+        yield url
 
 
 def test_served_model_explanations_are_kept_only_when_right(served):

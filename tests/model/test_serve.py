@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 
 import pytest
 
 from tests.model.memorised import BASH_TOOL, CHAT_PROMPT, COMPLETION_PROMPT, THINK_PROMPT
+from tests.model.serving import serving
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow  # a trained model / transformers import: seconds each
@@ -20,18 +18,8 @@ pytestmark = pytest.mark.slow  # a trained model / transformers import: seconds 
 @pytest.fixture(scope="module")
 def server(trained_checkpoint):
     """``python -m cwm_model.cli serve`` on a free port; yields its base URL."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cwm_model.cli", "serve", str(trained_checkpoint), "--port", "0",
-         "--model-name", "cwm-debug"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        assert "listening on" in line, f"server did not start: {line}{proc.stdout.read()}"
-        yield line.split("listening on ")[1].strip()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with serving(trained_checkpoint, "cwm-debug") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
