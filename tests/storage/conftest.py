@@ -47,15 +47,14 @@ def bucket_fs(s3_server):
 
 @pytest.fixture(scope="session")
 def gcs_server(tmp_path_factory):
-    from tests.storage.emulators import GCS_CLIENT, EmulatorError, GcsServer
+    import fsspec
+    from gcsfs.core import GCSFileSystem
 
-    os.environ.update(GCS_CLIENT)  # read once, when gcsfs and google-auth are first imported
-    import gcsfs
-    from google.auth.compute_engine import _metadata
+    from tests.storage.emulators import EmulatorError, GcsServer
 
-    if gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem or not _metadata._NO_GCE_CHECK:
-        pytest.fail(f"gcsfs or google-auth was imported before {GCS_CLIENT} was set: its "
-                    "Storage Control or metadata-server lookups would leave this machine")
+    # In this process, what emulators.GCS_CLIENT sets up in new ones: the JSON-API file system
+    # (whatever gcsfs imported as its default), anonymous (see the store fixture).
+    fsspec.register_implementation("gs", GCSFileSystem, clobber=True)
     try:
         server = GcsServer(tmp_path_factory.mktemp("gcs")).start()
     except EmulatorError as err:
@@ -93,6 +92,10 @@ def store(request, monkeypatch):
     server = request.getfixturevalue("gcs_server" if request.param == "gs" else "azurite_server")
     for key, value in server.env().items():
         monkeypatch.setenv(key, value)
+    if request.param == "gs":  # fsspec read FSSPEC_GS_TOKEN when imported: set it here too
+        import fsspec
+
+        monkeypatch.setitem(fsspec.config.conf, "gs", {"token": "anon"})
     clear_clients()
     yield f"{request.param}://cwm"
     clear_clients()

@@ -5,8 +5,8 @@ loopback port with a temporary data folder and holds one bucket (container), ``c
 creates a bucket on demand, so a missing one is an error, as in the clouds.
 
 :meth:`env` is what a client needs, in each backend's standard variables (what
-``spec.storage.secret`` would hold): ``STORAGE_EMULATOR_HOST`` for gcsfs (fake-gcs-server accepts
-any caller: there are no credentials to get wrong), ``AZURE_STORAGE_CONNECTION_STRING`` for adlfs
+``spec.storage.secret`` would hold): ``STORAGE_EMULATOR_HOST`` for gcsfs and :data:`GCS_CLIENT`
+(fake-gcs-server accepts any caller: there are no credentials to get wrong), ``AZURE_STORAGE_CONNECTION_STRING`` for adlfs
 (Azurite checks the shared-key signature of every request against the random account key).
 
 Run by hand::
@@ -33,11 +33,12 @@ HERE = Path(__file__).resolve().parent
 BUILD = HERE / "emulators.sh"
 FIX = "make emulators   (or tests/storage/emulators.sh)"
 BUCKET = "cwm"
-# Read by gcsfs and google-auth when first imported. gcsfs >= 2026 asks Storage Control's gRPC API
+# A gs:// client of the emulator, in a new process. gcsfs >= 2026 asks Storage Control's gRPC API
 # for each bucket's layout, which an emulator does not serve (a 60 s timeout per bucket): its
-# plain JSON-API file system is the one to test. google-auth looks for Compute Engine's metadata
-# server (169.254.169.254, off this machine) unless told it is not on GCE.
-GCS_CLIENT = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "NO_GCE_CHECK": "true"}
+# plain JSON-API file system is the one to test (read when gcsfs is imported). Anonymous access
+# (fsspec's per-protocol default, read when fsspec is imported): else google-auth looks for
+# credentials, Compute Engine's metadata server (169.254.169.254, off this machine) among them.
+GCS_CLIENT = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GS_TOKEN": "anon"}
 
 
 class EmulatorError(RuntimeError):
