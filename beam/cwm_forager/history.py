@@ -34,6 +34,7 @@ from cwm_forager.env import RepoEnvironment
 from cwm_forager.mutations import iter_functions
 from cwm_forager.pytest_plugin import is_test_file
 from cwm_forager.repos import RepositoryError, RepoSource, copy_tree, fetch
+from cwm_forager.rollout import Policy, Trajectory, run_episode
 from cwm_forager.tasks import MAX_TESTS_PER_TASK, Task, validate_task
 
 FAMILY = "issue_fix"
@@ -64,8 +65,10 @@ class HistoryReport:
     fix_commits: int = 0
     tasks_found: int = 0       # reverted functions tried
     validated: int = 0
+    solved: int | None = None  # by the policy given to mine_repository, if one was
     rejected: dict[str, int] = field(default_factory=dict)
     tasks: list[Task] = field(default_factory=list)
+    trajectories: list[Trajectory] = field(default_factory=list)
 
     def reject(self, reason: str) -> None:
         key = reason.split(":", 1)[0]
@@ -74,7 +77,8 @@ class HistoryReport:
     def summary(self) -> dict[str, object]:
         return {"repo": self.repo, "commits_scanned": self.commits_scanned,
                 "fix_commits": self.fix_commits, "tasks_found": self.tasks_found,
-                "validated": self.validated, "rejected": dict(sorted(self.rejected.items()))}
+                "validated": self.validated, "solved": self.solved,
+                "rejected": dict(sorted(self.rejected.items()))}
 
 
 # ------------------------------------------------------------------------------ git
@@ -214,10 +218,12 @@ def _candidate_tasks(env: RepoEnvironment, repo: Path, commit: FixCommit) -> Ite
 
 def mine_repository(repo: Path, *, name: str | None = None,
                     limits: sandbox.Limits | None = None, max_commits: int | None = None,
-                    workroot: Path | None = None) -> HistoryReport:
-    """Validated issue-fix tasks from ``repo``'s history (see the module docstring)."""
+                    workroot: Path | None = None, policy: Policy | None = None,
+                    max_turns: int = 32) -> HistoryReport:
+    """Validated issue-fix tasks from ``repo``'s history (see the module docstring); with a
+    ``policy``, one episode per validated task in its environment, and how many it solved."""
     name = name or repo.resolve().name
-    report = HistoryReport(repo=name)
+    report = HistoryReport(repo=name, solved=0 if policy is not None else None)
     commits, report.commits_scanned = fix_commits(repo)
     report.fix_commits = len(commits)
     root = Path(tempfile.mkdtemp(prefix="cwm-history-", dir=workroot))
@@ -234,7 +240,8 @@ def mine_repository(repo: Path, *, name: str | None = None,
             try:
                 for task in _candidate_tasks(env, repo, commit):
                     report.tasks_found += 1
-                    _validate(env, task, commit, report)
+                    if _validate(env, task, commit, report) and policy is not None:
+                        _solve(env, report.tasks[-1], policy, max_turns, report)
             finally:
                 env.close()
     finally:
@@ -242,13 +249,21 @@ def mine_repository(repo: Path, *, name: str | None = None,
     return report
 
 
-def _validate(env: RepoEnvironment, task: Task, commit: FixCommit, report: HistoryReport) -> None:
+def _validate(env: RepoEnvironment, task: Task, commit: FixCommit, report: HistoryReport) -> bool:
     result = validate_task(env, task)
     if isinstance(result, str):
         report.reject(result)
-        return
+        return False
     if not any(t.split("::", 1)[0] in commit.tests for t in result.failing_tests):
         report.reject("no failing test is one the commit changed")
-        return
+        return False
     report.tasks.append(result)  # with its failing tests and gold patch (the commit's change)
     report.validated += 1
+    return True
+
+
+def _solve(env: RepoEnvironment, task: Task, policy: Policy, max_turns: int,
+           report: HistoryReport) -> None:
+    trajectory = run_episode(env, task, policy, max_turns=max_turns)
+    report.trajectories.append(trajectory)
+    report.solved = (report.solved or 0) + int(trajectory.success)
