@@ -111,7 +111,8 @@ def test_copy_sources_exist_in_the_context(image: tuple[str, Dockerfile]) -> Non
             for src in sources:
                 path = REPO / src
                 assert path.exists(), f"{name}:{ins.line}: COPY source {src} does not exist"
-                assert not ignored(IGNORE_RULES, src.rstrip("/")), \
+                # "." is the context itself: what .dockerignore lets through.
+                assert src.rstrip("/") in ("", ".") or not ignored(IGNORE_RULES, src.rstrip("/")), \
                     f"{name}:{ins.line}: COPY source {src} is excluded by .dockerignore"
 
 
@@ -146,12 +147,8 @@ def test_entry_commands_are_exec_form(image: tuple[str, Dockerfile]) -> None:
 def test_project_installed_from_its_pyproject(image: tuple[str, Dockerfile]) -> None:
     """One distribution: pyproject.toml, README.md and every package folder it maps."""
     name, df = image
-    copied: set[str] = set()
-    for stage in df.stages:
-        for ins in stage.all("COPY"):
-            if "from" not in ins.flags and not ins.heredocs:
-                copied |= {w.rstrip("/") for w in (ins.exec_form() or ins.words())[:-1]}
     expected = {"pyproject.toml", "README.md", *PACKAGE_DIRS.values()}
+    copied = copied_paths(df)
     assert expected <= copied, f"{name}: not copied: {sorted(expected - copied)}"
 
 
@@ -284,9 +281,19 @@ def image_programs(df: Dockerfile) -> set[str]:
     return programs
 
 
-def image_packages(df: Dockerfile) -> set[str]:
+def copied_paths(df: Dockerfile) -> set[str]:
+    """What the Dockerfile copies from the context; ``COPY . ...`` stands for every file and
+    package folder .dockerignore lets through."""
     copied = {w.rstrip("/") for s in df.stages for i in s.all("COPY")
-              if "from" not in i.flags and not i.heredocs for w in i.words()[:-1]}
+              if "from" not in i.flags and not i.heredocs for w in (i.exec_form() or i.words())[:-1]}
+    if copied & {"", "."}:
+        context = {"pyproject.toml", "README.md", *PACKAGE_DIRS.values()}
+        copied |= {path for path in context if not ignored(IGNORE_RULES, path)}
+    return copied
+
+
+def image_packages(df: Dockerfile) -> set[str]:
+    copied = copied_paths(df)
     return {pkg for pkg, folder in PACKAGE_DIRS.items() if folder in copied}
 
 
