@@ -87,6 +87,10 @@ class CWMTokenizer:
     def __init__(self, tokenizer: Tokenizer, base: int):
         self.tokenizer = tokenizer
         self.base = base
+        self.bos_id = base + NAMED_SPECIALS["<|begin_of_text|>"]
+        self.eos_id = base + NAMED_SPECIALS["<|end_of_text|>"]
+        self.pad_id = base + NAMED_SPECIALS["<|pad|>"]
+        self.eot_id = base + NAMED_SPECIALS["<|eot_id|>"]  # ends every chat message
         # A copy that encodes special-token spellings as ordinary text (tiktoken's
         # encode_ordinary); ``tokenizer`` itself stays as saved, for transformers and vLLM.
         self._ordinary = Tokenizer.from_str(tokenizer.to_str())
@@ -107,22 +111,6 @@ class CWMTokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.tokenizer.id_to_token(token_id)
-
-    @property
-    def bos_id(self) -> int:
-        return self.base + NAMED_SPECIALS["<|begin_of_text|>"]
-
-    @property
-    def eos_id(self) -> int:
-        return self.base + NAMED_SPECIALS["<|end_of_text|>"]
-
-    @property
-    def pad_id(self) -> int:
-        return self.base + NAMED_SPECIALS["<|pad|>"]
-
-    @property
-    def eot_id(self) -> int:
-        return self.base + NAMED_SPECIALS["<|eot_id|>"]
 
     @property
     def stop_ids(self) -> list[int]:
