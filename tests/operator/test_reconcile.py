@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
