@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -508,17 +509,39 @@ def ctr(programs: HostPrograms, *args: str, input: bytes | None = None, timeout:
     return run(argv, input=input, timeout=timeout).stdout
 
 
-def _disk_problem(ref: str, size: int) -> str:
-    """Why `ref` (`size` bytes in Docker) cannot be imported, or "": containerd keeps the layers
-    and their unpacked copy (about twice the size), beside Docker's copy; 10 GiB stay free."""
+def docker_layers(docker: str, ref: str) -> list[tuple[str, int]] | None:
+    """(diff id, bytes) of each file-system layer of `ref`, oldest first, from `docker image
+    inspect` (the diff ids) and `docker history` (the sizes; `#(nop)` rows other than COPY and ADD
+    are metadata and have no layer); None when the two do not pair up."""
+    ids = json.loads(run([docker, "image", "inspect", "--format", "{{json .RootFS.Layers}}", ref]).stdout)
+    rows = run([docker, "history", "--no-trunc", "--human=false", "--format", "{{.Size}}\t{{.CreatedBy}}",
+                ref]).stdout.decode().splitlines()
+    sizes = [int(size) for size, _, by in (r.partition("\t") for r in reversed(rows))
+             if "#(nop)" not in by or re.search(r"#\(nop\)\s+(COPY|ADD)\b", by)]
+    return list(zip(ids, sizes)) if len(sizes) == len(ids) else None
+
+
+def new_layer_bytes(layers: list[tuple[str, int]] | None, size: int, have: set[str]) -> int:
+    """Bytes of the layers containerd does not hold yet (`docker save` writes each layer
+    uncompressed, so containerd stores it under its diff id): a rebuilt image shares most of its
+    layers with the version already imported. Unknown layers: the whole `size`."""
+    if layers is None:
+        return size
+    return sum(layer_size for diff_id, layer_size in layers if diff_id not in have)
+
+
+def _disk_problem(ref: str, size: int, total: int | None = None) -> str:
+    """Why `ref` (`size` bytes of new layers) cannot be imported, or "": containerd keeps the
+    layers and their unpacked copy (about twice the size), beside Docker's copy; 10 GiB stay free."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     stat = os.statvfs(STATE_DIR)
     free = stat.f_bavail * stat.f_frsize
     needed = int(size * 2.2) + (10 << 30)  # and 10 GiB left for everything else on the machine
     if free >= needed:
         return ""
+    of = f" ({size / 2**30:.1f} GiB of new layers in {total / 2**30:.1f} GiB)" if total else ""
     return (f"{ref} not loaded into the node: it needs ~{needed / 2**30:.0f} GiB free under {STATE_DIR} "
-            f"(the layers and their unpacked copy), {free / 2**30:.0f} GiB are free; free disk space "
+            f"(the layers and their unpacked copy{of}), {free / 2**30:.0f} GiB are free; free disk space "
             f"(e.g. `docker image prune`, or `rm -rf {STATE_DIR}/containerd` while no node runs)")
 
 
@@ -668,9 +691,12 @@ class LocalNode:
             loaded.append(ref)
             image_id, size = inspect.stdout.decode().split()
             marker = STATE_DIR / "image-archives" / f"{ref.replace('/', '_').replace(':', '_')}.id"
-            if ref in present and marker.exists() and marker.read_text() == image_id:
+            previous = marker.read_text() if marker.exists() else ""
+            if ref in present and previous == image_id:
                 continue
-            problem = _disk_problem(ref, int(size))
+            have = set(ctr(self.programs, "content", "ls", "-q").decode().split())
+            problem = _disk_problem(ref, new_layer_bytes(docker_layers(docker, ref), int(size), have),
+                                    int(size))
             if problem:
                 if required:
                     raise NodeError(problem)
@@ -681,6 +707,10 @@ class LocalNode:
             _stream_import(self.programs, [docker, "save", ref])
             log.info("loaded %s into the node in %.0f s", ref, time.monotonic() - t0)
             marker.write_text(image_id)
+            if previous and previous != image_id:
+                # The replaced version's own layers go with it (containerd's garbage collection).
+                run([self.programs.ctr, "--address", str(RUN_DIR / "containerd.sock"), "--namespace",
+                     "k8s.io", "images", "rm", previous], check=False)
         return loaded
 
     def _start_kube_proxy(self) -> None:

@@ -65,3 +65,12 @@ def test_image_archive_is_a_deterministic_docker_archive(tmp_path: Path) -> None
     assert members["bin/tool"].mtime == 0 and members["bin/tool"].uid == 0
     binary.write_bytes(b"changed")
     assert nodeimages.image_archive(spec)[1] != image_id  # content decides the id
+
+
+def test_only_the_layers_containerd_lacks_count_against_the_disk() -> None:
+    """A rebuilt image shares most layers with the version already imported: the disk check
+    counts the new ones (the trainer's 8 GB of torch are not needed twice)."""
+    layers = [("sha256:base", 8 << 30), ("sha256:deps", 1 << 30), ("sha256:project", 3 << 20)]
+    assert node.new_layer_bytes(layers, 9 << 30, {"sha256:base", "sha256:deps"}) == 3 << 20
+    assert node.new_layer_bytes(layers, 9 << 30, set()) == (9 << 30) + (3 << 20)
+    assert node.new_layer_bytes(None, 9 << 30, {"sha256:base"}) == 9 << 30  # unknown: all of it
