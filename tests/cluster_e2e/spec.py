@@ -55,9 +55,12 @@ def namespace_labels() -> dict[str, str]:
 
 def embedded_document(name: str, namespace: str, storage: Path) -> dict[str, Any]:
     """The same pipeline for `cwm run`: artifacts in a local folder instead of the claim, each
-    stage 2 processes on this machine."""
+    Beam step 2 processes and each stage 2 processes on this machine."""
     doc = pipeline_document(name, namespace)
     doc["spec"]["storage"] = {"uri": f"file://{storage}"}
+    # The same parts as the 2-pod Indexed Jobs: 2 worker processes, one part each
+    # (cwm_beam.step.run_as_parts splits the work the same way in both).
+    doc["spec"]["data"]["beam"].update(workers=2, pods=1)
     for stage in doc["spec"]["stages"]:
         # The same world size on one machine: 2 processes instead of 2 pods of one (where a
         # stage runs is not part of its fingerprint, so the outputs are comparable).
