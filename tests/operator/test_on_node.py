@@ -4,8 +4,8 @@ In test_scenarios.py no kubelet runs, so the tests write each child's status the
 controller would. Here the Job controller, the scheduler and the kubelet (tests/controlplane/
 node.py) do it: nothing writes a status by hand. The step image is the node's busybox image, which
 lacks the step's program, so every pod really fails to start its command: the failure path from
-pod to Job to pipeline runs for real. (A step that succeeds needs the project's images in the
-node: the next issue runs the pipeline through them.)
+pod to Job to pipeline runs for real, in seconds and without the project's images. The whole
+pipeline succeeding in pods, with the operator itself as a pod, is tests/cluster_e2e.
 """
 
 from __future__ import annotations
