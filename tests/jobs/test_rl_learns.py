@@ -2,11 +2,18 @@
 
 The family (:func:`cwm_jobs.tasks.comparison_tasks`): ``def f(x): return x <= x``-style programs,
 True three times in four. First the SFT stage teaches the answer *format* on the same questions
-with answers drawn at random (so the policy starts near 0.5 reward and knows nothing about the
-operators), then the RL stage trains on traced programs with rewards checked in the sandbox. A
-policy that does not improve (a sign error, masks on the wrong tokens, skipped updates) keeps the
-reward near 0.5 and fails the test. The run must also show the GRPO machinery at work: the
-clip acting across the several updates of a batch, and the asynchronous rollouts' policy lag.
+with answers drawn at random, mostly the rarer one (True one time in four), so the policy starts
+well below 0.5 reward and knows nothing about the operators. Then the RL stage trains on traced
+programs with rewards checked in the sandbox. A policy that does not improve (a sign error, masks
+on the wrong tokens, skipped updates) keeps the reward near its start and fails the test. The
+run must also show the GRPO machinery at work: the clip acting across the several updates of a
+batch, and the asynchronous rollouts' policy lag.
+
+(With answers drawn 50/50, where the SFT stage ends is left to chance: a start of 0.6 leaves
+no room to show a rise below the 0.75 of always answering True, which is where the policy goes
+within 30 steps. The learning rate of the one-update-per-batch version, 3e-3, overshoots with
+four updates per batch on this model: in one run the reward fell to 0 for four steps before
+recovering; 1e-3 rises smoothly.)
 """
 
 from __future__ import annotations
@@ -26,14 +33,19 @@ RL_STEPS = 30
 
 @pytest.mark.slow
 def test_mean_reward_rises(pipeline_data, dist_group, tmp_path):
-    tasks = comparison_tasks(300, seed=7)
-    traces = traced_records([(t.source, t.call[2:-1]) for t in tasks])
+    train = traced_records([(t.source, t.call[2:-1]) for t in comparison_tasks(280, seed=7)])
+    # Held out by program, as the evaluation's decontamination check demands: the family has
+    # one program per operator, so the held-out ones name their argument y (another program
+    # hash, the same comparisons).
+    held_out = traced_records([(t.source.replace("x", "y"), t.call[2:-1])
+                               for t in comparison_tasks(20, seed=8)])
     traces_uri = write_dataset(tmp_path / "traces", "traces",
-                               {"train": traces[:280], "validation": traces[280:]})
+                               {"train": train, "validation": held_out})
     rng = random.Random(0)
     # Reasoning-mode replies (CWM's prompt ends with "<think>\n"), the reasoning left empty.
     warmup = [{"messages": [*prompt_messages(t),
-                            {"role": "assistant", "content": rng.choice(["True", "False"]),
+                            {"role": "assistant",
+                             "content": "True" if rng.random() < 0.25 else "False",
                              "reasoning_content": ""}]}
               for t in comparison_tasks(400, seed=11)]
     warmup_uri = write_dataset(tmp_path / "warmup", "trajectories", {"train": warmup})
@@ -48,7 +60,7 @@ def test_mean_reward_rises(pipeline_data, dist_group, tmp_path):
     inputs = {**pipeline_data, "traces": traces_uri, "corpus": None, "trajectories": None}
     cfg = stage_config(tmp_path, "rl", inputs, init=str(tmp_path / "sft" / "checkpoint"),
                        evaluation={"cruxeval": False, "heldOutTraces": 20},
-                       spec={"steps": RL_STEPS, "learningRate": 3e-3, "minLearningRate": 3e-3,
+                       spec={"steps": RL_STEPS, "learningRate": 1e-3, "minLearningRate": 1e-3,
                              "warmupSteps": 0, "checkpointEvery": 1000,
                              "rl": {"groupSize": 8, "promptsPerStep": 8, "maxNewTokens": 12,
                                     "maxLength": 256, "temperature": 1.0}})
