@@ -37,24 +37,52 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from cwm_beam.sources import cruxeval_split
-from cwm_jobs.data import masked_lm_loss
-from cwm_jobs.tasks import (
-    OutputTask, direct_prompt_messages, extract_answer, prompt_messages, record_frames,
-    task_from_cruxeval, task_from_trace, trace_ids,
+from cwm_exec.sandbox import Limits
+from cwm_exec.trace_format import (
+    END_OF_TEXT,
+    FRAME_SEP,
+    TraceFormatError,
+    final_value,
+    parse_frame,
+    split_trace,
+    trace_parts,
 )
-from cwm_model.chat import THINK_END
+from cwm_forager.env import Environments
+from cwm_forager.rollout import Action, run_episode
+from cwm_forager.tasks import Task
+from cwm_jobs.data import masked_lm_loss
+from cwm_jobs.rewards import check_outputs
+from cwm_jobs.tasks import (
+    OutputTask,
+    direct_prompt_messages,
+    extract_answer,
+    prompt_messages,
+    record_frames,
+    task_from_cruxeval,
+    task_from_trace,
+    trace_ids,
+)
+from cwm_model.chat import THINK_END, render_messages
+from cwm_model.checkpoint import load_checkpoint
+from cwm_model.generate import generate
+from cwm_model.serve import ModelServer
 from cwm_spec import storage
 from cwm_spec.api import EvaluationSpec
 from cwm_spec.artifacts import iter_records, read_manifest
 from cwm_spec.programs import (
-    TRAINING_SPLITS, ContaminationError, contamination, program_hash, task_program_hash,
+    TRAINING_SPLITS,
+    ContaminationError,
+    contamination,
+    program_hash,
+    task_program_hash,
 )
 from cwm_spec.stepconfig import read_section
 
@@ -182,7 +210,6 @@ def held_out_traces(uri: str, limit: int, rank: int, world: int) -> list[dict[st
 
 def held_out_trace_records(uri: str, limit: int, rank: int, world: int) -> list[dict[str, Any]]:
     """This rank's share of the first ``limit`` complete validation traces that returned."""
-    from cwm_exec.trace_format import END_OF_TEXT
 
     records = []
     for record in iter_records(uri, "validation"):
@@ -197,7 +224,6 @@ def held_out_trace_records(uri: str, limit: int, rank: int, world: int) -> list[
 def predicted_return(frames_text: str) -> str | None:
     """The value of the frame that leaves the entry scope, from generated frame text (parsed
     frame by frame, so a truncated generation still yields what it got to)."""
-    from cwm_exec.trace_format import FRAME_SEP, TraceFormatError, parse_frame
 
     depth = 1  # the prompt ends after the entry's call frame
     previous = None
@@ -220,8 +246,6 @@ def trace_output_accuracy(module: torch.nn.Module, tokenizer: Any,
     """Output prediction by trace completion, as CWM predicts execution: the prompt is the
     program and its call frame; the model generates the frames; its answer is the value of the
     frame that returns from the entry. Exact match of the repr (ranks summed)."""
-    from cwm_exec.trace_format import final_value, split_trace, trace_parts
-    from cwm_model.generate import generate
 
     was_training = module.training
     module.eval()
@@ -253,7 +277,6 @@ def trace_output_accuracy(module: torch.nn.Module, tokenizer: Any,
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], think: bool = True
                     ) -> list[int]:
-    from cwm_model.chat import render_messages
 
     ids: list[int] = []
     # CWM's reasoning prompt: the generation prompt ends with "<think>\n" (cwm_jobs.tasks); a
@@ -281,11 +304,10 @@ MODES = ("direct", "reasoning")
 
 @torch.no_grad()
 def answer_tasks(module: torch.nn.Module, tokenizer: Any, tasks: Sequence[OutputTask], *,
-                 max_new_tokens: int, batch_size: int = 16, mode: str = "reasoning"
+                 max_new_tokens: int, batch_size: int = 32, mode: str = "reasoning"
                  ) -> list[tuple[str, bool]]:
     """Greedy answers to output-prediction questions in ``mode`` (:data:`MODES`), each with
     whether the reply was unfinished (reasoning that never closed within the budget)."""
-    from cwm_model.generate import generate
 
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -316,7 +338,6 @@ def output_prediction(module: torch.nn.Module, tokenizer: Any, tasks: Sequence[O
                       rank: int, world: int, max_new_tokens: int,
                       sandbox: Mapping[str, Any] | None, mode: str) -> tuple[float, float]:
     """Accuracy and the share of unfinished replies in ``mode``, over all ranks' shares."""
-    from cwm_jobs.rewards import check_outputs
 
     mine = list(tasks[rank::world])
     answers = answer_tasks(module, tokenizer, mine, max_new_tokens=max_new_tokens, mode=mode)
@@ -420,14 +441,12 @@ class ModelPolicy:
 
     def __init__(self, module: torch.nn.Module, tokenizer: Any, max_new_tokens: int, *,
                  temperature: float = 0.0, seed: int | None = None) -> None:
-        from cwm_model.serve import ModelServer
 
         self.server = ModelServer(module, tokenizer, self.name)
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
         self.turns = 0
 
     def act(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> Any:
-        from cwm_forager.rollout import Action
 
         # The agent's trajectories are trained without reasoning: ask for none (cwm serve, like
         # CWM's OpenAI API, reasons by default).
@@ -460,10 +479,6 @@ def mutate_fix_solve_rate(module: torch.nn.Module, tokenizer: Any, records: Sequ
                           policy: Any = None) -> dict[str, float]:
     """Episodes of the model on held-out mutate-fix tasks (this rank's share); ranks summed.
     ``policy`` replaces the model as the agent (a baseline, e.g. the search-based repair policy)."""
-    from cwm_forager.env import Environments
-    from cwm_forager.rollout import run_episode
-    from cwm_forager.tasks import Task
-    from cwm_exec.sandbox import Limits
 
     was_training = module.training
     module.eval()
@@ -602,7 +617,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="a data set the model trained on, checked for evaluation programs "
                         "(default: --traces and --trajectories)")
     args = parser.parse_args(argv)
-    from cwm_model.checkpoint import load_checkpoint
 
     logging.basicConfig(level=logging.INFO)
     device = "cuda" if torch.cuda.is_available() else "cpu"
