@@ -27,6 +27,7 @@ from typing import Any
 import torch.distributed as dist
 
 from cwm_jobs.common import DistEnv
+from cwm_model.checkpoint import save_checkpoint
 from cwm_spec import storage
 from cwm_spec.storage import is_remote, local_path, staging_dir, write_json_atomic
 
@@ -135,8 +136,6 @@ def save_final_checkpoint(uri: str, model: Any, tokenizer: Any, extra: dict[str,
     """Write the consolidated model checkpoint (rank 0) and commit it. ``cwm_model.checkpoint``
     writes a hidden sibling folder and renames it into place; a remote URI is written to a
     staging folder, then uploaded with its commit marker last."""
-    from cwm_model.checkpoint import save_checkpoint
-
     staged = local_path(uri) if is_local(uri) else staging_dir(uri, "checkpoint")
     save_checkpoint(staged, model, tokenizer, extra=extra)
     storage.upload_tree(staged, uri)

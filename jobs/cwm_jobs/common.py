@@ -21,10 +21,15 @@ import os
 import random
 import socket
 import sys
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
 
 from cwm_spec.api import EvaluationSpec, StageSpec
 from cwm_spec.stepconfig import load_step_config, read_section
@@ -134,7 +139,7 @@ def init_distributed(env: DistEnv, device_type: str) -> None:
 
     The variables are exported first because DeepSpeed otherwise tries MPI discovery.
     """
-    import deepspeed
+    import deepspeed  # noqa: PLC0415 (importing DeepSpeed picks the accelerator: only once the step set its environment)
 
     os.environ.update(
         RANK=str(env.rank),
@@ -144,8 +149,6 @@ def init_distributed(env: DistEnv, device_type: str) -> None:
         MASTER_PORT=str(env.master_port),
     )
     if device_type == "cuda":
-        import torch
-
         torch.cuda.set_device(env.local_rank)
     elif env.world_size == 1 or os.environ.get("LOCAL_WORLD_SIZE") == "1":
         skip_shm_comm_op()
@@ -160,8 +163,8 @@ def skip_shm_comm_op() -> None:
     DeepSpeed's op would disable itself anyway because its peers are not local): don't JIT-compile
     DeepSpeed's shared-memory communication op for it (~45–110 s with g++ in every fresh pod).
     DeepSpeed builds the op only when it is listed as compatible, so we list it as not."""
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
+    import deepspeed.ops  # noqa: PLC0415 (importing DeepSpeed picks the accelerator: only once the step set its environment)
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 (as above)
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None:
@@ -169,16 +172,12 @@ def skip_shm_comm_op() -> None:
 
 
 def teardown_distributed() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def device_type() -> str:
     """``cuda`` when a GPU is visible, else ``cpu`` (``CWM_DEVICE`` overrides)."""
-    import torch
-
     forced = os.environ.get("CWM_DEVICE")
     if forced:
         if forced not in ("cpu", "cuda"):
@@ -204,9 +203,6 @@ def setup_logging(env: DistEnv) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -269,8 +265,6 @@ def load_context(stage: str, argv: Sequence[str] | None = None) -> StepContext:
 def distributed_session(device: str | None = None) -> Iterator[DistEnv]:
     """Set up logging and the process group, and always tear down the group this call started,
     even on errors. A group that already exists (a caller's, e.g. a test's) is reused as is."""
-    import torch.distributed as dist
-
     env = dist_env_from(os.environ)
     owned = not (dist.is_available() and dist.is_initialized())
     if not owned:
@@ -289,7 +283,7 @@ def distributed_session(device: str | None = None) -> Iterator[DistEnv]:
 def warm_extension_cache() -> str:
     """Compile DeepSpeed's CPU communication op into the cache now (``python -m
     cwm_jobs.common``), so the first multi-process stage or test does not pay for it."""
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 (importing DeepSpeed picks the accelerator: only once the step set its environment)
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None:

@@ -29,6 +29,7 @@ import fsspec
 import torch
 
 from cwm_jobs.chat_tools import agent_tools
+from cwm_model.chat import render_messages
 from cwm_spec.artifacts import ArtifactError, join, read_manifest
 
 
@@ -175,8 +176,6 @@ def trajectory_document(tokenizer: Any, record: dict[str, Any], position: Positi
     """A ForagerAgent trajectory: agent and environment turns both predicted (CWM), each
     observation left out of the loss with probability ``mask_rate``; ``assistant_only`` (SFT)
     predicts the agent's turns only."""
-    from cwm_model.chat import render_messages
-
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         return None
@@ -199,8 +198,6 @@ def trajectory_document(tokenizer: Any, record: dict[str, Any], position: Positi
 
 def chat_document(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None) -> Document:
     """An SFT example: the loss covers the assistant turns only."""
-    from cwm_model.chat import render_messages
-
     segments = render_messages(messages, tools=tools)
     doc = segments_document(tokenizer, segments, lambda _i, s: int(s.role in AGENT_ROLES))
     if doc.tokens and doc.tokens[0] != tokenizer.bos_id:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cwm_exec.sandbox import Failure, Limits, TracePool
 from cwm_exec.trace_format import (
     ACTION_SEP,
     ARG_SEP,
@@ -51,8 +52,10 @@ from cwm_exec.trace_format import (
     TOKEN_EVENT,
     UNCHANGED,
     Frame,
+    mark_entry,
     trace_parts,
 )
+from cwm_model.tokenizer import CWMTokenizer
 from cwm_spec import storage
 
 # prompt token ids -> the continuation's ids, through <|frame_sep|> or <|end_of_text|>
@@ -215,10 +218,10 @@ class DebugSession:
 
 def model_completer(checkpoint: str, *, max_new_tokens: int = 256) -> tuple[Completer, Any]:
     """Greedy continuation with a trained checkpoint; also returns its tokenizer."""
-    import torch
+    import torch  # noqa: PLC0415 (torch: `cwm debug --endpoint` runs without it)
 
-    from cwm_model.checkpoint import load_checkpoint
-    from cwm_model.generate import generate
+    from cwm_model.checkpoint import load_checkpoint  # noqa: PLC0415 (imports torch)
+    from cwm_model.generate import generate  # noqa: PLC0415 (imports torch)
 
     model, tokenizer, _ = load_checkpoint(storage.local_copy(str(checkpoint)))  # path or URI
     if tokenizer is None:
@@ -261,8 +264,6 @@ def endpoint_completer(base_url: str, model: str, tokenizer: Any, *, max_new_tok
 
 def real_trace(source: str, entry: str, args_src: str):
     """The real trace, computed in the sandbox."""
-    from cwm_exec.sandbox import Failure, Limits, TracePool
-
     with TracePool(Limits(wall_seconds=20, cpu_seconds=20)) as pool:
         result = pool.trace(source, entry, args_src)
     if isinstance(result, Failure):
@@ -362,8 +363,6 @@ def parse_target(target: str) -> tuple[Path, str]:
 
 def _completer(args: argparse.Namespace) -> tuple[Completer, Any]:
     if args.endpoint:
-        from cwm_model.tokenizer import CWMTokenizer
-
         if not args.tokenizer:
             raise SystemExit("--endpoint needs --tokenizer (the served model's tokenizer.json)")
         tokenizer = CWMTokenizer.load(args.tokenizer)
@@ -375,8 +374,6 @@ def _completer(args: argparse.Namespace) -> tuple[Completer, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cwm_exec.trace_format import mark_entry
-
     path, entry = parse_target(args.target)
     try:
         source = path.read_text()

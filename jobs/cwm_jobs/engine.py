@@ -106,7 +106,7 @@ class LRSchedule:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     @classmethod
-    def from_settings(cls, settings: StageSpec) -> "LRSchedule":
+    def from_settings(cls, settings: StageSpec) -> LRSchedule:
         # An rl step is one batch of rollouts, trained with rl.updatesPerBatch optimiser steps.
         per_step = settings.rl.updates_per_batch if settings.rl else 1
         return cls(
@@ -145,7 +145,7 @@ def build_engine(
 
     Returns the engine; its ``optimizer`` and ``lr_scheduler`` attributes hold the rest.
     """
-    import deepspeed
+    import deepspeed  # noqa: PLC0415 (importing DeepSpeed picks the accelerator: only once training starts)
 
     if settings.activation_checkpointing:
         if not hasattr(model, "set_activation_checkpointing"):

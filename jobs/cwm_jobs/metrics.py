@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
 from cwm_spec import storage
 from cwm_spec.storage import is_remote, staging_dir, write_json_atomic
 
@@ -53,14 +55,12 @@ class MetricsLogger:
             self._pull()
         self._jsonl = open(self.local / "metrics.jsonl", "a", encoding="utf-8")
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (may be absent: see below)
 
             self._tb = SummaryWriter(str(self.local / "tensorboard"))
         except ImportError:  # tensorboard is a dependency; degrade to JSONL only if absent
             LOG.warning("tensorboard is not installed: writing metrics.jsonl only")
         if sys.stderr.isatty():
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
             self._progress = Progress(TextColumn(f"{stage}"), BarColumn(),
                                       TextColumn("{task.completed}/{task.total} {task.description}"),
                                       TimeRemainingColumn())

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from cwm_jobs.common import DistEnv, StepContext
 from cwm_jobs.data import (
@@ -27,10 +28,12 @@ from cwm_jobs.data import (
     Position,
     RecordStream,
     chat_document,
+    collate,
     text_document,
     trajectory_document,
 )
 from cwm_jobs.tasks import direct_messages, sft_messages, task_from_trace, trace_ids
+from cwm_spec.artifacts import read_manifest
 
 
 @dataclass(frozen=True)
@@ -142,9 +145,6 @@ def validation_batches(sources: list[Source], env: DistEnv, *, seed: int, length
                        micro_batch_size: int, max_sequences: int) -> list[dict[str, Any]]:
     """A fixed set of validation batches: each source's validation split read once, in order,
     up to ``max_sequences`` per source on this rank. Sources without one are left out."""
-    from cwm_jobs.data import collate
-    from cwm_spec.artifacts import read_manifest
-
     batches = []
     for src in sources:
         if not read_manifest(src.uri).splits.get("validation"):

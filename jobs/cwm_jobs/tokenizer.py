@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
+from cwm_jobs.chat_tools import agent_tools
+from cwm_model.chat import render_messages, render_text
+from cwm_model.tokenizer import CWMTokenizer, train_tokenizer
 from cwm_spec import storage
 from cwm_spec.api import TokenizerSpec
 from cwm_spec.artifacts import iter_records
@@ -30,9 +34,6 @@ SOURCES = ("corpus", "rehearsal", "traces", "trajectories")
 def record_text(kind: str, record: dict[str, Any]) -> str | None:
     """The text a record contributes to tokenizer training (None if it has none)."""
     if kind == "trajectories":
-        from cwm_jobs.chat_tools import agent_tools
-        from cwm_model.chat import render_messages, render_text
-
         messages = record.get("messages")
         if not isinstance(messages, list):
             return None
@@ -68,8 +69,6 @@ def sample_texts(inputs: dict[str, str], limit: int) -> Iterator[str]:
 
 def adopt(uri: str):
     """Load a given tokenizer.json (local or fsspec URI)."""
-    from cwm_model.tokenizer import CWMTokenizer
-
     if not storage.is_remote(uri):
         return CWMTokenizer.load(storage.local_path(uri))
     source = uri.rstrip("/")
@@ -85,8 +84,6 @@ def adopt(uri: str):
 
 
 def build_tokenizer(spec: TokenizerSpec, inputs: dict[str, str]):
-    from cwm_model.tokenizer import train_tokenizer
-
     if spec.uri:
         return adopt(spec.uri)
     if not any(inputs.get(n) for n in SOURCES):

@@ -9,18 +9,32 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from cwm_jobs.checkpointing import Resumed, StateStore, save_final_checkpoint
-from cwm_jobs.common import DistEnv, StepContext, device_type, seed_everything
+from cwm_jobs.common import (
+    DistEnv,
+    StepContext,
+    device_type,
+    distributed_session,
+    load_context,
+    seed_everything,
+)
 from cwm_jobs.data import Batcher, training_loss
 from cwm_jobs.engine import build_engine
+from cwm_jobs.evaluate import evaluate_model
 from cwm_jobs.metrics import MetricsLogger
+from cwm_jobs.sources import make_batcher_factory, stage_sources, validation_batches
+from cwm_model.checkpoint import load_checkpoint
+from cwm_model.model import CWM
+from cwm_model.presets import get_preset
+from cwm_model.tokenizer import CWMTokenizer
 from cwm_spec import storage
 
 LOG = logging.getLogger("cwm_jobs.trainer")
@@ -30,8 +44,6 @@ LOG = logging.getLogger("cwm_jobs.trainer")
 
 
 def load_tokenizer(ctx: StepContext) -> Any:
-    from cwm_model.tokenizer import CWMTokenizer
-
     uri = ctx.input("tokenizer")
     if uri is None:
         raise ValueError(f"step configuration: inputs.tokenizer is required for {ctx.settings.name}")
@@ -44,13 +56,8 @@ def build_model(ctx: StepContext, tokenizer: Any) -> torch.nn.Module:
     A fresh model's vocabulary is the tokenizer's, whatever the preset says, so the embedding
     always matches the data. Initialisation is seeded, so every rank builds the same weights.
     """
-    from cwm_model.model import CWM
-    from cwm_model.presets import get_preset
-
     init = ctx.input("init")
     if init:
-        from cwm_model.checkpoint import load_checkpoint
-
         model, _, _ = load_checkpoint(storage.local_copy(init), device="cpu")
         vocab = model.config.vocab_size
         if vocab < tokenizer.vocab_size:
@@ -119,7 +126,7 @@ def full_parameters(engine: Any) -> Iterator[torch.nn.Module]:
     """The whole module on every rank (ZeRO-3 partitions parameters; gather them)."""
     module = engine.module
     if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
-        import deepspeed
+        import deepspeed  # noqa: PLC0415 (importing DeepSpeed picks the accelerator: only once training starts)
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             yield module
@@ -234,9 +241,8 @@ def train_supervised(
 # --------------------------------------------------------------------------- stage entry point
 
 
-def stage_evaluator(ctx: StepContext, env: DistEnv, validation: list[dict[str, Any]]) -> Callable[[Stage], dict[str, float]]:
-    from cwm_jobs.evaluate import evaluate_model
-
+def stage_evaluator(ctx: StepContext, env: DistEnv, validation: list[dict[str, Any]]
+                    ) -> Callable[[Stage], dict[str, float]]:
     def evaluate(stage: Stage) -> dict[str, float]:
         with full_parameters(stage.engine) as module:
             return evaluate_model(
@@ -259,9 +265,6 @@ def training_inputs(ctx: StepContext) -> dict[str, str]:
 
 def run_lm_stage(name: str, argv: list[str] | None = None) -> dict[str, float]:
     """Parse, build, train, clean up: the whole of pretrain, midtrain and SFT."""
-    from cwm_jobs.common import distributed_session, load_context
-    from cwm_jobs.sources import make_batcher_factory, stage_sources, validation_batches
-
     ctx = load_context(name, argv)
     s = ctx.settings
     with distributed_session() as env:
