@@ -33,7 +33,11 @@ Which one runs is decided by ``CWM_SANDBOX``:
 * ``rlimits``: chosen on purpose (tests, or a cluster set up with ``children.sandbox.mode:
   rlimits``, where untrusted programs are then contained only by the pod: non-root, read-only
   root file system, no service-account token, the chart's deny-all NetworkPolicy, and nothing
-  in the pod worth stealing or corrupting).
+  in the pod worth stealing or corrupting). The policy holds only where the cluster's network
+  plugin enforces NetworkPolicy, and only once its agent has the pod's address (on the test
+  node, kube-router: tests/netpol/README.md). Measured there, in a step pod: programs still
+  write the pod's writable volumes, read its mounted Secrets, reach listeners on its loopback
+  and kill the step's own process; the policy keeps them from the cluster's Services and DNS.
 * unset (``cwm run`` on a workstation): bubblewrap when it works, else ``rlimits`` with a
   WARNING that names the reason. Never silent: the data set's manifest records the mode and the
   reason (:func:`isolation_record`).
