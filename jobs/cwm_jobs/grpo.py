@@ -17,8 +17,9 @@ sampled by an older snapshot (asynchronous rollouts) moves it, which is when the
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -65,7 +66,7 @@ class ClipCounts:
     ratio_sum: float = 0.0
     ratio_dev_max: float = 0.0
 
-    def add(self, other: "ClipCounts") -> None:
+    def add(self, other: ClipCounts) -> None:
         self.tokens += other.tokens
         self.low += other.low
         self.high += other.high
@@ -112,7 +113,8 @@ def drop_stale(items: Sequence[T], version_of: Callable[[T], int], *, current: i
     included, so the lag distribution shows what was dropped). A negative lag -- sampled by a
     policy newer than the trainer's -- cannot happen and raises.
     """
-    kept, lags = [], Counter()
+    kept: list[T] = []
+    lags: Counter = Counter()
     for item in items:
         lag = current - version_of(item)
         if lag < 0:

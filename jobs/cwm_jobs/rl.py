@@ -40,8 +40,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -49,12 +50,27 @@ from cwm_exec.sandbox import Limits
 from cwm_forager.env import Environments
 from cwm_jobs.common import distributed_session, load_context
 from cwm_jobs.evaluate import evaluate_model, output_prediction_accuracy
-from cwm_jobs.grpo import (ClipCounts, clip_counts, drop_stale, group_advantages, grpo_loss,
-                           informative_groups, minibatches)
+from cwm_jobs.grpo import (
+    ClipCounts,
+    clip_counts,
+    drop_stale,
+    group_advantages,
+    grpo_loss,
+    informative_groups,
+    minibatches,
+)
 from cwm_jobs.rollout_thread import RolloutBatch, RolloutThread
-from cwm_jobs.rollouts import (Episode, Sampling, mutate_fix_pool, pad_episodes,
-                               sample_agent_episodes, sample_episodes, split_prompts, task_pool,
-                               token_logprobs)
+from cwm_jobs.rollouts import (
+    Episode,
+    Sampling,
+    mutate_fix_pool,
+    pad_episodes,
+    sample_agent_episodes,
+    sample_episodes,
+    split_prompts,
+    task_pool,
+    token_logprobs,
+)
 from cwm_jobs.trainer import all_mean, full_parameters, open_stage
 from cwm_spec.api import RLSpec
 from cwm_spec.artifacts import read_manifest
@@ -141,9 +157,11 @@ class Source:
     n_agent: int = 0
 
     def __call__(self, module: torch.nn.Module, step: int, version: int) -> list[Episode]:
+        if self.n_agent and self.envs is None:
+            raise ValueError("mutate-fix prompts need the repositories' environments")
         out = sample_episodes(module, self.tokenizer, self.pool, self.how, step=step,
                               prompts=self.n_output, version=version) if self.n_output else []
-        agent = sample_agent_episodes(module, self.tokenizer, self.agent_pool, self.envs,
+        agent = sample_agent_episodes(module, self.tokenizer, self.agent_pool, self.envs,  # type: ignore[arg-type]
                                       self.how, step=step, prompts=self.n_agent,
                                       first_group=self.n_output, version=version) \
             if self.n_agent else []

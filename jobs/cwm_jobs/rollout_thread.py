@@ -24,8 +24,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
 
@@ -75,7 +75,7 @@ class RolloutThread:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rl-rollouts", daemon=True)
 
-    def start(self) -> "RolloutThread":
+    def start(self) -> RolloutThread:
         self._thread.start()
         return self
 
@@ -93,7 +93,8 @@ class RolloutThread:
                 item = self._ready.get(timeout=1.0)
             except queue.Empty:
                 if not self._thread.is_alive():
-                    raise RuntimeError("the rollout thread ended before sampling every step")
+                    raise RuntimeError("the rollout thread ended before sampling every step") \
+                        from None
                 continue
             if isinstance(item, BaseException):
                 raise RuntimeError(f"the rollout thread failed: {item}") from item

@@ -20,8 +20,9 @@ the trainer can measure its lag and drop it when stale (``cwm_jobs.grpo.drop_sta
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -87,6 +88,14 @@ def token_logprobs(model: Any, sequences: torch.Tensor, temperature: float) -> t
     return logp.gather(-1, sequences[:, 1:, None]).squeeze(-1)
 
 
+def sample_tokens(module: Any, prompts: list[list[int]], **options: Any
+                  ) -> tuple[list[list[int]], list[list[float]]]:
+    """Sampled ids for each prompt and each id's log-probability under the distribution it was
+    sampled from (``cwm_model.generate.generate`` with ``return_logprobs``)."""
+    return cast(tuple[list[list[int]], list[list[float]]],
+                generate(module, prompts, return_logprobs=True, **options))
+
+
 # --------------------------------------------------------------------------- output prediction
 
 
@@ -95,7 +104,7 @@ def task_pool(traces_uri: str, tokenizer: Any, *, split: str, limit: int, max_pr
     """Output-prediction tasks (with their prompt ids) from the traces data set, in data set
     order (identical on every rank). Traces that raise, never return or do not parse are
     counted and skipped."""
-    pool = []
+    pool: list[tuple[OutputTask, list[int]]] = []
     for record in iter_records(traces_uri, split):
         if len(pool) >= limit:
             break
@@ -136,9 +145,9 @@ def sample_episodes(module: Any, tokenizer: Any, pool: Sequence[tuple[OutputTask
     chosen = [pool[rng.randrange(len(pool))] for _ in range(prompts)]
     prompt_ids = [ids for _, ids in chosen for _ in range(how.group)]
     seed = int(stable_random("rl-sample", how.seed, step, how.rank).random() * 2**31)
-    completions, logprobs = generate(module, prompt_ids, max_new_tokens=how.max_new_tokens,
-                                     temperature=how.temperature, stop_ids=stop_ids(tokenizer),
-                                     seed=seed, return_logprobs=True)
+    completions, logprobs = sample_tokens(module, prompt_ids, max_new_tokens=how.max_new_tokens,
+                                          temperature=how.temperature,
+                                          stop_ids=stop_ids(tokenizer), seed=seed)
     answers = [extract_answer(tokenizer.decode(c)) for c in completions]
     expected = [task.expected for task, _ in chosen for _ in range(how.group)]
     rewards = check_outputs(list(zip(answers, expected)), how.sandbox)
@@ -180,10 +189,10 @@ class SampledPolicy:
                              f"({self.module.config.max_seq_len} tokens)")
         self._append(delta, sampled=0, logprobs=[0.0] * len(delta))
         stops = stop_ids(self.tokenizer)
-        [out], [lps] = generate(self.module, [list(self.ids)],
-                                max_new_tokens=min(self.max_new_tokens, room),
-                                temperature=self.temperature, stop_ids=stops,
-                                seed=self.seed + self.turns, return_logprobs=True)
+        [out], [lps] = sample_tokens(self.module, [list(self.ids)],
+                                     max_new_tokens=min(self.max_new_tokens, room),
+                                     temperature=self.temperature, stop_ids=stops,
+                                     seed=self.seed + self.turns)
         self.turns += 1
         prompt_tokens = len(self.ids)
         self._append(out, sampled=1, logprobs=lps)
@@ -218,7 +227,7 @@ class SampledPolicy:
 
 def mutate_fix_pool(trajectories_uri: str, *, limit: int, stats: Counter) -> list[tuple[dict, Any]]:
     """(repository spec, task) of the trajectory data set's train records, in data set order."""
-    pool = []
+    pool: list[tuple[dict, Any]] = []
     for record in iter_records(trajectories_uri, "train"):
         if len(pool) >= limit:
             break

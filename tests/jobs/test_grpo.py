@@ -23,7 +23,7 @@ from cwm_model.model import CWM
 from cwm_model.presets import get_preset
 from cwm_spec.api import RLSpec, StageSpec
 
-EPS = dict(eps_low=0.2, eps_high=0.25)
+EPS = {"eps_low": 0.2, "eps_high": 0.25}
 
 
 # --------------------------------------------------------------------------- pure pieces

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -31,47 +32,62 @@ from tests.jobs.jobhelpers import stage_config, traced_records, write_dataset
 RL_STEPS = 30
 
 
-@pytest.mark.slow
-def test_mean_reward_rises(pipeline_data, dist_group, tmp_path):
+def comparison_data(root: Path, true_share: float = 0.25) -> tuple[str, str]:
+    """The traces data set (train, and held-out programs) and the SFT warm-up's replies, whose
+    answers are True with probability ``true_share``."""
     train = traced_records([(t.source, t.call[2:-1]) for t in comparison_tasks(280, seed=7)])
     # Held out by program, as the evaluation's decontamination check demands: the family has
     # one program per operator, so the held-out ones name their argument y (another program
     # hash, the same comparisons).
     held_out = traced_records([(t.source.replace("x", "y"), t.call[2:-1])
                                for t in comparison_tasks(20, seed=8)])
-    traces_uri = write_dataset(tmp_path / "traces", "traces",
-                               {"train": train, "validation": held_out})
+    traces_uri = write_dataset(root / "traces", "traces", {"train": train, "validation": held_out})
     rng = random.Random(0)
     # Reasoning-mode replies (CWM's prompt ends with "<think>\n"), the reasoning left empty.
     warmup = [{"messages": [*prompt_messages(t),
                             {"role": "assistant",
-                             "content": "True" if rng.random() < 0.25 else "False",
+                             "content": "True" if rng.random() < true_share else "False",
                              "reasoning_content": ""}]}
               for t in comparison_tasks(400, seed=11)]
-    warmup_uri = write_dataset(tmp_path / "warmup", "trajectories", {"train": warmup})
-    no_eval = {"cruxeval": False, "heldOutTraces": 0}
+    return traces_uri, write_dataset(root / "warmup", "trajectories", {"train": warmup})
 
+
+def warm_up(pipeline_data: dict, root: Path, warmup_uri: str) -> str:
+    """The SFT stage on the warm-up replies; its checkpoint."""
     inputs = {**pipeline_data, "traces": None, "corpus": None, "trajectories": warmup_uri}
-    cfg = stage_config(tmp_path, "sft", inputs, evaluation=no_eval,
+    cfg = stage_config(root, "sft", inputs, evaluation={"cruxeval": False, "heldOutTraces": 0},
                        spec={"steps": 60, "microBatchSize": 8, "sequenceLength": 256,
                              "learningRate": 1e-2, "warmupSteps": 5, "checkpointEvery": 1000})
     sft.main(["--config", str(cfg)])
+    return str(root / "sft" / "checkpoint")
 
+
+def run_rl(pipeline_data: dict, root: Path, traces_uri: str, init: str, *, lr: float = 1e-3,
+           updates: int = 4) -> tuple[dict, list[dict]]:
+    """The RL stage from ``init``: its evaluation and its per-step metrics."""
     inputs = {**pipeline_data, "traces": traces_uri, "corpus": None, "trajectories": None}
-    cfg = stage_config(tmp_path, "rl", inputs, init=str(tmp_path / "sft" / "checkpoint"),
+    cfg = stage_config(root, "rl", inputs, init=init,
                        evaluation={"cruxeval": False, "heldOutTraces": 20},
-                       spec={"steps": RL_STEPS, "learningRate": 1e-3, "minLearningRate": 1e-3,
+                       spec={"steps": RL_STEPS, "learningRate": lr, "minLearningRate": lr,
                              "warmupSteps": 0, "checkpointEvery": 1000,
                              "rl": {"groupSize": 8, "promptsPerStep": 8, "maxNewTokens": 12,
-                                    "maxLength": 256, "temperature": 1.0}})
+                                    "maxLength": 256, "temperature": 1.0,
+                                    "updatesPerBatch": updates}})
     results = rl.main(["--config", str(cfg)])
+    return results, read_metrics(root / "rl" / "metrics" / "metrics.jsonl")
 
-    records = read_metrics(tmp_path / "rl" / "metrics" / "metrics.jsonl")
+
+@pytest.mark.slow
+def test_mean_reward_rises(pipeline_data, dist_group, tmp_path):
+    traces_uri, warmup_uri = comparison_data(tmp_path)
+    results, records = run_rl(pipeline_data, tmp_path, traces_uri,
+                              warm_up(pipeline_data, tmp_path, warmup_uri))
     rewards = [r["reward_mean"] for r in records]
     assert len(rewards) == RL_STEPS
     first, last = statistics.mean(rewards[:5]), statistics.mean(rewards[-10:])
     curve = " ".join(f"{r:.2f}" for r in rewards)
-    print(f"rl reward curve: first5={first:.3f} last10={last:.3f} heldout={results['rl_heldout_accuracy']:.3f}: {curve}")
+    print(f"rl reward curve: first5={first:.3f} last10={last:.3f} "
+          f"heldout={results['rl_heldout_accuracy']:.3f}: {curve}")
     assert first < 0.7, f"the warm-up already solved the task: {curve}"
     assert last >= first + 0.1 and last >= 0.6, f"reward did not rise: {curve}"
     assert results["rl_heldout_accuracy"] >= 0.6
