@@ -105,20 +105,18 @@ def describe(exc: BaseException) -> str:
     return text
 
 
-WRITES = ("write", "upload to")
-
-
 @contextlib.contextmanager
 def failures(action: str, uri: str) -> Iterator[None]:
     """Turn any error of the storage backend into one :class:`StorageError`. A missing file
-    stays a ``FileNotFoundError`` (callers decide what absence means), except when writing:
-    then only the bucket can be missing (gcsfs says no more than "not found")."""
+    stays a ``FileNotFoundError`` (callers decide what absence means), except when writing
+    bytes from memory: then only the bucket can be missing (gcsfs says no more than "not
+    found")."""
     try:
         yield
     except StorageError:
         raise
     except FileNotFoundError as err:
-        if missing_bucket(err) or action in WRITES:
+        if missing_bucket(err) or action == "write":
             cause = describe(err) if missing_bucket(err) else f"the bucket does not exist [{err}]"
             raise StorageError(message(action, uri, cause)) from err
         raise

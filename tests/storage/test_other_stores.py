@@ -2,12 +2,14 @@
 against real servers of each API built by `make emulators` (tests/storage/emulators.py):
 fake-gcs-server and Azurite. The same checks as for s3 where the server can make them: atomic
 documents, committed folders (refused without their marker), a data set a real data step writes
-there equal to a local one byte for byte, and the errors a user meets: a missing bucket
+there equal to a local one byte for byte, `cwm run` of a small pipeline keeping every artifact
+there (stages chained through it), and the errors a user meets: a missing bucket
 (container), an unreachable endpoint and, on Azure, a wrong account key (fake-gcs-server accepts
 any caller, so gs:// bad credentials are not tested here)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -15,10 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cwm_spec import artifacts, storage
 from cwm_spec.storage import COMMIT, StorageError
 from tests.storage.conftest import clear_clients
+from tests.e2e.small import cwm, small_data
 from tests.storage.emulators import free_port
 
 def make_folder(root: Path) -> Path:
@@ -107,3 +111,43 @@ def test_errors_name_the_uri_and_the_cause(store, case, cause, monkeypatch):
     with pytest.raises(StorageError) as failed:
         storage.check_access(uri)
     assert f"cannot write {uri}" in str(failed.value) and cause in str(failed.value)
+
+
+PIPELINE = {
+    "apiVersion": "cwm.dev/v1alpha1",
+    "kind": "CWMPipeline",
+    "metadata": {"name": "stores"},
+    "spec": {
+        "model": {"preset": "debug"},
+        "tokenizer": {"vocabSize": 512, "sampleRecords": 200},
+        "data": small_data(20, max_turns=6),
+        "stages": [{"name": name, "steps": 2, "microBatchSize": 2, "sequenceLength": 64,
+                    "warmupSteps": 1, "checkpointEvery": 1} for name in ("pretrain", "midtrain")],
+        "evaluation": {"heldOutTraces": 2, "cruxeval": False, "mutateFix": False,
+                       "maxNewTokens": 4},
+    },
+}
+
+
+@pytest.mark.slow
+def test_cwm_run_keeps_every_artifact_in_the_store(store, tmp_path):
+    """`cwm run` with ``storage.uri`` on the store: every step succeeds, nothing is kept under
+    the work directory's artifacts, midtrain starts from pretrain's committed checkpoint there."""
+    doc = copy.deepcopy(PIPELINE)
+    doc["spec"]["storage"] = {"uri": f"{store}/run-{os.urandom(4).hex()}"}
+    spec = tmp_path / "pipeline.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    workdir = tmp_path / "work"
+    result = cwm("run", str(spec), "--workdir", str(workdir), "--plain", env=dict(os.environ),
+                 timeout=1500)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert not (workdir / "artifacts").exists()
+    base = f"{doc['spec']['storage']['uri']}/stores"
+    for step in ("traces", "trajectories", "corpus", "tokenizer", "pretrain", "midtrain"):
+        state = json.loads((workdir / "steps" / step / "state.json").read_text())
+        assert state["state"] == "Succeeded", state
+    midtrain = json.loads((workdir / "steps" / "midtrain" / "state.json").read_text())
+    assert set(midtrain["inputs"]) >= {"init", "tokenizer"}
+    for folder in ("tokenizer/tokenizer", "pretrain/checkpoint", "midtrain/checkpoint"):
+        assert storage.committed(f"{base}/{folder}") is not None, folder
+    artifacts.verify(f"{base}/trajectories/dataset")
