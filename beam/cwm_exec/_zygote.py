@@ -170,7 +170,7 @@ def _child(job: dict, reply_fd: int, read_roots: tuple[str, ...]) -> None:
     global _GUARD
     guard = _GUARD = Guard(read_roots)
     sys.addaudithook(guard)
-    os._exit = _forbidden_exit
+    os._exit = _forbidden_exit  # type: ignore[assignment]  # refuses to exit, see _forbidden_exit
     try:
         reply = run_job(job, guard)
     except BaseException as err:

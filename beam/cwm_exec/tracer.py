@@ -229,8 +229,9 @@ class _Scope:
         self.lines = lines       # line texts of this frame's file, indexed by line number
         self.fresh = False       # write every value in full at the next state frame
         self.raised = False      # the last event was an exception
-        self.local = self.slow_local = None
-        self.encode = None       # the line encoder (_Recorder._line_encoder)
+        self.local: Any = None
+        self.slow_local: Any = None
+        self.encode: Any = None  # the line encoder (_Recorder._line_encoder)
 
     def forget_deleted(self, current: dict[str, str]) -> None:
         """Drop what was kept for names the frame no longer has (``del``)."""
@@ -847,7 +848,7 @@ def _run_traced(recorder, function, args: tuple, kwargs: dict,
 # The C recorder (built from _ctracer.c at install time; optional, so an install without a
 # compiler still works, with the Python recorder and its ~2x higher tracing cost).
 try:
-    from cwm_exec import _ctracer
+    from cwm_exec import _ctracer  # type: ignore[attr-defined]  # a C extension: no stubs
 except ImportError:   # pragma: no cover - depends on the install
     _ctracer = None
 else:

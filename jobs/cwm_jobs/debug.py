@@ -37,7 +37,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cwm_exec.sandbox import Failure, Limits, TracePool
 from cwm_exec.trace_format import (
@@ -231,8 +231,9 @@ def model_completer(checkpoint: str, *, max_new_tokens: int = 256) -> tuple[Comp
 
     def complete(prompt: list[int]) -> list[int]:
         with torch.no_grad():
-            return generate(model, [prompt], max_new_tokens=max_new_tokens, temperature=0.0,
-                            stop_ids=stops)[0]
+            rows = generate(model, [prompt], max_new_tokens=max_new_tokens, temperature=0.0,
+                            stop_ids=stops)
+        return cast(list[list[int]], rows)[0]  # no log-probabilities asked for
 
     return complete, tokenizer
 

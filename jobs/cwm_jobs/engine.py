@@ -109,6 +109,8 @@ class LRSchedule:
     def from_settings(cls, settings: StageSpec) -> LRSchedule:
         # An rl step is one batch of rollouts, trained with rl.updatesPerBatch optimiser steps.
         per_step = settings.rl.updates_per_batch if settings.rl else 1
+        # StageSpec's validator fills both from the stage's defaults.
+        assert settings.min_learning_rate is not None and settings.schedule is not None
         return cls(
             total_steps=settings.steps * per_step,
             warmup_steps=settings.warmup_steps * per_step,
@@ -119,7 +121,8 @@ class LRSchedule:
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices (linear and embedding weights), not gains and biases (1-D tensors)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
@@ -148,13 +151,14 @@ def build_engine(
     import deepspeed  # noqa: PLC0415 (importing DeepSpeed picks the accelerator: only once training starts)
 
     if settings.activation_checkpointing:
-        if not hasattr(model, "set_activation_checkpointing"):
-            raise ValueError(
-                "spec.activationCheckpointing is true but the model has no set_activation_checkpointing()"
-            )
-        model.set_activation_checkpointing(True)
-    if device_type == "cuda" and hasattr(model, "compile_for_training"):
-        model.compile_for_training(compile_scope)
+        enable = getattr(model, "set_activation_checkpointing", None)
+        if enable is None:
+            raise ValueError("spec.activationCheckpointing is true but the model has no "
+                             "set_activation_checkpointing()")
+        enable(True)
+    compile_for_training = getattr(model, "compile_for_training", None)
+    if device_type == "cuda" and compile_for_training is not None:
+        compile_for_training(compile_scope)
     config = deepspeed_config(
         settings, world_size=world_size, device_type=device_type, micro_batch_size=micro_batch_size,
         parameters=sum(p.numel() for p in model.parameters()),

@@ -88,7 +88,7 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{self.stage}/{key}", value, step)
         summary = " ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, float))
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=step, description=summary)
         elif step % self.every == 0 or step == self.total:
             LOG.info("%s step %d/%d %s", self.stage, step, self.total, summary)

@@ -94,6 +94,7 @@ def stage_sources(ctx: StepContext, tokenizer: Any) -> list[Source]:
     """The weighted sources of a pretrain, midtrain or SFT stage. A positive weight whose data
     set is not among the inputs is an error naming both."""
     s = ctx.settings
+    assert s.data_mix is not None  # StageSpec's validator fills it from the stage's defaults
     mix = s.data_mix.model_dump()  # source -> weight
     sft = s.name == "sft"
     sources: list[Source] = []
@@ -103,18 +104,19 @@ def stage_sources(ctx: StepContext, tokenizer: Any) -> list[Source]:
             raise ValueError(f"spec.dataMix.cwm is {mix['cwm']} but neither inputs.traces nor "
                              "inputs.trajectories is given")
         share = mix["cwm"] / len(cwm_inputs)
-        if ctx.input("traces"):
+        if traces := ctx.input("traces"):
             enc = _trace_question(tokenizer) if sft else _trace(tokenizer)
-            sources.append(Source("traces", ctx.input("traces"), enc, share))
-        if ctx.input("trajectories"):
+            sources.append(Source("traces", traces, enc, share))
+        if trajectories := ctx.input("trajectories"):
             enc = _trajectory(tokenizer, ctx.seed, s.observation_mask_rate, assistant_only=sft)
-            sources.append(Source("trajectories", ctx.input("trajectories"), enc, share))
+            sources.append(Source("trajectories", trajectories, enc, share))
     for name, given in (("code", "corpus"), ("rehearsal", "rehearsal")):
         if mix.get(name, 0) > 0:
-            if not ctx.input(given):
+            uri = ctx.input(given)
+            if not uri:
                 raise ValueError(f"spec.dataMix.{name} is {mix[name]} but inputs.{given} is not "
                                  "given")
-            sources.append(Source(name, ctx.input(given), _text(tokenizer), mix[name]))
+            sources.append(Source(name, uri, _text(tokenizer), mix[name]))
     if not sources:
         raise ValueError("spec.dataMix selects no data")
     return sources
@@ -152,7 +154,7 @@ def validation_batches(sources: list[Source], env: DistEnv, *, seed: int, length
         records = RecordStream(src.uri, "validation", seed=seed, rank=env.rank,
                                world=env.world_size, epochs=1)
         stream = PackedStream(records, src.encode, length)
-        sequences = []
+        sequences: list[Any] = []
         while len(sequences) < max_sequences:
             seq = stream.next()
             if seq is None:

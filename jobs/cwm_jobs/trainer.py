@@ -260,7 +260,8 @@ def stage_evaluator(ctx: StepContext, env: DistEnv, validation: list[dict[str, A
 def training_inputs(ctx: StepContext) -> dict[str, str]:
     """The data sets of programs this pipeline trains on, which the evaluation checks its own
     programs against (cwm_spec.programs)."""
-    return {name: ctx.input(name) for name in ("traces", "trajectories") if ctx.input(name)}
+    given = {name: ctx.input(name) for name in ("traces", "trajectories")}
+    return {name: uri for name, uri in given.items() if uri}
 
 
 def run_lm_stage(name: str, argv: list[str] | None = None) -> dict[str, float]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from cwm_spec import __version__
 from cwm_spec.api import CWMPipeline, Resources, StageSpec
@@ -37,7 +38,7 @@ class Target:
     python: str = "python"
 
     @classmethod
-    def local(cls, artifacts_dir: str, pipeline: CWMPipeline | None = None) -> "Target":
+    def local(cls, artifacts_dir: str, pipeline: CWMPipeline | None = None) -> Target:
         """This machine; artifacts under ``artifacts_dir``, or under ``spec.storage.uri``
         (``<uri>/<pipeline name>``) when ``pipeline`` sets one, credentials from the
         environment (see ``cwm_spec.storage``)."""
@@ -48,7 +49,7 @@ class Target:
     @classmethod
     def cluster(
         cls, pipeline: CWMPipeline, namespace: str, images: Mapping[str, str] | None = None
-    ) -> "Target":
+    ) -> Target:
         storage = pipeline.spec.storage
         base = storage.uri if storage.uri else storage.mount_path
         return cls("cluster", f"{base}/{namespace}/{pipeline.name}", dict(images or {}))
@@ -227,8 +228,8 @@ def build_plan(pipeline: CWMPipeline, target: Target) -> Plan:
         inputs = {**data_inputs, "tokenizer": tokenizer}
         if previous:
             inputs["init"] = (previous, "checkpoint")
-        elif first_init or stage.init_from:
-            inputs["init"] = first_init or stage.init_from
+        elif init := first_init or stage.init_from:
+            inputs["init"] = init
         b.add(stage.name, "train", f"cwm_jobs.{stage.name}", _stage_section(stage), inputs,
               ["checkpoint", "state", "metrics"], stage.resources,
               extra={"model": spec.model.dump(), "evaluation": spec.evaluation.dump(),

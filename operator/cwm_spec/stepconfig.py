@@ -72,7 +72,8 @@ def json_document(text: str, kind: type, where: str,
     except json.JSONDecodeError as err:
         raise error(f"{where}: not valid JSON ({err})") from None
     if not isinstance(value, kind):
-        expected = {dict: "a JSON object", list: "a JSON array"}.get(kind, kind.__name__)
+        names: dict[type, str] = {dict: "a JSON object", list: "a JSON array"}
+        expected = names.get(kind, kind.__name__)
         raise error(f"{where}: expected {expected}, got {type(value).__name__}")
     return value
 
@@ -100,10 +101,10 @@ def load_step_config(argv: Sequence[str] | None = None) -> tuple[dict[str, Any],
         except OSError as err:
             raise StepConfigError(f"--config {path}: {err.strerror}") from None
         return parse_step_config(text, f"--config {path}"), rest
-    text = os.environ.get(ENV_VAR)
-    if text is None:
+    variable = os.environ.get(ENV_VAR)
+    if variable is None:
         raise StepConfigError(f"no step configuration: pass --config FILE or set ${ENV_VAR}")
-    return parse_step_config(text, f"${ENV_VAR}"), rest
+    return parse_step_config(variable, f"${ENV_VAR}"), rest
 
 
 def dump_step_config(config: dict[str, Any]) -> str:
