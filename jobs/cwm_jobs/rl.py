@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     (`cwm_spec.validation.SPEC_RULES`)."""
     ctx = load_context("rl", argv)
     s, rl = ctx.settings, ctx.settings.rl
+    if rl is None:  # StageSpec fills in the rl stage's defaults: only a malformed config lacks it
+        raise ValueError("spec.rl: the rl stage has no GRPO settings")
     with distributed_session() as env:
         stage = open_stage(ctx, env, micro_batch_size=1)
         source, thread = None, None
