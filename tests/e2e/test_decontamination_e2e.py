@@ -26,7 +26,7 @@ from cwm_beam.sources import cruxeval_split
 from cwm_spec.api import CWMPipeline
 from cwm_spec.artifacts import read_manifest, verify
 from cwm_spec.plan import Target, build_plan
-from cwm_spec.programs import ContaminationError, program_hash, task_program_hash
+from cwm_spec.programs import ContaminationError, function_source, program_hash, task_program_hash
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +95,13 @@ def test_no_evaluation_program_is_in_any_training_shard(tiny_data):
     tasks = {task_program_hash(r["task"]["original"], r["task"]["path"], r["task"]["function"])
              for r in trajectories}
     assert trajectories and not tasks & banned
+    # nor does a training episode show a held-out function's original body (the search policy
+    # views suspicious functions: a held-out one viewed while fixing another would leak it)
+    for t in (r["task"] for r in shard_records(data["trajectories"], "eval_tasks")):
+        body = "\n".join(function_source(t["original"], t["function"]).splitlines()[1:]).strip()
+        shown = [r["id"] for r in trajectories
+                 if any(body in str(m.get("content") or "") for m in r["messages"])]
+        assert not shown, (t["task_id"], shown)
 
     # Code and text: no CRUXEval evaluation program's text inside any corpus file or section.
     texts = [normal(code) for code in evaluation["cruxeval"].values()]
