@@ -14,6 +14,8 @@ its model, e.g. ``TraceDataSpec.model_validate(config["spec"])``)::
      "spec": {...},
      "sandbox": {...SandboxSpec...},            # beam steps and training stages
      "model": {...ModelSpec...}, "evaluation": {...EvaluationSpec...},   # training stages
+     "evaluation": {"cruxevalHeldOut": N},      # the traces step: what it must leave out
+     "rehearsal": {...RehearsalSpec...},        # the corpus step, when it also writes the text
      "runtime": {"beam": {...BeamSpec...}} | {"resources": {...}},       # not part of the hash
      "inputs": {"tokenizer": "/work/artifacts/tokenizer/tokenizer", "init": ..., ...},
      "outputs": {"checkpoint": ".../pretrain/checkpoint", "state": ..., "metrics": ...}}
