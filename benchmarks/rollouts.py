@@ -8,8 +8,8 @@ Each worker count runs the whole ``python -m cwm_beam.trajectories`` pipeline (p
 repositories from their PyPI sdists in the sandbox, synthesise and validate mutate-fix tasks,
 one built-in search-policy episode per task with ``--max-turns`` turns, MinHash dedup, shards,
 manifest) on the in-process runner with ``--direct_num_workers``. The sdists are fetched once
-into the cache before timing. Rollouts per minute = episodes run (kept or dropped as near-duplicates) / pipeline wall time;
-the speed-up is against the first worker count of the same run.
+into the cache before timing. Rollouts per minute = episodes run (kept or dropped as
+near-duplicates) / pipeline wall time; the speed-up is against the first worker count of the same run.
 """
 
 from __future__ import annotations

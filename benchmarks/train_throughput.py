@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     timed_steps = len(ds_times)
     tokens = timed_steps * micro * seq_len
-    device_name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    device_name = (torch.cuda.get_device_name() if cuda else
+                   f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     results: dict[str, Any] = {
         "device": device_name, "preset": args.preset, "parameters": params, "zero_stage": args.zero,
         "dtype": "bf16" if cuda else "fp32", "micro_batch": micro, "seq_len": seq_len,

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from cwm_exec.trace_format import (
-    START_MARKER, Frame, encode_frames, final_value, parse_trace, split_trace, trace_parts,
+    START_MARKER,
+    Frame,
+    encode_frames,
+    final_value,
+    parse_trace,
+    split_trace,
+    trace_parts,
 )
 from cwm_model.chat import REASONING_SYSTEM_PROMPT, THINK_END, THINK_START
 

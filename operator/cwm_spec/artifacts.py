@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 
@@ -77,7 +78,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: Any, origin: str) -> "Manifest":
+    def from_json(cls, data: Any, origin: str) -> Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ArtifactError(f"{origin}: not a {FORMAT} manifest")
         try:

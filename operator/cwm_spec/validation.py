@@ -5,9 +5,10 @@ Pure functions over parsed YAML; :func:`load_file` is the only one that touches 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from pydantic import ValidationError

@@ -313,7 +313,8 @@ def test_cluster_wide_install_runs_the_deployments_command(
         child = cluster.wait_child("wide-tokenizer-1", timeout=30)
         assert child["kind"] == "Job"
         image = child["spec"]["template"]["spec"]["containers"][0]["image"]
-        assert image == f"ghcr.io/cwm-pipeline/cwm-beam:{yaml.safe_load((CHART / 'Chart.yaml').read_text())['appVersion']}"
+        app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+        assert image == f"ghcr.io/cwm-pipeline/cwm-beam:{app_version}"
         cluster.wait_status("wide", lambda s: s.get("currentStep") == "tokenizer", "running")
         status, text = http_get(f"http://127.0.0.1:{metrics}/metrics")
         assert status == 200 and "cwm" in text

@@ -118,7 +118,8 @@ def test_step_predicts_frames_in_order(tokenizer, truth):
 def test_next_forces_the_callees_return_and_out_returns(tokenizer, truth):
     session, oracle = session_with(tokenizer, truth)
     assert [f.line.strip() for f in session.next()] == ["total = 0"]
-    session.next(); session.next()  # for x in xs / total += square(x)
+    session.next()  # for x in xs
+    session.next()  # total += square(x)
     assert session.frames[-1].line.strip() == "total += square(x)"
     stepped = session.next()  # the call to square, its return forced, then back in f
     assert [f.event for f in stepped] == ["call", "return", "line"]

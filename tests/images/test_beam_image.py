@@ -32,8 +32,8 @@ def data_volume(tmp_path: Path) -> Path:
 
 def test_the_pod_user_and_file_system(images: dict[str, str], pod: PodRunner) -> None:
     """uid/gid 65532, no token, the root file system read-only and /tmp writable."""
-    script = ("import os, tempfile; print(os.getuid(), os.getgid(), os.path.exists('%s')); "
-              "tempfile.NamedTemporaryFile(dir='/tmp'); open('/opt/venv/x', 'w')" % TOKEN_DIR)
+    script = (f"import os, tempfile; print(os.getuid(), os.getgid(), os.path.exists('{TOKEN_DIR}')); "
+              "tempfile.NamedTemporaryFile(dir='/tmp'); open('/opt/venv/x', 'w')")
     result = pod.run(images["cwm-beam"], ["python", "-c", script], timeout=60)
     # (stdout and stderr are two streams: the traceback may come first in the logs)
     assert "65532 65532 False" in result.logs.splitlines(), result.logs

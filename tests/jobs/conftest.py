@@ -7,11 +7,13 @@ Importing :mod:`cwm_jobs.common` first points ``TORCH_EXTENSIONS_DIR`` at the pe
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 import cwm_jobs.common as common
+from tests.jobs.jobhelpers import traced_records, trajectory_records, write_dataset
 
 # The suite shares 2 cores with other test processes: one intra-op thread per process avoids
 # OpenMP threads spinning against each other (10x slower steps measured under load).
@@ -46,23 +48,18 @@ def _no_torchrun_variables(monkeypatch):
 
 # --------------------------------------------------------------------------- small pipeline data
 
-from pathlib import Path
-
-from tests.jobs.jobhelpers import traced_records, trajectory_records, write_dataset
-
-
 @pytest.fixture(scope="session")
 def pipeline_data(tmp_path_factory):
     """Corpus, traces, trajectories and a trained tokenizer, small enough for seconds of CPU."""
     import sysconfig
 
+    from cwm_beam.sources import cruxeval_split
     from cwm_jobs.corpus import Root, build_corpus
     from cwm_jobs.rehearsal import build_rehearsal, documentation_topics
-    from cwm_beam.sources import cruxeval_split
-    from cwm_spec.programs import program_hash, split_of
     from cwm_jobs.tasks import comparison_tasks
     from cwm_jobs.tokenizer import sample_texts
     from cwm_model.tokenizer import train_tokenizer
+    from cwm_spec.programs import program_hash, split_of
 
     root = tmp_path_factory.mktemp("pipeline")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -82,7 +79,7 @@ def pipeline_data(tmp_path_factory):
     traj_uri = write_dataset(root / "trajectories", "trajectories",
                              {"train": trajectories[:20], "validation": trajectories[20:]})
     rehearsal = str(root / "rehearsal")
-    build_rehearsal(rehearsal, {k: v for k, v in sorted(documentation_topics().items())[:12]})
+    build_rehearsal(rehearsal, dict(sorted(documentation_topics().items())[:12]))
     inputs = {"corpus": corpus, "traces": traces_uri, "trajectories": traj_uri,
               "rehearsal": rehearsal}
     tokenizer = train_tokenizer(list(sample_texts(inputs, 600)), 512)

@@ -48,7 +48,8 @@ def trajectory_records(count: int) -> list[dict]:
             {"role": "system", "content": "You fix bugs in the repository."},
             {"role": "user", "content": f"The test tests/test_{i}.py fails. Fix the bug."},
             {"role": "assistant", "content": "Let me run the failing test.", "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": f"c{i}", "content": f"F\nAssertionError: add({i}, 1) != {i + 1}\n1 failed"},
+            {"role": "tool", "tool_call_id": f"c{i}",
+             "content": f"F\nAssertionError: add({i}, 1) != {i + 1}\n1 failed"},
             {"role": "assistant", "content": f"The operator in add is wrong; I replace `-` with `+` (case {i})."},
         ], "meta": {"repo": "calc", "task": i}})
     return records

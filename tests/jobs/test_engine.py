@@ -12,8 +12,8 @@ from cwm_spec.api import StageSpec
 
 
 def settings(**kw) -> StageSpec:
-    base = dict(name="pretrain", steps=6, micro_batch_size=2, gradient_accumulation=2,
-                learning_rate=1e-2, min_learning_rate=1e-3, warmup_steps=2, zero_stage=2)
+    base = {"name": "pretrain", "steps": 6, "micro_batch_size": 2, "gradient_accumulation": 2,
+                "learning_rate": 1e-2, "min_learning_rate": 1e-3, "warmup_steps": 2, "zero_stage": 2}
     base.update(kw)
     return StageSpec(**base)
 

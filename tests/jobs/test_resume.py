@@ -66,7 +66,8 @@ def test_killed_stage_resumes_with_identical_losses(pipeline_data, tmp_path):
     out, _ = uninterrupted.communicate(timeout=600)
     assert uninterrupted.returncode == 0, out[-4000:]
 
-    reference = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full" / "midtrain" / "metrics" / "metrics.jsonl")}
+    full = tmp_path / "full" / "midtrain" / "metrics" / "metrics.jsonl"
+    reference = {r["step"]: r["loss"] for r in read_metrics(full)}
     after = {r["step"]: r["loss"] for r in read_metrics(metrics)}
     assert sorted(after) == sorted(reference) == list(range(1, 25))
     worst = max(abs(after[s] - reference[s]) / abs(reference[s]) for s in reference)

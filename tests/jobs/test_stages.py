@@ -63,7 +63,7 @@ def test_each_stage_writes_checkpoint_state_metrics_and_eval(chain, pipeline_dat
 
 def test_language_model_stages_report_validation_loss_per_source(chain):
     _, results = chain
-    assert set(k for k in results["pretrain"] if k.startswith("validation_loss/")) == {"validation_loss/code"}
+    assert {k for k in results["pretrain"] if k.startswith("validation_loss/")} == {"validation_loss/code"}
     assert {"validation_loss/traces", "validation_loss/trajectories", "validation_loss/code",
             "validation_loss/rehearsal"} <= set(results["midtrain"])
     assert {"validation_loss/traces", "validation_loss/trajectories"} <= set(results["sft"])

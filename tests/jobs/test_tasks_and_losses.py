@@ -7,7 +7,7 @@ import torch
 
 from cwm_jobs.data import Position, chat_document, trajectory_document
 from cwm_jobs.evaluate import frame_spans, trace_exact_match
-from cwm_jobs.grpo import grpo_loss, group_advantages, informative_groups
+from cwm_jobs.grpo import group_advantages, grpo_loss, informative_groups
 from cwm_jobs.rewards import check_outputs
 from cwm_jobs.rollouts import Episode, pad_episodes
 from cwm_jobs.tasks import (
@@ -76,7 +76,7 @@ def test_advantages_are_centred_per_group_without_std_scaling():
 def test_grpo_loss_clips_asymmetrically_and_divides_by_a_fixed_length():
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     old = torch.zeros(1, 3)
-    kwargs = dict(max_length=10, num_samples=2, eps_low=0.2, eps_high=0.25)
+    kwargs = {"max_length": 10, "num_samples": 2, "eps_low": 0.2, "eps_high": 0.25}
     # ratio 1: loss = -A * (tokens in mask) / (samples * max_length)
     assert grpo_loss(old, old, torch.tensor([2.0]), mask, **kwargs) == pytest.approx(-2 * 2 / 20)
     # a positive advantage stops gaining past 1 + eps_high; a negative one past 1 - eps_low

@@ -15,7 +15,7 @@ from tests.storage.conftest import bucket_fs, s3_env, s3_server  # noqa: F401 (f
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 
-def test_a_sharded_checkpoint_in_a_bucket_imports_as_a_local_one(tmp_path, s3_env, bucket_fs):
+def test_a_sharded_checkpoint_in_a_bucket_imports_as_a_local_one(tmp_path, s3_env, bucket_fs):  # noqa: F811
     source = write_checkpoint(tmp_path / "released", shard="60KB")
     bucket_fs.put(str(source), "cwm/models/released", recursive=True)
     assert main(["import-hf", str(source), str(tmp_path / "local")]) == 0

@@ -164,7 +164,8 @@ def test_pods_reach_each_other_through_service_dns(kube_node: Kube, ns: str) -> 
     pods.job_finished(kube_node, ns, "client")
     out = pods.logs(kube_node, ns, "job/client")
     for name in names:
-        assert f"{name}={token}" in out, f"{name} did not answer through cluster DNS:\n{out}\n{pods.describe(kube_node, ns)}"
+        assert f"{name}={token}" in out, \
+            f"{name} did not answer through cluster DNS:\n{out}\n{pods.describe(kube_node, ns)}"
 
 
 def _rendered_pods(ns: str, tmp_path: Path) -> list[tuple[str, dict]]:

@@ -4,15 +4,16 @@ committed CRD is the generated one, structural, and agrees with the models."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jsonschema
 import pytest
 import yaml
 
-from cwm_spec.api import CWMPipeline, TraceDataSpec
 from cwm_operator.cli import main as cwm
+from cwm_spec.api import CWMPipeline, TraceDataSpec
 from cwm_spec.crd import crd, crd_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
