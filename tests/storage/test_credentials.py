@@ -26,10 +26,13 @@ from tests.operator.helpers import REPO, SETTINGS
 SECRET = "store-credentials"
 
 
-def plan_with(secret: str | None) -> tuple[Any, Any]:
-    """examples/cluster.yaml (every step kind, 8-node PyTorchJobs), with ``secret``."""
+def plan_with(secret: str | None, pods: int = 1) -> tuple[Any, Any]:
+    """examples/cluster.yaml (every step kind, 8-node PyTorchJobs), with ``secret``; the data
+    steps Indexed Jobs of ``pods`` pods."""
     doc = yaml.safe_load((REPO / "examples" / "cluster.yaml").read_text())
     doc["spec"]["storage"] = {"uri": "s3://bucket/runs", **({"secret": secret} if secret else {})}
+    if pods > 1:  # pods split the in-process runner's work (Flink distributes its own)
+        doc["spec"]["data"]["beam"] = {"runner": "DirectRunner", "pods": pods}
     pipeline = parse_pipeline(doc, target="cluster", default_images=SETTINGS.default_images)
     return pipeline, build_plan(pipeline, Target.cluster(pipeline, "research",
                                                          SETTINGS.default_images))
@@ -48,8 +51,9 @@ def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
     return [*pod.get("initContainers", []), *pod["containers"]]
 
 
-def test_the_storage_secret_is_the_environment_of_every_step_pod_and_nothing_else():
-    pipeline, plan = plan_with(SECRET)
+@pytest.mark.parametrize("pods", [1, 3])
+def test_the_storage_secret_is_the_environment_of_every_step_pod_and_nothing_else(pods):
+    pipeline, plan = plan_with(SECRET, pods)
     kinds = set()
     for step in plan.steps:
         obj = render_child(pipeline, "research", step, 1, SETTINGS)
