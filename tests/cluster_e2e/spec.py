@@ -53,7 +53,8 @@ def namespace_labels() -> dict[str, str]:
     return dict(next(d for d in example() if d["kind"] == "Namespace")["metadata"]["labels"])
 
 
-def embedded_document(name: str, namespace: str, storage: Path) -> dict[str, Any]:
+def embedded_document(name: str, namespace: str, storage: Path,
+                      corpus_from: Path | None = None) -> dict[str, Any]:
     """The same pipeline for `cwm run`: artifacts in a local folder instead of the claim, each
     Beam step 2 processes and each stage 2 processes on this machine."""
     doc = pipeline_document(name, namespace)
@@ -61,6 +62,12 @@ def embedded_document(name: str, namespace: str, storage: Path) -> dict[str, Any
     # The same parts as the 2-pod Indexed Jobs: 2 worker processes, one part each
     # (cwm_beam.step.run_as_parts splits the work the same way in both).
     doc["spec"]["data"]["beam"].update(workers=2, pods=1)
+    if corpus_from is not None:
+        # The corpus and rehearsal text are built from the Python installed where the step runs
+        # (the image's, or this machine's): read the cluster run's data sets instead, so the
+        # tokenizer and the stages see the same inputs.
+        doc["spec"]["data"]["corpus"] = {"uri": f"file://{corpus_from / 'dataset'}"}
+        doc["spec"]["data"]["rehearsal"] = {"uri": f"file://{corpus_from / 'rehearsal'}"}
     for stage in doc["spec"]["stages"]:
         # The same world size on one machine: 2 processes instead of 2 pods of one (where a
         # stage runs is not part of its fingerprint, so the outputs are comparable).

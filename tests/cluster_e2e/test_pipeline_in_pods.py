@@ -366,9 +366,11 @@ def test_operator_requests_and_handoff_latency(cluster_run: Run) -> None:
 
 
 def test_the_embedded_run_gives_the_same_data_sets_and_losses(cluster_run: Run, tmp_path: Path) -> None:
-    """`cwm run` of the same spec: identical data-set manifests, identical losses step by step at
-    the same world size (2 processes), for every stage."""
-    doc = spec.embedded_document(NAME, cluster_run.namespace, tmp_path / "store")
+    """`cwm run` of the same spec: identical data-set manifests (traces, trajectories: records and
+    digests), the same tokenizer, identical losses step by step at the same world size (2
+    processes), for every stage. The corpus and rehearsal text come from the cluster run (they are
+    built from the Python installation the step runs on, which differs by design)."""
+    doc = spec.embedded_document(NAME, cluster_run.namespace, tmp_path / "store", cluster_run.step_dir("corpus"))
     manifest = tmp_path / "pipeline.yaml"
     manifest.write_text(yaml.safe_dump(doc))
     env = {**os.environ, "CWM_CACHE": os.environ.get("CWM_CACHE", str(spec.REPO / ".cache"))}
@@ -377,8 +379,12 @@ def test_the_embedded_run_gives_the_same_data_sets_and_losses(cluster_run: Run, 
                           capture_output=True, text=True, timeout=1500, env=env, cwd=spec.REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     local = tmp_path / "store" / NAME
-    differences = {}
-    for data_set in ("traces/dataset", "trajectories/dataset", "corpus/dataset", "corpus/rehearsal"):
+    differences: dict[str, Any] = {}
+    tokenizers = [(d / "tokenizer" / "tokenizer" / "tokenizer.json").read_bytes()
+                  for d in (cluster_run.step_dir(""), local)]
+    if tokenizers[0] != tokenizers[1]:
+        differences["tokenizer"] = "tokenizer.json differs"
+    for data_set in ("traces/dataset", "trajectories/dataset"):
         ours = json.loads((cluster_run.step_dir(data_set) / "manifest.json").read_text())
         theirs = json.loads((local / data_set / "manifest.json").read_text())
         # How the sandbox ran is recorded, not part of the data: in a pod bubblewrap gets no
