@@ -37,6 +37,7 @@ from pathlib import Path
 
 import docker
 import docker.errors
+from packaging.requirements import Requirement
 
 from tests.images.engine import cache_dir
 
@@ -70,11 +71,12 @@ class Bases:
 def beam_version() -> str:
     """The apache-beam pin of pyproject.toml (the SDK image must match the installed SDK)."""
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    pin = next((d for d in deps if d.startswith("apache-beam==")), None)
-    if pin is None:
+    beam = next((Requirement(d) for d in deps if Requirement(d).name == "apache-beam"), None)
+    pins = [s.version for s in beam.specifier if s.operator == "=="] if beam else []
+    if len(pins) != 1:
         raise BaseImageError("pyproject.toml: apache-beam is not pinned with == (the SDK boot "
                              "program is built for an exact version)")
-    return pin.split("==", 1)[1]
+    return pins[0]
 
 
 def _recipe(**parts: object) -> str:
