@@ -11,9 +11,11 @@ import torch
 
 from cwm_forager.rollout import NUDGE, SYSTEM_PROMPT, _normalise
 from cwm_forager.tools import TOOLS
+from cwm_jobs import rl as rl_stage
 from cwm_jobs.engine import LRSchedule, build_engine
 from cwm_jobs.evaluate import stop_ids
 from cwm_jobs.grpo import ClipCounts, clip_counts, drop_stale, grpo_loss, minibatches
+from cwm_jobs.metrics import read_metrics
 from cwm_jobs.rl import micro_step, update_on_batch, weighted
 from cwm_jobs.rollout_thread import RolloutThread
 from cwm_jobs.rollouts import Episode, SampledPolicy, pad_episodes, token_logprobs
@@ -22,6 +24,7 @@ from cwm_model.generate import generate
 from cwm_model.model import CWM
 from cwm_model.presets import get_preset
 from cwm_spec.api import RLSpec, StageSpec
+from tests.jobs.jobhelpers import stage_config
 
 EPS = {"eps_low": 0.2, "eps_high": 0.25}
 
@@ -244,3 +247,33 @@ def test_the_learning_rate_schedule_counts_optimiser_steps():
     schedule = LRSchedule.from_settings(stage)
     assert (schedule.total_steps, schedule.warmup_steps) == (40, 8)
     assert LRSchedule.from_settings(StageSpec(name="sft", steps=10, warmup_steps=2)).total_steps == 10
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_the_stage_counts_every_trajectory_by_lag_and_drops_the_stale(ahead, pipeline_data,
+                                                                      dist_group, tmp_path):
+    """rolloutsAhead 0: sampled, then trained, always lag 0. 2 with maxPolicyLag 1: how far the
+    thread gets ahead depends on timing, but every trajectory is counted at its lag (0..2),
+    those at 2 are dropped, and the metrics agree with the evaluation's totals."""
+    steps, per_step = 4, 2 * 2
+    cfg = stage_config(tmp_path, "rl", pipeline_data,
+                       evaluation={"cruxeval": False, "heldOutTraces": 0, "mutateFix": False},
+                       spec={"steps": steps, "rl": {"groupSize": 2, "promptsPerStep": 2,
+                                                    "maxNewTokens": 4, "maxLength": 256,
+                                                    "updatesPerBatch": 2, "rolloutsAhead": ahead,
+                                                    "maxPolicyLag": 1}})
+    results = rl_stage.main(["--config", str(cfg)])
+    records = read_metrics(tmp_path / "rl" / "metrics" / "metrics.jsonl")
+    lags = [r["policy_lag"] for r in records]
+    assert len(records) == steps and lags[0] == 0 and all(0 <= lag <= ahead for lag in lags)
+    if ahead == 0:
+        assert lags == [0] * steps
+    histogram = [results[f"rl/policy_lag/{lag}"] for lag in range(ahead + 1)]
+    assert sum(histogram) == steps * per_step
+    assert histogram == [lags.count(lag) * per_step for lag in range(ahead + 1)]
+    dropped = [r["stale_dropped"] for r in records]
+    assert dropped == [per_step if lag > 1 else 0 for lag in lags]
+    assert results["rl/stale_dropped"] == sum(dropped)
