@@ -11,8 +11,10 @@ Beam's own ``apache_beam.runners.dask.dask_runner.DaskRunner`` (2.77, shipped wi
    branch that does not feed it (the dead-letter and counter writers) is silently skipped.
 
 :class:`DaskRunner` here translates a ``ParDo`` so that each element keeps its output tag, gives
-each consumer only its tag's elements, and computes every leaf of the graph. Everything else is
-Beam's translation. Use it with the data steps' ``runtime.beam`` section::
+each consumer only its tag's elements, and computes every leaf of the graph. And where Beam's
+turns a ``Reshuffle`` into nothing (all work then stays in the partitions the step's few source
+descriptors were created in: one busy worker), it repartitions the bag over the cluster's
+threads. Everything else is Beam's translation. Use it with the data steps' ``runtime.beam`` section::
 
     beam: {runner: cwm_beam.dask.DaskRunner, options: ["--dask_client_address=dask:8786"]}
 
@@ -26,12 +28,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import apache_beam as beam
 import dask
 import dask.bag as db
 import dask.distributed as ddist
 from apache_beam import pvalue
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.pipeline import AppliedPTransform, PipelineVisitor
+from apache_beam.pipeline import AppliedPTransform, PipelineVisitor, PTransformOverride
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.runners.dask import dask_runner as beam_dask
 from apache_beam.runners.dask import transform_evaluator as te
@@ -40,6 +43,32 @@ from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms.sideinputs import SideInputMap
 
 MAIN = None  # the tag of a ParDo's main output
+PARTITIONS_PER_THREAD = 1  # a Reshuffle spreads its elements over one partition per thread: a
+# partition is a bundle, and a bundle sets its DoFns up (a sandbox pool) and tears them down
+
+
+class _RedistributeFn(beam.DoFn):
+    """Marks where a Reshuffle was: the visitor repartitions the bag there."""
+
+    def process(self, element):
+        yield element
+
+
+class _Redistribute(beam.PTransform):
+    def expand(self, pcoll):
+        return pcoll | beam.ParDo(_RedistributeFn())
+
+
+class _ReshuffleOverride(PTransformOverride):
+    """Beam's DaskRunner turns a Reshuffle into nothing, so work stays in the partitions of the
+    bag it came from (a step's few source descriptors: one partition each, one worker busy);
+    here it becomes a repartition over the cluster's threads."""
+
+    def matches(self, applied_ptransform: AppliedPTransform) -> bool:
+        return applied_ptransform.transform.__class__ == beam.Reshuffle
+
+    def get_replacement_transform_for_applied_ptransform(self, applied_ptransform):
+        return _Redistribute()
 
 
 def _tagged_bundle(items: Iterable[Any], invoker_args: list, invoker_kwargs: dict,
@@ -87,9 +116,10 @@ def _value(pair: tuple[str | None, Any]) -> Any:
 class _Visitor(PipelineVisitor):
     """Builds one bag per leaf transform; a consumer of a ParDo reads only its tag."""
 
-    def __init__(self, bag_kwargs: dict[str, Any]) -> None:
+    def __init__(self, bag_kwargs: dict[str, Any], partitions: int) -> None:
         super().__init__()
         self.bag_kwargs = bag_kwargs
+        self.partitions = partitions
         self.bags: dict[AppliedPTransform, db.Bag] = {}
         self.tagged: dict[AppliedPTransform, set[str]] = {}  # ParDo -> its side-output tags
         self.consumed: set[AppliedPTransform] = set()
@@ -106,6 +136,12 @@ class _Visitor(PipelineVisitor):
         return bag.filter(_with_tag(tag)).map(_value)
 
     def visit_transform(self, node: AppliedPTransform) -> None:
+        if isinstance(getattr(node.transform, "fn", None), _RedistributeFn):
+            (source,) = node.inputs
+            bag = self.bag_of(source)
+            assert bag is not None, "a Reshuffle's input comes first"
+            self.bags[node] = bag.repartition(npartitions=self.partitions)
+            return
         op_class: Any = te.TRANSLATIONS.get(node.transform.__class__, te.NoOp)
         if op_class is te.ParDo:
             op_class = TaggedParDo
@@ -148,8 +184,9 @@ class DaskRunner(beam_dask.DaskRunner):
             drop_default=True, current_only=True)
         bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options)
         client = ddist.Client(**dask_options)
-        pipeline.replace_all(dask_overrides())
-        visitor = _Visitor(bag_kwargs)
+        pipeline.replace_all([_ReshuffleOverride(), *dask_overrides()])
+        threads = sum(client.nthreads().values()) or 1
+        visitor = _Visitor(bag_kwargs, partitions=PARTITIONS_PER_THREAD * threads)
         pipeline.visit(visitor)
         graph = dask.optimize(*visitor.leaves())
         return _Result(client, client.compute(list(graph)))
