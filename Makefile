@@ -87,8 +87,15 @@ images: setup
 engine: setup
 	@$(BIN)/python -c "from tests.images.engine import ensure_engine; ensure_engine().ping()"
 
+# The linter and the type checker, as configured in pyproject.toml: ruff over the whole tree
+# (seconds), mypy over the packages (cache in $(CWM_CACHE)/mypy: ~1 min of CPU cold, ~15 s warm).
+.PHONY: lint
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy --cache-dir $(CWM_CACHE)/mypy
+
 # pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.
-test: setup tools controlplane node netpol extensions kubeflow s3server emulators images
+test: lint setup tools controlplane node netpol extensions kubeflow s3server emulators images
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
