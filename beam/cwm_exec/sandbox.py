@@ -36,8 +36,9 @@ Which one runs is decided by ``CWM_SANDBOX``:
   in the pod worth stealing or corrupting). The policy holds only where the cluster's network
   plugin enforces NetworkPolicy, and only once its agent has the pod's address (on the test
   node, kube-router: tests/netpol/README.md). Measured there, in a step pod: programs still
-  write the pod's writable volumes, read its mounted Secrets, reach listeners on its loopback
-  and kill the step's own process; the policy keeps them from the cluster's Services and DNS.
+  write the pod's writable volumes, read its mounted Secrets and the step's environment
+  (``/proc/1/environ``), reach listeners on its loopback and kill the step's own process; the
+  policy keeps them from the cluster's Services and DNS.
 * unset (``cwm run`` on a workstation): bubblewrap when it works, else ``rlimits`` with a
   WARNING that names the reason. Never silent: the data set's manifest records the mode and the
   reason (:func:`isolation_record`).

@@ -9,7 +9,8 @@ ConfigMap at /opt/cwm-tests). Prints one JSON document:
   payload planted in a repository the environment prepares), plus the network payload aimed at
   two Services inside the cluster instead of the pod's loopback: ``network_service`` (a ClusterIP
   Service backed by a real pod, ``CWM_TARGET_HOST:CWM_TARGET_PORT``) and ``network_api`` (the
-  ``kubernetes`` Service);
+  ``kubernetes`` Service); and ``read_step_env``: the read_outside payload aimed at
+  ``/proc/1/environ``, the environment of the step's own process (a fake credential in it);
 - ``step``: the same two connections made by the step's own process, outside the sandbox: what
   the NetworkPolicy alone does.
 
@@ -23,7 +24,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -64,24 +64,40 @@ def connect(host: str, port: int) -> str:
         return f"{type(e).__name__}: {e}"
 
 
-def network_case(case: str, host: str, port: int) -> dict:
-    """The suite's network payload, planted as it is, with its target moved from the pod's
-    loopback to `host:port` (a Service of the cluster)."""
+def retargeted(case: str, payload: str, target: str, values: dict,
+               moved: tuple[str, str] | None = None) -> dict:
+    """One of the suite's payloads planted as it is, with `values` filled in and, if `moved`,
+    one literal of it replaced (the network payload's loopback address by a Service's)."""
     root = Path(f"/tmp/hostile-{case}-{uuid.uuid4().hex[:6]}")
-    marker = plant(root / "repo", "network", PORT=port)
-    test = root / "repo" / "tests" / "test_z_hostile.py"
-    text = test.read_text()
-    if LOOPBACK not in text:
-        raise SystemExit(f"the network payload no longer connects to {LOOPBACK}: update {__file__}")
-    test.write_text(text.replace(LOOPBACK, json.dumps(host)))
-    started = time.monotonic()
+    marker = plant(root / "repo", payload, **values)
+    if moved:
+        test = root / "repo" / "tests" / "test_z_hostile.py"
+        text = test.read_text()
+        if moved[0] not in text:
+            raise SystemExit(f"the {payload} payload no longer holds {moved[0]}: update {__file__}")
+        test.write_text(text.replace(*moved))
     env, error, seconds = prepare(root / "repo", root / "work")
     baseline = env.baseline if env else None
-    return {"case": case, "target": f"{host}:{port}", "seconds": round(seconds, 2), "error": error,
+    return {"case": case, "target": target, "seconds": round(seconds, 2), "error": error,
             "hostile_outcome": baseline.outcomes.get("tests/test_z_hostile.py::test_hostile")
             if baseline else None,
             "output_tail": (baseline.output if baseline else "")[-600:],
-            "survivors": survivors(marker), "wall": round(time.monotonic() - started, 2)}
+            "survivors": survivors(marker)}
+
+
+def network_case(case: str, host: str, port: int) -> dict:
+    """The network payload aimed at `host:port` (a Service of the cluster) instead of the pod's
+    loopback."""
+    return retargeted(case, "network", f"{host}:{port}", {"PORT": port},
+                      (LOOPBACK, json.dumps(host)))
+
+
+def step_env_case() -> dict:
+    """The read_outside payload aimed at /proc/1/environ: the environment of the container's
+    main process (in a step pod, the step itself), where a credential given to the step as a
+    variable would be (the pod sets a fake one, ``CWM_FAKE_CREDENTIAL``)."""
+    return retargeted("read_step_env", "read_outside", "/proc/1/environ",
+                      {"SECRET": "/proc/1/environ"})
 
 
 def run_driver_case(case: str) -> dict:
@@ -103,6 +119,7 @@ def main() -> int:
         report["cases"][case] = run_driver_case(case)
     report["cases"]["network_service"] = network_case("network_service", *target)
     report["cases"]["network_api"] = network_case("network_api", *api)
+    report["cases"]["read_step_env"] = step_env_case()
     print(json.dumps(report))
     return 0
 

@@ -45,9 +45,10 @@ SHIPPED = ["tests/images/__init__.py", "tests/images/hostile_driver.py",
            "tests/netpol/hostile_pod.py",
            *sorted(str(p.relative_to(REPO)) for p in
                    (REPO / "tests/trajectories/fixtures/hostile").glob("*.txt"))]
-#: What gets past the sandbox in `rlimits` mode (tests/images/test_hostile_in_container.py
-#: measured the same in Docker); the NetworkPolicy still stops the cluster network cases.
-RLIMITS_ESCAPES = {"write_outside", "read_outside", "network", "kill_parent"}
+#: What gets past the sandbox in `rlimits` mode (the first four: as measured in Docker by
+#: tests/images/test_hostile_in_container.py; read_step_env needs the pod's shared /proc);
+#: the NetworkPolicy still stops the cluster network cases.
+RLIMITS_ESCAPES = {"write_outside", "read_outside", "network", "kill_parent", "read_step_env"}
 
 
 @pytest.fixture
@@ -90,7 +91,8 @@ def hostile_pod(name: str, template: dict[str, Any], items: list[dict[str, str]]
         {"name": "PYTHONPATH", "value": "/opt/cwm-tests"},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
         {"name": "CWM_TARGET_HOST", "value": target},
-        {"name": "CWM_TARGET_PORT", "value": str(netcheck.PORT)}]
+        {"name": "CWM_TARGET_PORT", "value": str(netcheck.PORT)},
+        {"name": "CWM_FAKE_CREDENTIAL", "value": "a credential given to the step as a variable"}]
     step["resources"] = {"requests": {"cpu": "100m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
     step["volumeMounts"] += [{"name": "tests", "mountPath": "/opt/cwm-tests", "readOnly": True},
                              {"name": "secrets", "mountPath": "/secrets", "readOnly": True}]
@@ -111,7 +113,7 @@ def escaped(name: str, case: dict[str, Any]) -> bool:
     """Whether the case reached anything outside its sandbox (any one side effect suffices)."""
     return bool(case.get("victim_changed") or case.get("connections") or case.get("runner_exit")
                 or case.get("secret_in_output") or case.get("survivors")
-                or (name in ("read_outside", "network_service", "network_api")
+                or (name in ("read_outside", "read_step_env", "network_service", "network_api")
                     and case.get("hostile_outcome") == "passed"))
 
 
@@ -159,7 +161,8 @@ def test_hostile_suite_in_step_pods(kube_node: Kube, ns: str, node_project_image
             (65532, False, seccomp, True, "0000000000000000", False, []), pod
         # The step's own process is outside any sandbox: only the NetworkPolicy stops it.
         assert all(not r.startswith("connected") for r in report["step"].values()), report["step"]
-        assert set(report["cases"]) >= {"network_service", "network_api", "kill_parent"}
+        assert set(report["cases"]) >= {"network_service", "network_api", "read_step_env",
+                                        "kill_parent"}
     assert bwrap["isolation"]["mode"] == "bwrap", bwrap["isolation"]
     assert rlimits["isolation"]["mode"] == rlimits["isolation"]["requested"] == "rlimits"
 
