@@ -42,6 +42,12 @@ def exc(line, value_json):
     return f"{EXC}{AS}{line}\n{ARG}{value_json}{FS}"
 
 
+def golden(source, def_line, *frames):
+    """The whole text: the prompt (``def_line`` marked as the entry), the frames, end of text."""
+    context = source.replace(def_line, f"{def_line}  # << START_OF_TRACE")
+    return B + TCS + context + FS + "".join(frames) + EOT
+
+
 @pytest.fixture(params=["c", "python"])
 def recorder(request, monkeypatch):
     """Both recorders must write the golden text."""
@@ -59,14 +65,12 @@ NON_ASCII = '''def f(name):
 
 def test_non_ascii_values_are_json_dumps_escaped(recorder):
     result = trace_function(NON_ASCII, "f", "'wörld ☃'")
-    context = NON_ASCII.replace("def f(name):", "def f(name):  # << START_OF_TRACE")
-    expected = (B + TCS + context + FS
-                + call('{"name": "\'w\\u00f6rld \\u2603\'"}', "def f(name):")
-                + step('{"name": ".."}', '    greeting = "héllo " + name')
-                + step('{"name": "..", "greeting": "\'h\\u00e9llo w\\u00f6rld \\u2603\'"}',
-                       "    return greeting")
-                + ret("    return greeting", '"\'h\\u00e9llo w\\u00f6rld \\u2603\'"')
-                + EOT)
+    expected = golden(NON_ASCII, "def f(name):",
+                      call('{"name": "\'w\\u00f6rld \\u2603\'"}', "def f(name):"),
+                      step('{"name": ".."}', '    greeting = "héllo " + name'),
+                      step('{"name": "..", "greeting": "\'h\\u00e9llo w\\u00f6rld \\u2603\'"}',
+                           "    return greeting"),
+                      ret("    return greeting", '"\'h\\u00e9llo w\\u00f6rld \\u2603\'"'))
     assert result.text == expected
 
 
@@ -82,24 +86,22 @@ def f(xs):
 
 def test_nested_calls_rewrite_values_after_a_scope_change(recorder):
     result = trace_function(NESTED, "f", "[2, 3]")
-    context = NESTED.replace("def f(xs):", "def f(xs):  # << START_OF_TRACE")
-    expected = (B + TCS + context + FS
-                + call('{"xs": "[2, 3]"}', "def f(xs):")
-                + step('{"xs": ".."}', "    total = 0")
-                + step('{"xs": "..", "total": "0"}', "    for x in xs:")
-                + step('{"xs": "..", "total": "..", "x": "2"}', "        total += sq(x)")
-                + call('{"v": "2"}', "def sq(v):")
-                + step('{"v": ".."}', "    return v * v")
-                + ret("    return v * v", '"4"')
-                + step('{"xs": "[2, 3]", "total": "4", "x": "2"}', "    for x in xs:")
-                + step('{"xs": "..", "total": "..", "x": "3"}', "        total += sq(x)")
-                + call('{"v": "3"}', "def sq(v):")
-                + step('{"v": ".."}', "    return v * v")
-                + ret("    return v * v", '"9"')
-                + step('{"xs": "[2, 3]", "total": "13", "x": "3"}', "    for x in xs:")
-                + step('{"xs": "..", "total": "..", "x": ".."}', "    return total")
-                + ret("    return total", '"13"')
-                + EOT)
+    expected = golden(NESTED, "def f(xs):",
+                      call('{"xs": "[2, 3]"}', "def f(xs):"),
+                      step('{"xs": ".."}', "    total = 0"),
+                      step('{"xs": "..", "total": "0"}', "    for x in xs:"),
+                      step('{"xs": "..", "total": "..", "x": "2"}', "        total += sq(x)"),
+                      call('{"v": "2"}', "def sq(v):"),
+                      step('{"v": ".."}', "    return v * v"),
+                      ret("    return v * v", '"4"'),
+                      step('{"xs": "[2, 3]", "total": "4", "x": "2"}', "    for x in xs:"),
+                      step('{"xs": "..", "total": "..", "x": "3"}', "        total += sq(x)"),
+                      call('{"v": "3"}', "def sq(v):"),
+                      step('{"v": ".."}', "    return v * v"),
+                      ret("    return v * v", '"9"'),
+                      step('{"xs": "[2, 3]", "total": "13", "x": "3"}', "    for x in xs:"),
+                      step('{"xs": "..", "total": "..", "x": ".."}', "    return total"),
+                      ret("    return total", '"13"'))
     assert result.text == expected
 
 
@@ -114,19 +116,17 @@ def f(n):
 
 def test_a_function_left_by_an_exception_gets_a_return_frame(recorder):
     result = trace_function(RAISES, "f", "-1")
-    context = RAISES.replace("def f(n):", "def f(n):  # << START_OF_TRACE")
     err = '"ValueError(\'n\\u00e9gatif\')"'
-    expected = (B + TCS + context + FS
-                + call('{"n": "-1"}', "def f(n):")
-                + step('{"n": ".."}', "    return check(n)")
-                + call('{"n": "-1"}', "def check(n):")
-                + step('{"n": ".."}', "    if n < 0:")
-                + step('{"n": ".."}', '        raise ValueError("négatif")')
-                + exc('        raise ValueError("négatif")', err)
-                + ret('        raise ValueError("négatif")', '"None"')
-                + exc("    return check(n)", err)
-                + ret("    return check(n)", '"None"')
-                + EOT)
+    expected = golden(RAISES, "def f(n):",
+                      call('{"n": "-1"}', "def f(n):"),
+                      step('{"n": ".."}', "    return check(n)"),
+                      call('{"n": "-1"}', "def check(n):"),
+                      step('{"n": ".."}', "    if n < 0:"),
+                      step('{"n": ".."}', '        raise ValueError("négatif")'),
+                      exc('        raise ValueError("négatif")', err),
+                      ret('        raise ValueError("négatif")', '"None"'),
+                      exc("    return check(n)", err),
+                      ret("    return check(n)", '"None"'))
     assert result.text == expected
     assert final_value(result.frames) == ("exception", "ValueError('négatif')")
 
@@ -143,23 +143,21 @@ def test_generators_return_at_each_yield(recorder):
     """settrace's events: a return at each yield, a call at each resumption. The resumption's
     action is the def line (our choice: CWM's tracer is not public, its debugger never says)."""
     result = trace_function(GENERATOR, "f", "2")
-    context = GENERATOR.replace("def f(k):", "def f(k):  # << START_OF_TRACE")
-    expected = (B + TCS + context + FS
-                + call('{"k": "2"}', "def f(k):")
-                + step('{"k": ".."}', "    return list(gen(k))")
-                + call('{"k": "2"}', "def gen(k):")
-                + step('{"k": ".."}', "    for i in range(k):")
-                + step('{"k": "..", "i": "0"}', "        yield i")
-                + ret("        yield i", '"0"')
-                + call('{"k": "2", "i": "0"}', "def gen(k):")
-                + step('{"k": "..", "i": ".."}', "    for i in range(k):")
-                + step('{"k": "..", "i": "1"}', "        yield i")
-                + ret("        yield i", '"1"')
-                + call('{"k": "2", "i": "1"}', "def gen(k):")
-                + step('{"k": "..", "i": ".."}', "    for i in range(k):")
-                + ret("    for i in range(k):", '"None"')
-                + ret("    return list(gen(k))", '"[0, 1]"')
-                + EOT)
+    expected = golden(GENERATOR, "def f(k):",
+                      call('{"k": "2"}', "def f(k):"),
+                      step('{"k": ".."}', "    return list(gen(k))"),
+                      call('{"k": "2"}', "def gen(k):"),
+                      step('{"k": ".."}', "    for i in range(k):"),
+                      step('{"k": "..", "i": "0"}', "        yield i"),
+                      ret("        yield i", '"0"'),
+                      call('{"k": "2", "i": "0"}', "def gen(k):"),
+                      step('{"k": "..", "i": ".."}', "    for i in range(k):"),
+                      step('{"k": "..", "i": "1"}', "        yield i"),
+                      ret("        yield i", '"1"'),
+                      call('{"k": "2", "i": "1"}', "def gen(k):"),
+                      step('{"k": "..", "i": ".."}', "    for i in range(k):"),
+                      ret("    for i in range(k):", '"None"'),
+                      ret("    return list(gen(k))", '"[0, 1]"'))
     assert result.text == expected
 
 
