@@ -24,13 +24,13 @@ import multiprocessing.connection
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar, Generic, Iterable, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
 from pydantic import BaseModel
 
 from cwm_beam.parts import Part, job_part
@@ -41,6 +41,7 @@ from cwm_spec.api import TraceDataSpec, TrajectoryDataSpec
 from cwm_spec.stepconfig import load_step_config, read_section
 
 LOG = logging.getLogger("cwm_beam.step")
+WHOLE = Part()   # the whole of the work: one process, no split
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -295,7 +296,7 @@ class StepSettings(Generic[Section]):
 
     @classmethod
     def from_spec(cls, section: dict[str, Any], sandbox: Limits, seed: int | None = None,
-                  part: Part = Part(), evaluation: dict[str, Any] | None = None) -> Self:
+                  part: Part = WHOLE, evaluation: dict[str, Any] | None = None) -> Self:
         """From the ``spec`` section as the plan writes it (camelCase); errors name the field."""
         spec = read_section(cls.model, section, "spec")
         return cls(spec, sandbox, spec.seed if seed is None else seed, part,

@@ -43,15 +43,24 @@ import json
 import logging
 import time
 from collections import Counter
-from typing import Any, Iterable, Iterator, get_args
+from collections.abc import Iterable, Iterator
+from typing import Any, get_args
 
 import apache_beam as beam
 import fsspec
 from apache_beam.metrics import Metrics
 
 from cwm_beam import fuzz, sources, synthetic
-from cwm_beam.step import (DataStep, StepSettings, StepTransform, WriteShards, read_counts,
-                           read_splits, write_count, write_rows)
+from cwm_beam.step import (
+    DataStep,
+    StepSettings,
+    StepTransform,
+    WriteShards,
+    read_counts,
+    read_splits,
+    write_count,
+    write_rows,
+)
 from cwm_exec import repository
 from cwm_exec.sandbox import Failure, Limits, TracePool
 from cwm_exec.tracer import TraceLimits

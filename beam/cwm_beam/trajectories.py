@@ -48,13 +48,21 @@ import logging
 import os
 import traceback
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from cwm_beam.step import (DataStep, StepSettings, StepTransform, WriteShards, read_counts,
-                           read_splits, write_count)
+from cwm_beam.step import (
+    DataStep,
+    StepSettings,
+    StepTransform,
+    WriteShards,
+    read_counts,
+    read_splits,
+    write_count,
+)
 from cwm_forager.env import Environments
 from cwm_forager.policies import make_policy
 from cwm_forager.records import dedup, solve_rates

@@ -27,9 +27,10 @@ import os
 import sys
 import sysconfig
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from cwm_jobs.rehearsal import build_rehearsal, documentation_topics
 from cwm_spec.api import CorpusSpec
@@ -156,7 +157,8 @@ def build_corpus(out_uri: str, *, roots: Sequence[Root], max_files: int, max_byt
     stats["files_found"] = len(entries)
     records = collect(entries, max_files=max_files, max_bytes=max_bytes, stats=stats)
     if not records:
-        raise ValueError(f"corpus: no usable .py files under {', '.join(str(r.path) for r in roots)}")
+        folders = ", ".join(str(r.path) for r in roots)
+        raise ValueError(f"corpus: no usable .py files under {folders}")
     splits = split_records(records)
     packages = Counter(r["path"].split("/", 2)[1].split(".")[0] if r["path"].startswith("site-")
                        else "stdlib" for r in records)

@@ -12,9 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cwm_spec.api import STAGE_ORDER
 from cwm_operator.runner import StepRecord, read_json
 from cwm_spec import storage
+from cwm_spec.api import STAGE_ORDER
 
 # Evaluation metrics shown first, in this order, when present (others follow alphabetically).
 HEADLINE = (
@@ -73,10 +73,10 @@ def _fmt(value: Any) -> str:
 def _pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend. Imported here, not at the top: it is
     heavy (~0.5 s) and only a report with something to plot needs it."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (heavy; see above)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (after the backend is chosen)
 
     return plt
 
