@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Generic, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar, cast
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -159,7 +159,7 @@ def run_as_parts(module: str, argv: list[str], part: Part, workers: int,
         running = {proc.sentinel: (p, proc) for p, proc in zip(parts, procs)}
         while running:   # in the order they end, so that a failure stops the others at once
             for sentinel in multiprocessing.connection.wait(list(running)):
-                p, proc = running.pop(sentinel)
+                p, proc = running.pop(cast(int, sentinel))
                 proc.join()
                 if proc.exitcode != 0 and not failed:
                     failed.append(f"part {p.index} of {p.count} exited with code {proc.exitcode}")
@@ -298,7 +298,7 @@ class StepSettings(Generic[Section]):
     def from_spec(cls, section: dict[str, Any], sandbox: Limits, seed: int | None = None,
                   part: Part = WHOLE, evaluation: dict[str, Any] | None = None) -> Self:
         """From the ``spec`` section as the plan writes it (camelCase); errors name the field."""
-        spec = read_section(cls.model, section, "spec")
+        spec: Any = read_section(cls.model, section, "spec")   # the subclass's model
         return cls(spec, sandbox, spec.seed if seed is None else seed, part,
                    dict(evaluation or {}))
 

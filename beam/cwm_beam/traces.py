@@ -293,6 +293,7 @@ class TraceProgram(beam.DoFn):
     def process(self, program: dict[str, Any]):
         if self.pool is None:
             self.setup()
+        assert self.pool is not None
         result = self.pool.trace_json(program["code"], program["entry"], program["input"])
         self.count += 1
         if self.count % 500 == 0:

@@ -141,6 +141,13 @@ class _WithEnvironments(beam.DoFn):
     def setup(self) -> None:
         self.envs = _Environments(self.settings)
 
+    def environments(self) -> _Environments:
+        """The worker's environments (set up here if the runner has not called ``setup``)."""
+        if self.envs is None:
+            self.setup()
+        assert self.envs is not None
+        return self.envs
+
 
 class SynthesizeTasks(_WithEnvironments):
     """Repository spec → candidate tasks (unvalidated), or a dead letter if it cannot be
@@ -149,7 +156,7 @@ class SynthesizeTasks(_WithEnvironments):
     def process(self, spec: dict[str, Any]):
         s = self.settings
         try:
-            env = self.envs.get(spec)
+            env = self.environments().get(spec)
             wanted = s.spec.tasks_per_repository + s.spec.held_out_tasks
             tasks = candidate_tasks(env, s.families, OVERSAMPLE * wanted, s.seed)
         except Exception as err:
@@ -168,7 +175,7 @@ class ValidateTask(_WithEnvironments):
     def process(self, item: dict[str, Any]):
         try:
             task = Task.from_json(item["task"])
-            result = validate_task(self.envs.get(item["repository"]), task)
+            result = validate_task(self.environments().get(item["repository"]), task)
         except Exception as err:
             yield beam.pvalue.TaggedOutput(DEADLETTER, counted_dead_letter(
                 item.get("task", {}).get("task_id", "?"), "validate",
@@ -224,7 +231,7 @@ class Rollout(_WithEnvironments):
         s = self.settings
         try:
             task = Task.from_json(item["task"])
-            trajectory = run_episode(self.envs.get(item["repository"]), task, self.policy,
+            trajectory = run_episode(self.environments().get(item["repository"]), task, self.policy,
                                      s.episode_turns,
                                      max_observation_chars=s.spec.max_observation_chars,
                                      action_timeout=s.spec.action_timeout_seconds,

@@ -129,7 +129,8 @@ def collect(entries: Sequence[tuple[str, Path]], *, max_files: int, max_bytes: i
 
 def split_records(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Hold out ~1% by content hash (at least one file once there are 20)."""
-    train, validation = [], []
+    train: list[dict[str, Any]] = []
+    validation: list[dict[str, Any]] = []
     for r in records:
         (validation if int(r["sha256"][:8], 16) % 1000 < VALIDATION_PER_MILLE else train).append(r)
     if not validation and len(records) >= 20:

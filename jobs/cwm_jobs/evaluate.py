@@ -39,7 +39,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -73,6 +73,7 @@ from cwm_jobs.tasks import (
 from cwm_model.chat import THINK_END, render_messages
 from cwm_model.checkpoint import load_checkpoint
 from cwm_model.generate import generate
+from cwm_model.model import CWM
 from cwm_model.serve import ModelServer
 from cwm_spec import storage
 from cwm_spec.api import EvaluationSpec
@@ -184,16 +185,17 @@ def trace_exact_match(module: torch.nn.Module, tokenizer: Any, records: Iterable
         for start, split, end in spans:
             state, action = all(hit[start:split]), all(hit[split:end])
             counts[0] += 1
-            counts[1] += state
-            counts[2] += action
-            counts[3] += state and action
+            counts[1] += float(state)
+            counts[2] += float(action)
+            counts[3] += float(state and action)
     module.train(was_training)
-    frames, state, action, both, tokens, hits, nll = all_sum(counts, _comm_device(module))
+    frames, states, actions, both, tokens, hits, loss = all_sum(counts, _comm_device(module))
     if not frames:
         return {}
-    return {"trace_state_exact_match": state / frames, "trace_action_exact_match": action / frames,
+    return {"trace_state_exact_match": states / frames,
+            "trace_action_exact_match": actions / frames,
             "trace_step_exact_match": both / frames, "trace_frames": frames,
-            "trace_token_accuracy": hits / tokens, "trace_token_loss": nll / tokens}
+            "trace_token_accuracy": hits / tokens, "trace_token_loss": loss / tokens}
 
 
 def held_out_traces(uri: str, limit: int, rank: int, world: int) -> list[dict[str, Any]]:
@@ -210,8 +212,7 @@ def held_out_traces(uri: str, limit: int, rank: int, world: int) -> list[dict[st
 
 def held_out_trace_records(uri: str, limit: int, rank: int, world: int) -> list[dict[str, Any]]:
     """This rank's share of the first ``limit`` complete validation traces that returned."""
-
-    records = []
+    records: list[dict[str, Any]] = []
     for record in iter_records(uri, "validation"):
         if len(records) >= limit * world:
             break
@@ -261,8 +262,7 @@ def trace_output_accuracy(module: torch.nn.Module, tokenizer: Any,
             prompts.append(tokenizer.encode_parts(trace_parts(context, frames[:1], complete=False)))
             final = final_value(frames)
             expected.append(final[1] if final else None)
-        outs = generate(module, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                        stop_ids=(eos,))
+        outs = greedy(module, prompts, max_new_tokens, (eos,))
         for out, want in zip(outs, expected):
             got = predicted_return(tokenizer.decode([t for t in out if t != eos]))
             right += got is not None and got == want
@@ -273,6 +273,14 @@ def trace_output_accuracy(module: torch.nn.Module, tokenizer: Any,
 
 
 # --------------------------------------------------------------------------- output prediction
+
+
+def greedy(module: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,
+           stops: Sequence[int]) -> list[list[int]]:
+    """Greedy new tokens for each prompt (``module`` is a CWM, whatever wraps it)."""
+    return cast(list[list[int]], generate(cast(CWM, module), prompts,
+                                          max_new_tokens=max_new_tokens, temperature=0.0,
+                                          stop_ids=stops))
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], think: bool = True
@@ -319,8 +327,7 @@ def answer_tasks(module: torch.nn.Module, tokenizer: Any, tasks: Sequence[Output
     for i in range(0, len(tasks), batch_size):
         prompts = [chat_prompt_ids(tokenizer, build(t), think=reasoning)
                    for t in tasks[i:i + batch_size]]
-        completions = generate(module, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                               stop_ids=stop_ids(tokenizer))
+        completions = greedy(module, prompts, max_new_tokens, stop_ids(tokenizer))
         for c in completions:
             text = tokenizer.decode(c)
             answers.append((extract_answer(text), reasoning and THINK_END not in text))
@@ -379,7 +386,7 @@ def both_modes(module: torch.nn.Module, tokenizer: Any, tasks: Sequence[OutputTa
 
 def held_out_programs(uri: str, limit: int) -> list[tuple[dict[str, Any], OutputTask]]:
     """The first ``limit`` validation records whose program returned, with their questions."""
-    found = []
+    found: list[tuple[dict[str, Any], OutputTask]] = []
     for record in iter_records(uri, "validation"):
         if len(found) >= limit:
             break
@@ -442,7 +449,7 @@ class ModelPolicy:
     def __init__(self, module: torch.nn.Module, tokenizer: Any, max_new_tokens: int, *,
                  temperature: float = 0.0, seed: int | None = None) -> None:
 
-        self.server = ModelServer(module, tokenizer, self.name)
+        self.server = ModelServer(cast(CWM, module), tokenizer, self.name)
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
         self.turns = 0
 

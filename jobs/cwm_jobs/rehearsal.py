@@ -85,7 +85,8 @@ def records_of(topics: Mapping[str, str]) -> list[dict[str, Any]]:
 
 def split_records(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Hold out ~5% by content hash (at least one section once there are 20). Pure."""
-    train, validation = [], []
+    train: list[dict[str, Any]] = []
+    validation: list[dict[str, Any]] = []
     for r in records:
         held = int(r["sha256"][:8], 16) % 1000 < VALIDATION_PER_MILLE
         (validation if held else train).append(r)

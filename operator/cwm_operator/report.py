@@ -167,11 +167,11 @@ def _output_prediction_rows(stages: list[StepRecord]) -> list[str]:
 
 
 def _decontamination_line(stages: list[StepRecord]) -> list[str]:
-    checked = [r.metrics.get("decontamination_programs") for r in stages]
-    checked = [c for c in checked if isinstance(c, (int, float))]
+    values = [r.metrics.get("decontamination_programs") for r in stages]
+    checked = [float(c) for c in values if isinstance(c, (int, float))]
     if not checked:
         return []
-    unchecked = max(r.metrics.get("decontamination_unchecked", 0) for r in stages)
+    unchecked = max(float(r.metrics.get("decontamination_unchecked") or 0) for r in stages)
     line = (f"Decontamination: up to {max(checked):.0f} evaluation programs per stage checked "
             "against the training data sets' program lists: none in training (the evaluation "
             "refuses to score otherwise).")
