@@ -8,10 +8,11 @@ of batches the trainer had finished when it published them). It may run at most 
 batches ahead of the batch the trainer is updating on: it takes a permit per batch and the
 trainer returns one each time it takes a batch. So with ``ahead`` 1, batch ``b + 1`` is
 generated (with the weights after batch ``b - 1``) while the trainer updates on batch ``b``,
-and trains with a policy lag of 1; with more, a slow trainer lets the thread run further ahead
-on older weights, and the trainer drops what is staler than ``rl.maxPolicyLag``
-(``cwm_jobs.grpo.drop_stale``). Which weights sample a batch then depends on timing: the tasks
-and sampling seeds of each batch still depend only on (seed, step, rank).
+and trains with a policy lag of 1, whatever the timing (so a run is reproducible); with more,
+a slow trainer lets the thread run further ahead on older weights, and the trainer drops what
+is staler than ``rl.maxPolicyLag`` (``cwm_jobs.grpo.drop_stale``). Which weights sample a batch
+then depends on timing; the tasks and sampling seeds of each batch still depend only on (seed,
+step, rank).
 
 Generation and the optimiser's work overlap because PyTorch releases the GIL inside its ops.
 Memory: the snapshot and one published copy of the weights beside the trainer's (the stage
