@@ -111,9 +111,9 @@ def connect(kube: Kube, namespace: str, pod: str, host: str, port: int = PORT) -
 
 
 def resolve(kube: Kube, namespace: str, pod: str, name: str) -> bool:
-    """Whether cluster DNS answers for `name` from inside `pod` (nslookup, 3 s)."""
+    """Whether cluster DNS answers for `name` from inside `pod` (busybox nslookup: 3 s, one try;
+    its -retry counts tries, 0 is refused as a usage error)."""
     done = kube.kubectl("exec", "-n", namespace, pod, "--", "sh", "-c",
-                        f"nslookup -timeout=3 -retry=0 {name} >/dev/null 2>&1 "
-                        "&& echo yes || echo no",
-                        timeout=30)
+                        f"timeout 8 nslookup -timeout=3 -retry=1 {name} >/dev/null 2>&1 "
+                        "&& echo yes || echo no", timeout=30)
     return done.stdout.strip() == "yes"
