@@ -98,7 +98,8 @@ def describe(exc: BaseException) -> str:
     if missing_bucket(exc):
         return f"the bucket does not exist [{text}]"
     if any(k in lowered for k in ("connect", "endpoint", "timeout", "timed out", "name or service")):
-        return f"the endpoint is unreachable (AWS_ENDPOINT_URL / network) [{text}]"
+        return (f"the endpoint is unreachable (the network, or the store's endpoint setting: "
+                f"AWS_ENDPOINT_URL, the connection string's BlobEndpoint...) [{text}]")
     if isinstance(exc, ImportError):
         return (f"no fsspec backend for this scheme ({exc}); s3fs is a dependency, gs:// needs "
                 "`pip install 'cwm-pipeline[gcs]'`, az:// `[azure]`")
