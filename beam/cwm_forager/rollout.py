@@ -49,7 +49,8 @@ class Action:
 class Policy(Protocol):
     name: str
 
-    def act(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> Action: ...
+    def act(self, messages: Sequence[dict[str, Any]],
+            tools: Sequence[dict[str, Any]]) -> Action: ...
 
 
 @dataclass
@@ -218,9 +219,10 @@ def replay_actions(env: RepoEnvironment, task: Task, trajectory: Trajectory, *,
     meta = trajectory.meta
     workdir = env.fresh_task_copy(task)
     try:
-        runner = ToolRunner(env, workdir,
-                            max_observation_chars=max_observation_chars or meta.get("max_observation_chars", 8000),
+        chars = max_observation_chars or meta.get("max_observation_chars", 8000)
+        runner = ToolRunner(env, workdir, max_observation_chars=chars,
                             action_timeout=action_timeout or meta.get("action_timeout", 60.0))
-        return [runner.call(name, arguments).observation for name, arguments in trajectory.actions()]
+        return [runner.call(name, arguments).observation
+                for name, arguments in trajectory.actions()]
     finally:
         env.discard(workdir)
