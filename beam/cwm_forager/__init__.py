@@ -22,7 +22,9 @@ _EXPORTS = {
     "ToolRunner": "tools", "SearchRepairPolicy": "policies", "OpenAIPolicy": "policies",
     "Trajectory": "rollout", "run_episode": "rollout", "replay_actions": "rollout",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["FAMILIES", "OpenAIPolicy", "RepoEnvironment", "RepoSource", "SearchRepairPolicy",
+           "TOOLS", "TestReport", "ToolRunner", "Task", "Trajectory", "replay_actions",
+           "run_episode", "synthesize_tasks"]  # the keys of _EXPORTS
 
 
 def __getattr__(name: str) -> Any:

@@ -22,15 +22,17 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cwm_exec import sandbox
 from cwm_forager.mutations import function_lines
 from cwm_forager.pytest_plugin import is_test_file
-from cwm_forager.repos import RepoSource, RepositoryError, copy_tree, fetch
+from cwm_forager.repos import RepositoryError, RepoSource, copy_tree, fetch
 
 if TYPE_CHECKING:
     from cwm_forager.tasks import Task
@@ -98,7 +100,7 @@ class DockerExecutor:
     under ``timeout``. The image must carry Python with pytest and this package."""
 
     def __init__(self, workroot: Path, image: str = "python:3.11-slim") -> None:
-        import docker  # imported here: only developer laptops with an engine need it
+        import docker  # noqa: PLC0415 (only developer laptops with an engine use this executor)
 
         self.client = docker.from_env()
         self.client.ping()
@@ -111,8 +113,6 @@ class DockerExecutor:
     def run(self, argv: Sequence[str], *, workdir: Path, limits: sandbox.Limits,
             env: Mapping[str, str], extra_rw: Sequence[str] = (), at_mount: bool = False
             ) -> sandbox.ProcessResult:
-        import time
-
         env = {**env, "PATH": "/usr/local/bin:/usr/bin:/bin",
                "PYTHONPATH": env.get("PYTHONPATH", "") + ":/opt/cwm"}
         start = time.monotonic()
@@ -180,7 +180,7 @@ class RepoEnvironment:
 
     # ------------------------------------------------------------------ preparation
 
-    def prepare(self) -> "RepoEnvironment":
+    def prepare(self) -> RepoEnvironment:
         """Fetch, copy, run the suite once with coverage. Idempotent."""
         if self.base is not None:
             return self
@@ -212,7 +212,7 @@ class RepoEnvironment:
         if self._owns_workroot and self.workroot is not None:
             shutil.rmtree(self.workroot, ignore_errors=True)
 
-    def __enter__(self) -> "RepoEnvironment":
+    def __enter__(self) -> RepoEnvironment:
         return self.prepare()
 
     def __exit__(self, *exc: Any) -> None:
@@ -250,7 +250,7 @@ class RepoEnvironment:
 
     # ------------------------------------------------------------------ task copies and runs
 
-    def fresh_task_copy(self, task: "Task | None" = None) -> Path:
+    def fresh_task_copy(self, task: Task | None = None) -> Path:
         """A new private copy of the base, with the task's mutation applied if given."""
         assert self.base is not None and self.workroot is not None, "prepare() first"
         label = _safe(task.task_id if task else "copy")
@@ -338,7 +338,7 @@ class Environments:
             env.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "Environments":
+    def __enter__(self) -> Environments:
         return self
 
     def __exit__(self, *exc: Any) -> None:

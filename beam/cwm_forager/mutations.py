@@ -19,8 +19,8 @@ from __future__ import annotations
 import ast
 import difflib
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 FAMILIES = (
     "body_removal",
@@ -65,7 +65,7 @@ def _inverse(table: dict[type, tuple[str, tuple[str, ...]]]) -> dict[type, tuple
     ``+`` or ``//``)."""
     node_of = {op: node for node, (op, _) in table.items()}
     out: dict[type, list[str]] = {node: [] for node in table}
-    for node, (op, alternatives) in table.items():
+    for op, alternatives in table.values():
         for alt in alternatives:
             if alt in node_of:
                 out[node_of[alt]].append(op)
@@ -333,7 +333,8 @@ def _import_return_mutations(sm: SourceMap, tree: ast.Module, func: ast.AST,
 def _blocks(func: ast.AST) -> Iterator[list[ast.stmt]]:
     """Every statement list (block) of the function, nested blocks included."""
     for node in [func, *own_nodes(func)]:
-        if isinstance(node, (ast.ClassDef,)) or (node is not func and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))):
+        nested = node is not func and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        if isinstance(node, ast.ClassDef) or nested:
             continue
         for field in ("body", "orelse", "finalbody"):
             block = getattr(node, field, None)
@@ -354,7 +355,8 @@ def _whole_lines(sm: SourceMap, stmt: ast.stmt) -> tuple[int, int]:
     return start, end
 
 
-def _body_mutations(sm: SourceMap, func: ast.FunctionDef | ast.AsyncFunctionDef) -> Iterator[tuple[int, str, tuple[Edit, ...]]]:
+def _body_mutations(sm: SourceMap, func: ast.FunctionDef | ast.AsyncFunctionDef
+                    ) -> Iterator[tuple[int, str, tuple[Edit, ...]]]:
     body = body_without_docstring(func.body)
     if len(body) >= 2:
         yield body[0].lineno, f"removed the body of {func.name!r}", (Edit(sm.start(body[0]), sm.end(body[-1]), "pass"),)
@@ -375,6 +377,21 @@ def _body_mutations(sm: SourceMap, func: ast.FunctionDef | ast.AsyncFunctionDef)
 # ----------------------------------------------------------------------------- entry points
 
 
+def _family_mutations(family: str, sm: SourceMap, tree: ast.Module,
+                      func: ast.FunctionDef | ast.AsyncFunctionDef, nodes: list[ast.AST],
+                      is_method: bool) -> Iterator[tuple[int, str, tuple[Edit, ...]]]:
+    """The candidate mutations of one family in one function."""
+    if family == "operator_replacement":
+        return _operator_mutations(sm, nodes)
+    if family == "variable_swap":
+        return _swap_mutations(sm, func, [n for n in nodes if isinstance(n, ast.stmt)])
+    if family == "parameter_removal":
+        return _parameter_mutations(sm, func, is_method, nodes)
+    if family == "import_return_removal":
+        return _import_return_mutations(sm, tree, func, nodes)
+    return _body_mutations(sm, func)
+
+
 def find_mutations(source: str, path: str, families: Sequence[str] = FAMILIES,
                    functions: set[str] | None = None) -> list[Mutation]:
     """All valid mutations of ``source`` in the given families, restricted to the named
@@ -393,16 +410,9 @@ def find_mutations(source: str, path: str, families: Sequence[str] = FAMILIES,
         if functions is not None and qualname not in functions:
             continue
         nodes = list(own_nodes(func))
-        stmts = [n for n in nodes if isinstance(n, ast.stmt)]
-        generators = {
-            "operator_replacement": lambda: _operator_mutations(sm, nodes),
-            "variable_swap": lambda: _swap_mutations(sm, func, stmts),
-            "parameter_removal": lambda: _parameter_mutations(sm, func, id(func) in class_methods, nodes),
-            "import_return_removal": lambda: _import_return_mutations(sm, tree, func, nodes),
-            "body_removal": lambda: _body_mutations(sm, func),
-        }
         for family in families:
-            for line, description, edits in generators[family]():
+            for line, description, edits in _family_mutations(
+                    family, sm, tree, func, nodes, id(func) in class_methods):
                 mutated = apply_edits(source, edits)
                 try:
                     changed = ast.dump(ast.parse(mutated)) != original
@@ -468,7 +478,9 @@ def line_candidates(source: str, line: int) -> list[tuple[str, str]]:
             add("added 'not'", (Edit(sm.start(expr), sm.start(expr), "not (" if wrap else "not "),
                                 Edit(sm.end(expr), sm.end(expr), ")" if wrap else "")))
         for node in nodes:  # inverse of removing a unary '-'
-            if isinstance(node, (ast.Constant, ast.Name)) and not isinstance(node.value if isinstance(node, ast.Constant) else None, (str, bytes, bool)) \
+            value = node.value if isinstance(node, ast.Constant) else None
+            if isinstance(node, (ast.Constant, ast.Name)) \
+                    and not isinstance(value, (str, bytes, bool)) \
                     and isinstance(getattr(node, "ctx", ast.Load()), ast.Load):
                 add("added unary '-'", (Edit(sm.start(node), sm.start(node), "-"),))
         for _, description, edits in _swap_mutations(sm, func, stmts, every_occurrence=True):
@@ -477,8 +489,10 @@ def line_candidates(source: str, line: int) -> list[tuple[str, str]]:
             if isinstance(node, ast.Call) and len(node.args) >= 2:
                 for a, b in zip(node.args, node.args[1:]):
                     add(f"reordered arguments {sm.text(a)!r} and {sm.text(b)!r}",
-                        (Edit(sm.start(a), sm.end(a), sm.text(b)), Edit(sm.start(b), sm.end(b), sm.text(a))))
-            if isinstance(node, ast.Expr) and not isinstance(node.value, (ast.Constant, ast.Yield, ast.YieldFrom, ast.Await)):
+                        (Edit(sm.start(a), sm.end(a), sm.text(b)),
+                         Edit(sm.start(b), sm.end(b), sm.text(a))))
+            if isinstance(node, ast.Expr) and not isinstance(
+                    node.value, (ast.Constant, ast.Yield, ast.YieldFrom, ast.Await)):
                 add("added 'return'", (Edit(sm.start(node), sm.start(node), "return "),))
     # within each kind of repair, in the order the code reads (left to right)
     kinds = {d.split(" ")[0]: None for _, _, _, d, _ in found}

@@ -21,7 +21,8 @@ import json
 import re
 import shlex
 import textwrap
-from typing import Any, Generator, Sequence
+from collections.abc import Generator, Sequence
+from typing import Any
 
 from cwm_forager.mutations import line_candidates
 from cwm_forager.rollout import Action
@@ -77,7 +78,7 @@ def _kind(description: str) -> int:
 
 
 def _is_test_path(path: str) -> bool:
-    from cwm_forager.pytest_plugin import is_test_file
+    from cwm_forager.pytest_plugin import is_test_file  # noqa: PLC0415 (it imports pytest)
 
     return is_test_file(path)
 
@@ -274,7 +275,7 @@ class OpenAIPolicy:
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
                  temperature: float = 0.7, max_tokens: int = 2048, timeout: float = 120.0) -> None:
-        from openai import OpenAI
+        from openai import OpenAI  # noqa: PLC0415 (a heavy client only this policy needs)
 
         self.client = OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout,
                              max_retries=2)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from cwm_forager.tools import TOOL_NAMES, TOOLS
+from cwm_model.chat import render_messages
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 ROLES = ("system", "user", "assistant", "tool")
@@ -56,8 +58,6 @@ def check_record(record: Any) -> dict[str, Any]:
 def render(record: dict[str, Any]) -> list[Any]:
     """The record as ``cwm_model.chat`` segments (role-tagged text: header, system, user,
     assistant, tool), the form the SFT and mid-training loaders tokenize and mask."""
-    from cwm_model.chat import render_messages
-
     return render_messages(check_record(record)["messages"], tools=TOOLS)
 
 
@@ -90,7 +90,7 @@ def shingles(text: str, n: int = 3) -> set[str]:
 
 
 def minhash(text: str, num_perm: int = 128, seed: int = 1):
-    from datasketch import MinHash
+    from datasketch import MinHash  # noqa: PLC0415 (imports scipy, ~1 s: only dedup needs it)
 
     m = MinHash(num_perm=num_perm, seed=seed)
     for shingle in sorted(shingles(text)):
@@ -102,7 +102,7 @@ def dedup(records: Iterable[dict[str, Any]], threshold: float = 0.5, num_perm: i
           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(kept, dropped): a record is dropped if its actions' estimated Jaccard similarity to a
     kept record is ``>= threshold``. Records are visited sorted by (task id, episode id)."""
-    from datasketch import MinHashLSH
+    from datasketch import MinHashLSH  # noqa: PLC0415 (as above)
 
     ordered = sorted(records, key=lambda r: (str(r["meta"].get("task_id")),
                                              str(r["meta"].get("episode_id"))))

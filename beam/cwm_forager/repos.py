@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import cwm_forager
 
@@ -48,7 +49,7 @@ class RepoSource:
             raise ValueError(f"repository pypi {self.pypi!r}: pin it as 'name==version'")
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any] | str) -> "RepoSource":
+    def from_spec(cls, spec: Mapping[str, Any] | str) -> RepoSource:
         """From a ``RepositorySource`` dict; a bare string is a pypi pin, a path or a git URL."""
         if isinstance(spec, str):
             if "==" in spec:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from cwm_exec import sandbox
 from cwm_forager.env import RepoEnvironment
@@ -79,7 +80,7 @@ class Trajectory:
         return {"messages": self.messages, "meta": self.meta}
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> "Trajectory":
+    def from_record(cls, record: dict[str, Any]) -> Trajectory:
         if not isinstance(record.get("messages"), list):
             raise ValueError("trajectory record: 'messages' must be a list")
         return cls(list(record["messages"]), dict(record.get("meta") or {}))

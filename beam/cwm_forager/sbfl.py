@@ -17,8 +17,8 @@ import argparse
 import json
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from cwm_forager.mutations import function_lines
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from cwm_forager.env import RepoEnvironment
 from cwm_forager.mutations import FAMILIES, Mutation, apply_edits, find_mutations, unified_diff
@@ -68,7 +69,7 @@ class Task:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Task":
+    def from_json(cls, data: dict[str, Any]) -> Task:
         try:
             return cls(**{**data, "tests": tuple(data["tests"]),
                           "failing_tests": tuple(data.get("failing_tests", ()))})
@@ -107,7 +108,7 @@ def candidate_tasks(env: RepoEnvironment, families: Sequence[str] = FAMILIES,
         rng.shuffle(pools[family])
     out: list[Task] = []
     per_function: dict[tuple[str, str, str], int] = defaultdict(int)
-    cursors = {f: 0 for f in families}
+    cursors = dict.fromkeys(families, 0)
     while len(out) < count and any(cursors[f] < len(pools[f]) for f in families):
         for family in families:
             while cursors[family] < len(pools[family]):

@@ -26,7 +26,8 @@ Credentials come from the backend's standard environment (s3fs/botocore: ``AWS_A
 S3-compatible stores; adlfs: ``AZURE_STORAGE_CONNECTION_STRING`` or ``AZURE_STORAGE_ACCOUNT_NAME``
 with ``AZURE_STORAGE_ACCOUNT_KEY``/``AZURE_STORAGE_SAS_TOKEN``; gcsfs: google-auth's defaults,
 ``GOOGLE_APPLICATION_CREDENTIALS`` naming a key file, or the metadata server), which the operator
-fills from ``spec.storage.secret`` and the local runner inherits. :func:`scrub_env` is what keeps them out of sandboxed programs. Failures become one
+fills from ``spec.storage.secret`` and the local runner inherits. :func:`scrub_env` is what
+keeps them out of sandboxed programs. Failures become one
 :class:`StorageError` naming the step, the URI and the cause (bad credentials, missing bucket,
 unreachable endpoint).
 """
@@ -40,8 +41,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import fsspec
 

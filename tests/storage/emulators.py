@@ -6,7 +6,8 @@ creates a bucket on demand, so a missing one is an error, as in the clouds.
 
 :meth:`env` is what a client needs, in each backend's standard variables (what
 ``spec.storage.secret`` would hold): ``STORAGE_EMULATOR_HOST`` for gcsfs and :data:`GCS_CLIENT`
-(fake-gcs-server accepts any caller: there are no credentials to get wrong), ``AZURE_STORAGE_CONNECTION_STRING`` for adlfs
+(fake-gcs-server accepts any caller: there are no credentials to get wrong),
+``AZURE_STORAGE_CONNECTION_STRING`` for adlfs
 (Azurite checks the shared-key signature of every request against the random account key).
 
 Run by hand::
@@ -26,8 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "emulators.sh"
@@ -86,7 +88,7 @@ class Emulator:
     def prepare(self) -> None:
         """Before the first readiness probe: make the bucket (once the server answers)."""
 
-    def start(self, timeout: float = 60.0) -> "Emulator":
+    def start(self, timeout: float = 60.0) -> Emulator:
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         log = open(self.root / f"{self.name}.log", "wb")

@@ -82,7 +82,7 @@ class S3Server:
                 "AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": "us-east-1",
                 "AWS_DEFAULT_REGION": "us-east-1"}
 
-    def start(self, timeout: float = 60.0) -> "S3Server":
+    def start(self, timeout: float = 60.0) -> S3Server:
         weed = binary()
         data = self.root / "data"
         data.mkdir(parents=True, exist_ok=True)

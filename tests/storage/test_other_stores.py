@@ -21,9 +21,10 @@ import yaml
 
 from cwm_spec import artifacts, storage
 from cwm_spec.storage import COMMIT, StorageError
-from tests.storage.conftest import clear_clients
 from tests.e2e.small import cwm, small_data
+from tests.storage.conftest import clear_clients
 from tests.storage.emulators import free_port
+
 
 def make_folder(root: Path) -> Path:
     root.mkdir(parents=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from cwm_exec.sandbox import Limits
 from cwm_forager.env import RepoEnvironment
 from cwm_forager.tasks import synthesize_tasks
-from cwm_exec.sandbox import Limits
 
 FAST_LIMITS = Limits(wall_seconds=20, cpu_seconds=20, memory_mb=1024, output_bytes=200_000,
                      processes=64)

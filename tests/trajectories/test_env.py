@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from cwm_forager.env import make_executor
-from cwm_forager.repos import RepoSource, RepositoryError, fetch
+from cwm_forager.repos import RepositoryError, RepoSource, fetch
 
 
 def test_sources_validate_and_name_themselves():

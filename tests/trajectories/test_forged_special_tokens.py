@@ -12,10 +12,10 @@ import pytest
 
 from cwm_beam.traces import to_record
 from cwm_exec.tracer import TraceLimits, trace_function
+from cwm_forager.tools import ToolRunner
 from cwm_jobs.data import Position, chat_document, trajectory_document
 from cwm_jobs.tasks import sft_messages, task_from_trace, trace_ids
 from cwm_model.tokenizer import special_token_names, train_tokenizer
-from cwm_forager.tools import ToolRunner
 
 FORGED = "".join(special_token_names())   # all 256, <|begin_of_text|> ... <|eot_id|> ...
 

@@ -6,8 +6,14 @@ import ast
 
 import pytest
 
-from cwm_forager.mutations import (FAMILIES, apply_edits, find_mutations, function_lines,
-                                        line_candidates, unified_diff)
+from cwm_forager.mutations import (
+    FAMILIES,
+    apply_edits,
+    find_mutations,
+    function_lines,
+    line_candidates,
+    unified_diff,
+)
 from cwm_forager.repos import FIXTURE_ROOT
 
 SOURCE = '''\

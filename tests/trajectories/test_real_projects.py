@@ -3,6 +3,8 @@ the cache, then reused): prepared in the sandbox, tasks in every family, one epi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from cwm_forager.env import RepoEnvironment
@@ -10,8 +12,6 @@ from cwm_forager.mutations import FAMILIES
 from cwm_forager.policies import SearchRepairPolicy
 from cwm_forager.rollout import run_episode
 from cwm_forager.tasks import synthesize_tasks
-
-from dataclasses import replace
 
 from .conftest import FAST_LIMITS
 

@@ -9,9 +9,8 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from cwm_forager.records import (RecordError, action_text, check_record, dedup, render,
-                                      solve_rates)
 from cwm_beam.trajectories import Deduplicate
+from cwm_forager.records import RecordError, action_text, check_record, dedup, render, solve_rates
 
 
 def record(task_id, commands, success=False, family="variable_swap", repo="calc"):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pytest
-
 from cwm_forager.mutations import FAMILIES
 from cwm_forager.policies import SearchRepairPolicy
 from cwm_forager.records import check_record
