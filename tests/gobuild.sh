@@ -22,3 +22,29 @@ export GOCACHE="$cache/go/build"
 export GOTOOLCHAIN=local
 export CGO_ENABLED=0
 export GOFLAGS="-p=${CWM_BUILD_JOBS:-2} -buildvcs=false -modcacherw"
+
+# Exit 0 with $1 (the build's path) on stdout when every other argument exists: the build is
+# cached. Returns (and the build goes on) otherwise.
+reuse_if_built() {
+  local out="$1" f
+  shift
+  for f in "$@"; do [[ -e $f ]] || return 0; done
+  log "up to date: $out"
+  echo "$out"
+  exit 0
+}
+
+need_go() { command -v go >/dev/null || die "go is not on PATH ($*)"; }
+
+# Write a build's STAMP file ($1): the given KEY=VALUE lines, the Go version, when it was built and
+# how long it took (seconds since $start).
+write_stamp() {
+  local file="$1"
+  shift
+  {
+    printf '%s\n' "$@"
+    echo "GO_VERSION=$(go env GOVERSION)"
+    echo "BUILT=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "SECONDS=$((SECONDS - ${start:-0}))"
+  } >"$file"
+}

@@ -28,13 +28,9 @@ case "${1:-}" in
   *) die "unknown argument: $1 (expected --print-dir)" ;;
 esac
 
-if [[ -f "$stamp" && -x "$dest/bin/training-operator" && -f "$dest/manifests/crds/kubeflow.org_pytorchjobs.yaml" ]]; then
-  log "up to date: $dest"
-  echo "$dest"
-  exit 0
-fi
-
-command -v go >/dev/null || die "go is not on PATH (Go >= 1.22 builds the training operator)"
+reuse_if_built "$dest" "$stamp" "$dest/bin/training-operator" \
+  "$dest/manifests/crds/kubeflow.org_pytorchjobs.yaml"
+need_go "Go >= 1.22 builds the training operator"
 
 start=$SECONDS
 tmp="$dest.partial"
@@ -51,12 +47,7 @@ for part in crds webhook rbac; do
 done
 chmod -R u+w "$tmp"
 
-{
-  echo "TRAINING_OPERATOR_VERSION=$TRAINING_OPERATOR_VERSION"
-  echo "GO_VERSION=$(go env GOVERSION)"
-  echo "BUILT=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "SECONDS=$((SECONDS - start))"
-} >"$tmp/STAMP"
+write_stamp "$tmp/STAMP" "TRAINING_OPERATOR_VERSION=$TRAINING_OPERATOR_VERSION"
 rm -rf "$dest"; mv "$tmp" "$dest"
 log "done in $((SECONDS - start)) s: $dest"
 echo "$dest"

@@ -37,13 +37,8 @@ if (( ${#missing[@]} )); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if [[ -f "$dest/STAMP" && -x "$dest/bin/kube-router" ]]; then
-  log "up to date: $dest"
-  echo "$dest"
-  exit 0
-fi
-
-command -v go >/dev/null || die "go is not on PATH (Go >= 1.21 builds kube-router)"
+reuse_if_built "$dest" "$dest/STAMP" "$dest/bin/kube-router"
+need_go "Go >= 1.21 builds kube-router"
 
 start=$SECONDS
 tmp="$dest.partial"
@@ -52,12 +47,7 @@ log "go install $module/cmd/kube-router@$KUBE_ROUTER_VERSION (GOFLAGS=$GOFLAGS)"
 GOBIN="$tmp/bin" go install -trimpath \
   -ldflags "-s -w -X $module/pkg/version.Version=$KUBE_ROUTER_VERSION" \
   "$module/cmd/kube-router@$KUBE_ROUTER_VERSION"
-{
-  echo "KUBE_ROUTER_VERSION=$KUBE_ROUTER_VERSION"
-  echo "GO_VERSION=$(go env GOVERSION)"
-  echo "BUILT=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "SECONDS=$((SECONDS - start))"
-} >"$tmp/STAMP"
+write_stamp "$tmp/STAMP" "KUBE_ROUTER_VERSION=$KUBE_ROUTER_VERSION"
 rm -rf "$dest"; mv "$tmp" "$dest"
 log "done in $((SECONDS - start)) s: $dest"
 echo "$dest"

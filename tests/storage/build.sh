@@ -35,19 +35,14 @@ case "${1:-}" in
   *) die "unknown argument: $1 (expected --regen or --print-bin)" ;;
 esac
 
-if [[ -x "$bin" && -f "$dest/STAMP" ]]; then
-  log "up to date: $bin"
-  echo "$bin"
-  exit 0
-fi
-command -v go >/dev/null || die "go is not on PATH (Go >= 1.26 builds the tests' S3 server)"
+reuse_if_built "$bin" "$bin" "$dest/STAMP"
+need_go "Go >= 1.26 builds the tests' S3 server"
 start=$SECONDS
 mkdir -p "$dest"
 log "building $module/weed $version (GOFLAGS=$GOFLAGS)"
 (cd "$here/gomod" && go build -mod=readonly -trimpath -ldflags "-s -w" -o "$bin.partial" "$module/weed")
 "$bin.partial" version >&2
 mv "$bin.partial" "$bin"
-printf 'VERSION=%s\nGO_VERSION=%s\nBUILT=%s\n' "$version" "$(go env GOVERSION)" \
-  "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$dest/STAMP"
+write_stamp "$dest/STAMP" "VERSION=$version"
 log "done in $((SECONDS - start)) s: $bin"
 echo "$bin"

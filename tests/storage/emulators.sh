@@ -46,15 +46,14 @@ build_gcs() {
     log "up to date: $gcs_bin"
     return
   fi
-  command -v go >/dev/null || die "go is not on PATH (Go >= 1.26 builds fake-gcs-server)"
+  need_go "Go >= 1.26 builds fake-gcs-server"
   local start=$SECONDS
   mkdir -p "$gcs_dest/bin.partial"
   log "building $gcs_module@$gcs_version (GOFLAGS=$GOFLAGS)"
   GOBIN="$gcs_dest/bin.partial" go install -trimpath -ldflags "-s -w" "$gcs_module@$gcs_version"
   mv "$gcs_dest/bin.partial/fake-gcs-server" "$gcs_bin"
   rmdir "$gcs_dest/bin.partial"
-  printf 'VERSION=%s\nGO_VERSION=%s\nBUILT=%s\n' "$gcs_version" "$(go env GOVERSION)" \
-    "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$gcs_dest/STAMP"
+  write_stamp "$gcs_dest/STAMP" "VERSION=$gcs_version"
   log "fake-gcs-server done in $((SECONDS - start)) s: $gcs_bin"
 }
 
