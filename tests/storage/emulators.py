@@ -31,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.storage.s3server import log_tail, stop_group
+
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "emulators.sh"
 FIX = "make emulators   (or tests/storage/emulators.sh)"
@@ -116,21 +118,10 @@ class Emulator:
                             f"{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = (self.root / f"{self.name}.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.root / f"{self.name}.log", lines)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_group(self.proc)
 
 
 class GcsServer(Emulator):
