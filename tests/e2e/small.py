@@ -41,6 +41,15 @@ def step_status(workdir: Path) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in json.loads(result.stdout)["steps"]}
 
 
+def small_pipeline(name: str, *, data: dict[str, Any], stages: list[dict[str, Any]],
+                   evaluation: dict[str, Any], sample_records: int = 200) -> dict[str, Any]:
+    """A CWMPipeline manifest on the debug model with a 512-token tokenizer."""
+    return {"apiVersion": "cwm.dev/v1alpha1", "kind": "CWMPipeline", "metadata": {"name": name},
+            "spec": {"model": {"preset": "debug"},
+                     "tokenizer": {"vocabSize": 512, "sampleRecords": sample_records},
+                     "data": data, "stages": stages, "evaluation": evaluation}}
+
+
 def small_rl(steps: int, learning_rate: float) -> dict[str, Any]:
     """An RL stage on both tasks with groups of two and tiny budgets."""
     return {"name": "rl", "steps": steps, "learningRate": learning_rate, "warmupSteps": 0,

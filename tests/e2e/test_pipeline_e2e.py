@@ -10,30 +10,20 @@ import json
 import pytest
 import yaml
 
-from tests.e2e.small import cwm, run_pipeline, small_data, small_rl, step_status
+from tests.e2e.small import cwm, run_pipeline, small_data, small_pipeline, small_rl, step_status
 
 pytestmark = pytest.mark.slow
 
 STAGE = {"microBatchSize": 2, "sequenceLength": 128, "warmupSteps": 1, "checkpointEvery": 2,
          "learningRate": 1e-3}
-MANIFEST = {
-    "apiVersion": "cwm.dev/v1alpha1",
-    "kind": "CWMPipeline",
-    "metadata": {"name": "e2e"},
-    "spec": {
-        "model": {"preset": "debug"},
-        "tokenizer": {"vocabSize": 512, "sampleRecords": 300},
-        "data": small_data(60, corpus_files=200),
-        "stages": [
-            {"name": "pretrain", "steps": 4, **STAGE},
+MANIFEST = small_pipeline(
+    "e2e", sample_records=300, data=small_data(60, corpus_files=200),
+    stages=[{"name": "pretrain", "steps": 4, **STAGE},
             {"name": "midtrain", "steps": 4, **STAGE},
             {"name": "sft", "steps": 3, **STAGE},
-            small_rl(steps=2, learning_rate=1e-4),
-        ],
-        "evaluation": {"heldOutTraces": 4, "cruxevalLimit": 4, "maxNewTokens": 8,
-                       "reasoningTokens": 16, "mutateFixTasks": 1, "mutateFixTurns": 2},
-    },
-}
+            small_rl(steps=2, learning_rate=1e-4)],
+    evaluation={"heldOutTraces": 4, "cruxevalLimit": 4, "maxNewTokens": 8,
+                "reasoningTokens": 16, "mutateFixTasks": 1, "mutateFixTurns": 2})
 ALL = ["traces", "trajectories", "corpus", "tokenizer", "pretrain", "midtrain", "sft", "rl"]
 
 

@@ -21,7 +21,7 @@ import yaml
 
 from cwm_spec import artifacts, storage
 from cwm_spec.storage import COMMIT, StorageError
-from tests.e2e.small import cwm, small_data
+from tests.e2e.small import cwm, small_data, small_pipeline
 from tests.storage.conftest import clear_clients
 from tests.storage.emulators import free_port
 
@@ -114,20 +114,11 @@ def test_errors_name_the_uri_and_the_cause(store, case, cause, monkeypatch):
     assert f"cannot write {uri}" in str(failed.value) and cause in str(failed.value)
 
 
-PIPELINE = {
-    "apiVersion": "cwm.dev/v1alpha1",
-    "kind": "CWMPipeline",
-    "metadata": {"name": "stores"},
-    "spec": {
-        "model": {"preset": "debug"},
-        "tokenizer": {"vocabSize": 512, "sampleRecords": 200},
-        "data": small_data(20, max_turns=6),
-        "stages": [{"name": name, "steps": 2, "microBatchSize": 2, "sequenceLength": 64,
-                    "warmupSteps": 1, "checkpointEvery": 1} for name in ("pretrain", "midtrain")],
-        "evaluation": {"heldOutTraces": 2, "cruxeval": False, "mutateFix": False,
-                       "maxNewTokens": 4},
-    },
-}
+PIPELINE = small_pipeline(
+    "stores", data=small_data(20, max_turns=6),
+    stages=[{"name": name, "steps": 2, "microBatchSize": 2, "sequenceLength": 64,
+             "warmupSteps": 1, "checkpointEvery": 1} for name in ("pretrain", "midtrain")],
+    evaluation={"heldOutTraces": 2, "cruxeval": False, "mutateFix": False, "maxNewTokens": 4})
 
 
 @pytest.mark.slow

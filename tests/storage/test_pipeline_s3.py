@@ -18,30 +18,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.small import CWM, small_data
+from tests.e2e.small import CWM, small_data, small_pipeline
 from tests.e2e.small import cwm as run_cwm
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
 STAGE = {"microBatchSize": 2, "sequenceLength": 64, "warmupSteps": 1, "checkpointEvery": 1,
          "learningRate": 1e-3}
-MANIFEST = {
-    "apiVersion": "cwm.dev/v1alpha1",
-    "kind": "CWMPipeline",
-    "metadata": {"name": "s3e2e"},
-    "spec": {
-        "model": {"preset": "debug"},
-        "tokenizer": {"vocabSize": 512, "sampleRecords": 200},
-        "data": small_data(30, trace_shards=2, max_turns=6),
-        "stages": [
-            {"name": "pretrain", "steps": 2, **STAGE},
-            {"name": "midtrain", "steps": 2, **STAGE},
-            {"name": "sft", "steps": 2, **STAGE},
-        ],
-        "evaluation": {"heldOutTraces": 2, "cruxeval": False, "mutateFix": False,
-                       "maxNewTokens": 4},
-    },
-}
+MANIFEST = small_pipeline(
+    "s3e2e", data=small_data(30, trace_shards=2, max_turns=6),
+    stages=[{"name": name, "steps": 2, **STAGE} for name in ("pretrain", "midtrain", "sft")],
+    evaluation={"heldOutTraces": 2, "cruxeval": False, "mutateFix": False, "maxNewTokens": 4})
 DATA = ("traces", "trajectories", "corpus")
 BASE = "s3://cwm/run/s3e2e"
 
