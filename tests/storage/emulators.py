@@ -12,7 +12,7 @@ creates a bucket on demand, so a missing one is an error, as in the clouds.
 
 Run by hand::
 
-    python tests/storage/emulators.py gcs        # or azurite: prints the environment, Ctrl-C stops
+    python -m tests.storage.emulators gcs        # or azurite: prints the environment, Ctrl-C stops
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import base64
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.storage.s3server import log_tail, stop_group
+from tests.storage.s3server import log_tail, serve_until_stopped, stop_group
 
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "emulators.sh"
@@ -194,18 +193,10 @@ SERVERS = {"gcs": GcsServer, "azurite": AzuriteServer}
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0] not in SERVERS:
-        print(f"usage: python tests/storage/emulators.py {{{'|'.join(SERVERS)}}}", file=sys.stderr)
+        print(f"usage: python -m tests.storage.emulators {{{'|'.join(SERVERS)}}}", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix=f"cwm-{args[0]}-"))
-    server = SERVERS[args[0]](root).start()
-    for key, value in server.env().items():
-        print(f"export {key}='{value}'")
-    print(f"# bucket {BUCKET}; Ctrl-C stops", flush=True)
-    try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    serve_until_stopped(SERVERS[args[0]](root).start(), BUCKET, root)
     return 0
 
 

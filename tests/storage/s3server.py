@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "build.sh"
@@ -165,16 +166,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="cwm-s3-"))
     server = S3Server(root, bind=args.bind, bucket=args.bucket).start()
+    serve_until_stopped(server, f"s3://{args.bucket}", None if args.dir else root)
+    return 0
+
+
+def serve_until_stopped(server: Any, bucket: str, scratch: Path | None) -> None:
+    """The command-line mode of a test server: print its environment as `export` lines, run
+    until SIGINT/SIGTERM, stop it and remove ``scratch`` (its temporary data folder). The two
+    signals stay blocked, so a second Ctrl-C while it stops cannot cut the clean-up short."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     for key, value in server.env().items():
-        print(f"export {key}={value}")
-    print(f"# bucket s3://{args.bucket}; Ctrl-C stops", flush=True)
+        print(f"export {key}='{value}'")
+    print(f"# bucket {bucket}; Ctrl-C stops", flush=True)
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
         server.stop()
-        if not args.dir:
-            shutil.rmtree(root, ignore_errors=True)
-    return 0
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
