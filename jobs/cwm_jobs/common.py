@@ -226,12 +226,6 @@ class StepContext:
     evaluation_spec: EvaluationSpec  # ``evaluation``, validated, every default filled in
     extra_args: list[str]
 
-    @property
-    def evaluation(self) -> dict[str, Any]:
-        """The evaluation section as a camelCase mapping (what rl.py reads until it takes
-        :attr:`evaluation_spec`)."""
-        return self.evaluation_spec.dump()
-
     def input(self, name: str) -> str | None:
         return self.inputs.get(name) or None
 

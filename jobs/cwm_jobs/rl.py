@@ -306,10 +306,10 @@ def _final_evaluation(ctx: Any, stage: Any, env: Any, stats: Counter) -> dict[st
         results = evaluate_model(module, stage.tokenizer, rank=env.rank,
                                  world=env.world_size, traces_uri=traces,
                                  trajectories_uri=ctx.input("trajectories"),
-                                 evaluation=ctx.evaluation, sandbox=ctx.config.get("sandbox"),
+                                 evaluation=ctx.evaluation_spec, sandbox=ctx.config.get("sandbox"),
                                  max_tokens=rl.max_length * 4)
         held_out = task_pool(traces, stage.tokenizer, split="validation",
-                             limit=int(ctx.evaluation.get("heldOutTraces", 200)),
+                             limit=ctx.evaluation_spec.held_out_traces,
                              max_prompt=rl.max_length, stats=stats) \
             if _has_split(traces, "validation") else []
         if held_out:
