@@ -13,7 +13,8 @@ import json
 import logging
 import sys
 import tempfile
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 LOG = logging.getLogger("cwm_jobs.rewards")
 
