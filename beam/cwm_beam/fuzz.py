@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import ast
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 _STR_METHODS = {"upper", "lower", "strip", "split", "replace", "startswith", "endswith", "find",
                 "isdigit", "isalpha", "join", "title", "capitalize", "count", "index", "format",

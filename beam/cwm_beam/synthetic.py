@@ -13,8 +13,8 @@ input it was run on.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 _LETTERS = "abcdexyz"
 

@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cwm_exec.sandbox import Limits, run_command
+
 LOG = logging.getLogger("cwm_jobs.rewards")
 
 # Runs inside the sandbox: reads [[predicted, expected], ...] on stdin, prints [true/false, ...].
@@ -43,9 +45,7 @@ sys.stdout.write("\n" + json.dumps(out))
 """
 
 
-def _limits(spec: Mapping[str, Any] | None, items: int):
-    from cwm_exec.sandbox import Limits
-
+def _limits(spec: Mapping[str, Any] | None, items: int) -> Limits:
     base = Limits.from_spec(spec)
     wall = min(base.wall_seconds * max(1, items), max(base.wall_seconds, 30.0))
     return Limits(wall_seconds=wall, cpu_seconds=wall, memory_mb=base.memory_mb,
@@ -53,8 +53,6 @@ def _limits(spec: Mapping[str, Any] | None, items: int):
 
 
 def _run(pairs: Sequence[tuple[str, str]], spec: Mapping[str, Any] | None, per_item: float) -> list[bool] | None:
-    from cwm_exec.sandbox import run_command
-
     with tempfile.TemporaryDirectory(prefix="cwm-reward-") as cwd:
         result = run_command(
             [sys.executable, "-I", "-c", CHECKER.replace("PER_ITEM", repr(per_item))],

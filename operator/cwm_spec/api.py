@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -113,7 +113,7 @@ class ModelSpec(Spec):
         return value.rstrip("/")
 
     @model_validator(mode="after")
-    def _shape_from_init(self) -> "ModelSpec":
+    def _shape_from_init(self) -> ModelSpec:
         # The checkpoint's config.json is the shape: a preset or overrides would be ignored.
         given = sorted({"preset", "overrides"} & self.model_fields_set)
         if self.init and (given or self.overrides):
@@ -189,7 +189,7 @@ class BeamSpec(Spec):
     )
 
     @model_validator(mode="after")
-    def _pods_need_the_in_process_runner(self) -> "BeamSpec":
+    def _pods_need_the_in_process_runner(self) -> BeamSpec:
         if self.pods > 1 and self.runner not in ("DirectRunner", "FnApiRunner", "direct"):
             raise ValueError(f"pods: {self.pods} pods apply to the in-process runner "
                              f"(DirectRunner), not {self.runner}, which distributes the work "
@@ -222,7 +222,7 @@ class TraceSource(Spec):
     )
 
     @model_validator(mode="after")
-    def _check_source(self) -> "TraceSource":
+    def _check_source(self) -> TraceSource:
         if self.kind in ("jsonl", "functions", "repository") and not self.uri:
             raise ValueError(f"uri is required for a {self.kind} source")
         if self.kind == "synthetic" and self.count is None:
@@ -273,7 +273,7 @@ class RepositorySource(Spec):
     ref: str | None = Field(None, description="Git ref (with git).")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "RepositorySource":
+    def _exactly_one(self) -> RepositorySource:
         given = [k for k in ("pypi", "path", "git") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError("give exactly one of pypi, path, git")
@@ -301,7 +301,7 @@ class PolicySpec(Spec):
     max_turns: int = Field(30, ge=1, le=1024, description="Turn budget per episode.")
 
     @model_validator(mode="after")
-    def _endpoint(self) -> "PolicySpec":
+    def _endpoint(self) -> PolicySpec:
         if self.kind == "openai" and not (self.endpoint and self.model):
             raise ValueError("endpoint and model are required for an openai policy")
         return self
@@ -385,7 +385,7 @@ class DataSpec(Spec):
     )
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec, description="Sandbox limits.")
     beam: BeamSpec = Field(default_factory=BeamSpec, description="Beam runner settings.")
-    resources: "Resources" = Field(
+    resources: Resources = Field(
         default_factory=lambda: Resources(),
         description="Resources of each data-generation pod.",
     )
@@ -469,7 +469,7 @@ class DataMix(Spec):
     )
 
     @model_validator(mode="after")
-    def _positive(self) -> "DataMix":
+    def _positive(self) -> DataMix:
         if self.cwm + self.code + self.rehearsal <= 0:
             raise ValueError("at least one weight must be positive")
         return self
@@ -557,7 +557,7 @@ class StageSpec(Spec):
     deadline_seconds: int | None = Field(None, ge=1, description="activeDeadlineSeconds.")
 
     @model_validator(mode="after")
-    def _fill_stage_defaults(self) -> "StageSpec":
+    def _fill_stage_defaults(self) -> StageSpec:
         if self.rl is not None and self.name != "rl":
             raise ValueError(f"rl settings are only valid on the rl stage, not {self.name}")
         if self.name == "rl" and self.rl is None:
@@ -695,7 +695,7 @@ class StorageSpec(Spec):
         return value.rstrip("/") or "/"
 
     @model_validator(mode="after")
-    def _one(self) -> "StorageSpec":
+    def _one(self) -> StorageSpec:
         if self.uri and self.pvc:
             raise ValueError("give uri or pvc, not both")
         return self
@@ -752,7 +752,7 @@ class CWMPipelineSpec(Spec):
         return stages
 
     @model_validator(mode="after")
-    def _consistency(self) -> "CWMPipelineSpec":
+    def _consistency(self) -> CWMPipelineSpec:
         needs_data = any(
             s.data_mix and s.data_mix.cwm > 0 and s.name in ("midtrain", "sft") for s in self.stages
         )
