@@ -21,15 +21,14 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import kopf
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from cwm_spec import storage
-from cwm_spec.api import GROUP, PLURAL, VERSION, StepState
 from cwm_operator.metrics import Metrics
 from cwm_operator.reconcile import (
     Child,
@@ -47,6 +46,8 @@ from cwm_operator.render import (
     render_child,
 )
 from cwm_operator.settings import Settings
+from cwm_spec import storage
+from cwm_spec.api import GROUP, PLURAL, VERSION, StepState
 
 Key = tuple[str, str]  # (namespace, pipeline name)
 log = logging.getLogger("cwm_operator")
@@ -97,7 +98,7 @@ class Controller:
         self.settings = settings
         self.api_client = api_client
         self.metrics = metrics or Metrics()
-        self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
+        self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)

@@ -16,7 +16,8 @@ import asyncio
 import logging
 import sys
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import kopf
 from kubernetes import client, config
@@ -87,7 +88,7 @@ class OperatorThread:
             self.error = err
             self._ready.set()
 
-    def start(self, timeout: float = 30) -> "OperatorThread":
+    def start(self, timeout: float = 30) -> OperatorThread:
         self._thread.start()
         if not self._ready.wait(timeout) or self.error:
             raise RuntimeError(f"operator did not start: {self.error!r}")
@@ -97,7 +98,7 @@ class OperatorThread:
         self._stop.set()
         self._thread.join(timeout)
 
-    def __enter__(self) -> "OperatorThread":
+    def __enter__(self) -> OperatorThread:
         return self.start()
 
     def __exit__(self, *_: Any) -> None:

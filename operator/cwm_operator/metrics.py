@@ -11,7 +11,7 @@ several operators in one process).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -41,7 +41,7 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, float("inf")), registry=r)
 
     def set_phases(self, phases: Iterable[str]) -> None:
-        counts = {p: 0 for p in PHASES}
+        counts = dict.fromkeys(PHASES, 0)
         for phase in phases:
             counts[phase] = counts.get(phase, 0) + 1
         for phase, count in counts.items():

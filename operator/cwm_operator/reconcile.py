@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
-from cwm_spec.api import (STAGE_ORDER, CWMPipeline, CWMPipelineStatus, Condition, StepState,
-                          StepStatus)
-from cwm_spec.plan import Plan, Step, Target, build_plan
 from cwm_operator.render import (
     ANNOTATION_METRICS,
     ANNOTATION_SUSPENDED,
@@ -40,6 +38,15 @@ from cwm_operator.render import (
     child_name,
 )
 from cwm_operator.settings import Settings
+from cwm_spec.api import (
+    STAGE_ORDER,
+    Condition,
+    CWMPipeline,
+    CWMPipelineStatus,
+    StepState,
+    StepStatus,
+)
+from cwm_spec.plan import Plan, Step, Target, build_plan
 from cwm_spec.validation import ManifestError, parse_pipeline
 
 ChildPhase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
@@ -59,7 +66,7 @@ def parse_time(value: str | None) -> dt.datetime | None:
 
 
 def format_time(value: dt.datetime) -> str:
-    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ------------------------------------------------------------------------------------------
@@ -109,12 +116,12 @@ def _observe(obj: Mapping[str, Any], metrics: Mapping[str, float] | None) -> Chi
     spec, status = obj.get("spec") or {}, obj.get("status") or {}
     conditions = status.get("conditions") or []
     created = parse_time(meta.get("creationTimestamp"))
-    base = dict(
-        name=meta["name"], kind=obj.get("kind", "Job"), step=labels.get(LABEL_STEP, ""),
-        attempt=int(labels.get(LABEL_ATTEMPT, "0") or 0), created=created,
-        metrics_uri=(meta.get("annotations") or {}).get(ANNOTATION_METRICS),
-        metrics=dict(metrics or {}),
-    )
+    base = {
+        "name": meta["name"], "kind": obj.get("kind", "Job"), "step": labels.get(LABEL_STEP, ""),
+        "attempt": int(labels.get(LABEL_ATTEMPT, "0") or 0), "created": created,
+        "metrics_uri": (meta.get("annotations") or {}).get(ANNOTATION_METRICS),
+        "metrics": dict(metrics or {}),
+    }
     if obj.get("kind") == "PyTorchJob":
         suspended = bool((spec.get("runPolicy") or {}).get("suspend"))
         for phase in ("Succeeded", "Failed", "Suspended", "Restarting", "Running"):

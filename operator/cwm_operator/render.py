@@ -29,12 +29,47 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any
 
-from cwm_spec.api import API_VERSION, KIND, CWMPipeline, Resources
-from cwm_spec.plan import Step
+import yaml
+from kubeflow.training.api_client import ApiClient
+from kubeflow.training.models import (
+    KubeflowOrgV1PyTorchJob,
+    KubeflowOrgV1PyTorchJobSpec,
+    KubeflowOrgV1ReplicaSpec,
+    KubeflowOrgV1RunPolicy,
+)
+from kubernetes.client import (
+    V1Capabilities,
+    V1Container,
+    V1EmptyDirVolumeSource,
+    V1EnvFromSource,
+    V1EnvVar,
+    V1EnvVarSource,
+    V1Job,
+    V1JobSpec,
+    V1ObjectMeta,
+    V1PersistentVolumeClaimVolumeSource,
+    V1PodSecurityContext,
+    V1PodSpec,
+    V1PodTemplateSpec,
+    V1ResourceRequirements,
+    V1SeccompProfile,
+    V1SecretEnvSource,
+    V1SecretKeySelector,
+    V1SecurityContext,
+    V1Toleration,
+    V1Volume,
+    V1VolumeMount,
+)
+
 from cwm_operator.settings import Settings
+from cwm_spec.api import API_VERSION, KIND, CWMPipeline, Resources
+from cwm_spec.plan import Step, Target, build_plan
+from cwm_spec.validation import load_documents, parse_pipeline
 
 LABEL_PIPELINE = "cwm.dev/pipeline"
 LABEL_STEP = "cwm.dev/step"
@@ -75,15 +110,12 @@ def _api_client() -> Any:
     # The training SDK's serializer: it walks `attribute_map`, which both its own models and the
     # (pydantic-based) kubernetes 37 models carry; the kubernetes client's own serializer
     # falls back to snake_case `to_dict()` for the SDK's models.
-    from kubeflow.training.api_client import ApiClient
-
     return ApiClient()
 
 
 def warm_up() -> None:
-    """Load the kubernetes and training-SDK models (seconds of imports) ahead of use."""
+    """Build the training SDK's serializer ahead of the first reconcile."""
     _api_client()
-    import kubeflow.training.models  # noqa: F401
 
 
 def to_dict(model: Any) -> dict[str, Any]:
@@ -107,8 +139,6 @@ def _labels(pipeline: CWMPipeline, step: Step, attempt: int) -> dict[str, str]:
 
 
 def _metadata(pipeline: CWMPipeline, namespace: str, step: Step, attempt: int) -> Any:
-    from kubernetes.client import V1ObjectMeta
-
     labels = _labels(pipeline, step, attempt)
     if step.kind == "train" and pipeline.spec.queue:
         labels[KUEUE_QUEUE_LABEL] = pipeline.spec.queue
@@ -120,14 +150,6 @@ def _metadata(pipeline: CWMPipeline, namespace: str, step: Step, attempt: int) -
 
 
 def _env(pipeline: CWMPipeline, step: Step) -> tuple[list[Any], list[Any] | None]:
-    from kubernetes.client import (
-        V1EnvFromSource,
-        V1EnvVar,
-        V1EnvVarSource,
-        V1SecretEnvSource,
-        V1SecretKeySelector,
-    )
-
     env = [V1EnvVar(name=k, value=v) for k, v in sorted(step.env.items())]
     policy = pipeline.spec.data.trajectories.policy
     if step.name == "trajectories" and policy.api_key_secret:
@@ -140,8 +162,6 @@ def _env(pipeline: CWMPipeline, step: Step) -> tuple[list[Any], list[Any] | None
 
 
 def _resources(resources: Resources) -> Any:
-    from kubernetes.client import V1ResourceRequirements
-
     requests: dict[str, str] = {"cpu": resources.cpu, "memory": resources.memory}
     limits: dict[str, str] = {"memory": resources.memory}
     if resources.gpus_per_node:
@@ -152,8 +172,6 @@ def _resources(resources: Resources) -> Any:
 def _placement(resources: Resources, settings: Settings) -> dict[str, Any]:
     """nodeSelector, tolerations and affinity; GPU stages get the operator's GPU pool defaults
     underneath their own (the spec wins on conflicts)."""
-    from kubernetes.client import V1Toleration
-
     gpu = resources.gpus_per_node > 0
     selector = {**(settings.gpu_node_selector if gpu else {}), **resources.node_selector}
     tolerations = [V1Toleration(**_snake(t)) for t in (settings.gpu_tolerations if gpu else ())]
@@ -175,13 +193,6 @@ def _snake(toleration: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _volumes(pipeline: CWMPipeline, train: bool) -> tuple[list[Any], list[Any]]:
-    from kubernetes.client import (
-        V1EmptyDirVolumeSource,
-        V1PersistentVolumeClaimVolumeSource,
-        V1Volume,
-        V1VolumeMount,
-    )
-
     volumes, mounts = [], []
     storage = pipeline.spec.storage
     if storage.pvc:
@@ -215,14 +226,6 @@ def _security(step: Step, settings: Settings) -> tuple[Any, Any, list[Any]]:
     ``bwrap`` (RuntimeDefault refuses the user namespaces bubblewrap needs), and are told which
     mode to enforce: ``CWM_SANDBOX=bwrap`` makes the step fail rather than run programs with
     weaker isolation than the cluster was set up for."""
-    from kubernetes.client import (
-        V1Capabilities,
-        V1EnvVar,
-        V1PodSecurityContext,
-        V1SeccompProfile,
-        V1SecurityContext,
-    )
-
     sandboxed = step.kind in SANDBOX_KINDS
     if sandboxed and settings.sandbox_mode == "bwrap":
         seccomp = V1SeccompProfile(type="Localhost", localhost_profile=settings.sandbox_seccomp_profile)
@@ -239,8 +242,6 @@ def _security(step: Step, settings: Settings) -> tuple[Any, Any, list[Any]]:
 
 def _pod_template(pipeline: CWMPipeline, step: Step, attempt: int, settings: Settings,
                   container_name: str) -> Any:
-    from kubernetes.client import V1Container, V1ObjectMeta, V1PodSpec, V1PodTemplateSpec
-
     if not step.image:
         raise ValueError(f"step {step.name!r} has no image (validate with target='cluster')")
     train = step.kind == "train"
@@ -285,8 +286,6 @@ def render_job(pipeline: CWMPipeline, namespace: str, step: Step, attempt: int,
     retries the step). One pod; or, for a Beam step with ``spec.data.beam.pods`` > 1, an Indexed
     Job of that many pods, each generating its part (``JOB_COMPLETION_INDEX`` of ``CWM_PARTS``,
     see ``cwm_beam.parts``); the Job succeeds when every index has."""
-    from kubernetes.client import V1EnvVar, V1Job, V1JobSpec
-
     pods = pipeline.spec.data.beam.pods if step.kind == "beam" else 1
     template = _pod_template(pipeline, step, attempt, settings, "step")
     if pods > 1:
@@ -313,13 +312,6 @@ def render_pytorchjob(pipeline: CWMPipeline, namespace: str, step: Step, attempt
     """A kubeflow.org/v1 PyTorchJob running one training stage with torchrun. Its pods restart
     in place (``OnFailure``, at most ``settings.training_restarts`` times in all) so that a lost
     pod costs the steps since the last checkpoint, not the attempt."""
-    from kubeflow.training.models import (
-        KubeflowOrgV1PyTorchJob,
-        KubeflowOrgV1PyTorchJobSpec,
-        KubeflowOrgV1ReplicaSpec,
-        KubeflowOrgV1RunPolicy,
-    )
-
     def replicas(count: int) -> Any:
         # OnFailure: a rank that dies (its peer's pod was lost) restarts in place and the
         # training operator recreates a deleted pod; both resume from the last checkpoint.
@@ -365,10 +357,6 @@ def render_child(pipeline: CWMPipeline, namespace: str, step: Step, attempt: int
 
 def render_file(path: str, namespace: str | None, settings: Settings, *, step: str | None = None,
                 attempt: int = 1) -> list[dict[str, Any]]:
-    from cwm_spec.plan import Target, build_plan
-    from cwm_spec.validation import load_documents, parse_pipeline
-    from pathlib import Path
-
     docs = [d for d in load_documents(Path(path)) if isinstance(d, dict) and d.get("kind") == KIND]
     objects = []
     for doc in docs:
@@ -382,8 +370,6 @@ def render_file(path: str, namespace: str | None, settings: Settings, *, step: s
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    import yaml
-
     settings = Settings.from_env()
     try:
         objects = render_file(str(args.file), args.namespace, settings, step=args.step,

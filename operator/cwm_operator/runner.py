@@ -25,10 +25,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.live import Live
@@ -66,7 +67,7 @@ class StepFailed(RunError):
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def read_json(path: Path | str) -> dict[str, Any] | None:
@@ -111,7 +112,7 @@ class StepRecord:
     message: str | None = None
 
     @classmethod
-    def load(cls, path: Path, name: str) -> "StepRecord":
+    def load(cls, path: Path, name: str) -> StepRecord:
         data = read_json(path)
         if not data:
             return cls(name)

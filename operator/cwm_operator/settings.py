@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 PULL_POLICIES = ("IfNotPresent", "Always", "Never")
 CLEAN_POD_POLICIES = ("None", "Running", "All")
@@ -92,7 +93,7 @@ class Settings:
         return min(self.retry_backoff_max_seconds, self.retry_backoff_seconds * 2.0**exponent)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
 
         def number(name: str, default: float) -> float:
@@ -133,7 +134,7 @@ class Settings:
             training_restarts=int(number("CWM_TRAINING_RESTARTS", 3)),
         )
 
-    def fast(self, **changes: Any) -> "Settings":
+    def fast(self, **changes: Any) -> Settings:
         """A test profile: sub-second backoff and a short stuck threshold."""
         base = {"retry_backoff_seconds": 0.2, "retry_backoff_max_seconds": 1.0,
                 "stuck_seconds": 2.0}

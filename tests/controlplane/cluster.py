@@ -36,8 +36,13 @@ from typing import Any, TypeVar
 import yaml
 
 from tests.controlplane import lifecycle, node
-from tests.controlplane.procs import ControlPlaneError, Component, _die_with_parent, free_port, wait_until
 from tests.controlplane.pki import CertificateAuthority, signing_key_pair
+from tests.controlplane.procs import (
+    Component,
+    ControlPlaneError,
+    free_port,
+    wait_until,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent

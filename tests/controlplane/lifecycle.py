@@ -1,9 +1,10 @@
 """Move Jobs and PyTorchJobs through their lifecycle the way their controllers do.
 
-No kubelet runs in the API-only test control plane (the `kube` fixture), so no pod ever starts and neither the Job controller
-nor the Kubeflow training operator has anything to observe. These helpers write the status those
-controllers would write, in the same order and through the same `/status` subresource with
-optimistic concurrency (read, change, PUT with resourceVersion, retry on conflict). The API server
+No kubelet runs in the API-only test control plane (the `kube` fixture), so no pod ever starts and
+neither the Job controller nor the Kubeflow training operator has anything to observe. These
+helpers write the status those controllers would write, in the same order and through the same
+`/status` subresource with optimistic concurrency (read, change, PUT with resourceVersion, retry
+on conflict). The API server
 validates every write: for batch/v1 Jobs it enforces the controller's own invariants (a Failed
 Job carries FailureTarget first, a Complete one SuccessCriteriaMet and a completionTime, a finished
 Job has no active pods), so a helper that drifts from the real sequence fails loudly.
@@ -26,7 +27,7 @@ _CONFLICT_RETRIES = 10
 
 def now() -> str:
     """RFC 3339 UTC timestamp with second precision, as Kubernetes serialises metav1.Time."""
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ----- batch/v1 Job: the Job controller's status writes -------------------------------------

@@ -373,7 +373,8 @@ def setup_network() -> None:
     for key in ("net/ipv4/ip_forward", "net/bridge/bridge-nf-call-iptables"):
         path = Path("/proc/sys") / key
         if not path.exists():
-            raise NodeError(f"{path} is missing: the kernel lacks {'br_netfilter' if 'bridge' in key else 'IPv4 forwarding'}")
+            lacks = "br_netfilter" if "bridge" in key else "IPv4 forwarding"
+            raise NodeError(f"{path} is missing: the kernel lacks {lacks}")
         if (old := path.read_text().strip()) != "1":
             changed[key] = old
             path.write_text("1")

@@ -58,7 +58,7 @@ class CertificateAuthority:
     def __init__(self, common_name: str = "cwm-test-ca") -> None:
         self._key = _key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         self._name = name
         self.cert = (
             x509.CertificateBuilder()
@@ -88,7 +88,7 @@ class CertificateAuthority:
         sans: list[x509.GeneralName] | None = None,
     ) -> KeyPair:
         key = _key()
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)

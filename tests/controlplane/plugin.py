@@ -122,7 +122,8 @@ def node_namespace(kube_node: Kube) -> Iterator[str]:
 
     for name in _namespace(kube_node):
         core = client.CoreV1Api(kube_node.api_client)
-        kube_node.wait_for(lambda: core.read_namespaced_service_account("default", name), 30,
+        kube_node.wait_for(lambda core=core, name=name: core.read_namespaced_service_account(
+                               "default", name), 30,
                            f"ServiceAccount {name}/default")
         yield name
 

@@ -18,7 +18,14 @@ import yaml
 
 from tests.controlplane import lifecycle
 from tests.controlplane.cluster import (
-    CWM_CRD, REPO, Binaries, ControlPlaneError, Kube, LocalControlPlane, load_crd, read_versions,
+    CWM_CRD,
+    REPO,
+    Binaries,
+    ControlPlaneError,
+    Kube,
+    LocalControlPlane,
+    load_crd,
+    read_versions,
 )
 
 TINY = REPO / "examples" / "tiny.yaml"
@@ -83,7 +90,8 @@ def job_manifest(name: str, backoff_limit: int = 2, owner: dict[str, Any] | None
         "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
         "spec": {"backoffLimit": backoff_limit, "template": {"spec": {
             "restartPolicy": "Never",
-            "containers": [{"name": "step", "image": "cwm-pipeline:test", "command": ["python", "-m", "cwm_beam.traces"]}],
+            "containers": [{"name": "step", "image": "cwm-pipeline:test",
+                            "command": ["python", "-m", "cwm_beam.traces"]}],
         }}},
     }
 
@@ -190,7 +198,8 @@ def test_kubectl_apply_tiny_example(kube: Kube, kube_namespace: str) -> None:
 
 
 @pytest.mark.cluster
-def test_schema_validation_rejects_a_wrong_type_naming_the_field(kube: Kube, kube_namespace: str, tmp_path: Path) -> None:
+def test_schema_validation_rejects_a_wrong_type_naming_the_field(kube: Kube, kube_namespace: str,
+                                                                 tmp_path: Path) -> None:
     schema = _crd_version(load_crd(CWM_CRD))["schema"]["openAPIV3Schema"]
     doc = tiny_manifest("bad-type")
     path = first_integer_field(doc, schema)
@@ -237,7 +246,8 @@ def test_kubectl_explain_shows_our_descriptions(kube: Kube) -> None:
     first_words = " ".join(spec_schema["description"].split()[:4])
     # The API server publishes a new CRD's OpenAPI asynchronously: poll until it is there.
     out = kube.wait_for(
-        lambda: (d := kube.kubectl("explain", "cwmpipeline.spec")).returncode == 0 and first_words in d.stdout and d.stdout,
+        lambda: (d := kube.kubectl("explain", "cwmpipeline.spec")).returncode == 0
+        and first_words in d.stdout and d.stdout,
         timeout=30, what="kubectl explain cwmpipeline.spec to show the CRD's description")
     for field_name in ("model", "stages"):
         assert field_name in out
@@ -371,7 +381,8 @@ def test_pytorchjob_lifecycle(kube: Kube, kube_namespace: str) -> None:
     broken = copy.deepcopy(done)
     broken["status"]["replicaStatuses"]["Master"]["succeeded"] = "one"
     with pytest.raises(ApiException) as err:
-        custom.replace_namespaced_custom_object_status("kubeflow.org", "v1", kube_namespace, "pytorchjobs", "good", broken)
+        custom.replace_namespaced_custom_object_status("kubeflow.org", "v1", kube_namespace,
+                                                       "pytorchjobs", "good", broken)
     assert err.value.status == 422 and "status.replicaStatuses.Master.succeeded" in err.value.body
 
 
@@ -439,7 +450,8 @@ def test_chart_installs_and_its_rbac_holds_for_the_operator(kube: Kube, kube_nam
         authz = client.AuthorizationV1Api(operator)
 
         def allowed(group: str, resource: str, verb: str, namespace: str | None) -> bool:
-            attrs = {"group": group, "resource": resource, "verb": verb, **({"namespace": namespace} if namespace else {})}
+            attrs = {"group": group, "resource": resource, "verb": verb,
+                     **({"namespace": namespace} if namespace else {})}
             review = authz.create_self_subject_access_review({"spec": {"resourceAttributes": attrs}})
             return bool(review.status.allowed)
 
@@ -454,7 +466,8 @@ def test_chart_installs_and_its_rbac_holds_for_the_operator(kube: Kube, kube_nam
                         for verb in rule.get("verbs", []):
                             granted.add((group, resource, verb))
                             # RBAC grants take a moment to reach the authorizer's informer cache.
-                            kube.wait_for(lambda: allowed(group, resource, verb, ns), timeout=15,
+                            kube.wait_for(lambda g=group, r=resource, v=verb, n=ns:
+                                          allowed(g, r, v, n), timeout=15,
                                           what=f"{sa} to be allowed {verb} {resource}.{group} in {ns}")
         assert ("cwm.dev", "cwmpipelines", "list") in granted
         custom = client.CustomObjectsApi(operator)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -252,19 +253,19 @@ def run_load(kube: Any, namespace: str, kubeconfig: Path, storage: str, count: i
     import statistics
     import threading
 
-    from kubernetes import client, watch
+    from kubernetes import watch
 
     from cwm_operator.main import OperatorThread
 
     c = Cluster(kube, namespace)
     names = [f"{prefix}-{i:02d}" for i in range(count)]
-    added: "queue.Queue[tuple[str, float]]" = queue.Queue()
+    added: queue.Queue[tuple[str, float]] = queue.Queue()
     stop = threading.Event()
 
     def watch_children(list_fn: Any, *args: Any) -> None:
         w = watch.Watch()
         try:
-            for event in w.stream(list_fn, *args, label_selector=f"cwm.dev/pipeline",
+            for event in w.stream(list_fn, *args, label_selector="cwm.dev/pipeline",
                                   timeout_seconds=600):
                 obj = event["object"]
                 if event["type"] == "ADDED":

@@ -17,7 +17,14 @@ from typing import Any
 import pytest
 
 from tests.controlplane.node import BUSYBOX_IMAGE
-from tests.operator.helpers import SETTINGS, Cluster, condition, configuration_for, operator_identity, short_manifest
+from tests.operator.helpers import (
+    SETTINGS,
+    Cluster,
+    condition,
+    configuration_for,
+    operator_identity,
+    short_manifest,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node]
 

@@ -21,7 +21,7 @@ from cwm_operator.settings import Settings, SettingsError
 from tests.controlplane import lifecycle
 from tests.operator.helpers import SETTINGS, STEPS, manifest, short_manifest
 
-T0 = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
 S = SETTINGS.fast(retry_backoff_seconds=30, retry_backoff_max_seconds=300, stuck_seconds=600)
 
 
@@ -71,7 +71,7 @@ def test_a_new_pipeline_starts_its_first_step() -> None:
 
 def test_the_whole_pipeline_reaches_a_fixed_point() -> None:
     o, children, now = obj(DOC), [], T0
-    for i, step in enumerate(STEPS):
+    for _i, step in enumerate(STEPS):
         d, o = run(o, children, now)
         assert [c.step.name for c in d.create] == [step]
         children.append(child("p", step, 1, "Running", now))

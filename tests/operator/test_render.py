@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from cwm_spec.plan import Target, build_plan
 from cwm_operator.render import child_name, render_child
+from cwm_spec.plan import Target, build_plan
 from cwm_spec.validation import parse_pipeline
 from tests.operator.helpers import REPO, SETTINGS, manifest, sdk_roundtrip
 
@@ -193,9 +193,9 @@ def test_cwm_render_names_missing_images(capsys, monkeypatch) -> None:
 
 
 def test_openai_policy_key_comes_from_the_named_secret():
-    from cwm_spec.plan import Target, build_plan
     from cwm_operator.render import render_child
     from cwm_operator.settings import Settings
+    from cwm_spec.plan import Target, build_plan
     from cwm_spec.validation import load_file
 
     pipeline = load_file("examples/cluster.yaml")
@@ -293,7 +293,7 @@ def test_pod_security_restricted_admits_every_pod(kube, kube_namespace) -> None:
            "spec": {"containers": [{"name": "c", "image": "x"}]}}
     with pytest.raises(client.ApiException, match="violates PodSecurity"):
         core.create_namespaced_pod(kube_namespace, bad, dry_run="All")
-    for source, step, template in _all_templates():
+    for _source, step, template in _all_templates():
         pod = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": f"{step.name}-probe", "labels": template["metadata"]["labels"]},
                "spec": template["spec"]}

@@ -7,12 +7,18 @@ produce for real. test_on_node.py runs a step's failure through real pods on the
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest
 
 from tests.operator.helpers import (
-    SETTINGS, STEPS, TRAIN, condition, manifest, sdk_roundtrip, short_manifest, write_eval,
+    SETTINGS,
+    STEPS,
+    TRAIN,
+    condition,
+    manifest,
+    sdk_roundtrip,
+    short_manifest,
+    write_eval,
 )
 
 pytestmark = pytest.mark.cluster
@@ -21,7 +27,7 @@ pytestmark = pytest.mark.cluster
 def test_happy_path_runs_every_step_in_order(env, operator) -> None:
     c, name = env.cluster, "happy"
     pipeline = c.create(manifest(name, env.storage))
-    latencies = []
+    latencies, completed_at = [], time.monotonic()
     for i, step in enumerate(STEPS):
         child_name = f"{name}-{step}-1"
         child = c.wait_child(child_name)
@@ -31,7 +37,7 @@ def test_happy_path_runs_every_step_in_order(env, operator) -> None:
         assert meta["ownerReferences"][0]["uid"] == pipeline["metadata"]["uid"]
         assert meta["ownerReferences"][0]["controller"] is True
         assert meta["labels"]["cwm.dev/step"] == step
-        status = c.wait_status(name, lambda s: s.get("currentStep") == step
+        status = c.wait_status(name, lambda s, step=step, i=i: s.get("currentStep") == step
                                and s.get("progress") == f"{i}/8", f"running {step}")["status"]
         assert status["phase"] == "Running"
         assert condition(status, "Progressing")["status"] == "True"
@@ -39,8 +45,9 @@ def test_happy_path_runs_every_step_in_order(env, operator) -> None:
         record = next(r for r in status["steps"] if r["name"] == step)
         assert record["state"] == "Running" and record["attempts"] == 1
         assert record["child"] == child_name
-        started = c.kube.wait_for(lambda: [e for e in c.events(name) if e["reason"] ==
-                                           "StepStarted" and child_name in e["message"]],
+        started = c.kube.wait_for(lambda child_name=child_name: [
+                                      e for e in c.events(name) if e["reason"] == "StepStarted"
+                                      and child_name in e["message"]],
                                   timeout=10, what=f"the StepStarted event of {step}")
         assert started[0]["type"] == "Normal" and len(c.reasons(name)) == 2 * i + 1
         if step in TRAIN:
@@ -344,8 +351,9 @@ def test_operator_killed_at_every_step_boundary_and_mid_step(env, tmp_path) -> N
                 op.start()  # resumes at the boundary from status + children
             else:
                 op.start()
-                c.wait_status(name, lambda s: any(r["name"] == step and r["state"] == "Running"
-                                                  for r in s.get("steps", [])), "resumed",
+                c.wait_status(name, lambda s, step=step: any(
+                    r["name"] == step and r["state"] == "Running" for r in s.get("steps", [])),
+                    "resumed",
                               timeout=60)
                 c.complete(child)
                 time.sleep(rng.uniform(0.0, 0.15))  # kill while it reacts to the completion
