@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ast
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 _STR_METHODS = {"upper", "lower", "strip", "split", "replace", "startswith", "endswith", "find",
@@ -162,17 +162,17 @@ def mutate(rng: random.Random, value: Any, pool: dict[str, list[Any]]) -> Any:
             items.append(mutate(rng, items[-1], pool) if items else rng.randint(0, 9))
         return items
     if isinstance(value, dict):
-        items = dict(value)
-        if items and rng.random() < 0.5:
-            items.pop(rng.choice(list(items)))
+        entries = dict(value)
+        if entries and rng.random() < 0.5:
+            entries.pop(rng.choice(list(entries)))
         else:
-            items[random_value(rng, "str", pool)] = rng.randint(0, 9)
-        return items
+            entries[random_value(rng, "str", pool)] = rng.randint(0, 9)
+        return entries
     return value
 
 
 def candidate_inputs(code: str, entry: str | None, count: int, seed: int,
-                     examples: list[str] = ()) -> Iterator[str]:
+                     examples: Sequence[str] = ()) -> Iterator[str]:
     """``count`` distinct argument strings (CRUXEval ``input`` syntax) for the function."""
     fn = find_entry(code, entry)
     types = guess_types(fn)

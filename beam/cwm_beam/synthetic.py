@@ -25,6 +25,7 @@ class _Builder:
     types: dict[str, str] = field(default_factory=dict)   # variable -> int | str | list
     lines: list[str] = field(default_factory=list)
     fresh: int = 0
+    params: list[str] = field(default_factory=list)  # the function's parameters
 
     def names(self, kind: str) -> list[str]:
         return [name for name, t in self.types.items() if t == kind]
@@ -146,7 +147,7 @@ def generate_program(seed: int, index: int) -> dict[str, str]:
     builder = _Builder(rng)
     kinds = [rng.choice(["int", "str", "list"]) for _ in range(rng.randint(1, 3))]
     params = [f"{k[0] if k != 'list' else 'xs'}{i}" for i, k in enumerate(kinds)]
-    builder.params = params  # type: ignore[attr-defined]
+    builder.params = params
     for name, kind in zip(params, kinds):
         builder.types[name] = kind
     builder.lines.append(f"def f({', '.join(params)}):")

@@ -172,7 +172,7 @@ class RepoEnvironment:
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, RepoSource):
-            self.source = RepoSource.from_spec(self.source)  # type: ignore[arg-type]
+            self.source = RepoSource.from_spec(self.source)
 
     @property
     def name(self) -> str:
@@ -329,7 +329,7 @@ class Environments:
     def get(self, spec: Mapping[str, Any]) -> RepoEnvironment:
         key = json.dumps(spec, sort_keys=True)
         if key not in self.envs:
-            self.envs[key] = RepoEnvironment(dict(spec), limits=self.limits,
+            self.envs[key] = RepoEnvironment(RepoSource.from_spec(spec), limits=self.limits,
                                              workroot=self.root / str(len(self.envs))).prepare()
         return self.envs[key]
 

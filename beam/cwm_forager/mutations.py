@@ -201,6 +201,14 @@ def _code_part(text: str) -> str:
     return re.sub(r"#[^\n]*", lambda m: " " * len(m.group()), text)
 
 
+def _replacements(line: int, op: str, alts: Sequence[str], span: tuple[int, int] | None
+                  ) -> Iterator[tuple[int, str, tuple[Edit, ...]]]:
+    """One mutation per alternative operator, where the operator was found (``span``)."""
+    if span is not None:
+        for alt in alts:
+            yield line, f"replaced {op!r} with {alt!r}", (Edit(span[0], span[1], alt),)
+
+
 def _find_op(sm: SourceMap, lo: int, hi: int, op: str) -> tuple[int, int] | None:
     """Character span of operator ``op`` between offsets ``lo`` and ``hi``."""
     between = _code_part(sm.source[lo:hi])
@@ -224,20 +232,17 @@ def _operator_mutations(sm: SourceMap, nodes: Sequence[ast.AST], inverse: bool =
                 continue  # '%'-formatting and string concatenation: not arithmetic
             op, alts = binops[type(node.op)]
             span = _find_op(sm, sm.end(node.left), sm.start(node.right), op)
-            for alt in alts if span else ():
-                yield node.lineno, f"replaced {op!r} with {alt!r}", (Edit(*span, alt),)
+            yield from _replacements(node.lineno, op, alts, span)
         elif isinstance(node, ast.AugAssign) and type(node.op) in binops:
             op, alts = binops[type(node.op)]
             span = _find_op(sm, sm.end(node.target), sm.start(node.value), op + "=")
-            for alt in alts[:1] if span else ():
-                yield node.lineno, f"replaced {op + '='!r} with {alt + '='!r}", (Edit(*span, alt + "="),)
+            yield from _replacements(node.lineno, op + "=", [a + "=" for a in alts[:1]], span)
         elif isinstance(node, ast.Compare):
             left = node.left
             for cmp_op, right in zip(node.ops, node.comparators):
                 op, alts = cmpops[type(cmp_op)]
                 span = _find_op(sm, sm.end(left), sm.start(right), op)
-                for alt in alts if span else ():
-                    yield node.lineno, f"replaced {op!r} with {alt!r}", (Edit(*span, alt),)
+                yield from _replacements(node.lineno, op, alts, span)
                 left = right
         elif isinstance(node, ast.BoolOp):
             op, alts = BOOLOPS[type(node.op)]
@@ -349,7 +354,8 @@ def _whole_lines(sm: SourceMap, stmt: ast.stmt) -> tuple[int, int]:
     removing it leaves no blank indented line behind."""
     start, end = sm.start(stmt), sm.end(stmt)
     line_start = sm.starts[stmt.lineno - 1]
-    line_end = sm.starts[stmt.end_lineno] if stmt.end_lineno < len(sm.starts) else len(sm.source)  # type: ignore[operator]
+    last = stmt.end_lineno or stmt.lineno
+    line_end = sm.starts[last] if last < len(sm.starts) else len(sm.source)
     if sm.source[line_start:start].strip() == "" and sm.source[end:line_end].strip() == "":
         return line_start, line_end
     return start, end

@@ -285,7 +285,7 @@ class OpenAIPolicy:
         self.name = f"openai:{model}"
 
     def act(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> Action:
-        response = self.client.chat.completions.create(
+        response = self.client.chat.completions.create(  # type: ignore[call-overload]
             model=self.model, messages=list(messages), tools=list(tools), tool_choice="auto",
             temperature=self.temperature, max_tokens=self.max_tokens)
         if not response.choices:

@@ -265,6 +265,7 @@ class Controller:
         await self.trigger(key)
 
     async def on_child(self, event_type: str | None, obj: dict[str, Any]) -> None:
+        key: Key | None
         if event_type == "DELETED":
             meta = obj["metadata"]
             key = (meta["namespace"], (meta.get("labels") or {}).get(LABEL_PIPELINE, ""))
@@ -386,7 +387,8 @@ class Controller:
                 "currentStep": decision.status.get("currentStep"),
                 "progress": decision.status.get("progress")})
         for event in decision.events:
-            kopf.event(obj, type=event.type, reason=event.reason, message=event.message)
+            kopf.event(obj, type=event.type, reason=event.reason,  # type: ignore[arg-type]
+                       message=event.message)
             log.log(logging.WARNING if event.type == "Warning" else logging.INFO, event.message,
                     extra={"k8s_ref": ref, "reason": event.reason})
         for step, seconds in decision.durations:
@@ -403,7 +405,7 @@ class Controller:
             assert decision.pipeline is not None and decision.plan is not None
             body = render_child(decision.pipeline, namespace, create.step, create.attempt,
                                 self.settings)
-            kopf.adopt(body, owner=obj)
+            kopf.adopt(body, owner=obj)  # type: ignore[arg-type]  # kopf takes any object dict
             created, new = await self._create_child(namespace, body)
             if _owner_uid(created) != obj["metadata"].get("uid"):
                 raise kopf.TemporaryError(

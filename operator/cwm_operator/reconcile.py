@@ -254,7 +254,7 @@ def set_condition(status: CWMPipelineStatus, type_: str, value: bool, reason: st
                   now: dt.datetime, generation: int | None) -> bool:
     """Set one condition; lastTransitionTime moves only when its status flips. Returns whether
     the status flipped (a condition seen for the first time counts as flipped)."""
-    text = "True" if value else "False"
+    text: Literal["True", "False"] = "True" if value else "False"
     for cond in status.conditions:
         if cond.type == type_:
             flipped = cond.status != text

@@ -174,7 +174,7 @@ class RichDisplay:
                 self.started.setdefault(r.name, time.monotonic())
                 secs = time.monotonic() - self.started[r.name]
             else:
-                secs = r.seconds
+                secs = r.seconds  # type: ignore[assignment]  # None: not run (shown blank)
             shown = detail if r.name == current else (r.message or "")
             table.add_row(r.name, f"[{self.STYLE.get(r.state, '')}]{r.state}",
                           f"{secs:.0f}s" if secs is not None else "", shown[:100])
@@ -313,7 +313,7 @@ class LocalRunner:
 
     def _run_step(self, step: Step) -> None:
         rec = self.record(step.name)
-        if rec.state == StepState.RUNNING and _process_alive(rec.pid, step.module):
+        if rec.state == StepState.RUNNING and rec.pid and _process_alive(rec.pid, step.module):
             # A runner killed with -9 may leave a step's process group behind.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(rec.pid, signal.SIGKILL)

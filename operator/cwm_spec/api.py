@@ -331,7 +331,7 @@ class TrajectoryDataSpec(Spec):
             "operator_replacement",
         ]
     ] = Field(
-        default_factory=lambda: list(MUTATION_FAMILIES),
+        default_factory=lambda: list(MUTATION_FAMILIES),  # type: ignore[arg-type]
         min_length=1,
         description="Mutation families to synthesise bugs from.",
     )
@@ -512,7 +512,7 @@ class RLSpec(Spec):
         8, ge=1, le=128, description="Turn budget of each mutate-fix attempt (CWM: 128)."
     )
     tasks: list[Literal["output_prediction", "mutate_fix"]] = Field(
-        default_factory=lambda: ["output_prediction"],
+        default_factory=lambda: ["output_prediction"],  # type: ignore[arg-type]
         min_length=1,
         max_length=2,
         description="Verifiable task families, rewards by execution: output_prediction (traced "

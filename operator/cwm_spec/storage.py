@@ -169,9 +169,9 @@ def write_bytes_atomic(uri: str, payload: bytes) -> None:
             tmp.unlink(missing_ok=True)
         fsync_dir(path.parent)
         return
-    fs, path = filesystem(uri)
+    fs, key = filesystem(uri)
     with failures("write", uri):
-        fs.pipe_file(path, payload)  # one PUT: the object appears whole or not at all
+        fs.pipe_file(key, payload)  # one PUT: the object appears whole or not at all
 
 
 def fsync_dir(path: Path) -> None:
@@ -216,9 +216,9 @@ def remove(uri: str) -> None:
         else:
             path.unlink(missing_ok=True)
         return
-    fs, path = filesystem(uri)
+    fs, key = filesystem(uri)
     with failures("delete", uri), contextlib.suppress(FileNotFoundError):
-        fs.rm(path, recursive=True)
+        fs.rm(key, recursive=True)
 
 
 def check_access(uri: str) -> None:
