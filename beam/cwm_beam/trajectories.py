@@ -54,15 +54,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from cwm_beam.step import (
-    DataStep,
-    StepSettings,
-    StepTransform,
-    WriteShards,
-    read_counts,
-    read_splits,
-    write_count,
-)
+from cwm_beam import step as data_step
 from cwm_forager.env import Environments
 from cwm_forager.policies import make_policy
 from cwm_forager.records import dedup, solve_rates
@@ -78,7 +70,7 @@ DEADLETTER = "deadletter"
 OVERSAMPLE = 2  # candidates validated per wanted task (rejects leave room)
 
 
-class Settings(StepSettings[TrajectoryDataSpec]):
+class Settings(data_step.StepSettings[TrajectoryDataSpec]):
     """The trajectory step's settings (see :class:`cwm_beam.step.StepSettings`)."""
 
     model = TrajectoryDataSpec
@@ -269,7 +261,7 @@ class Deduplicate(beam.DoFn):
                 "duplicates", f"{meta['repo']}|{meta['family']}|{int(bool(meta['success']))}")
 
 
-class TrajectoryDataset(StepTransform):
+class TrajectoryDataset(data_step.StepTransform):
     """Repository specs in; ``{"train", "deadletter"}`` records out, and counter keys:
     ``rejected`` (reason), ``duplicates`` (repo|family|solved), ``tasks`` (repo|family)."""
 
@@ -359,13 +351,14 @@ def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
     mine = [r for i, r in enumerate(settings.repositories) if settings.part.owns_position(i)]
     outputs = (pipeline | "Repositories" >> beam.Create(mine)
                | "TrajectoryDataset" >> TrajectoryDataset(settings))
-    outputs["train"] | "WriteTrainSplit" >> WriteShards(output, "train", settings.spec.shards)
-    outputs["deadletter"] | "WriteDeadletterSplit" >> WriteShards(output, "deadletter", 1)
-    outputs["eval_tasks"] | "WriteEvalTasksSplit" >> WriteShards(output, "eval_tasks", 1)
+    write = data_step.WriteShards
+    outputs["train"] | "WriteTrainSplit" >> write(output, "train", settings.spec.shards)
+    outputs["deadletter"] | "WriteDeadletterSplit" >> write(output, "deadletter", 1)
+    outputs["eval_tasks"] | "WriteEvalTasksSplit" >> write(output, "eval_tasks", 1)
     for name in SIDE_COUNTS:
         (outputs[name]
          | f"Count{name.title()}" >> beam.combiners.Count.PerElement()
-         | f"Write{name.title()}Counts" >> beam.Map(write_count, output, name))
+         | f"Write{name.title()}Counts" >> beam.Map(data_step.write_count, output, name))
 
 
 SIDE_COUNTS = ("rejected", "duplicates", "tasks", "excluded")
@@ -375,10 +368,10 @@ def tally(output: str, settings: Settings) -> tuple[dict[str, list[artifacts.Sha
                                                     dict[str, Any], dict[str, list[str]]]:
     """After the pipeline: the data set's shards (empty ones where a split got nothing), its
     stats and the task programs of ``train`` and ``eval_tasks``."""
-    shards, rows = read_splits(output, {"train": settings.spec.shards, "deadletter": 1,
-                                        "eval_tasks": 1})
+    shards, rows = data_step.read_splits(
+        output, {"train": settings.spec.shards, "deadletter": 1, "eval_tasks": 1})
     train, dead = rows["train"], rows["deadletter"]
-    counted = {name: read_counts(output, name) for name in SIDE_COUNTS}
+    counted = {name: data_step.read_counts(output, name) for name in SIDE_COUNTS}
     stats: dict[str, Any] = {"repositories": list(settings.repositories),
                              "policy": settings.policy, "families": list(settings.families),
                              "rejected": dict(counted["rejected"]),
@@ -420,7 +413,7 @@ def summary(stats: dict[str, Any]) -> str:
             f"rollouts/min); solve rates {stats['solve_rate_by_family']}")
 
 
-STEP = DataStep(module="cwm_beam.trajectories", doc=__doc__, kind=NAMESPACE,
+STEP = data_step.DataStep(module="cwm_beam.trajectories", doc=__doc__, kind=NAMESPACE,
                 settings=Settings, names_job="repo", add_flags=add_flags,
                 apply_flags=apply_flags, build=build, tally=tally, throughput=throughput,
                 describe=describe, summary=summary)
