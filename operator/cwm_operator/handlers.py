@@ -39,12 +39,7 @@ from cwm_operator.reconcile import (
     reconcile,
     summary,
 )
-from cwm_operator.render import (
-    ANNOTATION_SUSPENDED,
-    LABEL_PIPELINE,
-    PYTORCHJOB_API,
-    render_child,
-)
+from cwm_operator.render import ANNOTATION_SUSPENDED, LABEL_PIPELINE, PYTORCHJOB_API, render_child
 from cwm_operator.settings import Settings
 from cwm_spec import storage
 from cwm_spec.api import GROUP, PLURAL, VERSION, StepState

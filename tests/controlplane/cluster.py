@@ -37,12 +37,7 @@ import yaml
 
 from tests.controlplane import lifecycle, node
 from tests.controlplane.pki import CertificateAuthority, signing_key_pair
-from tests.controlplane.procs import (
-    Component,
-    ControlPlaneError,
-    free_port,
-    wait_until,
-)
+from tests.controlplane.procs import Component, ControlPlaneError, free_port, wait_until
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
