@@ -333,11 +333,7 @@ def _invalid(old: CWMPipelineStatus, status: CWMPipelineStatus, problems: str,
     set_condition(status, "Progressing", False, "InvalidSpec", message, now, generation)
     set_condition(status, "Succeeded", False, "InvalidSpec", message, now, generation)
     set_condition(status, "Failed", True, "InvalidSpec", message, now, generation)
-    decision = Decision(status={}, changed=False)
-    prior = _condition(old, "Accepted")
-    if flipped or (prior is not None and prior.message != message):
-        decision.events.append(Event("Warning", "InvalidSpec", message))
-    return _finish(old, status, generation, decision)
+    return _not_accepted(old, status, generation, flipped, "InvalidSpec", message)
 
 
 def _refused_edits(status: CWMPipelineStatus, plan: Plan) -> list[str]:
@@ -364,10 +360,17 @@ def _refuse(old: CWMPipelineStatus, status: CWMPipelineStatus, problems: list[st
     message = "edit refused: " + "; ".join(problems) + ". Revert it to resume."
     flipped = set_condition(status, "Accepted", False, "EditRefused", message, now, generation)
     set_condition(status, "Progressing", False, "EditRefused", message, now, generation)
+    return _not_accepted(old, status, generation, flipped, "EditRefused", message)
+
+
+def _not_accepted(old: CWMPipelineStatus, status: CWMPipelineStatus, generation: int | None,
+                  flipped: bool, reason: str, message: str) -> Decision:
+    """A decision that creates nothing; a Warning event when the Accepted condition has just
+    flipped or its message changed (so a resync does not repeat it)."""
     decision = Decision(status={}, changed=False)
     prior = _condition(old, "Accepted")
     if flipped or (prior is not None and prior.message != message):
-        decision.events.append(Event("Warning", "EditRefused", message))
+        decision.events.append(Event("Warning", reason, message))
     return _finish(old, status, generation, decision)
 
 

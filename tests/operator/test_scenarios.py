@@ -110,9 +110,7 @@ def _retry_scenario(c, name, env) -> None:
         {"name": "midtrain", "steps": 10, "warmupSteps": 1, "dataMix": {"code": 1.0},
          "retries": 1},
     ]))
-    c.wait_child(f"{name}-tokenizer-1")
-    c.complete(f"{name}-tokenizer-1")
-    c.wait_child(f"{name}-pretrain-1")
+    through_tokenizer(c, name)
     c.fail(f"{name}-pretrain-1", "worker 0 exited with code 1")
     failed_at = time.monotonic()
     status = c.wait_status(name, lambda s: (condition(s, "Progressing") or {}).get("reason")
@@ -199,12 +197,17 @@ def test_a_sharded_data_step_runs_as_an_indexed_job(env, operator) -> None:
     assert next(r for r in status["steps"] if r["name"] == "traces")["state"] == "Succeeded"
 
 
-def test_deleting_a_pipeline_deletes_its_children(env, operator) -> None:
-    c, name = env.cluster, "doomed"
-    c.create(short_manifest(name, env.storage))
+def through_tokenizer(c, name: str) -> None:
+    """A short pipeline's tokenizer Job completes; its pretrain PyTorchJob is created."""
     c.wait_child(f"{name}-tokenizer-1")
     c.complete(f"{name}-tokenizer-1")
     c.wait_child(f"{name}-pretrain-1")
+
+
+def test_deleting_a_pipeline_deletes_its_children(env, operator) -> None:
+    c, name = env.cluster, "doomed"
+    c.create(short_manifest(name, env.storage))
+    through_tokenizer(c, name)
     c.delete(name)
     c.kube.wait_for(lambda: not c.children(), timeout=60,
                     what="the garbage collector to delete the children")
@@ -240,9 +243,7 @@ def test_invalid_spec_gets_a_condition_and_no_children(env, operator) -> None:
 def test_spec_edits_after_start(env, operator) -> None:
     c, name = env.cluster, "edits"
     c.create(short_manifest(name, env.storage))
-    c.wait_child(f"{name}-tokenizer-1")
-    c.complete(f"{name}-tokenizer-1")
-    c.wait_child(f"{name}-pretrain-1")
+    through_tokenizer(c, name)
     # Allowed: a later stage's hyper-parameters (takes effect when midtrain starts).
     stages = short_manifest(name, env.storage)["spec"]["stages"]
     stages[1]["steps"] = 77
