@@ -99,7 +99,7 @@ test: lint setup tools controlplane node netpol extensions kubeflow s3server emu
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
-test-fast: setup
+test-fast: setup tools
 	$(BIN)/python -m pytest -m "not slow and not cluster and not flink and not s3 and not gcs and not azure and not node and not images" $(PYTEST_ARGS)
 
 crd: setup
