@@ -86,15 +86,10 @@ def trace_steps(frames: list[dict[str, Any]], limit: int = MAX_TRACE_LINES) -> s
 def prompt(record: dict[str, Any]) -> list[dict[str, str]]:
     """The chat messages that ask for one trace's explanation (pure)."""
     user = (f"Function:\n```python\n{record['code']}\n```\n"
-            f"Call: {record['entry']}({_arguments(record['input'])})\n\n"
+            f"Call: {record['entry']}({record['input']})\n\n"  # CRUXEval inputs: the argument list
             f"Execution trace:\n{trace_steps(record.get('frames') or [])}\n\n"
             "Explain the execution step by step, then give the `Output:` line.")
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
-
-
-def _arguments(call_input: str) -> str:
-    """CRUXEval-style inputs are the call's argument list as text; shown as they are."""
-    return call_input
 
 
 def stated_output(text: str) -> str | None:

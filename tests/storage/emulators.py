@@ -17,7 +17,9 @@ Run by hand::
 
 from __future__ import annotations
 
+import abc
 import base64
+import contextlib
 import os
 import secrets
 import shutil
@@ -62,7 +64,7 @@ def free_port(bind: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class Emulator:
+class Emulator(abc.ABC):
     """One server process; subclasses give its command line, client environment and a readiness
     probe that creates the bucket."""
 
@@ -77,15 +79,18 @@ class Emulator:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @abc.abstractmethod
     def argv(self) -> list[str]:
-        raise NotImplementedError
+        """The server's command line."""
 
+    @abc.abstractmethod
     def env(self) -> dict[str, str]:
-        raise NotImplementedError
+        """The client environment that points fsspec's backend at this server."""
 
     def server_env(self) -> dict[str, str]:
         return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.root)}
 
+    @abc.abstractmethod
     def prepare(self) -> None:
         """Before the first readiness probe: make the bucket (once the server answers)."""
 
@@ -181,10 +186,8 @@ class AzuriteServer(Emulator):
         from azure.storage.blob import BlobServiceClient
 
         client = BlobServiceClient.from_connection_string(self.connection_string())
-        try:
+        with contextlib.suppress(ResourceExistsError):  # a restarted server keeps its data
             client.create_container(BUCKET)
-        except ResourceExistsError:
-            pass
 
 
 SERVERS = {"gcs": GcsServer, "azurite": AzuriteServer}
