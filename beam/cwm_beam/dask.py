@@ -94,7 +94,9 @@ class TaggedParDo(te.ParDo):
 
     def apply(self, input_bag: Any, side_inputs: Any = None) -> db.Bag:
         # Beam's ParDo.apply builds the invoker arguments and maps apply_dofn_to_bundle over the
-        # partitions; the same with the tag-keeping bundle function swapped in.
+        # partitions; the same with the tag-keeping bundle function swapped in for the duration
+        # of the call (graph construction only, on the thread that runs the pipeline; copying
+        # Beam's 30-line body instead would fork it).
         original = te.apply_dofn_to_bundle
         te.apply_dofn_to_bundle = _tagged_bundle
         try:
