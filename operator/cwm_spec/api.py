@@ -301,8 +301,65 @@ class PolicySpec(Spec):
         return self
 
 
+class HistorySource(Spec):
+    """A repository history to mine issue-fix tasks from: exactly one of ``pypi`` (a project whose
+    released source distributions, oldest first, become one commit each) or ``git`` (a
+    repository's first-parent commits in ``since``..``until``)."""
+
+    pypi: str | None = Field(
+        None, description="A PyPI project name; its releases listed in versions are the history."
+    )
+    versions: list[str] = Field(
+        default_factory=list,
+        description="With pypi: two or more released versions, oldest first (each one commit).",
+    )
+    git: str | None = Field(None, description="A git URL or the path of a local git repository.")
+    since: str | None = Field(
+        None, description="With git: mine the commits after this ref (default: from the first)."
+    )
+    until: str | None = Field(None, description="With git: up to this ref (default: HEAD).")
+
+    @model_validator(mode="after")
+    def _one_history(self) -> HistorySource:
+        if bool(self.pypi) == bool(self.git):
+            raise ValueError("give exactly one of pypi, git")
+        if self.pypi:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", self.pypi):
+                raise ValueError(f"pypi {self.pypi!r} must be a project name (no version pin: "
+                                 "list the releases in versions)")
+            if len(self.versions) < 2 or len(set(self.versions)) != len(self.versions):
+                raise ValueError(f"versions {self.versions}: give two or more distinct released "
+                                 "versions of the pypi project, oldest first")
+            for version in self.versions:
+                if not re.fullmatch(r"[A-Za-z0-9_.\-+!]+", version):
+                    raise ValueError(f"versions: {version!r} is not a version")
+            if self.since or self.until:
+                raise ValueError("since and until are only meaningful with git")
+        elif self.versions:
+            raise ValueError("versions is only meaningful with pypi (use since/until with git)")
+        return self
+
+
+class IssueFixSpec(Spec):
+    """Issue-fix tasks from real history (family ``issue_fix``): commits that change non-test code
+    with tests that fail before and pass after; each function such a commit changed is put back as
+    it was, validated by execution like a mutate-fix task, and rolled out with the policy."""
+
+    sources: list[HistorySource] = Field(
+        default_factory=list, description="Histories to mine; empty: no issue-fix tasks."
+    )
+    max_commits: int = Field(
+        20, ge=1, le=100000,
+        description="Commits scanned per source: the newest in its range (or release list).",
+    )
+    tasks_per_repository: int = Field(
+        20, ge=1, description="Validated issue-fix tasks rolled out per source."
+    )
+
+
 class TrajectoryDataSpec(Spec):
-    """ForagerAgent trajectories: an agent fixing synthetic bugs in real repositories."""
+    """ForagerAgent trajectories: an agent fixing synthetic bugs in real repositories (mutate-fix)
+    and real bugs from their history (issue-fix)."""
 
     enabled: bool = Field(True, description="Generate trajectory data.")
     repositories: list[RepositorySource] = Field(
@@ -328,6 +385,9 @@ class TrajectoryDataSpec(Spec):
         default_factory=lambda: list(MUTATION_FAMILIES),  # type: ignore[arg-type]
         min_length=1,
         description="Mutation families to synthesise bugs from.",
+    )
+    issue_fix: IssueFixSpec = Field(
+        default_factory=IssueFixSpec, description="Issue-fix tasks mined from repository history."
     )
     policy: PolicySpec = Field(default_factory=PolicySpec, description="The acting policy.")
     max_turns: int = Field(128, ge=1, le=1024, description="Hard turn cap (CWM: 128).")
