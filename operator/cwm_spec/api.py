@@ -228,6 +228,67 @@ class TraceSource(Spec):
         return self
 
 
+class ExplainSpec(Spec):
+    """Explained traces (``cwm_beam.explain``): a model behind an OpenAI-compatible endpoint
+    explains training traces step by step; an explanation is kept only if the output it states
+    is the traced one. Off unless given."""
+
+    endpoint: str = Field(
+        description="Base URL of an OpenAI-compatible API (vLLM, SGLang, cwm serve), e.g. "
+        "http://explainer:8000/v1. Checked before any program is traced: an endpoint that does "
+        "not answer, or does not serve model, fails the step.",
+    )
+    model: str = Field(min_length=1, description="Model name at the endpoint.")
+    api_key_env: str | None = Field(
+        None,
+        description="Environment variable of the traces step that holds the endpoint's API key "
+        "(read by the step itself; sandboxed programs never see it). Empty: no key.",
+    )
+    api_key_secret: str | None = Field(
+        None,
+        description="On a cluster: a Secret whose 'apiKey' the operator exposes to the traces pod "
+        "as apiKeyEnv (which must be set with it).",
+    )
+    max_tokens: int = Field(512, ge=1, le=65536, description="Token budget of each explanation.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature.")
+    concurrency: int = Field(
+        4, ge=1, le=256, description="Requests in flight at once per worker process."
+    )
+    timeout_seconds: float = Field(120.0, gt=0, le=3600, description="Timeout per request.")
+    fraction: float = Field(
+        1.0, gt=0, le=1,
+        description="Share of the train split's traces asked for, chosen by a hash of the "
+        "trace's id (the validation split is never explained).",
+    )
+    max_records: int | None = Field(
+        None, ge=1,
+        description="At most this many traces asked for in all (shared among the step's parts); "
+        "empty: every chosen trace that returned.",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_endpoint(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http(s) base URL (e.g. http://host:8000/v1)")
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"{value!r} is not an environment variable name")
+        return value
+
+    @model_validator(mode="after")
+    def _secret_needs_env(self) -> ExplainSpec:
+        if self.api_key_secret and not self.api_key_env:
+            raise ValueError("apiKeySecret needs apiKeyEnv: the variable the key is exposed as")
+        if self.api_key_secret and not _DNS1123_LABEL.match(self.api_key_secret):
+            raise ValueError(f"apiKeySecret {self.api_key_secret!r} is not a Secret name")
+        return self
+
+
 class TraceDataSpec(Spec):
     """Line-level Python execution traces in CWM's format."""
 
@@ -254,6 +315,11 @@ class TraceDataSpec(Spec):
     )
     shards: int = Field(4, ge=1, le=100000, description="Output shards per split.")
     seed: int = Field(0, ge=0, description="Seed for fuzzing and sampling.")
+    explain: ExplainSpec | None = Field(
+        None,
+        description="Explained traces: a model explains train traces, kept only when the output "
+        "it states is the traced one (their own split, explained; counts in stats.explain).",
+    )
 
 
 class RepositorySource(Spec):
