@@ -14,6 +14,13 @@ commit's own fail-to-pass evidence. The commit message is the issue when it says
 :func:`release_repository` builds a git history from successive released source distributions of
 a PyPI project (one commit per release), so real projects' histories can be mined without a git
 host; any local or cloned git repository works the same way.
+
+The trajectories step (:mod:`cwm_beam.trajectories`, ``spec.data.trajectories.issueFix``) mines
+each history source with :func:`open_history` and :func:`fix_commits`, prepares each fix commit's
+environment from a spec any process can fetch again (:func:`commit_environment`: the release's own
+PyPI pin, or the git repository at the commit), proposes its tasks (:func:`commit_tasks`) and
+validates them with :func:`cwm_forager.tasks.validate_task` and :func:`commit_evidence`.
+:func:`mine_repository` does the same in one process, for a local repository.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +46,7 @@ from cwm_forager.tasks import MAX_TESTS_PER_TASK, Task, validate_task
 
 FAMILY = "issue_fix"
 MIN_ISSUE_WORDS = 8      # a shorter message ("Release 1.0", "fix") says too little
+RELEASE = "{project} {version}"  # a release commit's message (release_repository)
 NOT_SOURCE = ("setup.py", "conftest.py", "noxfile.py", "_version.py")
 _GIT_ENV = {"GIT_AUTHOR_NAME": "cwm", "GIT_AUTHOR_EMAIL": "cwm@localhost",
             "GIT_COMMITTER_NAME": "cwm", "GIT_COMMITTER_EMAIL": "cwm@localhost",
@@ -109,18 +117,25 @@ def release_repository(project: str, versions: Sequence[str], dest: Path) -> Pat
             target = dest / child.name
             copy_tree(child, target) if child.is_dir() else shutil.copy2(child, target)
         git(dest, "add", "--all")
-        git(dest, "commit", "--quiet", "--allow-empty", "-m", f"{project} {version}",
-            env=_GIT_ENV)
+        git(dest, "commit", "--quiet", "--allow-empty", "-m",
+            RELEASE.format(project=project, version=version), env=_GIT_ENV)
     return dest
 
 
-def fix_commits(repo: Path) -> tuple[list[FixCommit], int]:
-    """The candidate commits on the first-parent line, oldest first, and how many commits with
-    a parent were scanned."""
-    shas = git(repo, "rev-list", "--first-parent", "--reverse", "HEAD").split()
-    found = []
-    for parent, sha in zip(shas, shas[1:]):
-        names = git(repo, "diff", "--name-only", "--no-renames", parent, sha, "--",
+def fix_commits(repo: Path, revisions: str = "HEAD", max_commits: int | None = None
+                ) -> tuple[list[FixCommit], int]:
+    """The candidate commits among the newest ``max_commits`` of ``revisions`` (a git revision
+    range, first-parent line), oldest first, and how many commits with a parent were scanned."""
+    limit = ["--max-count", str(max_commits)] if max_commits else []
+    lines = git(repo, "log", "--first-parent", "--reverse", "--format=%H %P", *limit, revisions,
+                "--").splitlines()
+    found, scanned = [], 0
+    for line in lines:
+        sha, *parents = line.split()
+        if not parents:
+            continue  # the root commit: nothing before it to fix
+        scanned += 1
+        names = git(repo, "diff", "--name-only", "--no-renames", parents[0], sha, "--",
                     "*.py").split("\n")
         names = [n for n in names if n]
         tests = tuple(n for n in names if is_test_file(n))
@@ -128,8 +143,56 @@ def fix_commits(repo: Path) -> tuple[list[FixCommit], int]:
                         and Path(n).name not in NOT_SOURCE and "docs" not in Path(n).parts)
         if sources and tests:
             message = git(repo, "log", "-1", "--format=%B", sha).strip()
-            found.append(FixCommit(sha, parent, message, sources, tests))
-    return found, max(len(shas) - 1, 0)
+            found.append(FixCommit(sha, parents[0], message, sources, tests))
+    return found, scanned
+
+
+def source_name(source: Mapping[str, object]) -> str:
+    """The name a history source's numbers go under: the PyPI project, or the git repository's."""
+    if source.get("pypi"):
+        return str(source["pypi"])
+    return RepoSource(git=str(source["git"])).name
+
+
+def _git_location(url: str) -> str:
+    """A git URL as given, a local repository's path made absolute (any process can clone it)."""
+    return str(Path(url).resolve()) if Path(url).exists() else url
+
+
+def open_history(source: Mapping[str, object], dest: Path) -> tuple[Path, str]:
+    """The git repository of a history source (``HistorySource`` of the API, as a dict) at
+    ``dest`` and the revision range to mine: a PyPI project's releases committed one by one
+    (:func:`release_repository`), or a bare clone of the git repository."""
+    if source.get("pypi"):
+        versions = [str(v) for v in source["versions"]]  # type: ignore[attr-defined]
+        return release_repository(str(source["pypi"]), versions, dest), "HEAD"
+    url = _git_location(str(source["git"]))
+    shutil.rmtree(dest, ignore_errors=True)
+    done = subprocess.run(["git", "clone", "--quiet", "--bare", url, str(dest)],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RepositoryError(f"history git {url!r}: clone failed: {done.stderr.strip()[-400:]}")
+    for key in ("since", "until"):
+        ref = source.get(key)
+        if ref and subprocess.run(["git", "-C", str(dest), "rev-parse", "--verify", "--quiet",
+                                   f"{ref}^{{commit}}"], capture_output=True).returncode != 0:
+            raise RepositoryError(f"history git {url!r}: {key} {ref!r} is not a commit there")
+    until = str(source.get("until") or "HEAD")
+    return dest, f"{source['since']}..{until}" if source.get("since") else until
+
+
+def commit_environment(source: Mapping[str, object], commit: FixCommit) -> dict[str, str]:
+    """The repository spec of a fix commit's tree, one that any process (a worker, an RL or
+    evaluation pod) can fetch again: the release's own PyPI pin, or the git repository at the
+    commit."""
+    if source.get("pypi"):
+        project = str(source["pypi"])
+        version = commit.message.rsplit(" ", 1)[-1]
+        if commit.message != RELEASE.format(project=project, version=version):
+            raise RepositoryError(f"history of {project}: commit {commit.sha[:10]} "
+                                  f"({commit.message!r}) is not a release commit")
+        return {"pypi": f"{project}=={version}"}
+    return {"git": _git_location(str(source["git"])), "ref": commit.sha}
 
 
 def file_at(repo: Path, sha: str, path: str) -> str | None:
@@ -196,7 +259,9 @@ def reverted_functions(before: str, after: str) -> Iterator[tuple[str, int, str]
 # ------------------------------------------------------------------------------ mining
 
 
-def _candidate_tasks(env: RepoEnvironment, repo: Path, commit: FixCommit) -> Iterator[Task]:
+def commit_tasks(env: RepoEnvironment, repo: Path, commit: FixCommit) -> Iterator[Task]:
+    """Unvalidated issue-fix tasks of one fix commit: each covered function it changed put back
+    as it was (``env`` is the commit's tree, prepared; ``repo`` holds the parent)."""
     covering = env.covering_tests()
     issue = issue_text(commit.message)
     headline = commit.message.strip().splitlines()[0] if commit.message.strip() else ""
@@ -216,19 +281,28 @@ def _candidate_tasks(env: RepoEnvironment, repo: Path, commit: FixCommit) -> Ite
                        tests=tuple(tests[:MAX_TESTS_PER_TASK]), issue=issue)
 
 
+def commit_evidence(task: Task, commit_tests: Sequence[str]) -> str | None:
+    """Why a validated task is not the commit's own fail-to-pass evidence (no failing test lives
+    in a test file the commit changed), or None when it is."""
+    if any(t.split("::", 1)[0] in commit_tests for t in task.failing_tests):
+        return None
+    return "no failing test is one the commit changed"
+
+
 def mine_repository(repo: Path, *, name: str | None = None,
                     limits: sandbox.Limits | None = None, max_commits: int | None = None,
                     workroot: Path | None = None, policy: Policy | None = None,
                     max_turns: int = 32) -> HistoryReport:
-    """Validated issue-fix tasks from ``repo``'s history (see the module docstring); with a
-    ``policy``, one episode per validated task in its environment, and how many it solved."""
+    """Validated issue-fix tasks from ``repo``'s history (the newest ``max_commits`` commits
+    scanned; see the module docstring); with a ``policy``, one episode per validated task in its
+    environment, and how many it solved."""
     name = name or repo.resolve().name
     report = HistoryReport(repo=name, solved=0 if policy is not None else None)
-    commits, report.commits_scanned = fix_commits(repo)
+    commits, report.commits_scanned = fix_commits(repo, max_commits=max_commits)
     report.fix_commits = len(commits)
     root = Path(tempfile.mkdtemp(prefix="cwm-history-", dir=workroot))
     try:
-        for commit in commits[:max_commits]:
+        for commit in commits:
             tree = export_tree(repo, commit.sha, root / f"{name}@{commit.sha[:10]}")
             env = RepoEnvironment(RepoSource(path=str(tree)),
                                   limits=limits or sandbox.Limits(), workroot=root / "envs")
@@ -238,7 +312,7 @@ def mine_repository(repo: Path, *, name: str | None = None,
                 report.reject(f"environment: {err}")
                 continue
             try:
-                for task in _candidate_tasks(env, repo, commit):
+                for task in commit_tasks(env, repo, commit):
                     report.tasks_found += 1
                     if _validate(env, task, commit, report) and policy is not None:
                         _solve(env, report.tasks[-1], policy, max_turns, report)
@@ -254,8 +328,9 @@ def _validate(env: RepoEnvironment, task: Task, commit: FixCommit, report: Histo
     if isinstance(result, str):
         report.reject(result)
         return False
-    if not any(t.split("::", 1)[0] in commit.tests for t in result.failing_tests):
-        report.reject("no failing test is one the commit changed")
+    reason = commit_evidence(result, commit.tests)
+    if reason is not None:
+        report.reject(reason)
         return False
     report.tasks.append(result)  # with its failing tests and gold patch (the commit's change)
     report.validated += 1
