@@ -14,6 +14,12 @@ copy through an :class:`Executor`:
 
 Inside bubblewrap the task copy is mounted at ``/repo``, so observations do not depend on where
 the copy lives on the host (a replayed episode sees the same paths).
+
+By default tests run under this process's own interpreter, so only repositories whose suites
+need nothing beyond the standard library and pytest work. With ``dependencies=True``,
+:mod:`.envbuild` installs what the repository declares into a cached virtual environment and
+the suite (and every later run) uses that :class:`Interpreter` instead; ``build`` records how
+far the build got.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cwm_exec import sandbox
+from cwm_forager import envbuild
 from cwm_forager.mutations import function_lines
 from cwm_forager.pytest_plugin import is_test_file
 from cwm_forager.repos import RepositoryError, RepoSource, copy_tree, fetch
@@ -69,10 +76,25 @@ class TestReport:
         return sorted(t for t in selected if self.outcomes.get(t) != "passed")
 
 
+@dataclass(frozen=True)
+class Interpreter:
+    """The Python that runs a repository's tests: ``python``, extra import ``paths`` (after
+    the repository's own) and host folders the sandbox must show read-only (``binds``)."""
+
+    python: str = sys.executable
+    paths: tuple[str, ...] = ()
+    binds: tuple[str, ...] = ()
+
+    @property
+    def own(self) -> bool:
+        """Whether this is the pipeline's own interpreter (not a built environment)."""
+        return self.python == sys.executable
+
+
 class Executor(Protocol):
     def run(self, argv: Sequence[str], *, workdir: Path, limits: sandbox.Limits,
-            env: Mapping[str, str], extra_rw: Sequence[str] = (), at_mount: bool = False
-            ) -> sandbox.ProcessResult: ...
+            env: Mapping[str, str], extra_rw: Sequence[str] = (), at_mount: bool = False,
+            extra_ro: Sequence[str] = ()) -> sandbox.ProcessResult: ...
 
     def close(self) -> None: ...
 
@@ -82,13 +104,14 @@ class SandboxExecutor:
     mounted at ``/repo`` and the command starts there."""
 
     def run(self, argv: Sequence[str], *, workdir: Path, limits: sandbox.Limits,
-            env: Mapping[str, str], extra_rw: Sequence[str] = (), at_mount: bool = False
-            ) -> sandbox.ProcessResult:
+            env: Mapping[str, str], extra_rw: Sequence[str] = (), at_mount: bool = False,
+            extra_ro: Sequence[str] = ()) -> sandbox.ProcessResult:
         binds: list[Any] = list(extra_rw)
         if at_mount and sandbox.isolation() == "bwrap":
             binds.append((str(workdir), MOUNT))
             argv = ["/bin/sh", "-c", f'cd {MOUNT} && exec "$@"', "sh", *argv]
-        return sandbox.run_command(argv, cwd=workdir, limits=limits, env=env, binds_rw=binds)
+        return sandbox.run_command(argv, cwd=workdir, limits=limits, env=env, binds_rw=binds,
+                                   binds_ro=extra_ro)
 
     def close(self) -> None:
         pass
@@ -111,8 +134,11 @@ class DockerExecutor:
             mem_limit="2g", pids_limit=256)
 
     def run(self, argv: Sequence[str], *, workdir: Path, limits: sandbox.Limits,
-            env: Mapping[str, str], extra_rw: Sequence[str] = (), at_mount: bool = False
-            ) -> sandbox.ProcessResult:
+            env: Mapping[str, str], extra_rw: Sequence[str] = (), at_mount: bool = False,
+            extra_ro: Sequence[str] = ()) -> sandbox.ProcessResult:
+        if extra_ro:
+            raise RepositoryError("backend 'docker': built environments (dependencies=True) "
+                                  "are not mounted into the container; use backend 'sandbox'")
         env = {**env, "PATH": "/usr/local/bin:/usr/bin:/bin",
                "PYTHONPATH": env.get("PYTHONPATH", "") + ":/opt/cwm"}
         start = time.monotonic()
@@ -160,6 +186,10 @@ class RepoEnvironment:
     workroot: Path | None = None
     backend: str = "sandbox"
     suite_seconds: float = 180.0
+    dependencies: bool = False  # build an environment of the declared dependencies (.envbuild)
+    build_sdists: bool = False  # ... building wheel-less ones inside the sandbox
+    interpreter: Interpreter = field(default_factory=Interpreter)
+    build: envbuild.BuildResult | None = None  # what the environment build did (dependencies)
     # set by prepare()
     base: Path | None = None
     pythonpath: tuple[str, ...] = ()
@@ -195,7 +225,14 @@ class RepoEnvironment:
         copy_tree(pristine, base)
         self.base = base
         self.pythonpath = ("src",) if (base / "src").is_dir() else (".",)
+        if self.dependencies:
+            self._build_environment(pristine)
         report = self.run_tests(base, coverage=True, seconds=self.suite_seconds)
+        if self.build is not None:
+            self.build.tests_passed, self.build.tests_failed = len(report.passed), len(report.failed)
+            self.build.test_reason = report.reason
+            self.build.seconds["test"] = round(report.wall_seconds, 2)
+            self.build.stage, self.build.ok = ("done", True) if report.passed else ("test", False)
         if not report.passed:
             raise RepositoryError(
                 f"repository {self.name}: no test passes on the pristine tree "
@@ -205,6 +242,18 @@ class RepoEnvironment:
         self.baseline = replace(report, coverage={}, output=report.output[-20000:])
         self.coverage = {t: report.coverage.get(t, {}) for t in self.suite}
         return self
+
+    def _build_environment(self, tree: Path) -> None:
+        """Install the declared dependencies (:func:`.envbuild.build`) and use that venv."""
+        self.build = envbuild.BuildResult(self.name)
+        try:
+            built = envbuild.build(tree, self.build, build_sdists=self.build_sdists)
+        except envbuild.EnvBuildError as err:
+            raise RepositoryError(f"repository {self.name}: environment build stopped at "
+                                  f"{err.stage}: {err}") from err
+        # This package's parent last on the path: the pytest plugin, nothing of the venv's.
+        self.interpreter = Interpreter(built.python, (*built.paths, sandbox.PACKAGE_PARENT),
+                                       (str(built.venv), *built.paths))
 
     def close(self) -> None:
         if self._executor is not None:
@@ -276,10 +325,17 @@ class RepoEnvironment:
         """Process environment for commands in ``workdir`` (import path set, hashing fixed)."""
         root = str(workdir)
         paths = [root if p == "." else f"{root}/{p}" for p in self.pythonpath]
-        # No auto-loaded pytest plugins: the venv's (hypothesis, timeout ...) cost start-up time
-        # and make runs depend on what happens to be installed.
-        return sandbox.default_env({"PYTHONPATH": ":".join(paths),
-                                    "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", **(extra or {})})
+        if self.interpreter.own:
+            # No auto-loaded pytest plugins: the venv's (hypothesis, timeout ...) cost start-up
+            # time and make runs depend on what happens to be installed.
+            return sandbox.default_env({"PYTHONPATH": ":".join(paths),
+                                        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", **(extra or {})})
+        # A built environment holds what the repository declared, its pytest plugins included
+        # (fixtures such as pytest-mock's ``mocker``): they load as in the project's own CI.
+        bin_dir = Path(self.interpreter.python).parent
+        return sandbox.default_env({"PYTHONPATH": ":".join([*paths, *self.interpreter.paths]),
+                                    "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
+                                    "VIRTUAL_ENV": str(bin_dir.parent), **(extra or {})})
 
     def run(self, argv: Sequence[str], workdir: Path, *, limits: sandbox.Limits | None = None,
             at_mount: bool = False, extra_env: Mapping[str, str] | None = None,
@@ -290,7 +346,7 @@ class RepoEnvironment:
             and sandbox.isolation() == "bwrap" else str(workdir)
         return self._executor.run(argv, workdir=workdir, limits=limits or self.limits,
                                   env=self.environment(root, extra_env), extra_rw=extra_rw,
-                                  at_mount=at_mount)
+                                  at_mount=at_mount, extra_ro=self.interpreter.binds)
 
     def run_tests(self, workdir: Path, tests: Sequence[str] | None = None, *,
                   coverage: bool = False, seconds: float | None = None) -> TestReport:
@@ -300,7 +356,7 @@ class RepoEnvironment:
         with tempfile.TemporaryDirectory(dir=self.workroot, prefix="report-") as tmp:
             report_file, select_file = Path(tmp) / "report.jsonl", Path(tmp) / "select.txt"
             extra = {"CWM_REPORT": str(report_file)}
-            argv = [sys.executable, "-m", "pytest", *PYTEST_ARGS]
+            argv = [self.interpreter.python, "-m", "pytest", *PYTEST_ARGS]
             if selected is not None:
                 select_file.write_text("\n".join(selected) + "\n", encoding="utf-8")
                 extra["CWM_SELECT"] = str(select_file)
