@@ -188,6 +188,7 @@ class RepoEnvironment:
     suite_seconds: float = 180.0
     dependencies: bool = False  # build an environment of the declared dependencies (.envbuild)
     build_sdists: bool = False  # ... building wheel-less ones inside the sandbox
+    resolve_before: str | None = None  # ... from uploads before this ISO date (reproducible)
     interpreter: Interpreter = field(default_factory=Interpreter)
     build: envbuild.BuildResult | None = None  # what the environment build did (dependencies)
     # set by prepare()
@@ -247,7 +248,8 @@ class RepoEnvironment:
         """Install the declared dependencies (:func:`.envbuild.build`) and use that venv."""
         self.build = envbuild.BuildResult(self.name)
         try:
-            built = envbuild.build(tree, self.build, build_sdists=self.build_sdists)
+            built = envbuild.build(tree, self.build, build_sdists=self.build_sdists,
+                                   uploaded_prior_to=self.resolve_before)
         except envbuild.EnvBuildError as err:
             raise RepositoryError(f"repository {self.name}: environment build stopped at "
                                   f"{err.stage}: {err}") from err
