@@ -149,7 +149,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     try:
         path = write_comparison(list(args.workdirs), args.out)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         _err(str(err))
         return 1
     print(path.read_text())

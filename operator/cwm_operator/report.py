@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cwm_operator.runner import StepRecord, read_json
+from cwm_operator.stats import pair_by_key, paired, wilson
 from cwm_spec import storage
 from cwm_spec.api import STAGE_ORDER
 
@@ -240,7 +241,10 @@ def write_report(workdir: Path) -> Path:
 
 
 def write_comparison(workdirs: list[Path], out: Path) -> Path:
-    """Compare the evaluation of several runs stage by stage (e.g. the trace-data ablation)."""
+    """Compare the evaluation of several runs stage by stage (e.g. the trace-data ablation),
+    then the accuracies of the last stage they share with 95% confidence intervals, and, where
+    every run holds a ``verdicts.json`` (per-problem verdicts, see :func:`read_verdicts`), the
+    paired difference of each run from the first."""
     runs = []
     for workdir in workdirs:
         run = read_json(Path(workdir) / "run.json")
@@ -261,6 +265,82 @@ def write_comparison(workdirs: list[Path], out: Path) -> Path:
             if any(v is not None for v in values):
                 lines.append(f"| {metric} | " + " | ".join(_fmt(v) for v in values) + " |")
         lines.append("")
+    shared = [s for s in stages if all(s in recs for _, recs in runs)]
+    if shared:
+        lines += interval_lines(shared[-1], [(n, recs[shared[-1]].metrics) for n, recs in runs])
+    verdicts = [read_verdicts(Path(w)) for w in workdirs]
+    if len(runs) > 1 and all(v is not None for v in verdicts):
+        lines += paired_lines([(n, v) for (n, _), v in zip(runs, verdicts) if v is not None])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out
+
+
+# Accuracies the evaluation reports, each with the metric that counts what it was scored on.
+ACCURACY_COUNTS = {
+    "heldout_output_direct": "heldout_output_problems",
+    "heldout_output_reasoning": "heldout_output_problems",
+    "cruxeval_o_direct": "cruxeval_o_problems",
+    "cruxeval_o_reasoning": "cruxeval_o_problems",
+    "trace_output_accuracy": "trace_output_programs",
+    "mutate_fix_solve_rate": "mutate_fix_tasks",
+}
+
+
+def interval_lines(stage: str, runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Markdown: each accuracy of ``stage`` with its 95% Wilson interval and ``right/n``. Pure."""
+    rows = []
+    for metric, count in ACCURACY_COUNTS.items():
+        cells = []
+        for _, metrics in runs:
+            value, n = metrics.get(metric), metrics.get(count)
+            if not isinstance(value, (int, float)) or not isinstance(n, (int, float)) or n < 1:
+                cells.append("")
+                continue
+            right = round(value * n)
+            cells.append(f"{wilson(right, int(n)).format()} ({right}/{int(n)})")
+        if any(cells):
+            rows.append(f"| {metric} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [f"## Accuracies after {stage}, with 95% confidence intervals (Wilson)", "",
+            "| metric | " + " | ".join(n for n, _ in runs) + " |",
+            "| --- |" + " --- |" * len(runs), *rows, ""]
+
+
+def read_verdicts(workdir: Path) -> dict[str, dict[str, bool]] | None:
+    """``DIR/verdicts.json``: ``{"evaluations": {NAME: {PROBLEM: right?}}}``, each run's verdict
+    on each problem, keyed so that two runs' keys name the same problem (benchmarks/ablation.py
+    writes it, keyed by program hash and call). None when the run has none."""
+    data = read_json(workdir / "verdicts.json")
+    if data is None:
+        return None
+    evaluations = data.get("evaluations") if isinstance(data, dict) else None
+    if not isinstance(evaluations, dict) or not all(
+            isinstance(v, dict) and all(isinstance(x, bool) for x in v.values())
+            for v in evaluations.values()):
+        raise ValueError(f"{workdir / 'verdicts.json'}: expected {{\"evaluations\": {{NAME: "
+                         "{PROBLEM: true|false}}}")
+    return evaluations
+
+
+def paired_lines(runs: list[tuple[str, dict[str, dict[str, bool]]]]) -> list[str]:
+    """Markdown: every later run against the first on each evaluation both scored, paired by
+    problem: accuracies (Wilson), the difference in points with its 95% bootstrap interval,
+    the discordant counts and McNemar's exact p. Pure (the bootstrap is seeded)."""
+    (first, base), rows = runs[0], []
+    for name, verdicts in runs[1:]:
+        for evaluation in sorted(set(base) & set(verdicts)):
+            keys, a, b = pair_by_key(base[evaluation], verdicts[evaluation])
+            if not keys:
+                continue
+            result = paired(a, b)
+            rows.append(f"| {evaluation} | {name} | {result.n} | {result.a.format()} | "
+                        f"{result.b.format()} | {result.difference.format(points=True)} | "
+                        f"{result.a_only} / {result.b_only} | {result.p_value:.2g} |")
+    if not rows:
+        return []
+    return [f"## Paired differences: {first} minus each other run, on the same problems", "",
+            f"| evaluation | other run | problems | {first} | other | difference, points "
+            "(95% bootstrap) | right only in first / only in other | McNemar exact p |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, ""]
