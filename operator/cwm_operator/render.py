@@ -156,6 +156,11 @@ def _env(pipeline: CWMPipeline, step: Step) -> tuple[list[Any], list[Any] | None
         # The OpenAI-compatible policy reads its key from $CWM_POLICY_API_KEY.
         env.append(V1EnvVar(name="CWM_POLICY_API_KEY", value_from=V1EnvVarSource(
             secret_key_ref=V1SecretKeySelector(name=policy.api_key_secret, key="apiKey"))))
+    explain = pipeline.spec.data.traces.explain
+    if step.name == "traces" and explain and explain.api_key_secret and explain.api_key_env:
+        # Explained traces read their key from the variable the spec names (apiKeyEnv).
+        env.append(V1EnvVar(name=explain.api_key_env, value_from=V1EnvVarSource(
+            secret_key_ref=V1SecretKeySelector(name=explain.api_key_secret, key="apiKey"))))
     secret = pipeline.spec.storage.secret
     env_from = [V1EnvFromSource(secret_ref=V1SecretEnvSource(name=secret))] if secret else None
     return env, env_from
