@@ -12,6 +12,9 @@ or standalone with plain flags::
         --tasks-per-repo 20 --output /tmp/trajectories --workers 2
     python -m cwm_beam.trajectories --repo calc --policy openai \\
         --endpoint http://localhost:8000/v1 --model cwm --output /tmp/t   # a served model
+    python -m cwm_beam.trajectories --repo cachetools==5.5.0 \\
+        --history cachetools==5.3.3,5.4.0,5.5.0 --history ../toolz.git#0.12.0..1.0.0 \\
+        --max-commits 10 --issue-fix-tasks 10 --output /tmp/t   # and issue-fix tasks
 
 The runner is the one both data steps share (:meth:`cwm_beam.step.DataStep.run`): the in-process
 ``FnApiRunner`` with ``--workers N`` processes by default, other runners' flags passed through.
@@ -28,12 +31,27 @@ tasks per repository never rolled out: the evaluation's mutate-fix tasks), recor
 "stage", "reason", "detail"}``; the manifest's ``stats`` holds counts, solve rates per family and
 rejection reasons. Beam metrics live in namespace ``trajectories``.
 
+Issue-fix tasks (``issueFix.sources``, family ``issue_fix``, :mod:`cwm_forager.history`):
+``MineHistory`` opens each history (a PyPI project's releases committed one by one, or a git
+repository's range), scans its newest ``maxCommits`` commits for those changing source and tests,
+prepares each such commit's tree as an environment whose spec any process can fetch again (the
+release's PyPI pin, or the git repository at the commit) and proposes its changed functions put
+back as they were; the same ``ValidateTasks`` validates them by execution, and keeps one only if a
+failing test is one its commit changed; ``SelectIssueFix`` keeps ``issueFix.tasksPerRepository``
+per source, the commits taking turns; they are rolled out and deduplicated with the rest. Their
+records carry ``meta.history`` (the source); ``stats.issue_fix`` gives per source commits scanned,
+fix commits, tasks found, validated, excluded for evaluation, episodes, solved and the rate.
+
 Decontamination: ``SelectTasks`` chooses each repository's held-out tasks first, then the
 training tasks among the candidates whose function is none of theirs (a task's program is its
 function's original source, :func:`cwm_spec.programs.task_program_hash`), so no trajectory shows
 the code an evaluation task asks to restore; ``stats.excluded_for_evaluation`` counts the
 candidates left out that way, and the manifest's ``programs`` lists the task programs of
-``train`` and ``eval_tasks``.
+``train`` and ``eval_tasks``. Issue-fix tasks follow the same rule: none whose function is a
+held-out task's is rolled out (counted in ``stats.issue_fix[source].excluded_for_evaluation``); a
+history source whose project is also a repository is mined by the part (pod or worker process)
+that chose that repository's held-out tasks. Issue-fix tasks are all for training: none is held
+out.
 
 The openai policy's API key comes from ``$CWM_POLICY_API_KEY`` (the operator mounts the Secret
 named by ``policy.apiKeySecret`` there) or ``$OPENAI_API_KEY``.
@@ -46,18 +64,24 @@ import atexit
 import json
 import logging
 import os
+import re
+import shutil
+import tempfile
 import traceback
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from cwm_beam import step as data_step
+from cwm_forager import history
 from cwm_forager.env import Environments
 from cwm_forager.policies import make_policy
 from cwm_forager.records import dedup, solve_rates
+from cwm_forager.repos import RepoSource
 from cwm_forager.rollout import run_episode
 from cwm_forager.tasks import Task, candidate_tasks, select_tasks, validate_task
 from cwm_spec import artifacts
@@ -67,6 +91,9 @@ from cwm_spec.programs import task_program_hash
 LOG = logging.getLogger("cwm_beam.trajectories")
 NAMESPACE = "trajectories"
 DEADLETTER = "deadletter"
+HISTORY = "history"  # the side output of per-source issue-fix counts ("source|field", n)
+ISSUE_FIX_FIELDS = ("commits_scanned", "fix_commits", "tasks_found", "validated",
+                    "excluded_for_evaluation", "episodes", "solved")
 OVERSAMPLE = 2  # candidates validated per wanted task (rejects leave room)
 
 
@@ -80,6 +107,12 @@ class Settings(data_step.StepSettings[TrajectoryDataSpec]):
         """As the YAML spells them; none given: the bundled fixture repositories."""
         return tuple(r.model_dump(exclude_none=True) for r in self.spec.repositories) or (
             {"path": "calc"}, {"path": "textkit"})
+
+    @property
+    def history_sources(self) -> tuple[dict[str, Any], ...]:
+        """``issueFix.sources`` as the YAML spells them (none: no issue-fix tasks)."""
+        return tuple(h.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+                     for h in self.spec.issue_fix.sources)
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -162,12 +195,15 @@ class SynthesizeTasks(_WithEnvironments):
 
 
 class ValidateTask(_WithEnvironments):
-    """Keep a candidate only if some covering test fails on the mutated code."""
+    """Keep a candidate only if some covering test fails on the mutated code; an issue-fix
+    candidate (one with ``history``) also only if a failing test is one its commit changed."""
 
     def process(self, item: dict[str, Any]):
         try:
             task = Task.from_json(item["task"])
             result = validate_task(self.environments().get(item["repository"]), task)
+            if isinstance(result, Task) and "history" in item:
+                result = history.commit_evidence(result, item["commit_tests"]) or result
         except Exception as err:
             yield beam.pvalue.TaggedOutput(DEADLETTER, counted_dead_letter(
                 item.get("task", {}).get("task_id", "?"), "validate",
@@ -178,6 +214,11 @@ class ValidateTask(_WithEnvironments):
             yield beam.pvalue.TaggedOutput("rejected", result.split(":")[0])
             return
         Metrics.counter(NAMESPACE, "validated").inc()
+        if "history" in item:
+            yield beam.pvalue.TaggedOutput(HISTORY, (f"{item['history']}|validated", 1))
+            yield {"repository": item["repository"], "task": result.to_json(),
+                   "history": item["history"]}
+            return
         yield {"repository": item["repository"], "task": result.to_json()}
 
 
@@ -239,8 +280,102 @@ class Rollout(_WithEnvironments):
         record = trajectory.to_record()
         record["id"] = f"{task.task_id}#{trajectory.meta['episode_id'][:8]}"
         record["meta"]["repository"] = item["repository"]
+        if "history" in item:
+            record["meta"]["history"] = item["history"]  # the issue-fix source it was mined from
         record["task"] = task.to_json()  # RL's mutate-fix tasks are drawn from the train split
         yield record
+
+
+# --------------------------------------------------------------------------------------------
+# Issue-fix tasks from history (cwm_forager.history)
+
+
+class MineHistory(_WithEnvironments):
+    """History source → unvalidated issue-fix candidates, each with its commit's environment
+    spec (prepared here, once per process), the source's name and the test files the commit
+    changed; per-source counts on the ``history`` output; a dead letter for a source that cannot
+    be opened or a commit whose tree cannot be prepared."""
+
+    def process(self, source: dict[str, Any]):
+        name = history.source_name(source)
+        root = Path(tempfile.mkdtemp(prefix="cwm-history-"))
+        try:
+            try:
+                repo, revisions = history.open_history(source, root / "repo")
+                commits, scanned = history.fix_commits(
+                    repo, revisions, self.settings.spec.issue_fix.max_commits)
+            except Exception as err:
+                yield beam.pvalue.TaggedOutput(DEADLETTER, counted_dead_letter(
+                    f"history {name}", "history", f"{type(err).__name__}: {err}".splitlines()[0],
+                    traceback.format_exc()))
+                return
+            yield beam.pvalue.TaggedOutput(HISTORY, (f"{name}|commits_scanned", scanned))
+            yield beam.pvalue.TaggedOutput(HISTORY, (f"{name}|fix_commits", len(commits)))
+            for commit in commits:
+                yield from self.commit_candidates(source, name, repo, commit)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def commit_candidates(self, source: dict[str, Any], name: str, repo: Path,
+                          commit: history.FixCommit):
+        try:
+            spec = history.commit_environment(source, commit)
+            tasks = list(history.commit_tasks(self.environments().get(spec), repo, commit))
+        except Exception as err:
+            yield beam.pvalue.TaggedOutput(DEADLETTER, counted_dead_letter(
+                f"history {name}@{commit.sha[:10]}", "prepare",
+                f"{type(err).__name__}: {err}".splitlines()[0], traceback.format_exc()))
+            return
+        Metrics.counter(NAMESPACE, "issue_fix_candidates").inc(len(tasks))
+        yield beam.pvalue.TaggedOutput(HISTORY, (f"{name}|tasks_found", len(tasks)))
+        for task in tasks:
+            yield {"repository": spec, "task": task.to_json(), "history": name,
+                   "commit_tests": list(commit.tests)}
+
+
+def select_issue_fix(item: tuple[str, Iterable[dict[str, Any]]], n: int,
+                     held_out_programs: Iterable[str]):
+    """Up to ``n`` validated issue-fix tasks of one source for the rollouts, the source's commits
+    taking turns (newest first, tasks in id order), none whose function is a held-out task's
+    (those are counted as ``excluded_for_evaluation``): the held-out rule of the mutate-fix
+    tasks, applied to these too."""
+    name, items = item
+    reserved = set(held_out_programs)
+    by_commit: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for i in sorted(items, key=lambda i: i["task"]["task_id"]):
+        if task_program(i["task"]) in reserved:
+            yield beam.pvalue.TaggedOutput(HISTORY, (f"{name}|excluded_for_evaluation", 1))
+        else:
+            by_commit[repo_key(i["repository"])].append(i)
+    queues = [by_commit[key] for key in sorted(by_commit, reverse=True)]
+    taken = 0
+    while taken < n and any(queues):
+        for queue in queues:
+            if queue and taken < n:
+                taken += 1
+                yield queue.pop(0)
+
+
+def episode_counts(record: dict[str, Any]) -> list[tuple[str, int]]:
+    """An issue-fix episode's per-source counts (before near-duplicates are dropped, as the
+    solve rates by family count them); none for a mutate-fix episode."""
+    meta = record["meta"]
+    if meta.get("family") != history.FAMILY or "history" not in meta:
+        return []
+    return [(f"{meta['history']}|episodes", 1), (f"{meta['history']}|solved",
+                                                  int(bool(meta["success"])))]
+
+
+def issue_fix_stats(sources: Iterable[str], counted: Counter) -> dict[str, dict[str, Any]]:
+    """Per source: commits scanned, fix commits, tasks found, validated, left out for the
+    evaluation, episodes, solved and the solve rate (zeros where nothing was counted)."""
+    out: dict[str, dict[str, Any]] = {name: dict.fromkeys(ISSUE_FIX_FIELDS, 0) for name in sources}
+    for key, count in counted.items():
+        name, field = key.rsplit("|", 1)
+        out.setdefault(name, dict.fromkeys(ISSUE_FIX_FIELDS, 0))[field] += count
+    for row in out.values():
+        row["rate"] = round(row["solved"] / row["episodes"], 3) if row["episodes"] else 0.0
+    return dict(sorted(out.items()))
 
 
 class Deduplicate(beam.DoFn):
@@ -262,30 +397,32 @@ class Deduplicate(beam.DoFn):
 
 
 class TrajectoryDataset(data_step.StepTransform):
-    """Repository specs in; ``{"train", "deadletter"}`` records out, and counter keys:
-    ``rejected`` (reason), ``duplicates`` (repo|family|solved), ``tasks`` (repo|family)."""
+    """Repository specs and history sources in (``{"repositories", "histories"}``);
+    ``{"train", "deadletter", "eval_tasks"}`` records out, and counter keys: ``rejected``
+    (reason), ``duplicates`` (repo|family|solved), ``tasks`` (repo|family), ``excluded`` (repo),
+    and ``history`` pairs (source|field, count) for the issue-fix stats."""
 
-    def expand(self, repositories):
+    def expand(self, inputs):
         s = self.settings
-        candidates = (repositories
+        candidates = (inputs["repositories"]
                       | "SynthesizeTasks" >> beam.ParDo(SynthesizeTasks(s)).with_outputs(
                           DEADLETTER, main="tasks"))
-        validated = (candidates.tasks
+        mined = (inputs["histories"]
+                 | "MineHistory" >> beam.ParDo(MineHistory(s)).with_outputs(
+                     DEADLETTER, HISTORY, main="tasks"))
+        validated = ((candidates.tasks, mined.tasks)
+                     | "AllCandidates" >> beam.Flatten()
                      | "SpreadCandidates" >> beam.Reshuffle()
                      | "ValidateTasks" >> beam.ParDo(ValidateTask(s)).with_outputs(
-                         DEADLETTER, "rejected", main="tasks"))
-        selected = (validated.tasks
-                    | "KeyTasksByRepository" >> beam.Map(lambda i: (repo_key(i["repository"]), i))
-                    | "GroupTasks" >> beam.GroupByKey()
-                    | "SelectTasks" >> beam.FlatMap(select_for_repository, s.families,
-                                                    s.spec.tasks_per_repository,
-                                                    s.spec.held_out_tasks)
-                    .with_outputs("heldout", "excluded", main="tasks"))
-        held_out, excluded = selected.heldout, selected.excluded
-        selected = selected.tasks
-        tasks_kept = selected | "TaskKeys" >> beam.Map(
+                         DEADLETTER, "rejected", HISTORY, main="tasks"))
+        mutate_fix, issue_fix = (validated.tasks | "SplitFamilies" >> beam.Partition(
+            lambda item, _: int("history" in item), 2))
+        selected = self.select_mutate_fix(mutate_fix)
+        chosen = self.select_issue_fix(issue_fix, selected.heldout)
+        rolled = (selected.tasks, chosen.tasks) | "AllSelected" >> beam.Flatten()
+        tasks_kept = rolled | "TaskKeys" >> beam.Map(
             lambda i: f"{i['task']['repo']}|{i['task']['family']}")
-        episodes = (selected
+        episodes = (rolled
                     | "SpreadTasks" >> beam.Reshuffle()
                     | "Rollouts" >> beam.ParDo(Rollout(s)).with_outputs(DEADLETTER, main="records"))
         unique = (episodes.records
@@ -293,11 +430,35 @@ class TrajectoryDataset(data_step.StepTransform):
                   | "GroupByRepository" >> beam.GroupByKey()
                   | "Deduplicate" >> beam.ParDo(Deduplicate(s.spec.dedup_jaccard)).with_outputs(
                       "duplicates", main="records"))
-        dead = ((candidates[DEADLETTER], validated[DEADLETTER], episodes[DEADLETTER])
-                | "AllDeadLetters" >> beam.Flatten())
+        dead = ((candidates[DEADLETTER], mined[DEADLETTER], validated[DEADLETTER],
+                 episodes[DEADLETTER]) | "AllDeadLetters" >> beam.Flatten())
+        counts = ((mined[HISTORY], validated[HISTORY], chosen[HISTORY],
+                   episodes.records | "IssueFixEpisodes" >> beam.FlatMap(episode_counts))
+                  | "AllHistoryCounts" >> beam.Flatten())
         return {"train": unique.records, "deadletter": dead, "rejected": validated.rejected,
-                "duplicates": unique.duplicates, "tasks": tasks_kept, "eval_tasks": held_out,
-                "excluded": excluded}
+                "duplicates": unique.duplicates, "tasks": tasks_kept,
+                "eval_tasks": selected.heldout, "excluded": selected.excluded, HISTORY: counts}
+
+    def select_mutate_fix(self, validated):
+        """Per repository: the held-out tasks first, then the training tasks (SelectTasks)."""
+        s = self.settings
+        return (validated
+                | "KeyTasksByRepository" >> beam.Map(lambda i: (repo_key(i["repository"]), i))
+                | "GroupTasks" >> beam.GroupByKey()
+                | "SelectTasks" >> beam.FlatMap(select_for_repository, s.families,
+                                                s.spec.tasks_per_repository,
+                                                s.spec.held_out_tasks)
+                .with_outputs("heldout", "excluded", main="tasks"))
+
+    def select_issue_fix(self, validated, held_out):
+        """Per history source, none of the held-out tasks' functions (a side input)."""
+        programs = held_out | "HeldOutPrograms" >> beam.Map(lambda i: task_program(i["task"]))
+        return (validated
+                | "KeyIssueFixBySource" >> beam.Map(lambda i: (i["history"], i))
+                | "GroupIssueFix" >> beam.GroupByKey()
+                | "SelectIssueFix" >> beam.FlatMap(
+                    select_issue_fix, self.settings.spec.issue_fix.tasks_per_repository,
+                    beam.pvalue.AsList(programs)).with_outputs(HISTORY, main="tasks"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +476,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--max-turns", type=int, default=None, help="the policy's turn budget")
+    parser.add_argument("--history", action="append", default=[],
+                        help="issue-fix tasks from a history: NAME==V1,V2,... (PyPI releases, "
+                             "oldest first) or a git URL/path[#SINCE..UNTIL]")
+    parser.add_argument("--max-commits", type=int, default=None,
+                        help="commits scanned per history source")
+    parser.add_argument("--issue-fix-tasks", type=int, default=None,
+                        help="issue-fix tasks rolled out per history source")
 
 
 def repo_from_flag(text: str) -> dict[str, Any]:
@@ -328,6 +496,17 @@ def repo_from_flag(text: str) -> dict[str, Any]:
     return {"path": text}
 
 
+def history_from_flag(text: str) -> dict[str, Any]:
+    """``name==v1,v2,...`` (PyPI releases, oldest first) or ``URL-or-path[#since..until]``
+    (git; ``#..until`` or ``#since..`` leave one end open)."""
+    if "==" in text:
+        project, _, versions = text.partition("==")
+        return {"pypi": project, "versions": [v for v in versions.split(",") if v]}
+    url, _, revisions = text.partition("#")
+    since, _, until = revisions.partition("..")
+    return {"git": url, **({"since": since} if since else {}), **({"until": until} if until else {})}
+
+
 def apply_flags(flags: argparse.Namespace, spec: dict[str, Any],
                 _evaluation: dict[str, Any]) -> None:
     if flags.repo:
@@ -338,6 +517,15 @@ def apply_flags(flags: argparse.Namespace, spec: dict[str, Any],
                        ("heldOutTasks", flags.held_out_tasks)):
         if value is not None:
             spec[key] = value
+    issue_fix = dict(spec.get("issueFix") or {})
+    if flags.history:
+        issue_fix["sources"] = [history_from_flag(h) for h in flags.history]
+    for key, value in (("maxCommits", flags.max_commits),
+                       ("tasksPerRepository", flags.issue_fix_tasks)):
+        if value is not None:
+            issue_fix[key] = value
+    if issue_fix:
+        spec["issueFix"] = issue_fix
     policy = dict(spec.get("policy") or {})
     for key, value in (("kind", flags.policy), ("endpoint", flags.endpoint),
                        ("model", flags.model), ("maxTurns", flags.max_turns)):
@@ -347,10 +535,33 @@ def apply_flags(flags: argparse.Namespace, spec: dict[str, Any],
         spec["policy"] = policy
 
 
+def project_of(spec: dict[str, Any]) -> str:
+    """A repository's or history source's project, normalised (``More_Itertools==10.3.0`` and
+    ``more-itertools`` are one project)."""
+    if spec.get("pypi") and "==" in spec["pypi"]:
+        name = spec["pypi"].split("==")[0]
+    elif spec.get("pypi"):
+        name = spec["pypi"]
+    else:
+        name = RepoSource(git=spec.get("git"), path=spec.get("path")).name
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def owned_histories(settings: Settings) -> list[dict[str, Any]]:
+    """This part's history sources: one whose project is also a mutate-fix repository goes to
+    the part that owns that repository (its held-out tasks, which the issue-fix tasks must avoid,
+    are chosen there), the others dealt out after the repositories."""
+    positions = {project_of(r): i for i, r in reversed(list(enumerate(settings.repositories)))}
+    count = len(settings.repositories)
+    return [h for k, h in enumerate(settings.history_sources)
+            if settings.part.owns_position(positions.get(project_of(h), count + k))]
+
+
 def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
     mine = [r for i, r in enumerate(settings.repositories) if settings.part.owns_position(i)]
-    outputs = (pipeline | "Repositories" >> beam.Create(mine)
-               | "TrajectoryDataset" >> TrajectoryDataset(settings))
+    inputs = {"repositories": pipeline | "Repositories" >> beam.Create(mine),
+              "histories": pipeline | "HistorySources" >> beam.Create(owned_histories(settings))}
+    outputs = inputs | "TrajectoryDataset" >> TrajectoryDataset(settings)
     write = data_step.WriteShards
     outputs["train"] | "WriteTrainSplit" >> write(output, "train", settings.spec.shards)
     outputs["deadletter"] | "WriteDeadletterSplit" >> write(output, "deadletter", 1)
@@ -359,6 +570,9 @@ def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
         (outputs[name]
          | f"Count{name.title()}" >> beam.combiners.Count.PerElement()
          | f"Write{name.title()}Counts" >> beam.Map(data_step.write_count, output, name))
+    (outputs[HISTORY]
+     | "SumHistoryCounts" >> beam.CombinePerKey(sum)
+     | "WriteHistoryCounts" >> beam.Map(data_step.write_count, output, HISTORY))
 
 
 SIDE_COUNTS = ("rejected", "duplicates", "tasks", "excluded")
@@ -385,6 +599,9 @@ def tally(output: str, settings: Settings) -> tuple[dict[str, list[artifacts.Sha
         repo, family = key.split("|")
         by_repo.setdefault(repo, {})[family] = count
     stats["tasks_by_repository_family"] = by_repo
+    stats["issue_fix"] = issue_fix_stats(
+        [history.source_name(h) for h in owned_histories(settings)],
+        data_step.read_counts(output, HISTORY))
     # every episode counts for the solve rates, near-duplicates dropped from the data included
     episodes = [{"meta": {"family": r["meta"]["family"], "success": r["meta"]["success"]}}
                 for r in train]
@@ -403,8 +620,8 @@ def throughput(stats: dict[str, Any], seconds: float) -> dict[str, float]:
 
 
 def describe(settings: Settings) -> str:
-    return (f"trajectories for {len(settings.repositories)} repositories "
-            f"(policy {settings.policy.get('kind')})")
+    return (f"trajectories for {len(settings.repositories)} repositories and "
+            f"{len(settings.history_sources)} histories (policy {settings.policy.get('kind')})")
 
 
 def summary(stats: dict[str, Any]) -> str:
