@@ -158,21 +158,21 @@ def declared_requirements(tree: Path) -> Declared:
     if cfg.has_section("options.extras_require") and not extras:
         extras = {canonicalize_name(k): _cfg_list(v) for k, v in cfg.items("options.extras_require")}
         extras_src = "setup.cfg [options.extras_require]"
-    if setup_kw:
+    if setup_kw.keys() & {"install_requires", "tests_require", "extras_require"}:
         out.add("setup.py install_requires", _strings(setup_kw.get("install_requires", [])))
         out.add("setup.py tests_require", _strings(setup_kw.get("tests_require", [])))
         if not extras:
             extras = {canonicalize_name(k): _strings(v)
                       for k, v in dict(setup_kw.get("extras_require", {})).items()}
             extras_src = "setup.py extras_require"
-    elif setup_why:
+    if setup_why:
         out.skipped.append(setup_why)
     _add_named(out, extras, extras_src)
     groups = pyproject.get("dependency-groups", {}) if isinstance(pyproject, dict) else {}
     _add_groups(out, groups)
     _add_requirement_files(out, tree)
     _add_tox(out, tree)
-    for extra in sorted(out.self_extras - set()):   # "pkg[test]" inside another extra or file
+    for extra in sorted(out.self_extras):   # "pkg[test]" inside another extra or file
         if extra in extras:
             out.add(f"{extras_src} [{extra}] (referenced as the project's extra)", extras[extra])
     if not any(canonicalize_name(Requirement(r).name) == "pytest" for r in out.reqs):
@@ -190,7 +190,7 @@ def _add_named(out: _Collector, named: dict[str, list[str]], source: str) -> Non
 
 def _add_groups(out: _Collector, groups: dict[str, Any]) -> None:
     """PEP 735 groups, with ``{include-group = ...}`` entries expanded (cycles refused)."""
-    norm = {canonicalize_name(k): v for k, v in groups.items()}
+    norm: dict[str, Any] = {canonicalize_name(k): v for k, v in groups.items()}
 
     def expand(name: str, seen: tuple[str, ...]) -> list[str]:
         if name in seen:
@@ -292,11 +292,11 @@ def _static_setup(path: Path) -> tuple[dict[str, Any], str | None]:
             except (ValueError, TypeError, SyntaxError):
                 pass
     wanted = ("install_requires", "tests_require", "extras_require", "name", "version")
-    for node in ast.walk(module):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "setup":
+    for call in ast.walk(module):
+        if isinstance(call, ast.Call) and getattr(call.func, "id", getattr(call.func, "attr", "")) == "setup":
             found: dict[str, Any] = {}
             dynamic = []
-            for kw in node.keywords:
+            for kw in call.keywords:
                 if kw.arg not in wanted:
                     continue
                 if isinstance(kw.value, ast.Name) and kw.value.id in constants:

@@ -1,0 +1,189 @@
+"""Environment builder: declared dependencies read from fixture trees (fast, no network), and one
+real build of a PyPI sdist with a dependency (slow: downloads from PyPI)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cwm_exec.sandbox import Limits
+from cwm_forager import envbuild
+from cwm_forager.env import RepoEnvironment
+from cwm_forager.envbuild import EnvBuildError, declared_requirements
+from cwm_forager.repos import RepositoryError, RepoSource, fetch
+
+
+def write(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(textwrap.dedent(text).lstrip())
+    return root
+
+
+def test_pyproject_dependencies_test_extra_and_groups(tmp_path):
+    write(tmp_path, {"pyproject.toml": """
+        [project]
+        name = "Demo_Pkg"
+        dependencies = ["attrs>=22", "rpds-py; python_version >= '3.8'"]
+        [project.optional-dependencies]
+        tests = ["pytest>=7", "demo-pkg[speedups]"]
+        speedups = ["ujson"]
+        docs = ["sphinx"]
+        [dependency-groups]
+        test = ["pytest-mock", {include-group = "typing"}]
+        typing = ["mypy>=1"]
+        lint = ["ruff"]
+        """})
+    declared = declared_requirements(tmp_path)
+    assert declared.project == "Demo_Pkg"
+    assert declared.requirements == (
+        "attrs>=22", 'rpds-py; python_version >= "3.8"', "pytest>=7", "pytest-mock", "mypy>=1",
+        "ujson")  # the docs extra and the lint group are not test dependencies
+    assert declared.sources[0] == "pyproject.toml [project] dependencies (2)"
+    assert any("[speedups] (referenced as the project's extra)" in s for s in declared.sources)
+
+
+def test_setup_cfg_and_dev_extra_only_when_no_test_extra(tmp_path):
+    write(tmp_path, {"setup.cfg": """
+        [metadata]
+        name = demo
+        [options]
+        install_requires =
+            six>=1.10  # comment
+            webencodings
+        [options.extras_require]
+        dev = tox
+            pytest-cov
+        """})
+    declared = declared_requirements(tmp_path)
+    assert declared.requirements == ("six>=1.10", "webencodings", "tox", "pytest-cov", "pytest")
+    assert "added: the suite runs under pytest (1)" in declared.sources
+
+
+def test_static_setup_py_is_read_without_running_it(tmp_path):
+    write(tmp_path, {"setup.py": """
+        import sys
+        from setuptools import setup
+        REQUIRES = ["requests>=2", "idna"]
+        sys.exit("running this file is an error")
+        setup(name="demo", install_requires=REQUIRES, tests_require=["pytest", "mock"],
+              extras_require={"testing": ["hypothesis"], "cli": ["click"]})
+        """, "PKG-INFO": "Metadata-Version: 2.1\nName: demo\nVersion: 1.2.3\n\nbody\n"})
+    declared = declared_requirements(tmp_path)
+    assert declared.requirements == ("requests>=2", "idna", "pytest", "mock", "hypothesis")
+    assert (declared.project, declared.version) == ("demo", "1.2.3")
+
+
+def test_dynamic_setup_py_is_recorded_as_not_read(tmp_path):
+    write(tmp_path, {"setup.py": """
+        from setuptools import setup
+        setup(name="demo", install_requires=open("reqs.txt").read().split())
+        """})
+    declared = declared_requirements(tmp_path)
+    assert declared.requirements == ("pytest",)
+    assert declared.skipped == ("setup.py: install_requires not literal (not read)",)
+
+
+def test_requirement_files_follow_includes_and_drop_options(tmp_path):
+    write(tmp_path, {
+        "requirements.txt": "-e .\nclick>=8 \\\n    --hash=sha256:abc\n--index-url https://x\n",
+        "requirements/tests.txt": "-r base.txt\npytest==8.1.1  # pinned\n./vendor/pkg\n",
+        "requirements/base.txt": "-r tests.txt\nattrs\n",
+        "requirements-dev.txt": "black\n",  # ignored: a test file exists
+    })
+    declared = declared_requirements(tmp_path)
+    assert declared.requirements == ("click>=8", "attrs", "pytest==8.1.1")
+    assert "requirements.txt: '-e .' (an option, editable or local path: not resolved)" \
+        in declared.skipped
+    assert any("'./vendor/pkg'" in s for s in declared.skipped)
+
+
+def test_tox_deps_plain_lines_only(tmp_path):
+    write(tmp_path, {"tox.ini": """
+        [tox]
+        envlist = py311
+        [testenv]
+        deps =
+            pytest
+            py311: numpy
+            {[base]deps}
+            -rreq-tox.txt
+        commands = pytest
+        """, "req-tox.txt": "freezegun\n"})
+    declared = declared_requirements(tmp_path)
+    assert declared.requirements == ("pytest", "freezegun")
+    assert len(declared.skipped) == 2
+
+
+def test_bad_files_are_named(tmp_path):
+    write(tmp_path, {"pyproject.toml": "[project\nname = 1\n"})
+    with pytest.raises(EnvBuildError, match="pyproject.toml: not valid TOML"):
+        declared_requirements(tmp_path)
+    write(tmp_path, {"pyproject.toml": """
+        [dependency-groups]
+        test = [{include-group = "a"}]
+        a = [{include-group = "test"}]
+        """})
+    with pytest.raises(EnvBuildError, match="include-group cycle test -> a -> test"):
+        declared_requirements(tmp_path)
+    write(tmp_path, {"pyproject.toml": "[project]\ndependencies = ['ok', 'not a valid req!']\n"})
+    assert "'not a valid req!'" in declared_requirements(tmp_path).skipped[0]
+
+
+def test_pins_key_and_pip_messages():
+    report = {"install": [{"metadata": {"name": "Six", "version": "1.16.0"}},
+                          {"metadata": {"name": "python_dateutil", "version": "2.9.0"}}]}
+    pins = envbuild.pins_from_report(report)
+    assert pins == ["python-dateutil==2.9.0", "six==1.16.0"]
+    assert envbuild.environment_key(pins) == envbuild.environment_key(pins[::-1])
+    assert envbuild.environment_key(pins) != envbuild.environment_key(pins[:1])
+    words = ("ERROR: Could not find a version that satisfies the requirement sgmllib3k "
+             "(from versions: none)\nERROR: No matching distribution found for sgmllib3k")
+    assert envbuild.missing_wheels(words) == ["sgmllib3k"]
+
+
+LIMITS = Limits(wall_seconds=60, cpu_seconds=60, memory_mb=2048, output_bytes=1 << 20,
+                processes=128)
+
+
+@pytest.mark.slow
+def test_real_sdist_with_a_dependency(tmp_path):
+    """isodate 0.6.1 imports six (its one dependency); its tests live in the package."""
+    env = RepoEnvironment({"pypi": "isodate==0.6.1"}, limits=LIMITS, workroot=tmp_path / "w",
+                          dependencies=True, resolve_before="2026-12-01T00:00:00Z")
+    try:
+        env.prepare()
+        build = env.build
+        assert build is not None and build.ok and build.stage == "done"
+        assert "setup.py install_requires (1)" in build.sources
+        assert any(p.startswith("six==") for p in build.pins)
+        assert build.tests_passed == len(env.suite) >= 10
+        probe = env.run([env.interpreter.python, "-c",
+                         "import six, importlib.metadata as m; print(m.version('isodate'));"
+                         "import torch"], env.base)
+        assert probe.stdout.decode().strip() == "0.6.1"  # the project's metadata, not installed
+        assert b"No module named 'torch'" in probe.stderr  # the pipeline's packages are not seen
+    finally:
+        env.close()
+    again = envbuild.BuildResult("isodate")
+    envbuild.build(fetch(RepoSource(pypi="isodate==0.6.1")), again,
+                   uploaded_prior_to="2026-12-01T00:00:00Z")
+    assert again.env_reused and again.pins == build.pins  # cached by the resolved set
+
+
+@pytest.mark.slow
+def test_a_dependency_without_wheels_is_recorded(tmp_path):
+    """sgmllib3k publishes only an sdist: without build_sdists the build stops at resolve."""
+    tree = write(tmp_path / "nowheel", {"requirements.txt": "sgmllib3k==1.0.0\n",
+                                        "test_x.py": "def test_x():\n    import sgmllib\n"})
+    env = RepoEnvironment({"path": str(tree)}, limits=LIMITS, workroot=tmp_path / "w",
+                          dependencies=True)
+    try:
+        with pytest.raises(RepositoryError, match="stopped at resolve: pip could not resolve"):
+            env.prepare()
+        assert env.build is not None and not env.build.ok
+        assert (env.build.stage, env.build.missing_wheels) == ("resolve", ["sgmllib3k==1.0.0"])
+    finally:
+        env.close()
