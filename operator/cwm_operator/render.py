@@ -90,7 +90,8 @@ SANDBOX_KINDS = ("beam", "train")
 #: NetworkPolicy selectors (charts/cwm-operator/templates/networkpolicy.yaml): `sandbox` pods get
 #: no network but DNS and storage, `trainer` pods only their peers, DNS and storage.
 LABEL_NETWORK = "cwm.dev/network"
-#: "storage" on sandboxing pods whose artifacts live in an object store: the egress allow-list.
+#: "storage" on every step pod whose artifacts live in an object store: the chart's egress
+#: allow-list (DNS and the store) instead of whatever else the pod could reach.
 LABEL_EGRESS = "cwm.dev/egress"
 #: The images' non-root user (operator/, beam/ and jobs/Dockerfile create it).
 RUN_AS = 65532
@@ -215,13 +216,14 @@ def _volumes(pipeline: CWMPipeline, train: bool) -> tuple[list[Any], list[Any]]:
 
 
 def _network_labels(pipeline: CWMPipeline, step: Step) -> dict[str, str]:
-    """Sandboxing pods are network-restricted by the chart; the others (corpus, tokenizer) are not
-    selected by any policy, so they carry no egress label."""
+    """Sandboxing pods are network-restricted by the chart (the role). With artifacts in an object
+    store every step must reach it, so every step pod gets the egress label: the chart's
+    storage policy then limits egress to DNS and the store, for the corpus and tokenizer pods too
+    (no other policy selects them; they need nothing else)."""
     role = {"beam": "sandbox", "train": "trainer"}.get(step.kind, "job")
     uri = pipeline.spec.storage.uri or ""
     remote = "://" in uri and not uri.startswith("file://")
-    egress = remote and step.kind in SANDBOX_KINDS
-    return {LABEL_NETWORK: role, **({LABEL_EGRESS: "storage"} if egress else {})}
+    return {LABEL_NETWORK: role, **({LABEL_EGRESS: "storage"} if remote else {})}
 
 
 def _security(step: Step, settings: Settings) -> tuple[Any, Any, list[Any]]:

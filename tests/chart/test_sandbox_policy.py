@@ -85,7 +85,8 @@ def test_every_pod_that_runs_programs_is_selected_as_the_docs_say(helm: Helm) ->
     expected = {
         "cluster.yaml": {"traces": {"sandbox-deny-all", "storage-egress"},
                          "trajectories": {"sandbox-deny-all", "storage-egress"},
-                         "tokenizer": set(), "pretrain": {"trainer-peers", "storage-egress"}},
+                         "tokenizer": {"storage-egress"},
+                         "pretrain": {"trainer-peers", "storage-egress"}},
         "local-cluster.yaml": {"traces": {"sandbox-deny-all"}, "trajectories": {"sandbox-deny-all"},
                                "corpus": set(), "tokenizer": set(), "rl": {"trainer-peers"}},
     }

@@ -264,10 +264,10 @@ def test_pods_that_sandbox_programs_get_the_localhost_profile_and_the_mode() -> 
         assert env.get("CWM_SANDBOX") == ("rlimits" if step.kind in ("beam", "train") else None)
 
 
-def test_egress_label_only_on_sandboxing_pods_with_artifacts_in_an_object_store() -> None:
+def test_egress_label_on_every_pod_with_artifacts_in_an_object_store() -> None:
     for source, step, template in _all_templates():
         egress = template["metadata"]["labels"].get("cwm.dev/egress")
-        remote = source == "cluster.yaml" and step.kind in ("beam", "train")
+        remote = source == "cluster.yaml"
         assert egress == ("storage" if remote else None), (source, step.name)
 
 
