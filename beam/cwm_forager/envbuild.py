@@ -573,7 +573,7 @@ def _build(tree: Path, result: BuildResult, root: Path, build_sdists: bool,
             wheelhouse = root / "wheelhouse" / hashlib.sha256(
                 "\n".join(declared.requirements).encode()).hexdigest()[:20]
             build_sdists_sandboxed(declared.requirements, wheelhouse, limits)
-            result.stage = "resolve"
+            result.stage, clock = "resolve", _tick(result, "build-sdists", clock)
             pins = resolve(declared.requirements, Path(tmp), find_links=wheelhouse,
                            uploaded_prior_to=before)
     result.pins, result.env_key = pins, environment_key(pins)

@@ -175,7 +175,8 @@ def test_real_sdist_with_a_dependency(tmp_path):
 
 @pytest.mark.slow
 def test_a_dependency_without_wheels_is_recorded(tmp_path):
-    """sgmllib3k publishes only an sdist: without build_sdists the build stops at resolve."""
+    """sgmllib3k publishes only an sdist: without build_sdists the build stops at resolve;
+    with it, the sdist is built in the sandbox and the suite runs."""
     tree = write(tmp_path / "nowheel", {"requirements.txt": "sgmllib3k==1.0.0\n",
                                         "test_x.py": "def test_x():\n    import sgmllib\n"})
     env = RepoEnvironment({"path": str(tree)}, limits=LIMITS, workroot=tmp_path / "w",
@@ -185,5 +186,14 @@ def test_a_dependency_without_wheels_is_recorded(tmp_path):
             env.prepare()
         assert env.build is not None and not env.build.ok
         assert (env.build.stage, env.build.missing_wheels) == ("resolve", ["sgmllib3k==1.0.0"])
+    finally:
+        env.close()
+    # With build_sdists, pip builds the wheel inside the sandbox and the build goes on.
+    env = RepoEnvironment({"path": str(tree)}, limits=LIMITS, workroot=tmp_path / "w2",
+                          dependencies=True, build_sdists=True)
+    try:
+        env.prepare()
+        assert env.build is not None and env.build.built_sdists and env.build.stage == "done"
+        assert "sgmllib3k==1.0.0" in env.build.pins and env.suite == ["test_x.py::test_x"]
     finally:
         env.close()
