@@ -374,6 +374,13 @@ class RepoEnvironment:
                           result.wall_seconds)
 
 
+# Keys of a repository spec that choose how its environment is built, not where it comes from
+# (both spellings: a spec's YAML camelCase, a dumped model's field names).
+BUILD_OPTIONS = {"dependencies": "dependencies", "buildSdists": "build_sdists",
+                 "build_sdists": "build_sdists", "resolveBefore": "resolve_before",
+                 "resolve_before": "resolve_before"}
+
+
 class Environments:
     """Repository environments by source spec, each prepared on first use in a private
     folder; :meth:`close` removes them all. For a process that works tasks of a few
@@ -385,9 +392,13 @@ class Environments:
         self.envs: dict[str, RepoEnvironment] = {}
 
     def get(self, spec: Mapping[str, Any]) -> RepoEnvironment:
+        """The prepared environment of a source spec; the spec may also carry the build
+        options of :data:`BUILD_OPTIONS` (``{"pypi": "x==1", "dependencies": true}``)."""
         key = json.dumps(spec, sort_keys=True)
         if key not in self.envs:
-            self.envs[key] = RepoEnvironment(RepoSource.from_spec(spec), limits=self.limits,
+            options = {BUILD_OPTIONS[k]: v for k, v in spec.items() if k in BUILD_OPTIONS}
+            source = RepoSource.from_spec({k: v for k, v in spec.items() if k not in BUILD_OPTIONS})
+            self.envs[key] = RepoEnvironment(source, limits=self.limits, **options,
                                              workroot=self.root / str(len(self.envs))).prepare()
         return self.envs[key]
 

@@ -10,7 +10,7 @@ import pytest
 
 from cwm_exec.sandbox import Limits
 from cwm_forager import envbuild
-from cwm_forager.env import RepoEnvironment
+from cwm_forager.env import Environments, RepoEnvironment
 from cwm_forager.envbuild import EnvBuildError, declared_requirements
 from cwm_forager.repos import RepositoryError, RepoSource, fetch
 
@@ -151,10 +151,10 @@ LIMITS = Limits(wall_seconds=60, cpu_seconds=60, memory_mb=2048, output_bytes=1 
 @pytest.mark.slow
 def test_real_sdist_with_a_dependency(tmp_path):
     """isodate 0.6.1 imports six (its one dependency); its tests live in the package."""
-    env = RepoEnvironment({"pypi": "isodate==0.6.1"}, limits=LIMITS, workroot=tmp_path / "w",
-                          dependencies=True, resolve_before="2026-12-01T00:00:00Z")
+    envs = Environments(LIMITS)  # as the trajectories step asks: options in the source spec
     try:
-        env.prepare()
+        env = envs.get({"pypi": "isodate==0.6.1", "dependencies": True,
+                        "resolveBefore": "2026-12-01T00:00:00Z"})
         build = env.build
         assert build is not None and build.ok and build.stage == "done"
         assert "setup.py install_requires (1)" in build.sources
@@ -166,7 +166,7 @@ def test_real_sdist_with_a_dependency(tmp_path):
         assert probe.stdout.decode().strip() == "0.6.1"  # the project's metadata, not installed
         assert b"No module named 'torch'" in probe.stderr  # the pipeline's packages are not seen
     finally:
-        env.close()
+        envs.close()
     again = envbuild.BuildResult("isodate")
     envbuild.build(fetch(RepoSource(pypi="isodate==0.6.1")), again,
                    uploaded_prior_to="2026-12-01T00:00:00Z")
