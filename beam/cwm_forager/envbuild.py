@@ -576,6 +576,7 @@ def _build(tree: Path, result: BuildResult, root: Path, build_sdists: bool,
             result.stage, clock = "resolve", _tick(result, "build-sdists", clock)
             pins = resolve(declared.requirements, Path(tmp), find_links=wheelhouse,
                            uploaded_prior_to=before)
+    pins = _without_project(pins, declared.project, result.skipped)
     result.pins, result.env_key = pins, environment_key(pins)
     result.stage, clock = "install", _tick(result, "resolve", clock)
     result.env_reused = (root / result.env_key / ".cwm-complete").is_file()
@@ -588,6 +589,17 @@ def _build(tree: Path, result: BuildResult, root: Path, build_sdists: bool,
     result.stage = "test"
     _tick(result, "install", clock)
     return BuiltEnvironment(str(venv / "bin" / "python"), venv, paths)
+
+
+def _without_project(pins: list[str], project: str | None, skipped: list[str]) -> list[str]:
+    """The pins less the project itself (a dependency's dependency, as freezegun's
+    python-dateutil is for python-dateutil): its tree is on the import path instead."""
+    if not project:
+        return pins
+    own = [p for p in pins if p.split("==")[0] == canonicalize_name(project)]
+    skipped += [f"pin {p}: the project itself, required by a dependency; its source tree is "
+                "used instead" for p in own]
+    return [p for p in pins if p not in own]
 
 
 def _tick(result: BuildResult, stage: str, since: float) -> float:

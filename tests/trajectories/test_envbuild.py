@@ -142,6 +142,9 @@ def test_pins_key_and_pip_messages():
     words = ("ERROR: Could not find a version that satisfies the requirement sgmllib3k "
              "(from versions: none)\nERROR: No matching distribution found for sgmllib3k")
     assert envbuild.missing_wheels(words) == ["sgmllib3k"]
+    skipped: list[str] = []  # the project itself, pulled in by a test dependency, is not pinned
+    assert envbuild._without_project(pins, "Python_DateUtil", skipped) == ["six==1.16.0"]
+    assert skipped[0].startswith("pin python-dateutil==2.9.0: the project itself")
 
 
 LIMITS = Limits(wall_seconds=60, cpu_seconds=60, memory_mb=2048, output_bytes=1 << 20,
