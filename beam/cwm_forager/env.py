@@ -189,6 +189,7 @@ class RepoEnvironment:
     dependencies: bool = False  # build an environment of the declared dependencies (.envbuild)
     build_sdists: bool = False  # ... building wheel-less ones inside the sandbox
     resolve_before: str | None = None  # ... from uploads before this ISO date (reproducible)
+    requirement_changes: envbuild.Advice | None = None  # ... amended (prepare_with_advice)
     interpreter: Interpreter = field(default_factory=Interpreter)
     build: envbuild.BuildResult | None = None  # what the environment build did (dependencies)
     # set by prepare()
@@ -249,7 +250,8 @@ class RepoEnvironment:
         self.build = envbuild.BuildResult(self.name)
         try:
             built = envbuild.build(tree, self.build, build_sdists=self.build_sdists,
-                                   uploaded_prior_to=self.resolve_before)
+                                   uploaded_prior_to=self.resolve_before,
+                                   changes=self.requirement_changes)
         except envbuild.EnvBuildError as err:
             raise RepositoryError(f"repository {self.name}: environment build stopped at "
                                   f"{err.stage}: {err}") from err

@@ -34,8 +34,11 @@ The repository itself is not installed (its build backend would run its code): i
 is the ``src/`` or top folder as for every environment, and a ``.dist-info`` written from the
 sdist's ``PKG-INFO`` (name, version, entry points; no code) lets ``importlib.metadata`` find it.
 
-Not done yet: the model-driven fallback (an OpenAI-compatible policy reading ``error`` and the
-files and proposing requirements) for the builds this pass cannot finish; see README.
+Where this deterministic pass fails (no wheel, a conflict, a test dependency nobody declared),
+:func:`prepare_with_advice` asks an :class:`Advisor` (:class:`OpenAIAdvisor`: any
+OpenAI-compatible endpoint, as the trajectories' ``openai`` policy uses) for :class:`Advice`,
+requirements to add and to drop, given the failure and the repository's dependency files, and
+builds again; every round is recorded in ``BuildResult.advice``.
 """
 
 from __future__ import annotations
@@ -57,13 +60,16 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from cwm_exec import sandbox
-from cwm_forager.repos import cache_root
+from cwm_forager.repos import RepositoryError, cache_root, fetch
+
+if TYPE_CHECKING:
+    from cwm_forager.env import RepoEnvironment
 
 TEST_NAMES = ("test", "tests", "testing")
 FALLBACK_NAMES = ("dev",)
@@ -521,6 +527,7 @@ class BuildResult:
     tests_failed: int = 0
     test_reason: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    advice: list[dict[str, Any]] = field(default_factory=list)  # prepare_with_advice's rounds
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -537,16 +544,18 @@ class BuiltEnvironment:
 
 def build(tree: Path, result: BuildResult, *, root: Path | None = None,
           build_sdists: bool = False, limits: sandbox.Limits | None = None,
-          uploaded_prior_to: str | None = None) -> BuiltEnvironment:
+          uploaded_prior_to: str | None = None, changes: Advice | None = None
+          ) -> BuiltEnvironment:
     """Stages ``parse`` → ``resolve`` (→ ``build-sdists``) → ``install`` for the source tree
     ``tree``, recording each in ``result``; raises :class:`EnvBuildError` at the failing one
     (``result.stage`` and ``result.error`` set too). Running the suite is the caller's
-    (:meth:`cwm_forager.env.RepoEnvironment.prepare`)."""
+    (:meth:`cwm_forager.env.RepoEnvironment.prepare`). ``changes`` amend what the tree
+    declares (an advisor's, :func:`prepare_with_advice`)."""
     root = root or envs_root()
     try:
         return _build(Path(tree), result, root, build_sdists, limits or sandbox.Limits(
             wall_seconds=600, cpu_seconds=600, memory_mb=4096, output_bytes=4 << 20,
-            processes=256), uploaded_prior_to)
+            processes=256), uploaded_prior_to, changes)
     except EnvBuildError as err:
         result.stage, result.error = err.stage, str(err)
         result.missing_wheels = sorted(err.details.get("missing_wheels", result.missing_wheels))
@@ -554,9 +563,12 @@ def build(tree: Path, result: BuildResult, *, root: Path | None = None,
 
 
 def _build(tree: Path, result: BuildResult, root: Path, build_sdists: bool,
-           limits: sandbox.Limits, before: str | None) -> BuiltEnvironment:
+           limits: sandbox.Limits, before: str | None, changes: Advice | None
+           ) -> BuiltEnvironment:
     clock = time.monotonic()
     declared = declared_requirements(tree)
+    if changes is not None:
+        declared = changes.apply(declared)
     result.declared, result.sources = list(declared.requirements), list(declared.sources)
     result.skipped = list(declared.skipped)
     result.stage, clock = "resolve", _tick(result, "parse", clock)
@@ -619,3 +631,138 @@ def _pip(cmd: list[str]) -> subprocess.CompletedProcess[str]:
 
 def _replace_limits(limits: sandbox.Limits, **changes: Any) -> sandbox.Limits:
     return sandbox.Limits(**{**asdict(limits), **changes})
+
+
+# ---------------------------------------------------------------------------------------------
+# the model-driven fallback: advice on the requirements where the deterministic build failed
+
+
+@dataclass(frozen=True)
+class Advice:
+    """Requirements to ``add`` (PEP 508 strings) and distributions to ``drop`` (names)."""
+
+    add: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        for text in self.add:
+            try:
+                Requirement(text)
+            except InvalidRequirement as err:
+                raise EnvBuildError("advice", f"advice add {text!r}: not a requirement ({err})") from err
+
+    def apply(self, declared: Declared) -> Declared:
+        drop = {canonicalize_name(n) for n in self.drop}
+        kept = [r for r in declared.requirements if canonicalize_name(Requirement(r).name) not in drop]
+        added = [r for r in self.add if r not in kept]
+        return Declared(declared.project, declared.version, tuple(kept + added),
+                        (*declared.sources, f"advice: +{len(added)} -{len(self.drop)}"),
+                        declared.skipped)
+
+    def merged(self, earlier: Advice | None) -> Advice:
+        """This round's advice on top of the earlier rounds'."""
+        if earlier is None:
+            return self
+        drop = {canonicalize_name(n) for n in self.drop}
+        add = [r for r in earlier.add if canonicalize_name(Requirement(r).name) not in drop]
+        return Advice(tuple(dict.fromkeys([*add, *self.add])),
+                      tuple(dict.fromkeys([*earlier.drop, *self.drop])), self.why)
+
+
+def parse_advice(text: str) -> Advice:
+    """The JSON object in a model's reply (a fenced block or bare), as :class:`Advice`."""
+    match = re.search(r"\{.*\}", text, re.DOTALL)
+    try:
+        data = json.loads(match.group(0)) if match else None
+    except json.JSONDecodeError as err:
+        raise EnvBuildError("advice", f"advisor reply: not JSON ({err}): {text[:300]!r}") from err
+    if not isinstance(data, dict):
+        raise EnvBuildError("advice", f"advisor reply: no JSON object: {text[:300]!r}")
+    lists = {k: data.get(k, []) for k in ("add", "drop")}
+    for key, value in lists.items():
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise EnvBuildError("advice", f"advisor reply: {key!r} must be a list of strings")
+    return Advice(tuple(lists["add"]), tuple(lists["drop"]), str(data.get("why", ""))[:500])
+
+
+ADVISOR_PROMPT = (
+    "You fix the dependency list of a Python repository so that its test suite installs from "
+    "PyPI wheels and runs under pytest. You get the build's failure and the repository's "
+    "dependency files. Reply with one JSON object and nothing else: {\"add\": [PEP 508 "
+    "requirement strings to install], \"drop\": [distribution names to leave out], \"why\": "
+    "\"one sentence\"}. Add only what the failure shows is missing or wrong; an empty add and "
+    "drop means you cannot help.")
+DEPENDENCY_FILES = ("pyproject.toml", "setup.cfg", "setup.py", "tox.ini", *REQUIREMENT_FILES,
+                    *TEST_REQUIREMENT_FILES, *DEV_REQUIREMENT_FILES)
+
+
+def failure_context(tree: Path, result: BuildResult, failure: str, file_chars: int = 3000) -> str:
+    """What an advisor is shown: the stage, the failure's words, the declared requirements and
+    the dependency files (each cut to ``file_chars``)."""
+    parts = [f"Repository: {result.repository}", f"Stage reached: {result.stage}",
+             f"Failure:\n{failure[-4000:]}", "Declared requirements: " + ", ".join(result.declared),
+             "Sources: " + "; ".join(result.sources)]
+    if result.missing_wheels:
+        parts.append("No wheel for: " + ", ".join(result.missing_wheels))
+    for rel in DEPENDENCY_FILES:
+        if (Path(tree) / rel).is_file():
+            text = (Path(tree) / rel).read_text(encoding="utf-8", errors="replace")
+            parts.append(f"--- {rel} ---\n{text[:file_chars]}")
+    return "\n\n".join(parts)
+
+
+class Advisor(Protocol):
+    def advise(self, context: str) -> Advice: ...
+
+
+class OpenAIAdvisor:
+    """Advice from an OpenAI-compatible chat endpoint (vLLM, SGLang, ``cwm serve``), at
+    temperature 0 so a build is repeatable with the same model."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None,
+                 timeout: float = 120.0) -> None:
+        from openai import OpenAI  # noqa: PLC0415 (a heavy client only this fallback needs)
+
+        self.client = OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout,
+                             max_retries=1)
+        self.model = model
+
+    def advise(self, context: str) -> Advice:
+        response = self.client.chat.completions.create(
+            model=self.model, temperature=0.0,
+            messages=[{"role": "system", "content": ADVISOR_PROMPT},
+                      {"role": "user", "content": context}])
+        return parse_advice(response.choices[0].message.content or "")
+
+
+def prepare_with_advice(env: RepoEnvironment, advisor: Advisor, rounds: int = 2
+                        ) -> RepoEnvironment:
+    """``env.prepare()`` with a built environment; after a failure (a build stage, or no test
+    passing) ask ``advisor`` and build again, at most ``rounds`` times. Empty advice ends it.
+    Raises the last :class:`RepositoryError` when no round succeeds."""
+    env.dependencies = True
+    history: list[dict[str, Any]] = []
+    for attempt in range(rounds + 1):
+        try:
+            env.prepare()
+        except RepositoryError as err:
+            if env.build is None or attempt == rounds:
+                _record(env, history)
+                raise
+            advice = advisor.advise(failure_context(fetch(env.source), env.build, str(err)))
+            history.append({"after_stage": env.build.stage, **asdict(advice)})
+            if not advice.add and not advice.drop:
+                _record(env, history)
+                raise
+            env.requirement_changes = advice.merged(env.requirement_changes)
+            env.base = None  # prepare() again, from a fresh copy of the source
+            continue
+        _record(env, history)
+        return env
+    raise AssertionError("unreachable")
+
+
+def _record(env: RepoEnvironment, history: list[dict[str, Any]]) -> None:
+    if env.build is not None:
+        env.build.advice = history

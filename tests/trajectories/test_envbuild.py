@@ -3,7 +3,11 @@ real build of a PyPI sdist with a dependency (slow: downloads from PyPI)."""
 
 from __future__ import annotations
 
+import json
 import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -200,3 +204,76 @@ def test_a_dependency_without_wheels_is_recorded(tmp_path):
         assert "sgmllib3k==1.0.0" in env.build.pins and env.suite == ["test_x.py::test_x"]
     finally:
         env.close()
+
+
+def test_advice_parsing_and_merging(tmp_path):
+    advice = envbuild.parse_advice('Sure.\n```json\n{"add": ["six>=1.16"], "drop": ["Coveralls"],'
+                                   ' "why": "tests import six"}\n```')
+    assert advice == envbuild.Advice(("six>=1.16",), ("Coveralls",), "tests import six")
+    declared = envbuild.Declared("demo", "1", ("coveralls", "pytest"), ("requirements.txt (2)",))
+    amended = advice.apply(declared)
+    assert amended.requirements == ("pytest", "six>=1.16")
+    assert amended.sources[-1] == "advice: +1 -1"
+    later = envbuild.Advice(("mock",), ("six",)).merged(advice)
+    assert (later.add, later.drop) == (("mock",), ("Coveralls", "six"))
+    for reply, words in (("no json here", "no JSON object"), ('{"add": "six"}', "list of strings"),
+                         ('{"add": ["not a req!"]}', "not a requirement"), ("{bad}", "not JSON")):
+        with pytest.raises(EnvBuildError, match=words):
+            envbuild.parse_advice(reply)
+    write(tmp_path, {"setup.cfg": "[options]\ninstall_requires = six\n"})
+    result = envbuild.BuildResult("demo", stage="test", declared=["six"])
+    context = envbuild.failure_context(tmp_path, result, "E   ModuleNotFoundError: No module named 'x'")
+    assert "Stage reached: test" in context and "No module named 'x'" in context
+    assert "--- setup.cfg ---\n[options]" in context
+
+
+class ScriptedAdvisor(BaseHTTPRequestHandler):
+    """A chat-completions server that advises adding ``six`` only when the failure it is shown
+    says six is missing (otherwise: no advice), and records what it was asked."""
+
+    asked: list[str] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        context = body["messages"][-1]["content"]
+        type(self).asked.append(context)
+        advice = ({"add": ["six"], "why": "the tests import six"}
+                  if "No module named 'six'" in context else {"add": [], "drop": []})
+        data = json.dumps({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
+            "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": json.dumps(advice)}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.slow
+def test_advisor_adds_an_undeclared_test_dependency(tmp_path, monkeypatch):
+    """The tests import six, which nothing declares: the deterministic build stops at the test
+    stage; the advisor (the real openai client, a local scripted endpoint) adds six."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedAdvisor)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    tree = write(tmp_path / "repo", {"requirements.txt": "pytest\n",
+                                      "test_six.py": "import six\n\ndef test_six():\n"
+                                                     "    assert six.PY3\n"})
+    env = RepoEnvironment({"path": str(tree)}, limits=LIMITS, workroot=tmp_path / "w")
+    advisor = envbuild.OpenAIAdvisor(f"http://127.0.0.1:{httpd.server_address[1]}/v1", "m")
+    try:
+        envbuild.prepare_with_advice(env, advisor, rounds=2)
+        assert env.build is not None and env.build.stage == "done" and env.suite == [
+            "test_six.py::test_six"]
+        assert [a["after_stage"] for a in env.build.advice] == ["test"]
+        assert env.build.advice[0]["add"] == ("six",) and any(
+            p.startswith("six==") for p in env.build.pins)
+        assert len(ScriptedAdvisor.asked) == 1 and "--- requirements.txt ---" in ScriptedAdvisor.asked[0]
+    finally:
+        env.close()
+        httpd.shutdown()
