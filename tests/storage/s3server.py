@@ -2,14 +2,16 @@
 gateway in one process), built from its Go module by tests/storage/build.sh.
 
 The server keeps its data in a temporary folder, listens on free ports of ``bind`` (loopback by
-default; ``CWM_S3_BIND`` or ``--bind`` choose another address, e.g. a bridge address that pods
-of the node-backed test cluster can reach), accepts one access key and secret (signature V4,
+default; ``CWM_S3_BIND`` or ``--bind`` choose another address, e.g. the node-backed test
+cluster's bridge address 198.18.0.1, which its pods reach; ``--s3-port`` fixes the S3 port, so
+an EndpointSlice can name it), accepts one access key and secret (signature V4,
 checked: a wrong secret is refused), and holds one bucket created at start; no bucket is created
 on demand, so a missing bucket is an error, as on AWS.
 
 Run by hand::
 
     python tests/storage/s3server.py --bind 127.0.0.1     # prints the AWS_* environment, Ctrl-C stops
+    python tests/storage/s3server.py --bind 198.18.0.1 --s3-port 8333   # for the test cluster's pods
 """
 
 from __future__ import annotations
@@ -50,15 +52,15 @@ def binary() -> Path:
     return path
 
 
-def free_ports(bind: str, count: int) -> list[int]:
-    """``count`` distinct free TCP ports on ``bind`` (also free at port + 10000, where SeaweedFS
-    puts a gRPC port unless told otherwise)."""
+def free_ports(bind: str, count: int, taken: tuple[int, ...] = ()) -> list[int]:
+    """``count`` distinct free TCP ports on ``bind``, none of ``taken`` (also free at port +
+    10000, where SeaweedFS puts a gRPC port unless told otherwise)."""
     ports: list[int] = []
     while len(ports) < count:
         with socket.socket() as s:
             s.bind((bind, 0))
             port = s.getsockname()[1]
-        if port < 55000 and port not in ports:
+        if port < 55000 and port not in ports and port not in taken:
             ports.append(port)
     return ports
 
@@ -66,8 +68,9 @@ def free_ports(bind: str, count: int) -> list[int]:
 class S3Server:
     """One ``weed mini`` process; :meth:`env` is the client environment that reaches it."""
 
-    def __init__(self, root: Path, *, bind: str = "127.0.0.1", bucket: str = "cwm"):
-        self.root, self.bind, self.bucket = Path(root), bind, bucket
+    def __init__(self, root: Path, *, bind: str = "127.0.0.1", bucket: str = "cwm",
+                 s3_port: int | None = None):
+        self.root, self.bind, self.bucket, self.s3_port = Path(root), bind, bucket, s3_port
         self.access_key = "cwm" + secrets.token_hex(6)
         self.secret_key = secrets.token_hex(20)
         self.proc: subprocess.Popen | None = None
@@ -92,7 +95,10 @@ class S3Server:
             "name": "cwm-tests",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
-        self.ports = dict(zip(PORTS, free_ports(self.bind, len(PORTS))))
+        fixed = (self.s3_port,) if self.s3_port else ()
+        self.ports = dict(zip(PORTS, free_ports(self.bind, len(PORTS), fixed)))
+        if self.s3_port:
+            self.ports["s3"] = self.s3_port
         argv = [str(weed), "mini", f"-dir={data}", f"-ip={self.bind}", f"-ip.bind={self.bind}",
                 f"-s3.config={config}", f"-bucket={self.bucket}", "-s3.autoCreateBucket=false",
                 "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -162,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bind", default=os.environ.get("CWM_S3_BIND", "127.0.0.1"))
     parser.add_argument("--bucket", default="cwm")
+    parser.add_argument("--s3-port", type=int, help="the S3 port (default: a free one)")
     parser.add_argument("--dir", help="data folder (default: a temporary one, removed at exit)")
     args = parser.parse_args(argv)
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="cwm-s3-"))
-    server = S3Server(root, bind=args.bind, bucket=args.bucket).start()
+    server = S3Server(root, bind=args.bind, bucket=args.bucket, s3_port=args.s3_port).start()
     serve_until_stopped(server, f"s3://{args.bucket}", None if args.dir else root)
     return 0
 
