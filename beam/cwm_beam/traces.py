@@ -33,6 +33,21 @@ Decontamination: the CRUXEval problems the evaluation holds out (the step config
 are never traced, and a program of any source whose hash is one of theirs is dropped; the
 manifest's ``stats.excluded_for_evaluation`` counts them by source. The validation split (the
 held-out traces) is chosen by program hash, so no program is in both splits.
+
+Explained traces (``spec.explain``, ``data.traces.explain``; off unless given; flags
+``--explain-endpoint URL --explain-model NAME``): a model behind an OpenAI-compatible endpoint
+explains train traces (:mod:`cwm_beam.explain`); the explanations whose stated output is the
+traced one are the ``explained`` split (``{"id", "source", "program_hash", "code", "entry",
+"input", "return", "explanation", "model", "messages"}``), the others ``explain_rejected``
+(``{"id", "verdict", "return", "stated", "explanation", "detail"}``), and ``stats.explain``
+counts every verdict. The endpoint is checked before anything is traced (no answer, or the model
+not served: the step fails naming the field); a request that fails later is counted
+(``endpoint_error``: no answer; ``request_refused``: a 4xx for that request), but when the
+endpoint answered none of a part's requests the step fails rather than commit an empty split.
+The API key is read from ``apiKeyEnv`` in this process only: the sandbox's environment is built
+from a fixed list, and the variable is named a credential (``cwm_spec.storage.
+CREDENTIAL_NAMES_VAR``) so the process that starts sandboxes is made non-dumpable (its
+``/proc/PID/environ`` unreadable to programs of the same user).
 """
 
 from __future__ import annotations
@@ -41,6 +56,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -51,6 +67,15 @@ import fsspec
 from apache_beam.metrics import Metrics
 
 from cwm_beam import fuzz, sources, synthetic
+from cwm_beam.explain import (
+    KEPT,
+    VERDICTS,
+    EndpointError,
+    ExplainSample,
+    ExplainSettings,
+    check_endpoint,
+    part_share,
+)
 from cwm_beam.step import (
     DataStep,
     StepSettings,
@@ -64,7 +89,7 @@ from cwm_beam.step import (
 from cwm_exec import repository
 from cwm_exec.sandbox import Failure, Limits, TracePool
 from cwm_exec.tracer import TraceLimits
-from cwm_spec import artifacts
+from cwm_spec import artifacts, storage
 from cwm_spec.api import EvaluationSpec, TraceDataSpec, TraceSource
 from cwm_spec.programs import program_hash, split_of
 
@@ -73,6 +98,9 @@ NAMESPACE = "traces"
 DEADLETTER = "deadletter"
 TRACED = "traced"
 EXCLUDED = "excluded"
+EXPLAINED = "explained"                # kept explanations: a split of their own
+EXPLAIN_REJECTED = "explain_rejected"  # the others, with why
+EXPLAIN_COUNTS = "explain"             # side counters of the verdicts, and the stats' key
 SOURCE_KINDS = get_args(TraceSource.model_fields["kind"].annotation)
 
 
@@ -104,6 +132,20 @@ class Settings(StepSettings[TraceDataSpec]):
         the step configuration names none)."""
         default = EvaluationSpec.model_fields["cruxeval_held_out"].default
         return int(self.evaluation.get("cruxevalHeldOut", default))
+
+    @property
+    def explain(self) -> ExplainSettings | None:
+        """How to ask for explanations (``spec.explain``), None when off."""
+        spec = self.spec.explain
+        return None if spec is None else ExplainSettings.from_spec(spec)
+
+    @property
+    def explain_cap(self) -> int | None:
+        """This part's share of ``explain.maxRecords`` (None: no cap)."""
+        spec = self.spec.explain
+        if spec is None or spec.max_records is None:
+            return None
+        return part_share(spec.max_records, self.part.index, self.part.count)
 
     def excluded_hashes(self) -> frozenset[str]:
         """The program hashes no training record may have: the held-out CRUXEval problems'."""
@@ -471,6 +513,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cruxeval-held-out", type=int, default=None,
                         help="CRUXEval problems held out for evaluation, never traced "
                         "(over the configuration's evaluation.cruxevalHeldOut; default 800)")
+    explain = parser.add_argument_group("explained traces (over the configuration's explain)")
+    for flag, kind in (("endpoint", str), ("model", str), ("api-key-env", str),
+                       ("max-tokens", int), ("concurrency", int), ("fraction", float),
+                       ("max-records", int)):
+        explain.add_argument(f"--explain-{flag}", type=kind, default=None)
 
 
 def apply_flags(flags: argparse.Namespace, spec: dict[str, Any],
@@ -481,6 +528,17 @@ def apply_flags(flags: argparse.Namespace, spec: dict[str, Any],
         spec["sources"] = [source_from_flag(s) for s in flags.source]
     if flags.validation_fraction is not None:
         spec["validationFraction"] = flags.validation_fraction
+    given = {name: getattr(flags, f"explain_{name}") for name in (
+        "endpoint", "model", "api_key_env", "max_tokens", "concurrency", "fraction",
+        "max_records")}
+    given = {_camel(name): value for name, value in given.items() if value is not None}
+    if given:
+        spec["explain"] = {**(spec.get("explain") or {}), **given}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(word.title() for word in rest)
 
 
 def source_from_flag(text: str) -> dict[str, Any]:
@@ -508,6 +566,30 @@ def build(pipeline: beam.Pipeline, settings: Settings, output: str) -> None:
     (outputs[EXCLUDED]
      | "CountExcluded" >> beam.combiners.Count.PerElement()
      | "WriteExcludedCounts" >> beam.Map(write_count, output, EXCLUDED))
+    if settings.explain is not None:
+        explain_train(outputs["train"], settings, output)
+
+
+def explain_train(train, settings: Settings, output: str) -> None:
+    """The train split's explanations, asked and written (``explained``, ``explain_rejected``
+    and the verdicts' counts). The endpoint is checked here, before the pipeline runs; the key's
+    variable becomes a credential name, so sandboxes never get it (see the module docstring)."""
+    asking = settings.explain
+    assert asking is not None and settings.spec.explain is not None
+    if asking.api_key_env:
+        names = os.environ.get(storage.CREDENTIAL_NAMES_VAR, "")
+        os.environ[storage.CREDENTIAL_NAMES_VAR] = ",".join(
+            n for n in (names, asking.api_key_env) if n)
+    check_endpoint(asking)
+    pairs = train | "ExplainTrain" >> ExplainSample(asking, settings.spec.explain.fraction,
+                                                     settings.explain_cap)
+    (pairs | "KeptExplanations" >> beam.FlatMap(lambda p: [p[1]] if p[0] == KEPT else [])
+     | "WriteExplainedSplit" >> WriteShards(output, EXPLAINED, settings.spec.shards))
+    (pairs | "RejectedExplanations" >> beam.FlatMap(lambda p: [p[1]] if p[0] != KEPT else [])
+     | "WriteRejectedSplit" >> WriteShards(output, EXPLAIN_REJECTED, 1))
+    (pairs | "Verdicts" >> beam.Map(lambda p: p[0])
+     | "CountVerdicts" >> beam.combiners.Count.PerElement()
+     | "WriteVerdictCounts" >> beam.Map(write_count, output, EXPLAIN_COUNTS))
 
 
 def tally(output: str, settings: Settings) -> tuple[dict[str, list[artifacts.Shard]],
@@ -515,7 +597,10 @@ def tally(output: str, settings: Settings) -> tuple[dict[str, list[artifacts.Sha
     """After the pipeline: the data set's shards (empty ones where a split got nothing), its
     stats and each split's program hashes."""
     shards = settings.spec.shards
-    written, rows = read_splits(output, {"train": shards, "validation": shards, "deadletter": 1})
+    splits = {"train": shards, "validation": shards, "deadletter": 1}
+    if settings.explain is not None:
+        splits |= {EXPLAINED: shards, EXPLAIN_REJECTED: 1}
+    written, rows = read_splits(output, splits)
     stats: dict[str, Any] = {"sources": list(settings.sources),
                              "excluded_for_evaluation": dict(read_counts(output, EXCLUDED))}
     for name in ("train", "validation"):
@@ -524,13 +609,35 @@ def tally(output: str, settings: Settings) -> tuple[dict[str, list[artifacts.Sha
         stats[f"{name}_records"] = sum(s.records for s in written[name])
     stats["deadletter_reasons"] = dict(Counter(f"{r['stage']}: {r['reason'].split(' (')[0]}"
                                                for r in rows["deadletter"]))
+    if settings.explain is not None:
+        stats[EXPLAIN_COUNTS] = explain_stats(read_counts(output, EXPLAIN_COUNTS),
+                                              settings.explain.model)
+        stats[f"{EXPLAINED}_records"] = sum(s.records for s in written[EXPLAINED])
     return written, stats, programs(rows)
 
 
+def explain_stats(counts: Counter, model: str) -> dict[str, Any]:
+    """``stats.explain``: every verdict's count and how many traces were asked for (pure).
+
+    Raises when the endpoint answered none of this part's requests (all ``endpoint_error``:
+    it went away after the check), so that no empty split is committed as if the model had
+    been asked. Requests it answered with a refusal (``request_refused``, a 4xx such as a prompt
+    longer than its context) are the model's answer for those traces: counted, not fatal."""
+    verdicts: dict[str, int] = {kind: int(counts.get(kind, 0)) for kind in VERDICTS}
+    asked = sum(n for kind, n in verdicts.items() if kind != "skipped")
+    if asked and verdicts["endpoint_error"] == asked:
+        raise EndpointError(f"explain: the endpoint answered none of {asked} requests (each "
+                            f"one's error is in the {EXPLAIN_REJECTED} split's detail)")
+    if not asked:
+        LOG.warning("explain: no train trace was asked for (none sampled, or none returned)")
+    return {"model": model, "asked": asked, "rejected": asked - verdicts[KEPT], **verdicts}
+
+
 def programs(rows: dict[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
-    """The manifest's ``programs``: each split's program hashes, sorted. Pure."""
+    """The manifest's ``programs``: each split's program hashes, sorted (``explained``: a
+    subset of ``train``'s, listed when it is there). Pure."""
     return {name: sorted({r["program_hash"] for r in rows[name]})
-            for name in ("train", "validation")}
+            for name in ("train", "validation", EXPLAINED) if name in rows}
 
 
 def throughput(stats: dict[str, Any], seconds: float) -> dict[str, float]:
@@ -539,13 +646,19 @@ def throughput(stats: dict[str, Any], seconds: float) -> dict[str, float]:
 
 
 def describe(settings: Settings) -> str:
-    return f"tracing {[source['kind'] for source in settings.sources]}"
+    explain = settings.explain
+    asking = f", explained by {explain.model} at {explain.endpoint}" if explain else ""
+    return f"tracing {[source['kind'] for source in settings.sources]}{asking}"
 
 
 def summary(stats: dict[str, Any]) -> str:
+    explain = stats.get(EXPLAIN_COUNTS)
+    explained = (f"; explanations: {explain['kept']} kept of {explain['asked']} asked "
+                 f"({', '.join(f'{explain[k]} {k}' for k in VERDICTS if k != KEPT)})"
+                 if explain else "")
     return (f"wrote {stats['train_records']} train, {stats['validation_records']} validation, "
             f"{stats['deadletter_records']} dead letters in {stats['seconds']:.1f}s "
-            f"({stats['traces_per_second']:.1f} traces/s)")
+            f"({stats['traces_per_second']:.1f} traces/s){explained}")
 
 
 STEP = DataStep(module="cwm_beam.traces", doc=__doc__, kind=NAMESPACE, settings=Settings,

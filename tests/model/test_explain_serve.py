@@ -61,4 +61,4 @@ def test_served_model_explanations_are_kept_only_when_right(served):
                     equal_to([[("right", "out gets 2, then 4.\nOutput: [2, 4]")]]), label="kept")
         assert_that(pairs | beam.Map(count_verdicts), equal_to([{
             "kept": 1, "wrong_output": 1, "no_output_line": 0, "endpoint_error": 0,
-            "skipped": 1}]), label="counts")
+            "request_refused": 0, "skipped": 1}]), label="counts")

@@ -96,7 +96,7 @@ def test_the_filter_keeps_exactly_the_right_explanations(scripted):
                     equal_to([["right"]]), label="kept")
         assert_that(pairs | beam.Map(count_verdicts), equal_to([{
             "kept": 1, "wrong_output": 2, "no_output_line": 1, "endpoint_error": 0,
-            "skipped": 1}]), label="counts")
+            "request_refused": 0, "skipped": 1}]), label="counts")
     assert sorted(scripted.asked) == ["right", "silent", "typed", "wrong"]  # not "raises"
 
 
