@@ -38,9 +38,12 @@ prepares each such commit's tree as an environment whose spec any process can fe
 release's PyPI pin, or the git repository at the commit) and proposes its changed functions put
 back as they were; the same ``ValidateTasks`` validates them by execution, and keeps one only if a
 failing test is one its commit changed; ``SelectIssueFix`` keeps ``issueFix.tasksPerRepository``
-per source, the commits taking turns; they are rolled out and deduplicated with the rest. Their
+per source, the commits taking turns; with an ``openai`` policy, ``WriteIssues`` has its model
+write the issue of a task whose commit message says too little, from the failing tests' output;
+they are rolled out and deduplicated with the rest. Their
 records carry ``meta.history`` (the source); ``stats.issue_fix`` gives per source commits scanned,
-fix commits, tasks found, validated, excluded for evaluation, episodes, solved and the rate.
+fix commits, tasks found, validated, excluded for evaluation, issues written by the model (and
+requests that failed), episodes, solved and the rate.
 
 Decontamination: ``SelectTasks`` chooses each repository's held-out tasks first, then the
 training tasks among the candidates whose function is none of theirs (a task's program is its
@@ -93,7 +96,8 @@ NAMESPACE = "trajectories"
 DEADLETTER = "deadletter"
 HISTORY = "history"  # the side output of per-source issue-fix counts ("source|field", n)
 ISSUE_FIX_FIELDS = ("commits_scanned", "fix_commits", "tasks_found", "validated",
-                    "excluded_for_evaluation", "episodes", "solved")
+                    "excluded_for_evaluation", "issues_written", "issue_errors", "episodes",
+                    "solved")
 OVERSAMPLE = 2  # candidates validated per wanted task (rejects leave room)
 
 
@@ -356,6 +360,44 @@ def select_issue_fix(item: tuple[str, Iterable[dict[str, Any]]], n: int,
                 yield queue.pop(0)
 
 
+class WriteIssues(_WithEnvironments):
+    """With an ``openai`` policy: an issue-fix task whose commit message says too little gets an
+    issue written by the policy's model from its failing tests' output (counted per source as
+    ``issues_written``); a failed request leaves the task as it was, logged and counted as
+    ``issue_errors``."""
+
+    def setup(self) -> None:
+        super().setup()
+        key = os.environ.get("CWM_POLICY_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        self.policy = make_policy(self.settings.policy, key)
+
+    def chat(self, messages: list[dict[str, str]]) -> str | None:
+        """One completion from the policy's endpoint and model (no tools)."""
+        policy = self.policy
+        response = policy.client.chat.completions.create(
+            model=policy.model, messages=messages, temperature=policy.temperature,
+            max_tokens=512)
+        return response.choices[0].message.content if response.choices else None
+
+    def process(self, item: dict[str, Any]):
+        task = Task.from_json(item["task"])
+        if task.issue:
+            yield item
+            return
+        name = item["history"]
+        try:
+            env = self.environments().get(item["repository"])
+            written = history.write_issue(env, task, self.chat)
+        except Exception as err:
+            LOG.warning("issue for %s not written: %s: %s", task.task_id, type(err).__name__, err)
+            yield beam.pvalue.TaggedOutput(HISTORY, (f"{name}|issue_errors", 1))
+            yield item
+            return
+        if written.issue:
+            yield beam.pvalue.TaggedOutput(HISTORY, (f"{name}|issues_written", 1))
+        yield {**item, "task": written.to_json()}
+
+
 def episode_counts(record: dict[str, Any]) -> list[tuple[str, int]]:
     """An issue-fix episode's per-source counts (before near-duplicates are dropped, as the
     solve rates by family count them); none for a mutate-fix episode."""
@@ -419,7 +461,7 @@ class TrajectoryDataset(data_step.StepTransform):
             lambda item, _: int("history" in item), 2))
         selected = self.select_mutate_fix(mutate_fix)
         chosen = self.select_issue_fix(issue_fix, selected.heldout)
-        rolled = (selected.tasks, chosen.tasks) | "AllSelected" >> beam.Flatten()
+        rolled = (selected.tasks, chosen["tasks"]) | "AllSelected" >> beam.Flatten()
         tasks_kept = rolled | "TaskKeys" >> beam.Map(
             lambda i: f"{i['task']['repo']}|{i['task']['family']}")
         episodes = (rolled
@@ -451,14 +493,22 @@ class TrajectoryDataset(data_step.StepTransform):
                 .with_outputs("heldout", "excluded", main="tasks"))
 
     def select_issue_fix(self, validated, held_out):
-        """Per history source, none of the held-out tasks' functions (a side input)."""
+        """Per history source, none of the held-out tasks' functions (a side input); with an
+        ``openai`` policy, issues written where the commit message says too little. Returns
+        ``{"tasks", HISTORY}``."""
         programs = held_out | "HeldOutPrograms" >> beam.Map(lambda i: task_program(i["task"]))
-        return (validated
-                | "KeyIssueFixBySource" >> beam.Map(lambda i: (i["history"], i))
-                | "GroupIssueFix" >> beam.GroupByKey()
-                | "SelectIssueFix" >> beam.FlatMap(
-                    select_issue_fix, self.settings.spec.issue_fix.tasks_per_repository,
-                    beam.pvalue.AsList(programs)).with_outputs(HISTORY, main="tasks"))
+        chosen = (validated
+                  | "KeyIssueFixBySource" >> beam.Map(lambda i: (i["history"], i))
+                  | "GroupIssueFix" >> beam.GroupByKey()
+                  | "SelectIssueFix" >> beam.FlatMap(
+                      select_issue_fix, self.settings.spec.issue_fix.tasks_per_repository,
+                      beam.pvalue.AsList(programs)).with_outputs(HISTORY, main="tasks"))
+        if self.settings.policy.get("kind") != "openai":
+            return {"tasks": chosen.tasks, HISTORY: chosen[HISTORY]}
+        written = chosen.tasks | "WriteIssues" >> beam.ParDo(WriteIssues(self.settings)) \
+            .with_outputs(HISTORY, main="tasks")
+        return {"tasks": written.tasks,
+                HISTORY: (chosen[HISTORY], written[HISTORY]) | "IssueCounts" >> beam.Flatten()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ before the commit (a function the commit added is removed): the agent's starting
 commit's tree (they are the suite's) and some must fail on the reverted one, and at least one of
 those failing tests must live in a test file the commit itself changed, so the task is the
 commit's own fail-to-pass evidence. The commit message is the issue when it says enough
-(:func:`issue_text`); otherwise the agent reads only the failing tests.
+(:func:`issue_text`); otherwise a model can write one from the failing tests' output
+(:func:`write_issue`; the trajectories step does it with an ``openai`` policy's model), else the
+agent reads only the failing tests.
 
 :func:`release_repository` builds a git history from successive released source distributions of
 a PyPI project (one commit per release), so real projects' histories can be mined without a git
@@ -32,8 +34,8 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cwm_exec import sandbox
@@ -220,6 +222,41 @@ def issue_text(message: str, min_words: int = MIN_ISSUE_WORDS) -> str:
     """The commit message as the task's issue, or "" when it says too little to act on."""
     words = re.findall(r"[A-Za-z]{2,}", message)
     return message.strip() if len(words) >= min_words else ""
+
+
+ISSUE_SYSTEM = ("You write the issue a user of a Python library would file. From the failing "
+                "tests and their output, write a short report: a title line, then what goes "
+                "wrong and what was expected. Describe the behaviour only: do not guess at the "
+                "cause or the fix, and do not mention tests.")
+_THINKING = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def issue_request(task: Task, test_output: str, max_chars: int = 6000) -> list[dict[str, str]]:
+    """The chat messages asking a model to write a task's issue from its failing tests (their
+    ids and the end of their output: the agent sees the same), never from the fix."""
+    failing = "\n".join(f"  {t}" for t in task.failing_tests[:20])
+    return [{"role": "system", "content": ISSUE_SYSTEM},
+            {"role": "user", "content": f"Repository: {task.repo}\nFailing tests:\n{failing}\n\n"
+                                        f"Their output (the end):\n{test_output[-max_chars:]}"}]
+
+
+def issue_from_reply(reply: str | None) -> str:
+    """The model's issue (its reasoning, if any, left out), or "" when it says too little, by
+    the rule a commit message is held to (:func:`issue_text`)."""
+    return issue_text(_THINKING.sub("", reply or "").strip())
+
+
+def write_issue(env: RepoEnvironment, task: Task,
+                chat: Callable[[list[dict[str, str]]], str | None]) -> Task:
+    """The task with an issue written by ``chat`` (a model) from its failing tests' output, run
+    on a fresh copy of the task's starting state; unchanged if the reply says too little."""
+    workdir = env.fresh_task_copy(task)
+    try:
+        report = env.run_tests(workdir, task.failing_tests)
+    finally:
+        env.discard(workdir)
+    issue = issue_from_reply(chat(issue_request(task, report.output)))
+    return replace(task, issue=issue) if issue else task
 
 
 def _spans(source: str) -> dict[str, tuple[int, int]]:

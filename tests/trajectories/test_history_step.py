@@ -6,15 +6,28 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from cwm_beam import trajectories
 from cwm_beam.parts import Part
-from cwm_forager.history import FAMILY, git
+from cwm_forager.history import FAMILY, commit_environment, commit_tasks, fix_commits, git
 from cwm_forager.records import check_record
+from cwm_forager.repos import FIXTURE_ROOT
+from cwm_forager.tasks import Task, validate_task
 from cwm_spec import artifacts
-from tests.trajectories.test_history import MEDIAN_FIX, fixture_history  # noqa: F401 (fixture)
+from tests.trajectories.test_history import (  # noqa: F401 (fixture_history: a fixture)
+    BUGGY_MEDIAN,
+    FIXED_MEDIAN,
+    MEDIAN_FIX,
+    commit,
+    edit,
+    fixture_history,
+)
 from tests.trajectories.test_pipeline import step_config
 
 
@@ -119,3 +132,123 @@ def test_step_writes_issue_fix_tasks_from_a_fixture_history(fixture_history, tmp
     assert not set(manifest.programs["train"]) & set(manifest.programs["eval_tasks"])
     assert stats["eval_tasks"] == 1
     print(json.dumps({k: stats[k] for k in ("issue_fix", "solve_rate_by_family", "rejected")}))
+
+
+@pytest.mark.slow
+def test_step_mines_real_release_histories(tmp_path):
+    """Two real projects' releases (cachetools 5.4.0 -> 5.5.0, parse 1.20.0 -> 1.20.1), each a
+    commit, through the step: issue_fix records in the data set, validated by execution, with
+    the per-source numbers and the family's solve rate in the manifest. (Longer histories and
+    more-itertools: benchmarks/issue_fix_history.py.)"""
+    out = tmp_path / "ds"
+    stats = trajectories.run(["--repo", "calc", "--tasks-per-repo", "1", "--held-out-tasks", "1",
+                              "--history", "cachetools==5.4.0,5.5.0",
+                              "--history", "parse==1.20.0,1.20.1", "--max-turns", "6",
+                              "--output", str(out)])
+    print(json.dumps({k: stats[k] for k in ("issue_fix", "solve_rate_by_family", "rejected",
+                                            "deadletter_reasons")}))
+    manifest = artifacts.verify(str(out))
+    records = [r for r in artifacts.iter_records(str(out), "train") if r["meta"]["family"] == FAMILY]
+    for name, pin in (("cachetools", "cachetools==5.5.0"), ("parse", "parse==1.20.1")):
+        row = manifest.stats["issue_fix"][name]
+        assert row["commits_scanned"] == 1 and row["fix_commits"] == 1, row
+        assert row["validated"] >= 1 and row["episodes"] >= 1, row
+        mine = [r for r in records if r["meta"]["history"] == name]
+        assert mine and all(r["meta"]["repository"] == {"pypi": pin} for r in mine)
+        for record in mine:
+            check_record(record)
+            assert record["task"]["failing_tests"] and record["task"]["gold_patch"]
+    rate = manifest.stats["solve_rate_by_family"][FAMILY]
+    assert rate["episodes"] == sum(r["episodes"] for r in manifest.stats["issue_fix"].values())
+
+
+class IssueWriter(BaseHTTPRequestHandler):
+    """POST /v1/chat/completions → ``reply`` as the assistant's text, after recording the
+    request (a real OpenAI-compatible server's answer, no tools)."""
+
+    reply = ""
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(body)
+        payload = {"id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
+                   "model": body["model"], "choices": [{
+                       "index": 0, "finish_reason": "stop", "logprobs": None,
+                       "message": {"role": "assistant", "content": type(self).reply}}],
+                   "usage": {"prompt_tokens": 50, "completion_tokens": 20, "total_tokens": 70}}
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def issue_writer():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), IssueWriter)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    IssueWriter.requests = []
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    thread.join()
+
+
+@pytest.fixture()
+def terse_history(tmp_path):
+    """calc with its median bug, then the fix with its test under a message that says too
+    little to be the issue."""
+    repo = tmp_path / "calc"
+    shutil.copytree(FIXTURE_ROOT / "calc", repo)
+    stats, tests = repo / "calc/stats.py", repo / "tests/test_stats.py"
+    edit(stats, FIXED_MEDIAN, BUGGY_MEDIAN)
+    edit(tests, "    assert median([4, 1, 3, 2]) == 2.5\n", "")
+    git(repo, "init", "--quiet", "--initial-branch=main")
+    commit(repo, "calc")
+    edit(stats, BUGGY_MEDIAN, FIXED_MEDIAN)
+    edit(tests, "    assert median([3, 1, 2]) == 2\n",
+         "    assert median([3, 1, 2]) == 2\n    assert median([4, 1, 3, 2]) == 2.5\n")
+    commit(repo, "fix median")
+    return repo
+
+
+WRITTEN = ("median() of an even number of values is wrong\n\nmedian([4, 1, 3, 2]) returns 3; "
+           "the median of four values should be the mean of the middle two, 2.5.")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("reply", "issue"), [
+    (f"<think>The test expects 2.5.</think>\n{WRITTEN}", WRITTEN),
+    ("A bug.", ""),   # says too little: the task keeps no issue
+])
+def test_the_policy_model_writes_the_issue_a_terse_commit_lacks(terse_history, issue_writer,
+                                                                 tmp_path, monkeypatch, reply,
+                                                                 issue):
+    monkeypatch.setenv("CWM_CACHE", str(tmp_path / "cache"))
+    IssueWriter.reply = reply
+    settings = trajectories.Settings.from_spec(
+        {"policy": {"kind": "openai", "endpoint": issue_writer, "model": "writer"}},
+        trajectories.data_step.Limits(wall_seconds=30))
+    source = {"git": str(terse_history)}
+    (commit_,), _ = fix_commits(terse_history)
+    spec = commit_environment(source, commit_)
+    writer = trajectories.WriteIssues(settings)
+    writer.setup()
+    env = writer.environments().get(spec)
+    (task,) = [validate_task(env, t) for t in commit_tasks(env, terse_history, commit_)]
+    assert isinstance(task, Task) and task.issue == ""  # "fix median" says too little
+    out = list(writer.process({"repository": spec, "task": task.to_json(), "history": "calc"}))
+    counts = [o.value for o in out if hasattr(o, "tag")]
+    (item,) = [o for o in out if not hasattr(o, "tag")]
+    assert Task.from_json(item["task"]).issue == issue
+    assert counts == ([("calc|issues_written", 1)] if issue else [])
+    (request,) = IssueWriter.requests
+    assert "tools" not in request and request["model"] == "writer"
+    prompt = request["messages"][-1]["content"]
+    assert "tests/test_stats.py::test_median" in prompt and "2.5" in prompt  # the failing output
+    assert "ordered[middle - 1]" not in prompt  # never the fix
