@@ -422,6 +422,19 @@ class IssueFixSpec(Spec):
         20, ge=1, description="Validated issue-fix tasks rolled out per source."
     )
 
+    @model_validator(mode="after")
+    def _distinct_names(self) -> IssueFixSpec:
+        seen: dict[str, int] = {}
+        for i, source in enumerate(self.sources):
+            name = source.pypi or (source.git or "").rstrip("/").rsplit("/", 1)[-1]
+            name = name.removesuffix(".git")
+            if name in seen:
+                raise ValueError(f"sources[{seen[name]}] and sources[{i}] are both named {name!r} "
+                                 "(their tasks and numbers go under that name): mine one history "
+                                 "per project")
+            seen[name] = i
+        return self
+
 
 class TrajectoryDataSpec(Spec):
     """ForagerAgent trajectories: an agent fixing synthetic bugs in real repositories (mutate-fix)

@@ -49,6 +49,13 @@ def test_bad_history_source_names_the_field(tmp_path, source, field, fragment):
         trajectories.load_job(["--config", str(path)])
 
 
+def test_two_histories_of_one_name_are_refused(tmp_path):
+    path = step_config(tmp_path, issueFix={"sources": [
+        {"pypi": "calc", "versions": ["1", "2"]}, {"git": "/src/calc/"}]})
+    with pytest.raises(ValueError, match=r"spec\.issueFix: .*sources\[0\] and sources\[1\]"):
+        trajectories.load_job(["--config", str(path)])
+
+
 def test_issue_fix_settings_from_config_and_flags(tmp_path):
     path = step_config(tmp_path, issueFix={
         "sources": [{"pypi": "cachetools", "versions": ["5.4.0", "5.5.0"]}], "maxCommits": 3})
