@@ -186,15 +186,17 @@ def open_history(source: Mapping[str, object], dest: Path) -> tuple[Path, str]:
 def commit_environment(source: Mapping[str, object], commit: FixCommit) -> dict[str, str]:
     """The repository spec of a fix commit's tree, one that any process (a worker, an RL or
     evaluation pod) can fetch again: the release's own PyPI pin, or the git repository at the
-    commit."""
+    commit; with the source's ``dependencies``, built with its declared dependencies
+    (:data:`cwm_forager.env.BUILD_OPTIONS`)."""
+    built = {"dependencies": True} if source.get("dependencies") else {}
     if source.get("pypi"):
         project = str(source["pypi"])
         version = commit.message.rsplit(" ", 1)[-1]
         if commit.message != RELEASE.format(project=project, version=version):
             raise RepositoryError(f"history of {project}: commit {commit.sha[:10]} "
                                   f"({commit.message!r}) is not a release commit")
-        return {"pypi": f"{project}=={version}"}
-    return {"git": _git_location(str(source["git"])), "ref": commit.sha}
+        return {"pypi": f"{project}=={version}", **built}
+    return {"git": _git_location(str(source["git"])), "ref": commit.sha, **built}
 
 
 def file_at(repo: Path, sha: str, path: str) -> str | None:

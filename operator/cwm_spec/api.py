@@ -384,6 +384,11 @@ class HistorySource(Spec):
         None, description="With git: mine the commits after this ref (default: from the first)."
     )
     until: str | None = Field(None, description="With git: up to this ref (default: HEAD).")
+    dependencies: bool = Field(
+        False,
+        description="Install each commit's declared dependencies into an isolated environment "
+        "(cwm_forager.envbuild); default: its tests need only the standard library and pytest.",
+    )
 
     @model_validator(mode="after")
     def _one_history(self) -> HistorySource:

@@ -15,9 +15,16 @@ import pytest
 
 from cwm_beam import trajectories
 from cwm_beam.parts import Part
-from cwm_forager.history import FAMILY, commit_environment, commit_tasks, fix_commits, git
+from cwm_forager.history import (
+    FAMILY,
+    FixCommit,
+    commit_environment,
+    commit_tasks,
+    fix_commits,
+    git,
+)
 from cwm_forager.records import check_record
-from cwm_forager.repos import FIXTURE_ROOT
+from cwm_forager.repos import FIXTURE_ROOT, RepositoryError
 from cwm_forager.tasks import Task, validate_task
 from cwm_spec import artifacts
 from tests.trajectories.test_history import (  # noqa: F401 (fixture_history: a fixture)
@@ -70,6 +77,19 @@ def test_issue_fix_settings_from_config_and_flags(tmp_path):
         {"pypi": "toolz", "versions": ["0.12.0", "1.0.0"]},
         {"git": "/src/r.git", "since": "v1", "until": "main"}, {"git": "/src/s"})
     assert job.settings.spec.issue_fix.tasks_per_repository == 2
+
+
+def test_commit_environments_are_specs_any_process_can_fetch(tmp_path):
+    release = FixCommit("a" * 40, "b" * 40, "cachetools 5.5.0", ("src/c.py",), ("tests/t.py",))
+    source = {"pypi": "cachetools", "versions": ["5.4.0", "5.5.0"]}
+    assert commit_environment(source, release) == {"pypi": "cachetools==5.5.0"}
+    assert commit_environment({**source, "dependencies": True}, release) == {
+        "pypi": "cachetools==5.5.0", "dependencies": True}
+    with pytest.raises(RepositoryError, match="not a release commit"):
+        commit_environment({"pypi": "toolz", "versions": ["1", "2"]}, release)
+    (tmp_path / "repo").mkdir()
+    assert commit_environment({"git": str(tmp_path / "repo")}, release) == {
+        "git": str((tmp_path / "repo").resolve()), "ref": "a" * 40}
 
 
 def _item(task_id, function, commit, source="calc"):
