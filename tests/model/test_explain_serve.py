@@ -4,22 +4,26 @@ cwm_beam.explain's Beam transform; the filter keeps exactly the right one."""
 
 from __future__ import annotations
 
+import json
+
 import apache_beam as beam
 import pytest
 import torch
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from cwm_beam import traces
 from cwm_beam.explain import ExplainSettings, ExplainTraces, count_verdicts, kept, prompt
 from cwm_model.chat import encode_segments, render_messages
 from cwm_model.checkpoint import save_checkpoint
 from cwm_model.model import CWM
 from cwm_model.presets import get_preset
+from cwm_spec import artifacts
 from tests.model.conftest import memorise, single_thread
 from tests.model.serving import serving
-from tests.traces.test_explain import traced_record
+from tests.traces.test_explain import PROGRAMS, traced_record
 
-pytestmark = pytest.mark.slow  # memorising two ~500-token chats, then a served model: ~1 min
+pytestmark = pytest.mark.slow  # memorising two ~500-token chats, then a served model: ~1.5 min
 
 # What the checkpoint learns to answer (CWM's template: reasoning, </think>, the answer).
 REPLIES = {"right": "out gets 2, then 4.\n</think>\nOutput: [2, 4]",
@@ -62,3 +66,21 @@ def test_served_model_explanations_are_kept_only_when_right(served):
         assert_that(pairs | beam.Map(count_verdicts), equal_to([{
             "kept": 1, "wrong_output": 1, "no_output_line": 0, "endpoint_error": 0,
             "request_refused": 0, "skipped": 1}]), label="counts")
+
+
+def test_the_traces_step_explains_through_cwm_serve(served, tmp_path):
+    """The traces step with ``explain`` pointed at ``cwm serve``: the same two traces, traced by
+    the step in its sandbox, explained by the served model; the manifest counts the verdicts."""
+    source = tmp_path / "programs.jsonl"
+    source.write_text("".join(json.dumps({"id": name, "code": PROGRAMS[name][0],
+                                          "input": PROGRAMS[name][1]}) + "\n"
+                              for name in ("right", "wrong", "raises")))
+    out = tmp_path / "out"
+    traces.run(["--source", f"jsonl:{source}", "--validation-fraction", "0", "--output", str(out),
+                "--workers", "1", "--explain-endpoint", served, "--explain-model", "explainer",
+                "--explain-max-tokens", "40", "--explain-concurrency", "1"])
+    manifest = artifacts.verify(str(out))
+    assert manifest.stats["explain"] == {
+        "model": "explainer", "asked": 2, "rejected": 1, "kept": 1, "wrong_output": 1,
+        "no_output_line": 0, "endpoint_error": 0, "request_refused": 0, "skipped": 1}
+    assert [r["id"] for r in artifacts.iter_records(str(out), "explained")] == ["jsonl/right"]
