@@ -183,7 +183,8 @@ def declared_requirements(tree: Path) -> Declared:
             out.add(f"{extras_src} [{extra}] (referenced as the project's extra)", extras[extra])
     if not any(canonicalize_name(Requirement(r).name) == "pytest" for r in out.reqs):
         out.add("added: the suite runs under pytest", ["pytest"])
-    return Declared(name, version, tuple(out.reqs), tuple(out.sources), tuple(out.skipped))
+    return Declared(name, version, tuple(out.reqs), tuple(out.sources),
+                    tuple(dict.fromkeys(out.skipped)))
 
 
 def _add_named(out: _Collector, named: dict[str, list[str]], source: str) -> None:
@@ -265,7 +266,7 @@ def _add_tox(out: _Collector, tree: Path) -> None:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if "{" in line or re.match(r"^[\w,!-]+:\s", line):
+        if "{" in line or re.match(r"^[\w.,!-]+:\s", line):
             out.skipped.append(f"tox.ini [testenv] deps: {line!r} (substitution or factor)")
         elif line.startswith("-r"):
             target = tree / line[2:].strip()
