@@ -279,3 +279,17 @@ def test_advisor_adds_an_undeclared_test_dependency(tmp_path, monkeypatch):
     finally:
         env.close()
         httpd.shutdown()
+
+
+def test_a_module_that_cannot_be_imported_is_left_out_of_the_suite(tmp_path):
+    """The pristine run goes past a test module whose imports fail (as referencing's sdist
+    ships the JSON-Schema test suite's own check, which needs jsonschema)."""
+    tree = write(tmp_path / "repo", {"test_ok.py": "def test_ok():\n    assert True\n",
+                                     "suite/test_other.py": "import not_installed_anywhere\n"})
+    env = RepoEnvironment({"path": str(tree)}, limits=LIMITS, workroot=tmp_path / "w")
+    try:
+        env.prepare()
+        assert env.suite == ["test_ok.py::test_ok"]
+        assert "ERROR suite/test_other.py" in env.baseline.output
+    finally:
+        env.close()
