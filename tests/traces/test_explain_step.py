@@ -20,7 +20,7 @@ from cwm_beam import traces
 from cwm_beam.explain import EndpointError, part_share
 from cwm_operator.render import render_child
 from cwm_operator.settings import Settings as OperatorSettings
-from cwm_spec import artifacts
+from cwm_spec import artifacts, storage
 from cwm_spec.plan import Target, build_plan
 from cwm_spec.validation import parse_pipeline
 from tests.operator.helpers import REPO
@@ -221,9 +221,13 @@ def test_the_api_key_is_sent_but_never_reaches_sandboxed_programs(tmp_path, serv
 
 def test_the_api_key_variable_must_be_set_when_named(tmp_path, server, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.setenv(storage.CREDENTIAL_NAMES_VAR, "AWS_LIKE_NAME")
     with pytest.raises(EndpointError, match=rf"explain.apiKeyEnv: \${KEY_ENV} is not set"):
         traces.run(["--config", config(tmp_path, url_of(server), apiKeyEnv=KEY_ENV),
                     "--workers", "1"])
+    # Named a credential before anything else: sandbox_env scrubs it and makes the step
+    # process non-dumpable (cwm_spec.storage).
+    assert os.environ[storage.CREDENTIAL_NAMES_VAR] == f"AWS_LIKE_NAME,{KEY_ENV}"
 
 
 def test_the_spec_names_the_bad_explain_field():
