@@ -6,10 +6,14 @@
 :class:`SearchRepairPolicy`
     Needs no model. Like a careful engineer with a fault localiser: it runs the failing tests
     and reads the traceback, runs the tests again with line coverage and ranks lines by Ochiai
-    suspiciousness (``python -m cwm_forager.sbfl``), reads the suspicious function with ``bash``
-    (numbered lines; a pristine copy kept under ``.cwm/``), then tries candidate edits (inverse
-    mutation operators: operator replacement, variable and argument swaps, a missing ``return``)
-    one at a time, rerunning the failing tests after each; after a passing regression run it
+    suspiciousness (``python -m cwm_forager.sbfl``), asks the repair helper what the failing
+    run's evidence suggests (``python -m cwm_forager.repair``: a missing import from a
+    ``NameError``, a lost parameter from a ``TypeError`` about arguments, a lost ``return``, a
+    statement a sibling function has, a block left holding only ``pass``) and tries those edits,
+    each from the pristine file; then reads the suspicious functions with ``bash`` (numbered
+    lines; a pristine copy kept under ``.cwm/``) and tries candidate edits (inverse mutation
+    operators: operator replacement, variable and argument swaps, a missing ``return``) one at
+    a time, rerunning the failing tests after each; after a passing regression run it
     writes its patch (git diff format, ``.cwm/fix.diff``) and submits that path, as CWM's
     ``submit`` takes. Everything it knows comes from its own tool observations, never from the
     task's hidden fields.
@@ -31,6 +35,7 @@ from cwm_forager.sbfl import ROW
 _FRAME = re.compile(r"^(?P<path>[^\s:]+\.py):(?P<line>\d+): in (?P<func>\S+)", re.M)
 _VIEW_LINE = re.compile(r"^\s*(\d+)\t(.*)$")
 PATCH = ".cwm/fix.diff"
+FAILURE = ".cwm/failure.txt"  # the failing run's output, for the repair helper
 _TEST_ID = re.compile(r"^  (\S+::\S.*)$", re.M)
 _EXIT = re.compile(r"\[exit code (-?\d+)\]\s*$")
 
@@ -85,13 +90,16 @@ def _is_test_path(path: str) -> bool:
 
 class SearchRepairPolicy:
     """See the module docstring. ``max_lines`` and ``max_functions`` bound how many suspicious
-    lines (in how many functions) it tries, breadth first;
+    lines (in how many functions) it tries, breadth first; ``max_repairs`` how many of the
+    repair helper's suggestions;
     its test runs are wrapped in ``timeout test_timeout`` (a candidate may loop forever)."""
 
     name = "search"
 
-    def __init__(self, max_lines: int = 12, max_functions: int = 3, test_timeout: int = 20) -> None:
+    def __init__(self, max_lines: int = 12, max_functions: int = 3, test_timeout: int = 20,
+                 max_repairs: int = 6) -> None:
         self.max_lines = max_lines
+        self.max_repairs = max_repairs
         self.max_functions = max_functions
         self.test_timeout = test_timeout
         self._plan: Step | None = None
@@ -126,6 +134,9 @@ class SearchRepairPolicy:
         files = sorted({t.split("::", 1)[0] for t in failing})
         rows, frames = yield from self._localise(failing, files)
         ranked = self._rank(rows, frames)[: self.max_lines]
+        fixed = yield from self._evidence_repairs(failing, files, frames, ranked)
+        if fixed:
+            return
         functions = list(dict.fromkeys((path, lo, hi) for path, _, lo, hi in ranked))
         functions = functions[: self.max_functions]
         # The files as the policy believes they are: original lines it viewed, and its own edits.
@@ -147,6 +158,44 @@ class SearchRepairPolicy:
         for path in current:  # nothing worked: leave the code as it was found
             yield from self._move(path, current[path], original[path])
 
+    def _evidence_repairs(self, failing: list[str], files: list[str], frames: Frames,
+                          ranked: list[tuple[str, int, int, int]]
+                          ) -> Generator[dict[str, Any], str, bool]:
+        """Ask the repair helper (``python -m cwm_forager.repair``) what the failing run's
+        evidence suggests, at the traceback's frames (deepest first) and the suspicious lines;
+        try each suggested edit, from a pristine file each time; submit the first that passes.
+        Returns whether it submitted."""
+        places = [f"{path}:{line}" for path, line in reversed(frames)]
+        places += [f"{path}:{line}" for path, line, _, _ in ranked[:6]]
+        command = f"python -m cwm_forager.repair {FAILURE} --max {self.max_repairs} " + " ".join(
+            f"--at {shlex.quote(p)}" for p in dict.fromkeys(places))
+        observation = yield _call("bash", command=command)
+        suggestions = []
+        for row in observation.splitlines():
+            try:
+                item = json.loads(row)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(item, dict) and {"path", "search", "replace"} <= set(item):
+                suggestions.append(item)
+        saved: set[str] = set()
+        for item in suggestions:
+            path = item["path"]
+            if path not in saved:  # a pristine copy, for the patch and to undo a wrong edit
+                yield _call("bash", command=_read_lines(path, 1, 0))
+                saved.add(path)
+            observation = yield _call("edit", path=path, search=item["search"],
+                                      replace=item["replace"])
+            if "has been successfully updated" not in observation:
+                continue
+            if (yield from self._passes(failing, files)):
+                yield _call("bash", command=_write_patch(sorted(saved)))
+                yield _call("submit", path=PATCH)
+                return True
+            copy = shlex.quote(f".cwm/orig/{path}")
+            yield _call("bash", command=f"cp {copy} {shlex.quote(path)}")
+        return False
+
     def _pytest(self, targets: list[str]) -> str:
         return (f"timeout {self.test_timeout} python -m pytest -q --tb=short "
                 + " ".join(shlex.quote(t) for t in targets))
@@ -156,7 +205,8 @@ class SearchRepairPolicy:
         """Run the failing tests (traceback frames outside the tests), then the test files with
         line coverage for the Ochiai ranking (or, when nothing ran far enough for a spectrum,
         locate the traceback's lines); returns (sbfl rows, frames)."""
-        observation = yield _call("bash", command=self._pytest(failing))
+        observation = yield _call("bash", command=f"mkdir -p .cwm && set -o pipefail && "
+                                  f"{self._pytest(failing)} 2>&1 | tee {FAILURE}")
         frames = [(m["path"], int(m["line"])) for m in _FRAME.finditer(observation)
                   if not _is_test_path(m["path"])]
         spectrum = (f"CWM_TRACE=. CWM_REPORT=/tmp/spectrum.jsonl timeout {self.test_timeout} "
