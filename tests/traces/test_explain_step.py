@@ -149,6 +149,7 @@ def test_the_step_keeps_the_right_explanations_and_counts_every_verdict(tmp_path
     assert manifest.records("train") == 7 and manifest.stats["explained_records"] == 1
 
 
+@pytest.mark.slow  # two part processes (forked)
 def test_max_records_is_shared_among_the_parts(tmp_path, server):
     assert [part_share(3, i, 2) for i in range(2)] == [2, 1]
     assert [part_share(1, i, 3) for i in range(3)] == [1, 0, 0]
@@ -195,6 +196,7 @@ def test_refused_requests_are_counted_rejections(tmp_path, server):
     assert (explain["asked"], explain["kept"], explain["request_refused"]) == (6, 0, 6)
 
 
+@pytest.mark.slow  # the step as its own process, twice
 @pytest.mark.parametrize("mode", ["auto", "rlimits"])
 def test_the_api_key_is_sent_but_never_reaches_sandboxed_programs(tmp_path, server, mode):
     """The step (its own process, as the runner starts it) reads the key from apiKeyEnv and sends
