@@ -340,7 +340,8 @@ class MineHistory(_WithEnvironments):
 def select_issue_fix(item: tuple[str, Iterable[dict[str, Any]]], n: int,
                      held_out_programs: Iterable[str]):
     """Up to ``n`` validated issue-fix tasks of one source for the rollouts, the source's commits
-    taking turns (newest first, tasks in id order), none whose function is a held-out task's
+    taking turns (in the order of their environment specs, tasks in id order: the same every run
+    whatever the runner's order), none whose function is a held-out task's
     (those are counted as ``excluded_for_evaluation``): the held-out rule of the mutate-fix
     tasks, applied to these too."""
     name, items = item
@@ -351,7 +352,7 @@ def select_issue_fix(item: tuple[str, Iterable[dict[str, Any]]], n: int,
             yield beam.pvalue.TaggedOutput(HISTORY, (f"{name}|excluded_for_evaluation", 1))
         else:
             by_commit[repo_key(i["repository"])].append(i)
-    queues = [by_commit[key] for key in sorted(by_commit, reverse=True)]
+    queues = [by_commit[key] for key in sorted(by_commit)]
     taken = 0
     while taken < n and any(queues):
         for queue in queues:

@@ -107,7 +107,7 @@ def test_issue_fix_selection_skips_held_out_functions_and_takes_commits_in_turn(
     excluded = [o.value for o in out if hasattr(o, "tag")]
     chosen = [o["task"]["task_id"] for o in out if not hasattr(o, "tag")]
     assert excluded == [("calc|excluded_for_evaluation", 1)]
-    assert chosen == ["b1", "a1"]  # newest commit first, then the other commit's turn
+    assert chosen == ["a1", "b1"]  # each commit takes its turn (c2's b2 waits)
 
 
 def test_history_sources_follow_their_repository_to_its_part():
