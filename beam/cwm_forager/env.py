@@ -48,6 +48,9 @@ MOUNT = "/repo"
 PLUGIN = "cwm_forager.pytest_plugin"
 PYTEST_ARGS = ("-q", "-p", "no:cacheprovider", "-p", PLUGIN, "-o", "addopts=",
                "--tb=short", "-W", "ignore::DeprecationWarning")
+# In a built environment the project's own warning filters hold: a suite that checks the
+# DeprecationWarnings it raises (Deprecated's) fails under the ignore above.
+BUILT_PYTEST_ARGS = PYTEST_ARGS[:-2]
 
 
 @dataclass
@@ -365,7 +368,8 @@ class RepoEnvironment:
         with tempfile.TemporaryDirectory(dir=self.workroot, prefix="report-") as tmp:
             report_file, select_file = Path(tmp) / "report.jsonl", Path(tmp) / "select.txt"
             extra = {"CWM_REPORT": str(report_file)}
-            argv = [self.interpreter.python, "-m", "pytest", *PYTEST_ARGS]
+            argv = [self.interpreter.python, "-m", "pytest",
+                    *(PYTEST_ARGS if self.interpreter.own else BUILT_PYTEST_ARGS)]
             if keep_going:
                 argv.append("--continue-on-collection-errors")
             if selected is not None:
