@@ -183,12 +183,12 @@ def open_history(source: Mapping[str, object], dest: Path) -> tuple[Path, str]:
     return dest, f"{source['since']}..{until}" if source.get("since") else until
 
 
-def commit_environment(source: Mapping[str, object], commit: FixCommit) -> dict[str, str]:
+def commit_environment(source: Mapping[str, object], commit: FixCommit) -> dict[str, str | bool]:
     """The repository spec of a fix commit's tree, one that any process (a worker, an RL or
     evaluation pod) can fetch again: the release's own PyPI pin, or the git repository at the
     commit; with the source's ``dependencies``, built with its declared dependencies
     (:data:`cwm_forager.env.BUILD_OPTIONS`)."""
-    built = {"dependencies": True} if source.get("dependencies") else {}
+    built: dict[str, str | bool] = {"dependencies": True} if source.get("dependencies") else {}
     if source.get("pypi"):
         project = str(source["pypi"])
         version = commit.message.rsplit(" ", 1)[-1]
