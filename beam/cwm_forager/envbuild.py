@@ -15,7 +15,9 @@ CWM's RepoAgent builds environments with a model; this is the deterministic firs
     none of those exists). ``pytest`` is added when nothing declares it.
 ``resolve``
     ``pip install --dry-run --ignore-installed --only-binary :all: --report``: the full pinned
-    set (``name==version``), from wheels only, so resolving runs no build backend. Where a
+    set (``name==version``), from wheels only, so resolving runs no build backend. With a fixed
+    ``uploaded_prior_to`` date the answer is kept under ``$CWM_CACHE/envs/resolutions`` and
+    reused for the same declared set. Where a
     dependency has no wheel, pip's words and the names it gave are recorded (``missing_wheels``).
     With ``build_sdists=True`` those are then built by ``pip wheel`` *inside the sandbox*
     (network on for the download, the host's files out of reach) into a per-repository
@@ -522,6 +524,7 @@ class BuildResult:
     env_key: str | None = None
     env_path: str | None = None
     env_reused: bool = False
+    resolution_reused: bool = False  # pins read from an earlier resolve (a fixed resolve date)
     missing_wheels: list[str] = field(default_factory=list)
     built_sdists: bool = False
     tests_passed: int = 0
@@ -573,22 +576,18 @@ def _build(tree: Path, result: BuildResult, root: Path, build_sdists: bool,
     result.declared, result.sources = list(declared.requirements), list(declared.sources)
     result.skipped = list(declared.skipped)
     result.stage, clock = "resolve", _tick(result, "parse", clock)
-    with tempfile.TemporaryDirectory(prefix="cwm-resolve-") as tmp:
-        wheelhouse = None
-        try:
-            pins = resolve(declared.requirements, Path(tmp), uploaded_prior_to=before)
-        except EnvBuildError as err:
-            result.missing_wheels = err.details.get("missing_wheels", [])
-            if not build_sdists:
-                raise
-            clock = _tick(result, "resolve", clock)
-            result.stage, result.built_sdists = "build-sdists", True
-            wheelhouse = root / "wheelhouse" / hashlib.sha256(
-                "\n".join(declared.requirements).encode()).hexdigest()[:20]
-            build_sdists_sandboxed(declared.requirements, wheelhouse, limits)
-            result.stage, clock = "resolve", _tick(result, "build-sdists", clock)
-            pins = resolve(declared.requirements, Path(tmp), find_links=wheelhouse,
-                           uploaded_prior_to=before)
+    saved = _resolution_file(root, declared.requirements, before) if before else None
+    wheelhouse = None
+    if saved is not None and saved.is_file():
+        pins, result.resolution_reused = json.loads(saved.read_text(encoding="utf-8")), True
+    else:
+        pins, wheelhouse, clock = _resolve_stage(declared, result, root, build_sdists, limits,
+                                                 before, clock)
+        if saved is not None and wheelhouse is None:  # a local wheelhouse's set is not reused
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            partial = saved.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(pins), encoding="utf-8")
+            partial.replace(saved)
     pins = _without_project(pins, declared.project, result.skipped)
     result.pins, result.env_key = pins, environment_key(pins)
     result.stage, clock = "install", _tick(result, "resolve", clock)
@@ -602,6 +601,39 @@ def _build(tree: Path, result: BuildResult, root: Path, build_sdists: bool,
     result.stage = "test"
     _tick(result, "install", clock)
     return BuiltEnvironment(str(venv / "bin" / "python"), venv, paths)
+
+
+def _resolve_stage(declared: Declared, result: BuildResult, root: Path, build_sdists: bool,
+                   limits: sandbox.Limits, before: str | None, clock: float
+                   ) -> tuple[list[str], Path | None, float]:
+    """Pins from wheels; where some have none and ``build_sdists``, built in the sandbox into a
+    wheelhouse first. Returns the pins, the wheelhouse (or None) and the stage clock."""
+    with tempfile.TemporaryDirectory(prefix="cwm-resolve-") as tmp:
+        try:
+            return resolve(declared.requirements, Path(tmp), uploaded_prior_to=before), None, clock
+        except EnvBuildError as err:
+            result.missing_wheels = err.details.get("missing_wheels", [])
+            if not build_sdists:
+                raise
+        clock = _tick(result, "resolve", clock)
+        result.stage, result.built_sdists = "build-sdists", True
+        wheelhouse = root / "wheelhouse" / hashlib.sha256(
+            "\n".join(declared.requirements).encode()).hexdigest()[:20]
+        build_sdists_sandboxed(declared.requirements, wheelhouse, limits)
+        result.stage, clock = "resolve", _tick(result, "build-sdists", clock)
+        pins = resolve(declared.requirements, Path(tmp), find_links=wheelhouse,
+                       uploaded_prior_to=before)
+        return pins, wheelhouse, clock
+
+
+def _resolution_file(root: Path, requirements: Sequence[str], before: str) -> Path:
+    """Where the pins of a declared set resolved from uploads before ``before`` are kept: with
+    the date fixed the answer does not change (the index and find-links settings are part of
+    the key), so a later build of the same set skips pip's resolve."""
+    settings = [f"{k}={os.environ.get(k, '')}" for k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL",
+                                                        "PIP_FIND_LINKS")]
+    text = "\n".join([f"before {before}", *settings, *requirements])
+    return root / "resolutions" / f"{environment_key([text])}.json"
 
 
 def _without_project(pins: list[str], project: str | None, skipped: list[str]) -> list[str]:

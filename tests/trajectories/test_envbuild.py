@@ -180,6 +180,7 @@ def test_real_sdist_with_a_dependency(tmp_path):
     envbuild.build(fetch(RepoSource(pypi="isodate==0.6.1")), again,
                    uploaded_prior_to="2026-12-01T00:00:00Z")
     assert again.env_reused and again.pins == build.pins  # cached by the resolved set
+    assert again.resolution_reused  # the resolve date is fixed: pip is not asked again
 
 
 @pytest.mark.slow
