@@ -166,7 +166,8 @@ class SearchRepairPolicy:
         try each suggested edit, from a pristine file each time; submit the first that passes.
         Returns whether it submitted."""
         places = [f"{path}:{line}" for path, line in reversed(frames)]
-        places += [f"{path}:{line}" for path, line, _, _ in ranked[:6]]
+        functions = {(path, lo, hi): f"{path}:{line}" for path, line, lo, hi in reversed(ranked)}
+        places += list(reversed(functions.values()))[:6]  # one line per function, best first
         command = f"python -m cwm_forager.repair {FAILURE} --max {self.max_repairs} " + " ".join(
             f"--at {shlex.quote(p)}" for p in dict.fromkeys(places))
         observation = yield _call("bash", command=command)

@@ -50,6 +50,7 @@ _NONE = re.compile(r"^E\s+.*(?:assert None\b|\bNone (?:==|!=|in)\b|'NoneType' ob
 _STRINGS = re.compile(r"^E\s+(?:AssertionError: )?assert ('[^'\n]*'|\"[^\"\n]*\") == "
                       r"('[^'\n]*'|\"[^\"\n]*\")\s*$", re.M)
 STRING_METHODS = ("capitalize", "lower", "upper", "title", "strip", "swapcase")
+_NONE_FROM = re.compile(r"^E\s+\+\s+where None = ([\w.]+)\(", re.M)
 _ATTRIBUTE = re.compile(r"AttributeError: '(\w+)' object has no attribute '(\w+)'")
 # Standard-library modules searched for a missing name (``from M import name``), most used first.
 STDLIB_MODULES = (
@@ -74,6 +75,7 @@ class Failure:
     none: bool = False                                      # None where a value was expected
     attributes: list[tuple[str, str]] = field(default_factory=list)  # (class, attribute)
     strings: list[tuple[str, str]] = field(default_factory=list)  # assert 'left' == 'right'
+    none_from: list[str] = field(default_factory=list)  # functions that returned that None
 
 
 def read_failure(output: str) -> Failure:
@@ -87,6 +89,7 @@ def read_failure(output: str) -> Failure:
         keyword=once(_UNEXPECTED.findall(output)), positional=once(_POSITIONAL.findall(output)),
         none=bool(_NONE.search(output)) or any(c == "NoneType" for c, _ in attributes),
         attributes=[a for a in attributes if a[0] != "NoneType"],
+        none_from=once([name.rpartition(".")[2] for name in _NONE_FROM.findall(output)]),
         strings=once([(ast.literal_eval(a), ast.literal_eval(b))
                       for a, b in _STRINGS.findall(output)]))
 
@@ -208,7 +211,7 @@ def _import_lines(name: str, target: Module, modules: list[Module], is_stdlib) -
     for module in near:  # the repository defines it
         if module.path != target.path and name in _defined(module):
             yield from_import(module.module_name(), name)
-        if Path(module.path).stem == name and module.package():
+        if Path(module.path).stem == name and module.package() and module.path != target.path:
             yield from_import(module.package(), name)
     for module in modules:  # another file imports it
         if module.path == target.path:
@@ -295,7 +298,7 @@ def _common_default(name: str, modules: list[Module]) -> str | None:
 
 
 def parameter_repairs(module: Module, func: ast.FunctionDef, name: str, needs_default: bool,
-                      modules: list[Module]) -> Iterator[tuple[str, str]]:
+                      modules: list[Module], keyword: bool = False) -> Iterator[tuple[str, str]]:
     """(description, new source): ``func`` with a parameter ``name`` put back, at the position
     the order of first reads suggests first (parameters tend to be read in the order they are
     declared), with the repository's usual default for that name (else ``None``) where one is
@@ -312,10 +315,12 @@ def parameter_repairs(module: Module, func: ast.FunctionDef, name: str, needs_de
     defaults = list(dict.fromkeys([_common_default(name, modules) or "None", "None", "0", "1"]))
     positions = list(dict.fromkeys([estimate, first, len(args), *sorted(
         range(first, len(args) + 1), key=lambda i: abs(i - estimate))]))
-    tries = [(i, None) for i in positions if i <= n_plain][:3]   # a positional parameter
-    tries += [(i, d) for d in (defaults if needs_default else defaults[:1])  # one with a default
-              for i in [max(estimate, n_plain)]]
-    tries += [(i, defaults[0]) for i in positions if i >= n_plain][:2]
+    positional = [(i, None) for i in positions if i <= n_plain][:3]
+    defaulted = [(max(estimate, n_plain), d) for d in (defaults if needs_default else defaults[:1])]
+    defaulted += [(i, defaults[0]) for i in positions if i >= n_plain][:2]
+    # passed by keyword: callers may omit it, a default is likely (the last position too)
+    tries = defaulted[:1] + [(len(args), defaults[0])] + positional + defaulted[1:] if keyword \
+        else positional + defaulted
     for i, default in dict.fromkeys(tries):
         text = name if default is None else f"{name}={default}"
         yield (f"restored parameter {text!r} of {func.name!r} at position {i}",
@@ -367,14 +372,31 @@ def no_effect_repairs(module: Module, func: ast.FunctionDef) -> Iterator[tuple[s
     """(description, new source): a statement that computes a value and drops it (a name, a
     constant, arithmetic: no call) is most likely a ``return`` that lost its keyword."""
     docstring = func.body[0] if body_without_docstring(func.body) is not func.body else None
+    imported = {a.asname or a.name.split(".")[0] for n in module.tree.body
+                if isinstance(n, ast.Import) for a in n.names}
     for node in own_nodes(func):
         if isinstance(node, ast.Expr) and node is not docstring and not any(
-                isinstance(n, (ast.Call, ast.Yield, ast.YieldFrom, ast.Await, ast.NamedExpr))
+                isinstance(n, (ast.Yield, ast.YieldFrom, ast.Await, ast.NamedExpr))
+                or isinstance(n, ast.Call) and not _pure_call(n, imported)
                 for n in ast.walk(node.value)):
             row = module.lines[node.lineno - 1]
             new_row = row[: node.col_offset] + "return " + row[node.col_offset:]
             yield (f"line {node.lineno} computes a value and drops it: made it a return",
                    _replace_lines(module.lines, node.lineno, node.lineno, new_row))
+
+
+PURE_BUILTINS = frozenset({"abs", "all", "any", "bool", "dict", "divmod", "float", "frozenset",
+                           "int", "isinstance", "len", "list", "max", "min", "repr", "round",
+                           "set", "sorted", "str", "sum", "tuple", "type", "zip"})
+
+
+def _pure_call(call: ast.Call, imported: set[str]) -> bool:
+    """A call made for its value: a builtin such as ``len``, or a function of an imported
+    module (``re.sub``), whose value a statement should not drop."""
+    f = call.func
+    if isinstance(f, ast.Name):
+        return f.id in PURE_BUILTINS
+    return isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in imported
 
 
 def _blocks_with_pass(func: ast.FunctionDef) -> Iterator[tuple[ast.AST, ast.Pass]]:
@@ -677,17 +699,19 @@ def candidates(failure: Failure, modules: list[Module], places: list[tuple[str, 
                    for d, s in import_repairs(name, by_path[p], modules, is_stdlib)]
         params = [(d, m.path, s) for m, f in owners[:1]
                   for d, s in parameter_repairs(m, f, name, True, modules)]
-        found += imports[:3] + params if imports else params + imports
-        found += [(d, m.path, s) for m, f, _ in located[:2] for d, s in
-                  assignment_repairs(m, f, name)]
+        assigned = [(d, m.path, s) for m, f, _ in located[:2]
+                    for d, s in assignment_repairs(m, f, name)]
+        found += imports[:3] + assigned[:1] + params + assigned[1:] + imports[3:]
     for name in failure.unbound:
         found += [(d, m.path, s) for m, f, _ in located[:2] for d, s in
                   assignment_repairs(m, f, name)]
     for function, keyword in failure.keyword:
-        found += _parameter_by_name(function, [keyword], modules)
+        found += _parameter_by_name(function, [keyword], modules, keyword=True)
     for function in failure.positional:
         found += _parameter_by_name(function, None, modules)
     if failure.none:
+        named = [(m, f) for m, _, f in _functions(modules) if f.name in failure.none_from]
+        found += [(d, m.path, s) for m, f in named[:2] for d, s in return_repairs(m, f)]
         found += [(d, m.path, s) for m, f, _ in located[:3] for d, s in return_repairs(m, f)]
     wanted = [attr for _, attr in failure.attributes]
     transforms = string_transforms(failure.strings)
@@ -713,8 +737,8 @@ def _parses(source: str) -> bool:
     return True
 
 
-def _parameter_by_name(function: str, names: list[str] | None, modules: list[Module]
-                       ) -> list[tuple[str, str, str]]:
+def _parameter_by_name(function: str, names: list[str] | None, modules: list[Module],
+                       keyword: bool = False) -> list[tuple[str, str, str]]:
     """Repairs for a function the failing run called with an argument it does not take: the
     keyword it was given, else each name its body reads that nothing binds."""
     out = []
@@ -725,7 +749,7 @@ def _parameter_by_name(function: str, names: list[str] | None, modules: list[Mod
         guesses = free_names(func, module) + read_before_set(func)
         for name in names if names is not None else guesses:
             out += [(d, module.path, s)
-                    for d, s in parameter_repairs(module, func, name, False, modules)]
+                    for d, s in parameter_repairs(module, func, name, False, modules, keyword)]
     return out
 
 
