@@ -17,8 +17,9 @@ CWM's RepoAgent builds environments with a model; this is the deterministic firs
     ``pip install --dry-run --ignore-installed --only-binary :all: --report``: the full pinned
     set (``name==version``), from wheels only, so resolving runs no build backend. With a fixed
     ``uploaded_prior_to`` date the answer is kept under ``$CWM_CACHE/envs/resolutions`` and
-    reused for the same declared set. Where a
-    dependency has no wheel, pip's words and the names it gave are recorded (``missing_wheels``).
+    reused for the same declared set. The project itself is dropped from the pins when a
+    dependency requires it (its tree is on the path). Where a dependency has no wheel, pip's
+    words and the names it gave are recorded (``missing_wheels``).
     With ``build_sdists=True`` those are then built by ``pip wheel`` *inside the sandbox*
     (network on for the download, the host's files out of reach) into a per-repository
     wheelhouse, and the resolve is repeated against it; otherwise the build stops here.
