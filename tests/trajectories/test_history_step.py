@@ -128,16 +128,19 @@ def test_history_sources_follow_their_repository_to_its_part():
 def test_step_writes_issue_fix_tasks_from_a_fixture_history(fixture_history, tmp_path,  # noqa: F811
                                                             monkeypatch):
     """The fixture's one fix commit (median fixed, mode added, with their tests) through the
-    whole step beside calc's mutate-fix tasks: two issue-fix tasks validated and rolled out, the
-    per-source numbers and the family's solve rate in the manifest."""
+    whole step, as two worker processes, beside textkit's and calc's mutate-fix tasks: two
+    issue-fix tasks validated and rolled out by the part that holds calc's held-out task, the
+    per-source numbers and the family's solve rate in the merged manifest."""
     monkeypatch.setenv("CWM_CACHE", str(tmp_path / "cache"))  # the commit's clone lands here
     out = tmp_path / "ds"
-    stats = trajectories.run(["--repo", "calc", "--history", str(fixture_history),
-                              "--tasks-per-repo", "1", "--held-out-tasks", "1", "--max-turns", "6",
-                              "--output", str(out)])
+    stats = trajectories.run(["--repo", "textkit", "--repo", "calc", "--history",
+                              str(fixture_history), "--tasks-per-repo", "1", "--held-out-tasks",
+                              "1", "--max-turns", "6", "--workers", "2", "--output", str(out)])
     manifest = artifacts.verify(str(out))
     row = manifest.stats["issue_fix"]["calc"]
     assert row == stats["issue_fix"]["calc"]
+    parts = [artifacts.read_manifest(artifacts.part_dir(str(out), i)).stats for i in range(2)]
+    assert [sorted(p["issue_fix"]) for p in parts] == [[], ["calc"]]  # calc's part (position 1)
     assert {k: row[k] for k in ("commits_scanned", "fix_commits", "tasks_found", "validated")} == {
         "commits_scanned": 3, "fix_commits": 1, "tasks_found": 2, "validated": 2}
     assert row["episodes"] + row["excluded_for_evaluation"] == 2
@@ -157,7 +160,7 @@ def test_step_writes_issue_fix_tasks_from_a_fixture_history(fixture_history, tmp
     assert row["rate"] == pytest.approx(row["solved"] / row["episodes"], abs=1e-3)
     # decontamination: no issue-fix training task restores a held-out task's function
     assert not set(manifest.programs["train"]) & set(manifest.programs["eval_tasks"])
-    assert stats["eval_tasks"] == 1
+    assert stats["eval_tasks"] == 2
     print(json.dumps({k: stats[k] for k in ("issue_fix", "solve_rate_by_family", "rejected")}))
 
 
