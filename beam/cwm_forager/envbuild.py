@@ -490,9 +490,14 @@ def site_packages(venv: Path) -> Path:
 
 def write_project_metadata(tree: Path, dest: Path, name: str, version: str) -> Path:
     """A ``.dist-info`` for the (uninstalled) project: ``METADATA`` from ``PKG-INFO`` (or
-    name and version), and entry points from the sdist's ``*.egg-info`` when it has them."""
-    dist = dest / f"{canonicalize_name(name).replace('-', '_')}-{version}.dist-info"
-    shutil.rmtree(dest, ignore_errors=True)
+    name and version), and entry points from the sdist's ``*.egg-info`` when it has them.
+    Written once: ``dest`` is keyed by the tree, and processes preparing the same repository at
+    once (a runner's workers) may be running tests with it, so it is never rewritten."""
+    if dest.is_dir():
+        return dest
+    partial = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    dist = partial / f"{canonicalize_name(name).replace('-', '_')}-{version}.dist-info"
     dist.mkdir(parents=True)
     info = tree / "PKG-INFO"
     metadata = info.read_text(encoding="utf-8", errors="replace") if info.is_file() else \
@@ -503,6 +508,10 @@ def write_project_metadata(tree: Path, dest: Path, name: str, version: str) -> P
             sorted(tree.glob("src/*.egg-info/entry_points.txt")):
         shutil.copyfile(entry_points, dist / "entry_points.txt")
         break
+    try:
+        partial.rename(dest)
+    except OSError:  # another process finished first: its copy is the same
+        shutil.rmtree(partial, ignore_errors=True)
     return dest
 
 
@@ -597,7 +606,8 @@ def _build(tree: Path, result: BuildResult, root: Path, build_sdists: bool,
     result.env_path = str(venv)
     paths: tuple[str, ...] = ()
     if declared.project and declared.version:
-        meta = root / "metadata" / hashlib.sha256(str(tree.resolve()).encode()).hexdigest()[:20]
+        meta = root / "metadata" / hashlib.sha256(
+            f"{tree.resolve()}\n{declared.project}\n{declared.version}".encode()).hexdigest()[:20]
         paths = (str(write_project_metadata(tree, meta, declared.project, declared.version)),)
     result.stage = "test"
     _tick(result, "install", clock)
