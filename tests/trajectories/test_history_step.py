@@ -22,6 +22,7 @@ from cwm_forager.history import (
     commit_tasks,
     fix_commits,
     git,
+    open_history,
 )
 from cwm_forager.records import check_record
 from cwm_forager.repos import FIXTURE_ROOT, RepositoryError
@@ -90,6 +91,17 @@ def test_commit_environments_are_specs_any_process_can_fetch(tmp_path):
     (tmp_path / "repo").mkdir()
     assert commit_environment({"git": str(tmp_path / "repo")}, release) == {
         "git": str((tmp_path / "repo").resolve()), "ref": "a" * 40}
+
+
+def test_a_git_history_is_mined_over_its_range(fixture_history, tmp_path):  # noqa: F811
+    first, fix, release, last = git(fixture_history, "rev-list", "--reverse", "HEAD").split()
+    repo, revisions = open_history({"git": str(fixture_history), "since": first,
+                                    "until": release}, tmp_path / "bare")
+    commits, scanned = fix_commits(repo, revisions)
+    assert (revisions, scanned, [c.sha for c in commits]) == (f"{first}..{release}", 2, [fix])
+    assert fix_commits(repo, "HEAD", max_commits=2) == ([], 2)  # the newest two: no fix
+    with pytest.raises(RepositoryError, match="until 'v9' is not a commit"):
+        open_history({"git": str(fixture_history), "until": "v9"}, tmp_path / "bare")
 
 
 def _item(task_id, function, commit, source="calc"):
