@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks import ablation_programs
-from cwm_jobs.evaluate import answer_tasks, check_decontamination, cruxeval_tasks
+from cwm_jobs.evaluate import MODES, answer_tasks, check_decontamination, cruxeval_tasks
 from cwm_jobs.rewards import check_outputs
 from cwm_jobs.tasks import OutputTask, task_from_trace
 from cwm_model.checkpoint import load_checkpoint
@@ -128,8 +128,8 @@ def verdicts_of(model: Any, tokenizer: Any, tasks: list[OutputTask], mode: str,
 
 
 def evaluate_arm(workdir: Path, stage: str, programs: int, cruxeval: int, direct_tokens: int,
-                 reasoning_tokens: int) -> dict[str, Any]:
-    """Every question in both modes on ``stage``'s checkpoint; writes ``verdicts.json``."""
+                 reasoning_tokens: int, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
+    """Every question in each of ``modes`` on ``stage``'s checkpoint; writes ``verdicts.json``."""
     traces = str(workdir / "artifacts/traces/dataset")
     questions = held_out_questions(traces, programs)
     crux = cruxeval_tasks(cruxeval, held_out=800)
@@ -141,7 +141,9 @@ def evaluate_arm(workdir: Path, stage: str, programs: int, cruxeval: int, direct
     torch.manual_seed(0)
     model, tokenizer, _ = load_checkpoint(workdir / f"artifacts/{stage}/checkpoint")
     evaluations: dict[str, dict[str, bool]] = {}
-    for mode, budget in (("direct", direct_tokens), ("reasoning", reasoning_tokens)):
+    budgets = {"direct": direct_tokens, "reasoning": reasoning_tokens}
+    for mode in modes:
+        budget = budgets[mode]
         right = verdicts_of(model, tokenizer, [t for _, _, t in questions], mode, budget)
         evaluations[f"heldout_{mode}"] = {k: v for (k, _, _), v in zip(questions, right)}
         for n in sorted({s for _, s, _ in questions}):
@@ -150,7 +152,7 @@ def evaluate_arm(workdir: Path, stage: str, programs: int, cruxeval: int, direct
         right = verdicts_of(model, tokenizer, crux, mode, budget)
         evaluations[f"cruxeval_{mode}"] = dict(zip(crux_keys, right))
     data = {"stage": stage, "checkpoint": str(workdir / f"artifacts/{stage}/checkpoint"),
-            "budgets": {"direct": direct_tokens, "reasoning": reasoning_tokens},
+            "budgets": {m: budgets[m] for m in modes},
             "evaluations": evaluations}
     (workdir / "verdicts.json").write_text(json.dumps(data, indent=1))
     return data
@@ -169,7 +171,14 @@ def main() -> None:
     parser.add_argument("--cruxeval", type=int, default=200, help="held-out CRUXEval problems")
     parser.add_argument("--direct-tokens", type=int, default=16)
     parser.add_argument("--reasoning-tokens", type=int, default=160)
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="output-prediction modes scored here (the stages' own evaluation "
+                        "already scores both on the same programs)")
     args = parser.parse_args()
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or set(modes) - set(MODES):
+        parser.error(f"--modes {args.modes!r}: expected a comma-separated subset of "
+                     f"{','.join(MODES)}")
 
     base = args.base.resolve()
     report: dict[str, Any] = {"programs": {"count": args.count, "seed": args.seed,
@@ -180,7 +189,7 @@ def main() -> None:
         report["timings"] = run_arms(base, args.serial)
     for arm in ARMS:
         data = evaluate_arm(arm_dir(base, arm), args.stage, args.programs, args.cruxeval,
-                            args.direct_tokens, args.reasoning_tokens)
+                            args.direct_tokens, args.reasoning_tokens, modes)
         report[arm] = {name: f"{sum(v.values())}/{len(v)}"
                        for name, v in data["evaluations"].items()}
     out = write_comparison([arm_dir(base, arm) for arm in ARMS], base.parent /
