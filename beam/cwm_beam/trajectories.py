@@ -161,6 +161,14 @@ class _Environments:
             _Environments._shared[key] = envs
         return _Environments._shared[key].get(spec)
 
+    @staticmethod
+    def close_all() -> None:
+        """Remove this process's environments (after its pipeline: a part process forked by
+        ``--workers`` ends without running ``atexit`` handlers, so they would stay behind)."""
+        while _Environments._shared:
+            _, envs = _Environments._shared.popitem()
+            envs.close()
+
 
 class _WithEnvironments(beam.DoFn):
     def __init__(self, settings: Settings) -> None:
@@ -632,7 +640,9 @@ SIDE_COUNTS = ("rejected", "duplicates", "tasks", "excluded")
 def tally(output: str, settings: Settings) -> tuple[dict[str, list[artifacts.Shard]],
                                                     dict[str, Any], dict[str, list[str]]]:
     """After the pipeline: the data set's shards (empty ones where a split got nothing), its
-    stats and the task programs of ``train`` and ``eval_tasks``."""
+    stats and the task programs of ``train`` and ``eval_tasks``. The environments the pipeline
+    prepared in this process are removed first."""
+    _Environments.close_all()
     shards, rows = data_step.read_splits(
         output, {"train": settings.spec.shards, "deadletter": 1, "eval_tasks": 1})
     train, dead = rows["train"], rows["deadletter"]
