@@ -230,9 +230,9 @@ def _import_lines(name: str, target: Module, modules: list[Module], is_stdlib) -
                             yield from_import(source, alias)
     if is_stdlib(name):
         yield f"import {name}"
-    for module in STDLIB_MODULES:
-        if is_stdlib(module) and _has_attribute(module, name):
-            yield f"from {module} import {name}"
+    for stdlib_module in STDLIB_MODULES:
+        if is_stdlib(stdlib_module) and _has_attribute(stdlib_module, name):
+            yield f"from {stdlib_module} import {name}"
 
 
 def _absolute(module: Module, node: ast.ImportFrom) -> str | None:
@@ -315,12 +315,20 @@ def parameter_repairs(module: Module, func: ast.FunctionDef, name: str, needs_de
     defaults = list(dict.fromkeys([_common_default(name, modules) or "None", "None", "0", "1"]))
     positions = list(dict.fromkeys([estimate, first, len(args), *sorted(
         range(first, len(args) + 1), key=lambda i: abs(i - estimate))]))
-    positional = [(i, None) for i in positions if i <= n_plain][:3]
-    defaulted = [(max(estimate, n_plain), d) for d in (defaults if needs_default else defaults[:1])]
+    positional: list[tuple[int, str | None]] = [(i, None) for i in positions if i <= n_plain]
+    positional = positional[:3]
+    defaulted: list[tuple[int, str | None]] = [
+        (max(estimate, n_plain), d) for d in (defaults if needs_default else defaults[:1])]
     defaulted += [(i, defaults[0]) for i in positions if i >= n_plain][:2]
     # passed by keyword: callers may omit it, a default is likely (the last position too)
-    tries = defaulted[:1] + [(len(args), defaults[0])] + positional + defaulted[1:] if keyword \
-        else positional + defaulted
+    # omitted by a caller (NameError): a default at the likely place or at the end next
+    end: list[tuple[int, str | None]] = [(len(args), defaults[0])]
+    if keyword:
+        tries = defaulted[:1] + end + positional + defaulted[1:]
+    elif needs_default:
+        tries = positional[:1] + defaulted[:1] + end + positional[1:] + defaulted[1:]
+    else:
+        tries = positional + defaulted
     for i, default in dict.fromkeys(tries):
         text = name if default is None else f"{name}={default}"
         yield (f"restored parameter {text!r} of {func.name!r} at position {i}",
@@ -437,7 +445,7 @@ def _inside(node: ast.AST, outer: ast.AST) -> bool:
     return outer.lineno < node.lineno <= (outer.end_lineno or 0)  # type: ignore[attr-defined]
 
 
-def _params(func: ast.FunctionDef) -> list[str]:
+def _params(func: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
     a = func.args
     return [x.arg for x in [*a.posonlyargs, *a.args, *a.kwonlyargs]]
 
@@ -464,7 +472,7 @@ def sibling_repairs(module: Module, func: ast.FunctionDef, modules: list[Module]
     first, last = body[0].lineno, body[-1].end_lineno or body[0].lineno
     emptied = len(body) == 1 and isinstance(body[0], ast.Pass)
     seen = set()
-    for other_module, theirs, label in _siblings(module, func, modules, pad):
+    for _module, theirs, label in _siblings(module, func, modules, pad):
         merged = _with_insertions(mine, theirs)
         prologue = _prologue(mine, theirs, pad)
         for what, new_body in (("its missing lines", merged), ("its first lines", prologue),
@@ -479,7 +487,8 @@ def sibling_repairs(module: Module, func: ast.FunctionDef, modules: list[Module]
 def _siblings(module: Module, func: ast.FunctionDef, modules: list[Module], pad: str
               ) -> Iterator[tuple[Module, list[str], str]]:
     """(module, body lines re-indented to ``pad``, label) of the functions to learn from."""
-    same, analogous = [], []
+    same: list[tuple[Module, ast.FunctionDef, dict[str, str]]] = []
+    analogous: list[tuple[Module, ast.FunctionDef, dict[str, str]]] = []
     for other_module, _, other in _functions(modules):
         if other is func or _params(other) != _params(func):
             continue
@@ -490,14 +499,14 @@ def _siblings(module: Module, func: ast.FunctionDef, modules: list[Module], pad:
             if mapping:
                 analogous.append((other_module, other, mapping))
     for other_module, other, mapping in same or analogous:
-        theirs = _body_text(other_module, other)
-        if not theirs or (len(theirs) == 1 and theirs[0].strip() == "pass"):
+        body = _body_text(other_module, other)
+        if not body or (len(body) == 1 and body[0].strip() == "pass"):
             continue
-        shift = _indent(theirs[0])
-        theirs = [pad + row[len(shift):] if row.startswith(shift) else row for row in theirs]
+        shift = _indent(body[0])
+        body = [pad + row[len(shift):] if row.startswith(shift) else row for row in body]
         for old, new in mapping.items():
-            theirs = [re.sub(rf"\b{re.escape(old)}\b", new, row) for row in theirs]
-        yield other_module, theirs, f"{other_module.path}:{other.lineno}"
+            body = [re.sub(rf"\b{re.escape(old)}\b", new, row) for row in body]
+        yield other_module, body, f"{other_module.path}:{other.lineno}"
 
 
 def _analogy(theirs: str, mine: str, names: set[str]) -> dict[str, str]:
@@ -557,7 +566,8 @@ def attribute_repairs(module: Module, func: ast.FunctionDef, cls: ast.ClassDef |
     sets (``x``, ``_x``, ``__x``), or that the failing run found missing (``wanted``)."""
     if cls is None or not func.args.args or func.args.args[0].arg != "self":
         return
-    read, written = set(), set()
+    read: set[str] = set()
+    written: set[str] = set()
     for node in ast.walk(cls):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
                 and node.value.id == "self":
@@ -588,8 +598,8 @@ def attribute_repairs(module: Module, func: ast.FunctionDef, cls: ast.ClassDef |
 def assignment_repairs(module: Module, func: ast.FunctionDef, name: str
                        ) -> Iterator[tuple[str, str]]:
     """(description, new source): ``name = <value>`` put before ``func``'s first read of
-    ``name``, the value one that other functions of the file assign to that name or return,
-    made of names ``func`` has too."""
+    ``name``, the value one that other functions of the file assign to that name, or that a
+    function with the same parameters returns, made of names ``func`` has too."""
     available = local_names(func) | module.bound_names() | BUILTINS
     reads = [n for n in own_nodes(func) if isinstance(n, ast.Name) and n.id == name
              and isinstance(n.ctx, ast.Load)]
@@ -603,15 +613,16 @@ def assignment_repairs(module: Module, func: ast.FunctionDef, name: str
                key=lambda s: (s.end_lineno or s.lineno) - s.lineno, default=None)
     if stmt is None:
         return
-    seen = set()
-    values = []  # what other functions assign to the name, then what they return
+    seen: set[str] = set()
+    values: list[ast.expr] = []  # what other functions assign to the name, then what they return
     for _, other in iter_functions(module.tree):
         for node in own_nodes(other) if other is not func else ():
             if isinstance(node, ast.Assign) and len(node.targets) == 1 \
                     and isinstance(node.targets[0], ast.Name) and node.targets[0].id == name:
                 values.insert(0, node.value)
             elif isinstance(node, ast.Return) and node.value is not None \
-                    and not isinstance(node.value, (ast.Name, ast.Constant)):
+                    and not isinstance(node.value, (ast.Name, ast.Constant)) \
+                    and _params(other) == _params(func):  # a twin's result
                 values.append(node.value)
     for value in values:
         needs = {n.id for n in ast.walk(value) if isinstance(n, ast.Name)}
@@ -686,11 +697,11 @@ def candidates(failure: Failure, modules: list[Module], places: list[tuple[str, 
     (deepest first) and of the most suspicious lines."""
     by_path = {m.path: m for m in modules}
     found: list[tuple[str, str, str]] = []
-    located = []
+    located: list[tuple[Module, ast.FunctionDef, ast.ClassDef | None]] = []
     for path, line in places:
         module = by_path.get(path)
         hit = _enclosing(module, line) if module else None
-        if hit and all(hit[0] is not f for _, f, _ in located):
+        if module and hit and all(hit[0] is not f for _, f, _ in located):
             located.append((module, hit[0], hit[1]))
     for name in failure.undefined:
         owners = [(m, f) for m, f, _ in located if name in free_names(f, m)]
@@ -768,8 +779,8 @@ def in_stdlib(name: str) -> bool:
     if spec.origin in ("built-in", "frozen"):
         return True
     stdlib = sysconfig.get_paths()["stdlib"]
-    return bool(spec.origin) and spec.origin.startswith(stdlib) \
-        and "site-packages" not in spec.origin
+    origin = spec.origin or ""
+    return origin.startswith(stdlib) and "site-packages" not in origin
 
 
 def load_modules(root: Path) -> list[Module]:

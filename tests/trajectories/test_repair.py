@@ -10,8 +10,16 @@ import json
 import textwrap
 
 from cwm_forager.repair import (
-    Module, candidates, in_stdlib, load_modules, main, read_before_set, read_failure,
-    string_transforms, to_edit)
+    Module,
+    candidates,
+    in_stdlib,
+    load_modules,
+    main,
+    read_before_set,
+    read_failure,
+    string_transforms,
+    to_edit,
+)
 
 
 def module(path: str, source: str) -> Module:
