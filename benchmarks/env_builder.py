@@ -11,6 +11,10 @@ run built it), and run its suite once in the sandbox exactly as the trajectories
 the build reaches ``done``: at least one test passes on the pristine tree (the passing tests are
 the environment's suite; the failing ones are recorded and left out, as for every repository).
 Acceptance (issue 22): at least 7 of the 10+ projects succeed.
+
+``--tasks N`` then uses each built environment as the trajectories step would: synthesise and
+validate up to N mutate-fix tasks, run one built-in search-policy episode (30 turns) per task,
+and record how many were validated and solved.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from pathlib import Path
 
 from cwm_exec.sandbox import Limits
 from cwm_forager.env import RepoEnvironment
+from cwm_forager.policies import SearchRepairPolicy
 from cwm_forager.repos import RepositoryError, RepoSource
+from cwm_forager.rollout import run_episode
+from cwm_forager.tasks import synthesize_tasks
 
 # Pure-Python projects whose sdists carry their tests and whose dependencies publish wheels.
 PROJECTS = (
@@ -47,16 +54,17 @@ LIMITS = Limits(wall_seconds=120, cpu_seconds=120, memory_mb=4096, output_bytes=
                 processes=256)
 
 
-def build_one(pin: str, before: str, suite_seconds: float) -> dict:
+def build_one(pin: str, before: str, suite_seconds: float, tasks: int = 0) -> dict:
     """One project's build record (``envbuild.BuildResult.to_json`` plus the total time)."""
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="cwm-envbench-") as work:
         env = RepoEnvironment(RepoSource(pypi=pin), limits=LIMITS, workroot=Path(work),
                               suite_seconds=suite_seconds, dependencies=True,
                               resolve_before=before)
-        error = None
+        error, episodes = None, None
         try:
             env.prepare()
+            episodes = work_tasks(env, tasks) if tasks else None
         except RepositoryError as err:
             error = str(err)
         finally:
@@ -66,7 +74,18 @@ def build_one(pin: str, before: str, suite_seconds: float) -> dict:
     if error and not record.get("error"):
         record["error"] = error
     record["pin"], record["total_seconds"] = pin, round(time.monotonic() - start, 1)
+    if episodes is not None:
+        record["tasks"] = episodes
     return record
+
+
+def work_tasks(env: RepoEnvironment, n: int) -> dict:
+    """Validated mutate-fix tasks in a built environment and the search policy's episodes."""
+    tasks = synthesize_tasks(env, n=n, seed=0)
+    solved = [run_episode(env, task, SearchRepairPolicy(), max_turns=30,
+                          action_timeout=20).success() for task in tasks]
+    return {"validated": len(tasks), "solved": sum(solved),
+            "families": sorted(task.family for task in tasks)}
 
 
 def table(records: list[dict]) -> str:
@@ -91,14 +110,17 @@ def main() -> None:
                         help="resolve from PyPI uploads before this ISO 8601 date")
     parser.add_argument("--suite-seconds", type=float, default=600.0)
     parser.add_argument("--json", default=None, help="append one JSON record per project here")
+    parser.add_argument("--tasks", type=int, default=0,
+                        help="then synthesise up to N tasks per environment and run episodes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     records = []
     for pin in args.repo or PROJECTS:
-        record = build_one(pin, args.before, args.suite_seconds)
+        record = build_one(pin, args.before, args.suite_seconds, args.tasks)
         records.append(record)
         print(f"{pin}: {record['stage']} passed={record.get('tests_passed', 0)} "
-              f"failed={record.get('tests_failed', 0)} {record['total_seconds']}s", flush=True)
+              f"failed={record.get('tests_failed', 0)} {record['total_seconds']}s "
+              f"{record.get('tasks', '')}", flush=True)
         if args.json:
             with open(args.json, "a", encoding="utf-8") as out:
                 out.write(json.dumps(record) + "\n")
