@@ -142,11 +142,11 @@ build() {
     [[ -x "$bin/$cmd" ]] || build_one "$here/gomod/k8s" "$bin/$cmd" "k8s.io/kubernetes/cmd/$cmd" "$x"
   done
   "$bin/kube-apiserver" --version >&2
-  "$bin/etcd" --version | head -1 >&2
+  "$bin/etcd" --version | sed -n 1p >&2  # sed reads it all: head would SIGPIPE etcd under pipefail
   if ((with_node)); then
     [[ -x "$coredns_bin" ]] || build_one "$here/gomod/coredns" "$coredns_bin" github.com/coredns/coredns ""
     "$bin/kubelet" --version >&2
-    "$coredns_bin" -version | head -1 >&2
+    "$coredns_bin" -version | sed -n 1p >&2
   fi
   {
     echo "K8S_VERSION=$K8S_VERSION"
