@@ -9,7 +9,8 @@ confidence intervals (docs/benchmarks.md, "Does trace data teach execution?").
    trace source. The arms differ only in mid-training's mix.
 2. Both arms run side by side, one core each (``OMP_NUM_THREADS=1``: two torch processes that
    each take both cores run several times slower), or one after the other (``--serial``). Wall
-   time and the machine's load (``/proc/loadavg``, sampled) are recorded: this machine is shared.
+   time, each arm's CPU time (its steps' included) and the machine's load (``/proc/loadavg``,
+   sampled) are recorded: this machine is shared.
 3. Each arm's final checkpoint (``--stage``, default sft) answers the same questions with the
    same prompts (cwm_jobs.evaluate's): held-out programs (the traces' validation split, one call
    per distinct program, never trained on: checked against the training manifest) and held-out
@@ -90,9 +91,13 @@ def run_arms(base: Path, serial: bool) -> dict[str, Any]:
             if serial:
                 procs[arm][0].wait()
         for arm, (proc, log, start) in procs.items():
-            code = proc.wait()
+            # wait4: the arm's CPU time, its steps' included (the machine is shared: wall time
+            # alone says little about what an arm costs)
+            _, status, usage = os.wait4(proc.pid, 0)
+            code = proc.returncode = os.waitstatus_to_exitcode(status)
             log.close()
             timings[arm] = {"seconds": round(time.monotonic() - start, 1), "returncode": code,
+                            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
                             "command": " ".join(commands[arm])}
             if code:
                 raise SystemExit(f"{arm} arm failed ({code}): see {arm_dir(base, arm)}/"
