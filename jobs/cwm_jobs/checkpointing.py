@@ -5,7 +5,8 @@ Layout of a stage's ``outputs.state``::
 
     STATE/step00000050/...            DeepSpeed files (model, ZeRO partitions, optimizer, scheduler)
     STATE/step00000050/data-rank0.json  each rank's data-stream position
-    STATE/latest.json                 {"tag": "step00000050", "step": 50, "worldSize": 2}
+    STATE/latest.json                 {"tag": "step00000050", "step": 50, "worldSize": 2,
+                                       "fingerprint": "3f2a..."}
 
 ``latest.json`` is written last, atomically (:func:`cwm_spec.storage.write_json_atomic`), by
 rank 0 after a barrier that every rank reaches only once its files are written. A process killed
@@ -14,6 +15,11 @@ read; the next save of that step overwrites it. DeepSpeed writes only local file
 object-store URI it writes a staging folder, which :func:`cwm_spec.storage.upload_tree` publishes
 (each tag committed by its own marker) before ``latest.json`` names it; resuming downloads the
 committed tag back.
+
+State is resumed only by the step that saved it: ``latest.json`` records the step's fingerprint
+(its configuration and its inputs' fingerprints, ``cwm_spec.plan``), and a run with another
+fingerprint (more steps asked, a retrained upstream stage) deletes that state, says so in the
+log, and starts at step 0, instead of continuing a model trained from inputs it no longer has.
 """
 
 from __future__ import annotations
@@ -55,8 +61,8 @@ class Resumed:
 class StateStore:
     """Save and find the resumable state of one stage (see the module docstring)."""
 
-    def __init__(self, uri: str, env: DistEnv):
-        self.uri, self.env = uri.rstrip("/"), env
+    def __init__(self, uri: str, env: DistEnv, fingerprint: str | None = None):
+        self.uri, self.env, self.fingerprint = uri.rstrip("/"), env, fingerprint
         self.local = staging_dir(self.uri, "state")
         self.remote = not is_local(self.uri)
 
@@ -91,9 +97,23 @@ class StateStore:
             storage.upload_tree(self.local / tag, storage.join(self.uri, tag))
         barrier()
         if self.env.is_main:
-            latest = {"tag": tag, "step": step, "worldSize": self.env.world_size}
+            latest = {"tag": tag, "step": step, "worldSize": self.env.world_size,
+                      "fingerprint": self.fingerprint}
             write_json_atomic(storage.join(self.uri, LATEST), latest)
             self._prune(keep={tag})
+        barrier()
+
+    def clear(self) -> None:
+        """Delete every saved state (``latest.json`` first, so no reader sees a tag half gone)."""
+        if self.env.is_main:
+            storage.remove(storage.join(self.uri, LATEST))
+            fs, root = storage.filesystem(self.uri)
+            for path in fs.ls(root, detail=False):
+                name = path.rsplit("/", 1)[-1]
+                if name.startswith("step"):
+                    storage.remove(storage.join(self.uri, name))
+        if self.remote and self.env.local_rank == 0:
+            shutil.rmtree(self.local, ignore_errors=True)
         barrier()
 
     def _prune(self, keep: set[str]) -> None:
@@ -113,6 +133,16 @@ class StateStore:
         latest = self.latest()
         if latest is None:
             return None
+        saved_by = latest.get("fingerprint")
+        if saved_by and self.fingerprint and saved_by != self.fingerprint:
+            LOG.warning("%s: the resumable state at step %s was saved by another configuration of "
+                        "this step (fingerprint %s, this run %s): deleting it, starting at step 0",
+                        self.uri, latest.get("step"), saved_by, self.fingerprint)
+            self.clear()
+            return None
+        if not saved_by:
+            LOG.warning("%s/%s names no fingerprint (saved before fingerprints were recorded): "
+                        "resuming it as this step's own", self.uri, LATEST)
         tag = latest["tag"]
         if latest.get("worldSize") != self.env.world_size:
             raise ValueError(

@@ -23,7 +23,7 @@ from typing import Any
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cwm_spec import storage
-from cwm_spec.storage import is_remote, staging_dir, write_json_atomic
+from cwm_spec.storage import is_remote, staging_dir, write_bytes_atomic, write_json_atomic
 
 LOG = logging.getLogger("cwm_jobs.metrics")
 #: Where the kubelet reads a container's termination message (its default
@@ -40,7 +40,11 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, uri: str, *, stage: str, total_steps: int, enabled: bool, every: int = 10):
+    def __init__(self, uri: str, *, stage: str, total_steps: int, enabled: bool, every: int = 10,
+                 resume_step: int | None = None):
+        """``resume_step``: the step a resumed stage continues from (its metrics up to that step
+        are kept, later ones dropped: they will be logged again); None for a stage starting at
+        step 0, whose folder is emptied of an earlier run's metrics."""
         self.uri, self.stage, self.total, self.enabled = uri.rstrip("/"), stage, total_steps, enabled
         self.local = staging_dir(self.uri, "metrics")
         self.every = max(1, every)
@@ -50,9 +54,13 @@ class MetricsLogger:
         self._start = time.time()
         if not enabled:
             return
-        self.local.mkdir(parents=True, exist_ok=True)
-        if is_remote(self.uri):
+        if resume_step is None:
+            shutil.rmtree(self.local, ignore_errors=True)
+        elif is_remote(self.uri):
             self._pull()
+        self.local.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._keep_until(resume_step)
         self._jsonl = open(self.local / "metrics.jsonl", "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (may be absent: see below)
@@ -75,6 +83,14 @@ class MetricsLogger:
             return
         shutil.rmtree(self.local, ignore_errors=True)
         self.local.mkdir(parents=True)
+
+    def _keep_until(self, step: int) -> None:
+        path = self.local / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        write_bytes_atomic(str(path), "".join(line + "\n" for line in kept).encode())
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

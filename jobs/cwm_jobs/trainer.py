@@ -182,10 +182,11 @@ def open_stage(ctx: StepContext, env: DistEnv, *, micro_batch_size: int | None =
     model = build_model(ctx, tokenizer)
     engine = build_engine(model, ctx.settings, world_size=env.world_size, device_type=device,
                           micro_batch_size=micro_batch_size)
-    store = StateStore(ctx.output("state"), env)
+    store = StateStore(ctx.output("state"), env, ctx.config.get("fingerprint"))
     resumed = store.load(engine)
     metrics = MetricsLogger(ctx.output("metrics"), stage=ctx.settings.name,
-                            total_steps=ctx.settings.steps, enabled=env.is_main)
+                            total_steps=ctx.settings.steps, enabled=env.is_main,
+                            resume_step=resumed.step if resumed else None)
     step = resumed.step if resumed else 0
     if env.is_main:
         params = sum(p.numel() for p in model.parameters())

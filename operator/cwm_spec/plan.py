@@ -93,7 +93,8 @@ class Plan:
 def fingerprint(config: Mapping[str, Any], upstream: list[str]) -> str:
     """Hash of what determines a step's result: its configuration, minus where it runs and
     where it writes, plus the fingerprints of what it reads."""
-    semantic = {k: v for k, v in config.items() if k not in ("inputs", "outputs", "runtime")}
+    semantic = {k: v for k, v in config.items()
+                if k not in ("inputs", "outputs", "runtime", "fingerprint")}
     payload = dump_step_config({"config": semantic, "upstream": upstream, "version": __version__})
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -168,6 +169,7 @@ class _Builder:
             "outputs": outs,
         }
         fp = fingerprint(config, [f"{s}:{self.prints[s]}" for s in upstream_steps])
+        config["fingerprint"] = fp  # the step knows what it is: resumable state is kept per fingerprint
         if kind == "train":
             command = _train_command(self.target, resources, module)
         else:

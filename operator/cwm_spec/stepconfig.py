@@ -17,6 +17,7 @@ its model, e.g. ``TraceDataSpec.model_validate(config["spec"])``)::
      "evaluation": {"cruxevalHeldOut": N},      # the traces step: what it must leave out
      "rehearsal": {...RehearsalSpec...},        # the corpus step, when it also writes the text
      "runtime": {"beam": {...BeamSpec...}} | {"resources": {...}},       # not part of the hash
+     "fingerprint": "3f2a...",                  # the hash: configuration + upstream fingerprints
      "inputs": {"tokenizer": "/work/artifacts/tokenizer/tokenizer", "init": ..., ...},
      "outputs": {"checkpoint": ".../pretrain/checkpoint", "state": ..., "metrics": ...}}
 

@@ -78,3 +78,50 @@ def test_killed_stage_resumes_with_identical_losses(pipeline_data, tmp_path):
     final = json.loads((tmp_path / "killed" / "midtrain" / "metrics" / "eval.json").read_text())
     expected = json.loads((tmp_path / "full" / "midtrain" / "metrics" / "eval.json").read_text())
     assert final["validation_loss"] == pytest.approx(expected["validation_loss"], rel=1e-3)
+
+
+def run_stage(config: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "cwm_jobs.pretrain", "--config", str(config)],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout + done.stderr
+
+
+def with_fingerprint(config: Path, fingerprint: str, steps: int) -> Path:
+    data = json.loads(config.read_text())
+    data["fingerprint"], data["spec"]["steps"] = fingerprint, steps
+    config.write_text(json.dumps(data))
+    return config
+
+
+@pytest.mark.slow
+def test_state_saved_by_another_configuration_is_not_resumed(pipeline_data, tmp_path):
+    # The state of a stage whose configuration (or an upstream stage) changed is not its own:
+    # more steps asked must start again from the (new) inputs, not continue the old model.
+    spec = {"steps": 6, "checkpointEvery": 3, "sequenceLength": 64, "microBatchSize": 2}
+    config = stage_config(tmp_path, "pretrain", pipeline_data, spec=spec, evaluation=NO_EVAL)
+    metrics = tmp_path / "pretrain" / "metrics" / "metrics.jsonl"
+    latest = tmp_path / "pretrain" / "state" / "latest.json"
+
+    out = run_stage(with_fingerprint(config, "aaaa", 6))
+    assert "starting at step 0" in out
+    first = {r["step"]: r["loss"] for r in read_metrics(metrics)}
+    assert sorted(first) == list(range(1, 7))
+    assert json.loads(latest.read_text())["fingerprint"] == "aaaa"
+
+    out = run_stage(with_fingerprint(config, "bbbb", 9))
+    assert "saved by another configuration" in out and "starting at step 0" in out, out[-3000:]
+    assert "resuming" not in out
+    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    assert [r["step"] for r in lines] == list(range(1, 10)), "the old run's metrics were kept"
+    # the same inputs and seed from step 0: the first steps repeat the first run's losses
+    assert lines[0]["loss"] == pytest.approx(first[1], rel=1e-4)
+    saved = json.loads(latest.read_text())
+    assert (saved["fingerprint"], saved["step"]) == ("bbbb", 9)
+    assert sorted(p.name for p in latest.parent.glob("step*")) == ["step00000006", "step00000009"]
+
+    out = run_stage(config)  # the same configuration again: its own state, resumed
+    assert "resuming at step 9" in out, out[-3000:]
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x.strip()] \
+        == list(range(1, 10))
