@@ -4,6 +4,7 @@
 """
 
 import dataclasses
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +25,10 @@ def standin_plan(manifest: str, workdir: Path, first: int | None = None):
 
 
 def main(argv: list[str]) -> int:
+    # Ctrl-C as a terminal's foreground process gets it: a test run started in the background of
+    # a non-interactive shell (`make test &` in a script) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler, so the Ctrl-C test would see the run finish.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     first = int(argv[3]) if len(argv) > 3 and argv[2] == "--only-first" else None
     workdir = Path(argv[1])
     try:
