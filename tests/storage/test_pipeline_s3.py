@@ -122,7 +122,9 @@ def test_cwm_run_stops_with_one_clear_error(s3_server, bucket_fs, tmp_path, case
 def test_run_killed_mid_stage_resumes_from_the_bucket(s3_run, s3_server, bucket_fs):
     """kill -9 `cwm run` (its step dies with it) while SFT trains and uploads its state: what
     the bucket holds stays consistent (``latest.json`` names a committed state; the checkpoint
-    is committed or has no marker), and the same command then finishes, resuming SFT."""
+    is committed or has no marker), and the same command then finishes, resuming SFT. The
+    earlier 4-step SFT's state in the bucket is not this 6-step SFT's (another fingerprint): the
+    killed run deleted it and started at step 0; the rerun resumes the killed run's own state."""
     spec = s3_run.parent / "pipeline.yaml"
     doc = yaml.safe_load(spec.read_text())
     doc["spec"]["stages"][2]["steps"] = 6  # SFT changes: only SFT runs again
@@ -132,11 +134,14 @@ def test_run_killed_mid_stage_resumes_from_the_bucket(s3_run, s3_server, bucket_
     runner = subprocess.Popen([*CWM, "run", str(spec), "--workdir", str(s3_run), "--plain"],
                               env=env, stdout=output, stderr=subprocess.STDOUT)
     latest = "cwm/run/s3e2e/sft/state/latest.json"
-    first = json.loads(bucket_fs.cat_file(latest))["step"]
+    earlier = json.loads(bucket_fs.cat_file(latest))["fingerprint"]
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and runner.poll() is None:
-        state = json.loads(bucket_fs.cat_file(latest))  # one PUT: never half a document
-        if state["step"] != first and state["step"] >= 2:
+        try:
+            state = json.loads(bucket_fs.cat_file(latest))  # one PUT: never half a document
+        except FileNotFoundError:  # deleted: the earlier SFT's, not this one's
+            state = {}
+        if state.get("fingerprint") not in (None, earlier) and state["step"] >= 2:
             break
         time.sleep(0.2)
     runner.kill()
@@ -152,6 +157,8 @@ def test_run_killed_mid_stage_resumes_from_the_bucket(s3_run, s3_server, bucket_
     assert states["sft"]["state"] == "Succeeded" and states["midtrain"]["state"] == "Cached"
     metrics = bucket_fs.cat_file("cwm/run/s3e2e/sft/metrics/metrics.jsonl").decode()
     steps = [json.loads(line)["step"] for line in metrics.splitlines() if line.strip()]
-    assert steps[-1] == 6 and len(steps) < 6 + 6  # resumed: not every step trained twice
+    assert steps == list(range(1, 7))  # the earlier SFT's lines gone, none logged twice
+    log = (s3_run / "steps" / "sft" / "log.txt").read_text()
+    assert "saved by another configuration" in log and "resuming at step" in log, log[-4000:]
     assert json.loads(bucket_fs.cat_file(latest))["step"] == 6
     assert bucket_fs.exists("cwm/run/s3e2e/sft/checkpoint/_COMMITTED.json")
