@@ -4,10 +4,6 @@ and wrong explanations, run by Beam's in-process runner."""
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -24,6 +20,7 @@ from cwm_beam.explain import (
     verdict,
 )
 from cwm_exec.tracer import trace_function
+from tests.scripted_endpoint import JSONHandler, chat_reply, serving
 
 PROGRAMS = {  # id -> (code, input)
     "right": ("def f(xs):\n    out = []\n    for x in xs:\n        out.append(x * 2)\n"
@@ -51,38 +48,21 @@ def traced_record(name: str) -> dict:
             "truncated": result.truncated_reason is not None}
 
 
-class ScriptedModel(BaseHTTPRequestHandler):
+class ScriptedModel(JSONHandler):
     """``POST /v1/chat/completions`` answering from :data:`ANSWERS` by the program's call."""
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         user = body["messages"][-1]["content"]
         name = next(n for n, (code, _) in PROGRAMS.items() if code in user)
         self.server.asked.append(name)  # type: ignore[attr-defined]
-        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                 "choices": [{"index": 0, "finish_reason": "stop",
-                              "message": {"role": "assistant", "content": ANSWERS[name]}}],
-                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
+        self.send_json(200, chat_reply(ANSWERS[name], body["model"]))
 
 
 @pytest.fixture()
 def scripted():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedModel)
-    server.asked = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(ScriptedModel, asked=[]) as server:
+        yield server
 
 
 def test_the_filter_keeps_exactly_the_right_explanations(scripted):

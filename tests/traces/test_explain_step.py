@@ -10,8 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
@@ -24,6 +22,7 @@ from cwm_spec import artifacts, storage
 from cwm_spec.plan import Target, build_plan
 from cwm_spec.validation import parse_pipeline
 from tests.operator.helpers import REPO
+from tests.scripted_endpoint import JSONHandler, base_url, chat_reply, serving
 from tests.traces.test_explain import ANSWERS, PROGRAMS
 
 # Two more programs: the endpoint refuses one (a 400, as for a prompt past the model's context)
@@ -41,59 +40,36 @@ SNOOP_PROC = ("def f(name):\n    import os\n    found = []\n"
 KEY_ENV, KEY = "CWM_TEST_EXPLAIN_KEY", "sk-test-explain-0123456789"
 
 
-class Scripted(BaseHTTPRequestHandler):
+class Scripted(JSONHandler):
     """An OpenAI-compatible model scripted by program: :data:`ANSWERS`, the failing programs,
     ``GET /v1/models`` (the step's endpoint check); it records the key each request carried."""
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self.server.keys.append(self.headers.get("Authorization"))  # type: ignore[attr-defined]
-        self._send(200, {"object": "list", "data": [{"id": "scripted", "object": "model",
+        self.send_json(200, {"object": "list", "data": [{"id": "scripted", "object": "model",
                                                       "created": 0, "owned_by": "test"}]})
 
     def do_POST(self) -> None:  # noqa: N802
         self.server.keys.append(self.headers.get("Authorization"))  # type: ignore[attr-defined]
-        user = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1][
-            "content"]
+        user = self.read_json()["messages"][-1]["content"]
         if self.server.fail_all:  # type: ignore[attr-defined]
-            return self._send(self.server.fail_all,  # type: ignore[attr-defined]
+            return self.send_json(self.server.fail_all,  # type: ignore[attr-defined]
                               {"error": {"message": "scripted failure", "type": "error"}})
         for code, _, status in FAILING.values():
             if code in user:
-                return self._send(status, {"error": {"message": f"scripted {status}",
+                return self.send_json(status, {"error": {"message": f"scripted {status}",
                                                      "type": "server_error"}})
         if "import os" in user:   # the snooping programs: their explanations do not matter
-            return self._send(200, reply("Output: False"))
+            return self.send_json(200, chat_reply("Output: False"))
         name = next(n for n, (code, _) in PROGRAMS.items() if code in user)
-        return self._send(200, reply(ANSWERS[name]))
+        return self.send_json(200, chat_reply(ANSWERS[name]))
 
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-def reply(content: str) -> dict:
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": "scripted",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
 
 @pytest.fixture()
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    httpd.keys, httpd.fail_all = [], 0  # type: ignore[attr-defined]
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(Scripted, keys=[], fail_all=0) as httpd:
+        yield httpd
 
 
 def programs_file(tmp_path, snoop: bool = False, failing: bool = True) -> str:
@@ -122,7 +98,7 @@ def config(tmp_path, url: str, failing: bool = True, **explain) -> str:
 
 
 def url_of(server) -> str:
-    return f"http://127.0.0.1:{server.server_port}/v1"
+    return base_url(server)
 
 
 def test_the_step_keeps_the_right_explanations_and_counts_every_verdict(tmp_path, server):

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from cwm_forager import envbuild
 from cwm_forager.env import Environments, RepoEnvironment
 from cwm_forager.envbuild import EnvBuildError, declared_requirements
 from cwm_forager.repos import RepositoryError, RepoSource, fetch
+from tests.scripted_endpoint import JSONHandler, base_url, chat_reply, serving
 
 
 def write(root: Path, files: dict[str, str]) -> Path:
@@ -230,31 +228,19 @@ def test_advice_parsing_and_merging(tmp_path):
     assert "--- setup.cfg ---\n[options]" in context
 
 
-class ScriptedAdvisor(BaseHTTPRequestHandler):
+class ScriptedAdvisor(JSONHandler):
     """A chat-completions server that advises adding ``six`` only when the failure it is shown
     says six is missing (otherwise: no advice), and records what it was asked."""
 
     asked: list[str] = []
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         context = body["messages"][-1]["content"]
         type(self).asked.append(context)
         advice = ({"add": ["six"], "why": "the tests import six"}
                   if "No module named 'six'" in context else {"add": [], "drop": []})
-        data = json.dumps({
-            "id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
-            "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
-            "message": {"role": "assistant", "content": json.dumps(advice)}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.send_json(200, chat_reply(json.dumps(advice), body["model"]))
 
 
 @pytest.mark.slow
@@ -262,24 +248,23 @@ def test_advisor_adds_an_undeclared_test_dependency(tmp_path, monkeypatch):
     """The tests import six, which nothing declares: the deterministic build stops at the test
     stage; the advisor (the real openai client, a local scripted endpoint) adds six."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedAdvisor)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     tree = write(tmp_path / "repo", {"requirements.txt": "pytest\n",
                                       "test_six.py": "import six\n\ndef test_six():\n"
                                                      "    assert six.PY3\n"})
     env = RepoEnvironment({"path": str(tree)}, limits=LIMITS, workroot=tmp_path / "w")
-    advisor = envbuild.OpenAIAdvisor(f"http://127.0.0.1:{httpd.server_address[1]}/v1", "m")
-    try:
-        envbuild.prepare_with_advice(env, advisor, rounds=2)
-        assert env.build is not None and env.build.stage == "done" and env.suite == [
-            "test_six.py::test_six"]
-        assert [a["after_stage"] for a in env.build.advice] == ["test"]
-        assert env.build.advice[0]["add"] == ("six",) and any(
-            p.startswith("six==") for p in env.build.pins)
-        assert len(ScriptedAdvisor.asked) == 1 and "--- requirements.txt ---" in ScriptedAdvisor.asked[0]
-    finally:
-        env.close()
-        httpd.shutdown()
+    with serving(ScriptedAdvisor) as httpd:
+        try:
+            envbuild.prepare_with_advice(env, envbuild.OpenAIAdvisor(base_url(httpd), "m"),
+                                         rounds=2)
+            assert env.build is not None and env.build.stage == "done" and env.suite == [
+                "test_six.py::test_six"]
+            assert [a["after_stage"] for a in env.build.advice] == ["test"]
+            assert env.build.advice[0]["add"] == ("six",) and any(
+                p.startswith("six==") for p in env.build.pins)
+            assert len(ScriptedAdvisor.asked) == 1 \
+                and "--- requirements.txt ---" in ScriptedAdvisor.asked[0]
+        finally:
+            env.close()
 
 
 def test_a_module_that_cannot_be_imported_is_left_out_of_the_suite(tmp_path):

@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -28,6 +25,7 @@ from cwm_forager.records import check_record
 from cwm_forager.repos import FIXTURE_ROOT, RepositoryError
 from cwm_forager.tasks import Task, validate_task
 from cwm_spec import artifacts
+from tests.scripted_endpoint import JSONHandler, base_url, chat_reply, serving
 from tests.trajectories.test_history import (  # noqa: F401 (fixture_history: a fixture)
     BUGGY_MEDIAN,
     FIXED_MEDIAN,
@@ -204,7 +202,7 @@ def test_step_mines_real_release_histories(tmp_path):
     assert rate["episodes"] == sum(r["episodes"] for r in manifest.stats["issue_fix"].values())
 
 
-class IssueWriter(BaseHTTPRequestHandler):
+class IssueWriter(JSONHandler):
     """POST /v1/chat/completions → ``reply`` as the assistant's text, after recording the
     request (a real OpenAI-compatible server's answer, no tools)."""
 
@@ -212,33 +210,17 @@ class IssueWriter(BaseHTTPRequestHandler):
     requests: list[dict] = []
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         type(self).requests.append(body)
-        payload = {"id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
-                   "model": body["model"], "choices": [{
-                       "index": 0, "finish_reason": "stop", "logprobs": None,
-                       "message": {"role": "assistant", "content": type(self).reply}}],
-                   "usage": {"prompt_tokens": 50, "completion_tokens": 20, "total_tokens": 70}}
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.send_json(200, chat_reply(type(self).reply, body["model"], prompt_tokens=50,
+                                       completion_tokens=20, total_tokens=70))
 
 
 @pytest.fixture()
 def issue_writer():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), IssueWriter)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     IssueWriter.requests = []
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    thread.join()
+    with serving(IssueWriter) as httpd:
+        yield base_url(httpd)
 
 
 @pytest.fixture()

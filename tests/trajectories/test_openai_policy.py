@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import difflib
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from cwm_forager.policies import OpenAIPolicy
 from cwm_forager.rollout import run_episode
 from cwm_forager.tools import TOOL_NAMES
+from tests.scripted_endpoint import JSONHandler, base_url, serving
 
 from .conftest import task_of
 
 
-class ScriptedModel(BaseHTTPRequestHandler):
+class ScriptedModel(JSONHandler):
     """POST /v1/chat/completions → the next scripted tool call, after checking the request is
     what a real server would receive (model, tools, tool results answering earlier calls)."""
 
@@ -28,10 +27,10 @@ class ScriptedModel(BaseHTTPRequestHandler):
     problems: list[str] = []
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         type(self).requests.append(body)
         if self.path != "/v1/chat/completions":
-            return self._send(404, {"error": {"message": f"no route {self.path}"}})
+            return self.send_json(404, {"error": {"message": f"no route {self.path}"}})
         if self.headers.get("Authorization") != "Bearer test-key":
             type(self).problems.append("missing bearer token")
         names = [t["function"]["name"] for t in body.get("tools", [])]
@@ -47,7 +46,7 @@ class ScriptedModel(BaseHTTPRequestHandler):
         message = {"role": "assistant", "content": f"Step {step}: {name}.",
                    "tool_calls": [{"id": f"call_{step}", "type": "function",
                                    "function": {"name": name, "arguments": json.dumps(arguments)}}]}
-        self._send(200, {
+        self.send_json(200, {
             "id": f"chatcmpl-{step}", "object": "chat.completion", "created": int(time.time()),
             "model": body["model"], "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls",
@@ -55,26 +54,13 @@ class ScriptedModel(BaseHTTPRequestHandler):
             "usage": {"prompt_tokens": 100 + step, "completion_tokens": 20,
                       "total_tokens": 120 + step}})
 
-    def _send(self, status, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture()
 def server(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedModel)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
+    with serving(ScriptedModel) as httpd:
+        yield base_url(httpd)
 
 
 def test_openai_policy_fixes_a_task_through_the_protocol(server, calc_env, calc_tasks):
