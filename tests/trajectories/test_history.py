@@ -40,17 +40,24 @@ def edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
-@pytest.fixture()
-def fixture_history(tmp_path) -> Path:
-    """calc with a median bug; a fix commit with its test (and a new function with its test);
-    a docs-only commit; a source change without tests."""
+def calc_with_median_bug(tmp_path: Path, message: str) -> tuple[Path, Path, Path]:
+    """(repository, calc/stats.py, tests/test_stats.py): the calc fixture committed as the first
+    commit of a new repository, its median buggy and the test that catches it removed."""
     repo = tmp_path / "calc"
     shutil.copytree(FIXTURE_ROOT / "calc", repo)
     stats, tests = repo / "calc/stats.py", repo / "tests/test_stats.py"
     edit(stats, FIXED_MEDIAN, BUGGY_MEDIAN)
     edit(tests, "    assert median([4, 1, 3, 2]) == 2.5\n", "")
     git(repo, "init", "--quiet", "--initial-branch=main")
-    commit(repo, "calc: arithmetic and statistics")
+    commit(repo, message)
+    return repo, stats, tests
+
+
+@pytest.fixture()
+def fixture_history(tmp_path) -> Path:
+    """calc with a median bug; a fix commit with its test (and a new function with its test);
+    a docs-only commit; a source change without tests."""
+    repo, stats, tests = calc_with_median_bug(tmp_path, "calc: arithmetic and statistics")
     edit(stats, BUGGY_MEDIAN, FIXED_MEDIAN)
     stats.write_text(stats.read_text() + MODE)
     edit(tests, "    assert median([3, 1, 2]) == 2\n",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import pytest
 
@@ -22,7 +21,7 @@ from cwm_forager.history import (
     open_history,
 )
 from cwm_forager.records import check_record
-from cwm_forager.repos import FIXTURE_ROOT, RepositoryError
+from cwm_forager.repos import RepositoryError
 from cwm_forager.tasks import Task, validate_task
 from cwm_spec import artifacts
 from tests.scripted_endpoint import JSONHandler, base_url, chat_reply, serving
@@ -30,6 +29,7 @@ from tests.trajectories.test_history import (  # noqa: F401 (fixture_history: a 
     BUGGY_MEDIAN,
     FIXED_MEDIAN,
     MEDIAN_FIX,
+    calc_with_median_bug,
     commit,
     edit,
     fixture_history,
@@ -227,13 +227,7 @@ def issue_writer():
 def terse_history(tmp_path):
     """calc with its median bug, then the fix with its test under a message that says too
     little to be the issue."""
-    repo = tmp_path / "calc"
-    shutil.copytree(FIXTURE_ROOT / "calc", repo)
-    stats, tests = repo / "calc/stats.py", repo / "tests/test_stats.py"
-    edit(stats, FIXED_MEDIAN, BUGGY_MEDIAN)
-    edit(tests, "    assert median([4, 1, 3, 2]) == 2.5\n", "")
-    git(repo, "init", "--quiet", "--initial-branch=main")
-    commit(repo, "calc")
+    repo, stats, tests = calc_with_median_bug(tmp_path, "calc")
     edit(stats, BUGGY_MEDIAN, FIXED_MEDIAN)
     edit(tests, "    assert median([3, 1, 2]) == 2\n",
          "    assert median([3, 1, 2]) == 2\n    assert median([4, 1, 3, 2]) == 2.5\n")
