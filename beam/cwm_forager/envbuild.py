@@ -300,7 +300,7 @@ def _static_setup(path: Path) -> tuple[dict[str, Any], str | None]:
             try:
                 constants[node.targets[0].id] = ast.literal_eval(node.value)
             except (ValueError, TypeError, SyntaxError):
-                pass
+                continue  # computed, not a constant: a keyword that names it is reported dynamic below
     wanted = ("install_requires", "tests_require", "extras_require", "name", "version")
     for call in ast.walk(module):
         if isinstance(call, ast.Call) and getattr(call.func, "id", getattr(call.func, "attr", "")) == "setup":
